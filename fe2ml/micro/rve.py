@@ -1,0 +1,407 @@
+"""RVE homogenization on ``MPI.COMM_SELF`` (small strain, linear elastic phases).
+
+Kinematics: u = (F̄ - I)·y + w, y = x - x_c (box centre); in the small-strain setting the macro
+strain is ε̄ = sym(F̄ - I). Boundary conditions on the fluctuation w:
+
+- ``periodic``: w periodic, one node fixed. Master/slave reduction: w = P w_r with a prolongation
+  matrix P that maps every node to its periodic representative (upper faces -> lower faces,
+  corners -> one corner) and drops the fixed node.
+- ``affine``: w = 0 on the whole boundary (P selects interior dofs).
+- ``traction`` (minimal kinematic): ∫_Y ∇w dx = 0 enforced by d² Lagrange multipliers, one node
+  fixed (translation).
+
+The affine part is an exact member of the displacement space (degree >= 1), so with the assembled
+stiffness K and the dof vectors U of the affine fields of the unit strains E_a, the effective
+stiffness of the reduced problem is the Schur complement
+
+    |Y| Ĉ_ab = U_a·K U_b - (Pᵀ K U_a)·K_r⁻¹ (Pᵀ K U_b),   K_r = Pᵀ K P,
+
+with one factorisation (MUMPS Cholesky, LU for the saddle-point traction system) and one solve
+per unit strain (3 in 2D, 6 in 3D). Forms are compiled once per RVE; nothing is rebuilt per
+macro strain. |Y| is the box volume (pores, if any, carry no stress).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fe2ml.errors import ConfigError, MeshError, SolverError
+from fe2ml.materials import VOIGT_ORDER, LinearMaterial
+from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
+
+__all__ = ["BCS", "HomogenizationResult", "LinearRVE", "sym_basis"]
+
+BCS = ("periodic", "affine", "traction")
+
+
+def sym_basis(d: int) -> np.ndarray:
+    """Unit symmetric strains E_a in ``VOIGT_ORDER[d]`` order, shape (m, d, d).
+
+    E_a = (e_i⊗e_j + e_j⊗e_i)/2 for the pair (i, j) of index a.
+    """
+    out = []
+    for i, j in VOIGT_ORDER[d]:
+        E = np.zeros((d, d))
+        E[i, j] += 0.5
+        E[j, i] += 0.5
+        out.append(E)
+    return np.array(out)
+
+
+@dataclass(frozen=True)
+class HomogenizationResult:
+    """Effective stiffness of an RVE.
+
+    Attributes:
+        C: effective stiffness, shape (d, d, d, d), C[i,j,k,l] = ∂σ̄_ij/∂ε̄_kl.
+        volume: box volume |Y|.
+        mesh_volume: volume of the meshed material (< |Y| for porous RVEs).
+        ndofs: number of displacement dofs (before reduction).
+        time_s: wall time of this homogenization (assembly, factorisation, solves, averaging).
+    """
+
+    C: np.ndarray
+    volume: float
+    mesh_volume: float
+    ndofs: int
+    time_s: float
+
+    @property
+    def voigt(self) -> np.ndarray:
+        """Voigt matrix, ordering ``VOIGT_ORDER[d]``."""
+        from fe2ml.materials import to_voigt
+
+        return to_voigt(self.C)
+
+
+def to_dolfinx(comm, rm: RVEMesh):
+    """Create a dolfinx mesh and phase/cell-id meshtags from an :class:`RVEMesh`.
+
+    Args:
+        comm: communicator (``MPI.COMM_SELF`` for RVEs).
+        rm: the RVE mesh.
+
+    Returns:
+        Tuple ``(mesh, phase_tags, cell_ids)``: dolfinx mesh, MeshTags of phases, and an array of
+        biological-cell ids indexed by local dolfinx cell.
+    """
+    import basix.ufl
+    import dolfinx
+    import ufl
+
+    d, name, perm = CELL_TYPES[rm.cell_type]
+    cells = rm.cells if perm is None else rm.cells[:, perm]
+    el = basix.ufl.element("Lagrange", name, 1, shape=(rm.dim,))
+    msh = dolfinx.mesh.create_mesh(comm, np.ascontiguousarray(cells, dtype=np.int64), ufl.Mesh(el),
+                                   np.ascontiguousarray(rm.points))
+    tdim = msh.topology.dim
+    nloc = msh.topology.index_map(tdim).size_local
+    orig = np.asarray(msh.topology.original_cell_index)[:nloc]
+    ph = rm.phases[orig].astype(np.int32)
+    tags = dolfinx.mesh.meshtags(msh, tdim, np.arange(nloc, dtype=np.int32), ph)
+    return msh, tags, rm.cell_ids[orig]
+
+
+def _mat_from_scipy(S):
+    from petsc4py import PETSc
+
+    S = S.tocsr()
+    S.sort_indices()
+    M = PETSc.Mat().createAIJ(size=S.shape, csr=(S.indptr.astype(PETSc.IntType), S.indices.astype(PETSc.IntType),
+                                                 S.data), comm=PETSc.COMM_SELF)
+    M.assemble()
+    return M
+
+
+class LinearRVE:
+    """A linear elastic RVE on ``MPI.COMM_SELF``: build once, homogenize many times.
+
+    Args:
+        mesh: the RVE mesh (from a file or a generator).
+        materials: phase tag -> material with ``stiffness(d)``.
+        bc: ``periodic`` (default), ``affine`` or ``traction``.
+        degree: polynomial degree of the displacement (1 or 2).
+        tol: relative tolerance for periodic node matching.
+        petsc_options: extra PETSc options for the reduced solve (prefix handled internally).
+
+    Raises:
+        MeshError: mesh not periodic with periodic BCs; phase without material.
+        ConfigError: unknown BC or degree.
+    """
+
+    _count = 0
+
+    def __init__(self, mesh: RVEMesh, materials: dict[int, LinearMaterial], *, bc: str = "periodic",
+                 degree: int = 1, tol: float = 1e-8, petsc_options: dict | None = None):
+        from mpi4py import MPI
+
+        import dolfinx
+        import dolfinx.fem.petsc  # noqa: F401
+        import ufl
+        from petsc4py import PETSc
+
+        if bc not in BCS:
+            raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
+        if degree not in (1, 2):
+            raise ConfigError(f"degree: expected 1 or 2, got {degree!r}")
+        missing = [t for t in mesh.tags if t not in materials]
+        if missing:
+            raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
+                            f"(materials given for {sorted(materials)})")
+        self.rve_mesh = mesh
+        self.bc = bc
+        self.degree = degree
+        self.d = d = mesh.dim
+        self.materials = dict(materials)
+        lo, hi = mesh.box
+        self.volume = float(np.prod(hi - lo))
+        self.centre = 0.5 * (lo + hi)
+        if bc == "periodic":
+            periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
+
+        comm = MPI.COMM_SELF
+        self.msh, self.phase_tags, self.cell_ids = to_dolfinx(comm, mesh)
+        msh = self.msh
+        self.V = V = dolfinx.fem.functionspace(msh, ("Lagrange", degree, (d,)))
+        u, v = ufl.TrialFunction(V), ufl.TestFunction(V)
+        dx = ufl.Measure("dx", domain=msh, subdomain_data=self.phase_tags)
+        eps = lambda w: ufl.sym(ufl.grad(w))  # noqa: E731
+        self._Cconst = {}
+        a = None
+        for tag in mesh.tags:
+            C = dolfinx.fem.Constant(msh, np.asarray(materials[tag].stiffness(d), dtype=np.float64))
+            self._Cconst[tag] = C
+            i, j, k, l = ufl.indices(4)
+            term = ufl.as_tensor(C[i, j, k, l] * eps(u)[k, l], (i, j))
+            a_t = ufl.inner(term, eps(v)) * dx(tag)
+            a = a_t if a is None else a + a_t
+        self.a_form = dolfinx.fem.form(a)
+        one = dolfinx.fem.Constant(msh, 1.0)
+        self.mesh_volume = float(dolfinx.fem.assemble_scalar(dolfinx.fem.form(one * ufl.dx(domain=msh))))
+
+        # dof coordinates (per block) relative to the box centre, affine-field vectors U
+        X = V.tabulate_dof_coordinates()[:, :d]
+        nb = X.shape[0]
+        self.ndofs = nb * d
+        Y = X - self.centre
+        self._Y = Y
+        self.E_basis = sym_basis(d)
+        m = len(self.E_basis)
+        self.U = np.zeros((self.ndofs, m))
+        for a_idx, E in enumerate(self.E_basis):
+            self.U[:, a_idx] = (Y @ E.T).ravel()  # u_i = E_ij y_j at block b -> dof b*d+i
+
+        # prolongation P (n x n_r) and, for traction, the constraint matrix G (n_r x d²)
+        import scipy.sparse as sp
+
+        self._fixed_block = None
+        if bc == "periodic":
+            rep, _ = periodic_node_map(X, tol=tol, strict=True, source=mesh.source)
+            masters = np.unique(rep)
+            fixed = masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))]
+            self._fixed_block = int(fixed)
+            keep = masters[masters != fixed]
+        else:
+            rep = np.arange(nb)
+            on_bnd = np.zeros(nb, dtype=bool)
+            for i in range(d):
+                on_bnd |= np.abs(X[:, i] - lo[i]) < tol * (hi - lo).max()
+                on_bnd |= np.abs(X[:, i] - hi[i]) < tol * (hi - lo).max()
+            if bc == "affine":
+                keep = np.where(~on_bnd)[0]
+            else:
+                fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
+                self._fixed_block = fixed
+                keep = np.delete(np.arange(nb), fixed)
+        col_of = -np.ones(nb, dtype=np.int64)
+        col_of[keep] = np.arange(len(keep))
+        rows, cols = [], []
+        for i in range(d):
+            c = col_of[rep]
+            ok = c >= 0
+            rows.append(np.arange(nb)[ok] * d + i)
+            cols.append(c[ok] * d + i)
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        self.n_reduced = len(keep) * d
+        self.P_sp = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(self.ndofs, self.n_reduced))
+        self._rep = rep
+        self.P = _mat_from_scipy(self.P_sp)
+
+        if bc == "traction":
+            # G[:, (i,j)] = ∫ ∂_j v_i dx  (constraint ∫ ∇w = 0), reduced by P
+            Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
+            self._g_form = dolfinx.fem.form(ufl.inner(ufl.grad(v), Eij) * ufl.dx(domain=msh))
+            G = np.zeros((self.ndofs, d * d))
+            for i in range(d):
+                for j in range(d):
+                    Eij.value[:] = 0.0
+                    Eij.value[i, j] = 1.0
+                    vec = dolfinx.fem.petsc.assemble_vector(self._g_form)
+                    G[:, i * d + j] = vec.array
+                    vec.destroy()
+            self.G_r = np.asarray(self.P_sp.T @ G)
+        # matrices and solver, created once
+        self.K = dolfinx.fem.petsc.assemble_matrix(self.a_form)
+        self.K.assemble()
+        self._Kr = None
+        self._Kr_base = None
+        LinearRVE._count += 1
+        self._prefix = f"fe2ml_rve{LinearRVE._count}_"
+        self.ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+        self.ksp.setOptionsPrefix(self._prefix)
+        self.ksp.setType("preonly")
+        pc = self.ksp.getPC()
+        pc.setType("lu" if bc == "traction" else "cholesky")
+        pc.setFactorSolverType("mumps")
+        opts = PETSc.Options()
+        for k_, v_ in (petsc_options or {}).items():
+            opts[self._prefix + k_] = v_
+        self.ksp.setFromOptions()
+        self._result: HomogenizationResult | None = None
+        self._w = None
+
+    # -- core -------------------------------------------------------------------------------
+    def _reduced_operator(self):
+        """Assemble K, form K_r = Pᵀ K P (+ traction constraints) and factorise."""
+        import dolfinx.fem.petsc
+        from petsc4py import PETSc
+
+        self.K.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(self.K, self.a_form)
+        self.K.assemble()
+        if self._Kr_base is None:
+            self._Kr_base = self.K.PtAP(self.P)
+        else:
+            self.K.PtAP(self.P, result=self._Kr_base)
+        Kr = self._Kr_base
+        if self.bc == "traction":
+            import scipy.sparse as sp
+
+            ia, ja, va = Kr.getValuesCSR()
+            n = self.n_reduced
+            Ks = sp.csr_matrix((va, ja, ia), shape=(n, n))
+            Gs = sp.csr_matrix(self.G_r)
+            Aug = sp.bmat([[Ks, Gs], [Gs.T, None]], format="csr")
+            if self._Kr is not None:
+                self._Kr.destroy()
+            self._Kr = _mat_from_scipy(Aug)
+        else:
+            self._Kr = Kr
+            Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+            Kr.setOption(PETSc.Mat.Option.SPD, True)
+        self.ksp.setOperators(self._Kr)
+        try:
+            self.ksp.setUp()
+        except PETSc.Error as e:
+            raise SolverError(f"{self.rve_mesh.source}: factorisation of the RVE system failed "
+                              f"(PETSc error {e.ierr}); is a phase missing stiffness?") from None
+
+    def homogenize(self) -> HomogenizationResult:
+        """Effective stiffness from the m = d(d+1)/2 unit strains with one factorisation.
+
+        Returns:
+            The :class:`HomogenizationResult` (also cached on the object).
+
+        Raises:
+            SolverError: if the factorisation or a solve fails.
+        """
+        t0 = time.perf_counter()
+        self._reduced_operator()
+        m = self.U.shape[1]
+        nr = self._Kr.getSize()[0]
+        K, P = self.K, self.P
+        u = K.createVecRight()
+        Ku = K.createVecLeft()
+        r = self._Kr.createVecLeft()
+        x = self._Kr.createVecRight()
+        KU = np.zeros((self.ndofs, m))
+        R = np.zeros((nr, m))
+        X = np.zeros((nr, m))
+        rtmp = P.createVecRight()
+        for a in range(m):
+            u.array[:] = self.U[:, a]
+            K.mult(u, Ku)
+            KU[:, a] = Ku.array
+            P.multTranspose(Ku, rtmp)
+            r.array[: self.n_reduced] = -rtmp.array
+            if nr > self.n_reduced:
+                r.array[self.n_reduced:] = 0.0
+            self.ksp.solve(r, x)
+            reason = self.ksp.getConvergedReason()
+            if reason < 0:
+                raise SolverError(f"{self.rve_mesh.source}: RVE solve failed (KSP reason {reason})")
+            X[:, a] = x.array
+            R[:, a] = r.array
+        for obj in (u, Ku, r, x, rtmp):
+            obj.destroy()
+        # |Y| Ĉ = UᵀKU - (PᵀKU)ᵀ K_r⁻¹ (PᵀKU) = UᵀKU - Rᵀ X   (R = -PᵀKU, X = K_r⁻¹ R = fluctuations)
+        Chat = (self.U.T @ KU - R[: self.n_reduced].T @ X[: self.n_reduced]) / self.volume
+        Chat = 0.5 * (Chat + Chat.T)
+        self._X = X[: self.n_reduced]
+        d = self.d
+        C = np.zeros((d, d, d, d))
+        for a_, (i, j) in enumerate(VOIGT_ORDER[d]):
+            for b_, (k, l) in enumerate(VOIGT_ORDER[d]):
+                for ii, jj in {(i, j), (j, i)}:
+                    for kk, ll in {(k, l), (l, k)}:
+                        C[ii, jj, kk, ll] = Chat[a_, b_]
+        res = HomogenizationResult(C=C, volume=self.volume, mesh_volume=self.mesh_volume, ndofs=self.ndofs,
+                                   time_s=time.perf_counter() - t0)
+        self._result = res
+        return res
+
+    def _strain(self, H) -> np.ndarray:
+        H = np.asarray(H, dtype=np.float64)
+        if H.shape != (self.d, self.d) or not np.all(np.isfinite(H)):
+            raise ConfigError(f"macro strain must be a finite {self.d}x{self.d} array, got shape {H.shape}")
+        return 0.5 * (H + H.T)
+
+    def stress(self, H) -> np.ndarray:
+        """Macro stress σ̄ = C̄ : sym(H) for a displacement gradient H = F̄ - I, shape (d, d)."""
+        eps = self._strain(H)
+        if self._result is None:
+            self.homogenize()
+        return np.einsum("ijkl,kl->ij", self._result.C, eps)
+
+    def fluctuation(self, H):
+        """Fluctuation field w (dolfinx Function) and total u for the macro strain sym(H).
+
+        Args:
+            H: macro displacement gradient, shape (d, d).
+
+        Returns:
+            Tuple ``(w, u)`` of dolfinx Functions on the RVE displacement space.
+        """
+        import dolfinx
+
+        eps = self._strain(H)
+        if self._result is None:
+            self.homogenize()
+        coef = np.array([eps[i, j] * (1 if i == j else 2) for i, j in VOIGT_ORDER[self.d]])
+        w = dolfinx.fem.Function(self.V, name="w")
+        w.x.array[:] = self.P_sp @ (self._X @ coef)
+        u = dolfinx.fem.Function(self.V, name="u")
+        u.x.array[:] = w.x.array + self.U @ coef
+        return w, u
+
+    def close(self) -> None:
+        """Free the PETSc objects (also done when the object is garbage collected)."""
+        for name in ("ksp", "K", "P"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.destroy()
+                setattr(self, name, None)
+        if self._Kr is not None and self._Kr is not self._Kr_base:
+            self._Kr.destroy()
+        if self._Kr_base is not None:
+            self._Kr_base.destroy()
+        self._Kr = self._Kr_base = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
