@@ -98,23 +98,23 @@ def _shifts(centre, extent, L):
 def _finish_periodic(gmsh, dim, L, inclusion_tags, h, out_path, *, curvature=True):
     """Fragment box with inclusions, drop outside parts, tag phases, make periodic, mesh, write."""
     occ = gmsh.model.occ
-    box = occ.addRectangle(0, 0, 0, L[0], L[1]) if dim == 2 else occ.addBox(0, 0, 0, *L)
-    if inclusion_tags:
-        _, out_map = occ.fragment([(dim, box)], [(dim, t) for t in inclusion_tags])
+
+    def _box():
+        return occ.addRectangle(0, 0, 0, L[0], L[1]) if dim == 2 else occ.addBox(0, 0, 0, *L)
+
+    # clip every inclusion (and periodic image) to the box first: no outside pieces to classify
+    # (OCC bounding boxes of curved entities are loose, so classification by bbox is unreliable)
+    clipped = []
+    for t in inclusion_tags:
+        res, _ = occ.intersect([(dim, t)], [(dim, _box())], removeObject=True, removeTool=True)
+        clipped.extend(tg for dd, tg in res if dd == dim)
+    box = _box()
+    if clipped:
+        _, out_map = occ.fragment([(dim, box)], [(dim, t) for t in clipped])
     else:
         out_map = [[(dim, box)]]
     occ.synchronize()
-    eps = 1e-3 * L.max()  # OCC bounding boxes carry a small tolerance enlargement
-    inside = []
-    for dd, tag in gmsh.model.getEntities(dim):
-        xmin, ymin, zmin, xmax, ymax, zmax = gmsh.model.getBoundingBox(dd, tag)
-        lo = np.array([xmin, ymin, zmin])[:dim]
-        hi = np.array([xmax, ymax, zmax])[:dim]
-        if np.all(lo > -eps) and np.all(hi < L + eps):
-            inside.append(tag)
-    outside = [(dim, t) for _, t in gmsh.model.getEntities(dim) if t not in inside]
-    if outside:
-        gmsh.model.removeEntities(outside, recursive=True)
+    inside = [t for _, t in gmsh.model.getEntities(dim)]
     incl_children = set()
     for m in out_map[1:]:
         incl_children.update(t for _, t in m)

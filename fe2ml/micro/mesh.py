@@ -156,10 +156,17 @@ def read_mesh(path: str | os.PathLike, *, cell_phases: list[int] | None = None, 
     p = Path(path)
     if not p.is_file():
         raise MeshError(f"{p}: mesh file not found")
+    import contextlib
+    import io
+
+    buf = io.StringIO()
     try:
-        m = meshio.read(str(p))
-    except Exception as e:  # meshio raises many types for unreadable files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            m = meshio.read(str(p))
+    except (Exception, SystemExit) as e:  # meshio raises many types (and exits) for unreadable files
+        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+        msg = str(e).splitlines()[0] if str(e) and not isinstance(e, SystemExit) else (
+            lines[-1].removeprefix("Error: ") if lines else type(e).__name__)
         raise MeshError(f"{p}: cannot read mesh ({msg})") from None
     ct, cells, tags = _pick_cells(m, str(p))
     if tags is None:

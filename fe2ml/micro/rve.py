@@ -339,7 +339,6 @@ class LinearRVE:
             obj.destroy()
         # |Y| Ĉ = UᵀKU - (PᵀKU)ᵀ K_r⁻¹ (PᵀKU) = UᵀKU - Rᵀ X   (R = -PᵀKU, X = K_r⁻¹ R = fluctuations)
         Chat = (self.U.T @ KU - R[: self.n_reduced].T @ X[: self.n_reduced]) / self.volume
-        Chat = 0.5 * (Chat + Chat.T)
         self._X = X[: self.n_reduced]
         d = self.d
         C = np.zeros((d, d, d, d))

@@ -1,0 +1,147 @@
+"""The ``fe2ml`` command.
+
+Subcommands:
+    homogenize CONFIG.yaml [--json OUT.json]   effective stiffness of an RVE
+
+Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
+Errors caused by input print one line ``fe2ml: error: ...`` on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fe2ml.errors import Fe2mlError
+
+__all__ = ["main"]
+
+
+def _voigt_table(C: np.ndarray) -> str:
+    from fe2ml.materials import VOIGT_ORDER, to_voigt
+
+    d = C.shape[0]
+    labels = [f"{i + 1}{j + 1}" for i, j in VOIGT_ORDER[d]]
+    M = to_voigt(C)
+    w = 13
+    lines = [" " * 6 + "".join(f"{lab:>{w}}" for lab in labels)]
+    for lab, row in zip(labels, M, strict=True):
+        lines.append(f"{lab:>6}" + "".join(f"{v:>{w}.5g}" for v in row))
+    return "\n".join(lines)
+
+
+def cmd_homogenize(args, comm) -> int:
+    """Run ``fe2ml homogenize``."""
+    from fe2ml.config import load_homogenize_config, load_rve_mesh
+    from fe2ml.materials import VOIGT_ORDER
+    from fe2ml.micro.rve import LinearRVE
+
+    rank = comm.rank
+    t0 = time.perf_counter()
+    cfg = load_homogenize_config(args.config)
+    if args.json is not None:
+        out = Path(args.json)
+        if out.is_dir() or not out.parent.exists():
+            raise Fe2mlError(f"--json: cannot write {out} (folder missing or path is a folder)")
+    if rank == 0:
+        print(f"fe2ml homogenize: {cfg.path} ({cfg.dim}D, bc={cfg.bc}, degree={cfg.degree}, ranks={comm.size})",
+              flush=True)
+    mesh = load_rve_mesh(cfg, comm=comm)
+    t_mesh = time.perf_counter() - t0
+    rve = LinearRVE(mesh, cfg.materials, bc=cfg.bc, degree=cfg.degree, tol=cfg.tol)
+    res = rve.homogenize()
+    # every rank has its own RVE on COMM_SELF; macro strains are split across ranks
+    mine = list(range(rank, len(cfg.strains), comm.size))
+    stresses_local = {k: rve.stress(cfg.strains[k]).tolist() for k in mine}
+    gathered = comm.gather((stresses_local, res.C), root=0)
+    if rank != 0:
+        rve.close()
+        return 0
+    stresses: dict = {}
+    for s, C_r in gathered:
+        stresses.update(s)
+        if not np.array_equal(C_r, res.C):  # each rank solves the same RVE independently
+            raise Fe2mlError("ranks disagree on the effective stiffness (non-deterministic solve)")
+    d = cfg.dim
+    vol = np.bincount(mesh.phases, weights=mesh.element_volumes())
+    fractions = {int(t): float(vol[t] / res.volume) for t in mesh.tags}
+    report = {
+        "C": res.C.tolist(),
+        "voigt": res.voigt.tolist(),
+        "voigt_order": [f"{i + 1}{j + 1}" for i, j in VOIGT_ORDER[d]],
+        "volume": res.volume,
+        "mesh_volume": res.mesh_volume,
+        "phase_fractions": fractions,
+        "n_cells": mesh.n_cells,
+        "ndofs": res.ndofs,
+        "n_elements": len(mesh.cells),
+        "bc": cfg.bc,
+        "degree": cfg.degree,
+        "mesh": str(mesh.source),
+        "time_s": res.time_s,
+        "setup_s": time.perf_counter() - t0 - res.time_s,
+        "mesh_s": t_mesh,
+        "strains": [s.tolist() for s in cfg.strains],
+        "stresses": [stresses[k] for k in range(len(cfg.strains))],
+        "ranks": comm.size,
+    }
+    print(f"  mesh {mesh.source}: {len(mesh.cells)} {mesh.cell_type} elements, {mesh.n_cells} cells, "
+          f"phase fractions " + ", ".join(f"{t}: {v:.4f}" for t, v in fractions.items()))
+    print(f"  {res.ndofs} dofs, homogenization {res.time_s * 1e3:.1f} ms (setup {report['setup_s']:.2f} s)")
+    print(f"Effective stiffness C (Voigt matrix, order {', '.join(report['voigt_order'])}; "
+          "σ = C·[ε11, ε22, (ε33,) (2ε23, 2ε13,) 2ε12]):")
+    print(_voigt_table(res.C))
+    for e, s in zip(report["strains"], report["stresses"], strict=True):
+        print(f"  ε̄ = {np.round(e, 6).tolist()}  ->  σ̄ = {np.round(s, 6).tolist()}")
+    if args.json is not None:
+        tmp = Path(str(args.json) + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(args.json)
+        print(f"  wrote {args.json}")
+    rve.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fe2ml`` command."""
+    p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
+    sub = p.add_subparsers(dest="command", required=True)
+    h = sub.add_parser("homogenize", help="effective stiffness of an RVE from a YAML config")
+    h.add_argument("config", help="YAML config (keys: dim, mesh, phases, bc, degree, strains, tol)")
+    h.add_argument("--json", default=None, help="write the result (C, voigt, volume, ndofs, time_s, ...) here")
+    h.set_defaults(func=cmd_homogenize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fe2ml`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    import fe2ml  # noqa: F401  (dolfinx_solver before mpi4py/petsc4py)
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    err = None
+    code = 1
+    try:
+        code = args.func(args, comm)
+    except Fe2mlError as e:
+        err = str(e)
+    except KeyboardInterrupt:
+        err = "interrupted"
+    # agree collectively on failure so that no rank is left waiting
+    errs = comm.allgather(err)
+    first = next((e for e in errs if e is not None), None)
+    if first is not None:
+        if comm.rank == 0:
+            print(f"fe2ml: error: {first}", file=sys.stderr, flush=True)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
