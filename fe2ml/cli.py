@@ -44,10 +44,12 @@ def cmd_homogenize(args, comm) -> int:
     rank = comm.rank
     t0 = time.perf_counter()
     cfg = load_homogenize_config(args.config)
-    if args.json is not None:
-        out = Path(args.json)
-        if out.is_dir() or not out.parent.exists():
-            raise Fe2mlError(f"--json: cannot write {out} (folder missing or path is a folder)")
+    for opt in ("json", "plot"):
+        val = getattr(args, opt)
+        if val is not None:
+            out = Path(val)
+            if out.is_dir() or not out.parent.exists():
+                raise Fe2mlError(f"--{opt}: cannot write {out} (folder missing or path is a folder)")
     if rank == 0:
         print(f"fe2ml homogenize: {cfg.path} ({cfg.dim}D, bc={cfg.bc}, degree={cfg.degree}, ranks={comm.size})",
               flush=True)
@@ -103,6 +105,11 @@ def cmd_homogenize(args, comm) -> int:
         tmp.write_text(json.dumps(report, indent=1))
         tmp.replace(args.json)
         print(f"  wrote {args.json}")
+    if args.plot is not None:
+        from fe2ml.plotting import plot_rve
+
+        plot_rve(mesh, args.plot)
+        print(f"  wrote {args.plot}")
     rve.close()
     return 0
 
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("homogenize", help="effective stiffness of an RVE from a YAML config")
     h.add_argument("config", help="YAML config (keys: dim, mesh, phases, bc, degree, strains, tol)")
     h.add_argument("--json", default=None, help="write the result (C, voigt, volume, ndofs, time_s, ...) here")
+    h.add_argument("--plot", default=None, help="draw the RVE (phases and numbered cells) to this PNG")
     h.set_defaults(func=cmd_homogenize)
     return p
 
@@ -121,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fe2ml`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    import fe2ml  # noqa: F401  (dolfinx_solver before mpi4py/petsc4py)
     from mpi4py import MPI
+
+    import fe2ml  # noqa: F401  (dolfinx_solver before mpi4py/petsc4py)
 
     comm = MPI.COMM_WORLD
     err = None

@@ -9,10 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mpi4py import MPI
+
 import pytest
 
 import fe2ml  # noqa: F401  (dolfinx_solver before mpi4py/petsc4py)
-from mpi4py import MPI
 
 
 def pytest_collection_modifyitems(config, items):

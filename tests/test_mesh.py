@@ -1,12 +1,12 @@
+from mpi4py import MPI
+
 import numpy as np
 import pytest
-
-from mpi4py import MPI
+from helpers import box_mesh, write_meshio
 
 from fe2ml.errors import ConfigError, MeshError
 from fe2ml.micro.geometry import generate_mesh
 from fe2ml.micro.mesh import make_rve_mesh, periodic_node_map, read_mesh
-from helpers import box_mesh, write_meshio
 
 COMM = MPI.COMM_WORLD
 

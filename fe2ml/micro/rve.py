@@ -137,11 +137,11 @@ class LinearRVE:
     def __init__(self, mesh: RVEMesh, materials: dict[int, LinearMaterial], *, bc: str = "periodic",
                  degree: int = 1, tol: float = 1e-8, petsc_options: dict | None = None):
         from mpi4py import MPI
+        from petsc4py import PETSc
 
         import dolfinx
         import dolfinx.fem.petsc  # noqa: F401
         import ufl
-        from petsc4py import PETSc
 
         if bc not in BCS:
             raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
@@ -266,8 +266,9 @@ class LinearRVE:
     # -- core -------------------------------------------------------------------------------
     def _reduced_operator(self):
         """Assemble K, form K_r = Pᵀ K P (+ traction constraints) and factorise."""
-        import dolfinx.fem.petsc
         from petsc4py import PETSc
+
+        import dolfinx.fem.petsc
 
         self.K.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(self.K, self.a_form)

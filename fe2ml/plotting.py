@@ -1,0 +1,71 @@
+"""PNG figures (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+__all__ = ["plot_rve"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rve(mesh, path: str | os.PathLike, *, title: str = "") -> None:
+    """Draw an RVE: matrix in grey, each biological cell in its own colour, with its id.
+
+    2D meshes are drawn element by element; 3D meshes as the element centroids of the cells
+    (matrix omitted) in a 3D scatter.
+
+    Args:
+        mesh: :class:`fe2ml.micro.mesh.RVEMesh`.
+        path: PNG file to write.
+        title: figure title.
+    """
+    plt = _plt()
+    from matplotlib.collections import PolyCollection
+
+    ids = mesh.cell_ids
+    n = max(mesh.n_cells, 1)
+    cmap = plt.get_cmap("tab20", max(n, 2))
+    fig = plt.figure(figsize=(5.5, 5))
+    x = mesh.points[mesh.cells]
+    if mesh.dim == 2:
+        ax = fig.add_subplot(111)
+        colors = np.array([(0.85, 0.85, 0.85, 1.0)] * len(mesh.cells))
+        tags = mesh.tags
+        for k, t in enumerate(tags[1:], start=1):  # non-cell phases other than the matrix in shades
+            colors[(mesh.phases == t) & (ids < 0)] = (0.55 - 0.1 * k, 0.55 - 0.1 * k, 0.7, 1.0)
+        colors[ids >= 0] = cmap(ids[ids >= 0] % 20)
+        ax.add_collection(PolyCollection(x, facecolors=colors, edgecolors=(0, 0, 0, 0.15), linewidths=0.2))
+        cen = x.mean(axis=1)
+        for c in range(mesh.n_cells):
+            sel = ids == c
+            # label at the element closest to the cell's (non-periodic) centroid
+            p = cen[sel][np.argmin(np.linalg.norm(cen[sel] - np.median(cen[sel], axis=0), axis=1))]
+            ax.text(p[0], p[1], str(c), ha="center", va="center", fontsize=8)
+        lo, hi = mesh.box
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_aspect("equal")
+        ax.set_xlabel("y1")
+        ax.set_ylabel("y2")
+    else:
+        ax = fig.add_subplot(111, projection="3d")
+        cen = x.mean(axis=1)
+        sel = ids >= 0
+        ax.scatter(*cen[sel].T, c=cmap(ids[sel] % 20), s=2)
+        ax.set_xlabel("y1")
+        ax.set_ylabel("y2")
+        ax.set_zlabel("y3")
+    ax.set_title(title or f"RVE: {len(mesh.cells)} {mesh.cell_type} elements, {mesh.n_cells} cells")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
