@@ -44,7 +44,7 @@ def cmd_homogenize(args, comm) -> int:
     rank = comm.rank
     t0 = time.perf_counter()
     cfg = load_homogenize_config(args.config)
-    for opt in ("json", "plot"):
+    for opt in ("json", "plot", "curve"):
         val = getattr(args, opt)
         if val is not None:
             out = Path(val)
@@ -55,6 +55,8 @@ def cmd_homogenize(args, comm) -> int:
               flush=True)
     mesh = load_rve_mesh(cfg, comm=comm)
     t_mesh = time.perf_counter() - t0
+    if cfg.kinematics == "finite":
+        return _homogenize_finite(args, cfg, mesh, comm, t0)
     rve = LinearRVE(mesh, cfg.materials, bc=cfg.bc, degree=cfg.degree, tol=cfg.tol)
     res = rve.homogenize()
     # every rank has its own RVE on COMM_SELF; macro strains are split across ranks
@@ -114,6 +116,107 @@ def cmd_homogenize(args, comm) -> int:
     return 0
 
 
+def _collective(comm, fn):
+    """Run fn() on every rank; if any rank fails, raise the first message on all ranks."""
+    err, out = None, None
+    try:
+        out = fn()
+    except Fe2mlError as e:
+        err = str(e)
+    errs = comm.allgather(err)
+    first = next((e for e in errs if e is not None), None)
+    if first is not None:
+        raise Fe2mlError(first)
+    return out
+
+
+def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
+    """Finite-strain branch of ``fe2ml homogenize``: P̄, Ā and cell quantities per F̄."""
+    from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
+
+    rank, size = comm.rank, comm.size
+    n = len(cfg.F)
+    chunks = np.array_split(np.arange(n), size)
+    mine = chunks[rank]
+
+    def build():
+        return HyperelasticRVE(mesh, cfg.materials, bc=cfg.bc, formulation=cfg.formulation, degree=cfg.degree,
+                               tol=cfg.tol, newton=NewtonOptions(**cfg.newton))
+
+    rve = _collective(comm, build)
+    if rank == 0:
+        print(f"  {rve.ndofs} dofs ({rve.formulation} formulation, degree {rve.degree}), {n} points on {size} "
+              f"rank(s)", flush=True)
+
+    def progress(k, m):
+        if rank == 0:
+            print(f"\r  rank 0: point {k}/{m}", end="" if k < m else "\n", flush=True)
+
+    def run():
+        Fs = np.array([cfg.F[k] for k in mine]).reshape(-1, cfg.dim, cfg.dim)
+        if len(Fs) == 0:
+            return None
+        res = rve.evaluate(Fs, warm_start=True, progress=progress)
+        for k in cfg.fields_points:
+            if k in mine:
+                folder = Path(args.json).parent if args.json else Path(".")
+                rve.write_fields(folder / f"fields_point{k}.xdmf", res.states[list(mine).index(k)])
+        return res
+
+    res = _collective(comm, run)
+    local = None
+    if res is not None:
+        local = dict(idx=mine.tolist(), P=res.P, A=res.A, its=res.iterations, steps=res.substeps, t=res.time_s,
+                     cells=[c.to_dict() for c in res.cells])
+    gathered = comm.gather(local, root=0)
+    rve.close()
+    if rank != 0:
+        return 0
+    d = cfg.dim
+    P = np.zeros((n, d, d))
+    A = np.zeros((n, d, d, d, d))
+    its = np.zeros(n, dtype=int)
+    steps = np.zeros(n, dtype=int)
+    tp = np.zeros(n)
+    cells: list = [None] * n
+    for g in gathered:
+        if g is None:
+            continue
+        for j, k in enumerate(g["idx"]):
+            P[k], A[k], its[k], steps[k], tp[k], cells[k] = (g["P"][j], g["A"][j], g["its"][j], g["steps"][j],
+                                                            g["t"][j], g["cells"][j])
+    report = {
+        "kinematics": "finite", "dim": d, "bc": cfg.bc, "formulation": rve.formulation, "degree": rve.degree,
+        "ndofs": rve.ndofs, "volume": rve.volume, "n_cells": mesh.n_cells, "mesh": str(mesh.source),
+        "F": [F.tolist() for F in cfg.F], "P": P.tolist(), "A": A.tolist(), "iterations": its.tolist(),
+        "substeps": steps.tolist(), "time_s": tp.tolist(), "cells": cells, "ranks": comm.size,
+        "total_s": time.perf_counter() - t0,
+    }
+    print(f"  {n} points: {its.sum()} Newton iterations, {tp.mean() * 1e3:.1f} ms per point")
+    for k in range(n):
+        c = cells[k]
+        cs = np.array(c["cell"]["stretch"]) if c and c["cell"]["stretch"] else np.zeros((0, 3))
+        lam = f", max cell stretch {cs[:, 0].max():.4f}" if len(cs) else ""
+        print(f"  F̄[{k}] = {np.round(cfg.F[k], 4).tolist()}  P̄ = {np.round(P[k], 6).tolist()}{lam}")
+    if args.json is not None:
+        tmp = Path(str(args.json) + ".tmp")
+        tmp.write_text(json.dumps(report))
+        tmp.replace(args.json)
+        print(f"  wrote {args.json}")
+    curve = args.curve or (str(Path(args.json).with_suffix("")) + "_stress.png" if args.json else None)
+    if curve:
+        from fe2ml.plotting import plot_stress_strain
+
+        plot_stress_strain(np.array(cfg.F), P, curve, title=f"{Path(cfg.path).name}: homogenized response")
+        print(f"  wrote {curve}")
+    if args.plot is not None:
+        from fe2ml.plotting import plot_rve
+
+        plot_rve(mesh, args.plot)
+        print(f"  wrote {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -122,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("config", help="YAML config (keys: dim, mesh, phases, bc, degree, strains, tol)")
     h.add_argument("--json", default=None, help="write the result (C, voigt, volume, ndofs, time_s, ...) here")
     h.add_argument("--plot", default=None, help="draw the RVE (phases and numbered cells) to this PNG")
+    h.add_argument("--curve", default=None,
+                   help="finite strain: PNG of the homogenized stress-strain curve (default: next to --json)")
     h.set_defaults(func=cmd_homogenize)
     return p
 

@@ -26,13 +26,26 @@ import numpy as np
 
 from fe2ml.errors import ConfigError, MaterialError
 
-__all__ = ["HomogenizeConfig", "build_material", "load_homogenize_config", "load_rve_mesh", "load_yaml"]
+__all__ = [
+    "HomogenizeConfig",
+    "build_material",
+    "load_homogenize_config",
+    "load_path",
+    "load_rve_mesh",
+    "load_yaml",
+]
 
 MATERIALS = {
     "linear_elastic": {"required": ("E", "nu"), "optional": ()},
     "anisotropic": {"required": ("C",), "optional": ()},
     "transversely_isotropic": {"required": ("E_L", "E_T", "nu_LT", "nu_TT", "G_LT"), "optional": ("direction",)},
+    # hyperelastic (finite strain)
+    "neo_hookean": {"required": (), "optional": ("mu", "K", "E", "nu")},
+    "hgo": {"required": ("mu", "K", "k1", "k2", "fibres"), "optional": ()},
+    "energy": {"required": ("W",), "optional": ("params", "fibres")},
 }
+HYPERELASTIC = ("neo_hookean", "hgo", "energy")
+LOAD_PATHS = ("uniaxial", "biaxial", "shear", "uniaxial_stress_free")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -89,6 +102,7 @@ def build_material(spec: Any, where: str):
     Returns:
         A material object with ``stiffness(d)``.
     """
+    from fe2ml.hyperelastic import ExpressionEnergy, HolzapfelGasserOgden, NeoHookean
     from fe2ml.materials import AnisotropicLinearElastic, LinearElastic, TransverselyIsotropic
 
     if not isinstance(spec, dict):
@@ -116,6 +130,33 @@ def build_material(spec: Any, where: str):
                 raise ConfigError(f"{where}.C: expected a 6x6 Voigt matrix (order 11,22,33,23,13,12), "
                                   f"got shape {C.shape}")
             return AnisotropicLinearElastic(C=C, name=where)
+        if name == "neo_hookean":
+            keys = {k for k in ("mu", "K", "E", "nu") if k in spec}
+            if keys == {"mu", "K"}:
+                return NeoHookean(mu=_number(spec["mu"], f"{where}.mu"), K=_number(spec["K"], f"{where}.K"),
+                                  name=where)
+            if keys == {"E", "nu"}:
+                return NeoHookean.from_E_nu(_number(spec["E"], f"{where}.E"), _number(spec["nu"], f"{where}.nu"),
+                                            name=where)
+            raise ConfigError(f"{where}: neo_hookean needs either (mu, K) or (E, nu), got {sorted(keys)}")
+        if name == "hgo":
+            fib = spec["fibres"]
+            if not isinstance(fib, list) or not fib:
+                raise ConfigError(f"{where}.fibres: expected a list of direction vectors, got {fib!r}")
+            return HolzapfelGasserOgden(**{k: _number(spec[k], f"{where}.{k}") for k in ("mu", "K", "k1", "k2")},
+                                        fibres=tuple(tuple(_number(x, f"{where}.fibres") for x in a)
+                                                     if isinstance(a, list) else a for a in fib), name=where)
+        if name == "energy":
+            params = spec.get("params", {}) or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"{where}.params: expected a mapping name -> number, got {params!r}")
+            params = {str(k): _number(v, f"{where}.params.{k}") for k, v in params.items()}
+            fib = spec.get("fibres", []) or []
+            if not isinstance(fib, list):
+                raise ConfigError(f"{where}.fibres: expected a list of direction vectors, got {fib!r}")
+            if not isinstance(spec["W"], str):
+                raise ConfigError(f"{where}.W: expected an expression string, got {spec['W']!r}")
+            return ExpressionEnergy(expr=spec["W"], params=params, fibres=tuple(tuple(a) for a in fib), name=where)
         kw = {k: _number(spec[k], f"{where}.{k}") for k in req}
         if "direction" in spec:
             kw["direction"] = spec["direction"]
@@ -140,6 +181,12 @@ class HomogenizeConfig:
     degree: int = 1
     strains: list = field(default_factory=list)
     tol: float = 1e-8
+    kinematics: str = "small"
+    formulation: str = "auto"
+    F: list = field(default_factory=list)
+    load_path: dict | None = None
+    newton: dict = field(default_factory=dict)
+    fields_points: list = field(default_factory=list)
 
 
 def load_homogenize_config(path: str | os.PathLike) -> HomogenizeConfig:
@@ -161,7 +208,8 @@ def load_homogenize_config(path: str | os.PathLike) -> HomogenizeConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    _check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol"), f)
+    _check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation",
+                      "F", "load_path", "newton", "fields"), f)
     for k in ("dim", "mesh", "phases"):
         if k not in raw:
             raise ConfigError(f"{f}: missing required key '{k}'")
@@ -233,9 +281,107 @@ def load_homogenize_config(path: str | os.PathLike) -> HomogenizeConfig:
         if a.shape != (dim, dim) or not np.all(np.isfinite(a)):
             raise ConfigError(f"{f}: strains[{k}]: expected a {dim}x{dim} list of numbers, got {s!r}")
         out.append(a)
+    names = {str(spec.get("material")) for spec in phases.values()}
+    hyper = names & set(HYPERELASTIC)
+    kin = raw.get("kinematics", "finite" if hyper else "small")
+    if kin not in ("small", "finite"):
+        raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
+    if kin == "finite" and names - set(HYPERELASTIC):
+        raise ConfigError(f"{f}: kinematics finite needs hyperelastic materials ({', '.join(HYPERELASTIC)}) for "
+                          f"every phase; got {sorted(names - set(HYPERELASTIC))}")
+    if kin == "small" and hyper:
+        raise ConfigError(f"{f}: kinematics small needs linear materials; got {sorted(hyper)} "
+                          "(use kinematics: finite)")
+    formulation = raw.get("formulation", "auto")
+    if formulation not in ("auto", "displacement", "mixed"):
+        raise ConfigError(f"{f}: formulation: expected auto, displacement or mixed, got {formulation!r}")
+    if kin == "small" and ("F" in raw or "load_path" in raw):
+        raise ConfigError(f"{f}: F and load_path need kinematics: finite (use strains for small strain)")
+    if kin == "finite" and "strains" in raw:
+        raise ConfigError(f"{f}: strains is for kinematics: small; give F (list of deformation gradients) or "
+                          "load_path")
+    Fs = []
+    Fraw = raw.get("F", [])
+    if not isinstance(Fraw, list):
+        raise ConfigError(f"{f}: F: expected a list of {dim}x{dim} deformation gradients, got {Fraw!r}")
+    for k, s_ in enumerate(Fraw):
+        try:
+            a = np.asarray(s_, dtype=float)
+        except (TypeError, ValueError):
+            a = np.zeros(0)
+        if a.shape != (dim, dim) or not np.all(np.isfinite(a)):
+            raise ConfigError(f"{f}: F[{k}]: expected a {dim}x{dim} list of numbers, got {s_!r}")
+        if np.linalg.det(a) <= 0:
+            raise ConfigError(f"{f}: F[{k}]: det F = {np.linalg.det(a):.4g} <= 0; a deformation gradient must "
+                              "have positive determinant")
+        Fs.append(a)
+    lp = raw.get("load_path")
+    if lp is not None:
+        if not isinstance(lp, dict):
+            raise ConfigError(f"{f}: load_path: expected a mapping {{type: uniaxial, max: 0.3, steps: 10}}")
+        _check_keys(lp, ("type", "max", "steps"), f"{f}: load_path")
+        if lp.get("type") not in ("uniaxial", "biaxial", "shear"):
+            raise ConfigError(f"{f}: load_path.type: expected uniaxial, biaxial or shear, got {lp.get('type')!r}")
+        mx = _number(lp.get("max", 0.2), f"{f}: load_path.max")
+        if not -0.9 < mx < 5:
+            raise ConfigError(f"{f}: load_path.max: expected a stretch-1 (or shear) in (-0.9, 5), got {mx}")
+        st = lp.get("steps", 10)
+        if not isinstance(st, int) or isinstance(st, bool) or not 1 <= st <= 10000:
+            raise ConfigError(f"{f}: load_path.steps: expected an integer in 1..10000, got {st!r}")
+        lp = {"type": lp["type"], "max": mx, "steps": st}
+        Fs.extend(load_path(lp["type"], mx, st, dim))
+    if kin == "finite" and not Fs:
+        raise ConfigError(f"{f}: kinematics finite needs F (list of deformation gradients) or load_path")
+    newton = raw.get("newton", {}) or {}
+    if not isinstance(newton, dict):
+        raise ConfigError(f"{f}: newton: expected a mapping, got {newton!r}")
+    _check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
+    for k in ("rtol", "atol"):
+        if k in newton:
+            newton[k] = _number(newton[k], f"{f}: newton.{k}", positive=True)
+    for k in ("max_it", "max_cuts"):
+        if k in newton and (not isinstance(newton[k], int) or isinstance(newton[k], bool) or newton[k] < 0):
+            raise ConfigError(f"{f}: newton.{k}: expected a non-negative integer, got {newton[k]!r}")
+    fields_ = raw.get("fields", {}) or {}
+    if not isinstance(fields_, dict):
+        raise ConfigError(f"{f}: fields: expected a mapping {{points: [0, 3]}}")
+    _check_keys(fields_, ("points",), f"{f}: fields")
+    fpts = fields_.get("points", [])
+    if not isinstance(fpts, list) or not all(isinstance(i, int) and 0 <= i < max(len(Fs), 1) for i in fpts):
+        raise ConfigError(f"{f}: fields.points: expected a list of point indices in 0..{max(len(Fs), 1) - 1}, "
+                          f"got {fpts!r}")
     return HomogenizeConfig(path=p, dim=dim, mesh_file=mesh_file, generator=gen, generator_params=gparams,
                             generator_out=gout, cell_phases=cell_phases, materials=materials, bc=bc,
-                            degree=degree, strains=out, tol=tol)
+                            degree=degree, strains=out, tol=tol, kinematics=kin, formulation=formulation,
+                            F=Fs, load_path=lp, newton=newton, fields_points=fpts)
+
+
+def load_path(kind: str, maximum: float, steps: int, dim: int) -> list[np.ndarray]:
+    """Macro deformation gradients along a named load path, excluding F̄ = I.
+
+    Args:
+        kind: ``uniaxial`` (F11 = 1 + s, others fixed: uniaxial strain), ``biaxial``
+            (F11 = F22 = 1 + s), ``shear`` (simple shear F12 = s).
+        maximum: final s.
+        steps: number of points (s = maximum·k/steps, k = 1..steps).
+        dim: 2 or 3.
+
+    Returns:
+        List of (dim, dim) arrays.
+    """
+    out = []
+    for k in range(1, steps + 1):
+        s = maximum * k / steps
+        F = np.eye(dim)
+        if kind == "uniaxial":
+            F[0, 0] += s
+        elif kind == "biaxial":
+            F[0, 0] += s
+            F[1, 1] += s
+        else:
+            F[0, 1] = s
+        out.append(F)
+    return out
 
 
 def load_rve_mesh(cfg: HomogenizeConfig, *, comm=None):

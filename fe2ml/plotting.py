@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_rve"]
+__all__ = ["plot_rve", "plot_stress_strain"]
 
 
 def _plt():
@@ -66,6 +66,40 @@ def plot_rve(mesh, path: str | os.PathLike, *, title: str = "") -> None:
         ax.set_ylabel("y2")
         ax.set_zlabel("y3")
     ax.set_title(title or f"RVE: {len(mesh.cells)} {mesh.cell_type} elements, {mesh.n_cells} cells")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_stress_strain(F: np.ndarray, P: np.ndarray, path: str | os.PathLike, *, title: str = "") -> None:
+    """Homogenized first Piola stress components against the macro deformation.
+
+    The abscissa is the component of F̄ − I that varies most over the points (e.g. F11 − 1 for a
+    uniaxial path, F12 for shear); every component of P̄ is drawn.
+
+    Args:
+        F: macro deformation gradients (n, d, d).
+        P: homogenized stresses (n, d, d).
+        path: PNG file.
+        title: figure title.
+    """
+    plt = _plt()
+    n, d, _ = F.shape
+    H = F - np.eye(d)
+    i, j = np.unravel_index(np.argmax(np.ptp(np.concatenate([np.zeros((1, d, d)), H]), axis=0)), (d, d))
+    x = np.concatenate([[0.0], H[:, i, j]])
+    order = np.argsort(x)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for a in range(d):
+        for b in range(d):
+            y = np.concatenate([[0.0], P[:, a, b]])
+            if np.abs(y).max() > 1e-12 * max(np.abs(P).max(), 1e-300):
+                ax.plot(x[order], y[order], marker="o", ms=3, label=f"P̄{a + 1}{b + 1}")
+    ax.set_xlabel(f"F̄{i + 1}{j + 1}" + (" − 1" if i == j else ""))
+    ax.set_ylabel("homogenized first Piola stress P̄")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

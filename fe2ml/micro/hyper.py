@@ -1,0 +1,728 @@
+"""Finite-strain RVE: hyperelastic phases, Newton with substepping, P̄ and consistent tangent Ā.
+
+Kinematics: u = (F̄ − I)·y + w on the box Y (y measured from the box centre), F = I + ∇u. The
+boundary conditions on w are those of :mod:`fe2ml.micro.rve` (periodic master/slave reduction,
+affine w = 0 on ∂Y, minimal kinematic ∫∇w = 0 with d² multipliers). Plane strain (d = 2) embeds F
+in 3D with F33 = 1; energies, stresses and cell quantities are 3D.
+
+Formulations:
+
+- ``displacement``: Lagrange displacement of degree 1 or 2, potential Π = Σ_phase ∫ W(F).
+- ``mixed`` (nearly incompressible phases, K/mu of 100–1000): P2 displacement with a
+  piecewise-constant pressure p (the inf-sup stable P2–P0 pair), perturbed Lagrangian
+  Π = ∫ W_dev(F) + p (J − 1) − p²/(2K), W_dev = W − K/2 (J − 1)². Eliminating p element by element is
+  the mean-dilatation method: no volumetric locking. Needs materials with a bulk modulus ``K``
+  (neo-Hookean, HGO).
+
+Homogenized quantities from the converged state, with U the dof vectors of the d² affine fields
+u = (e_i⊗e_j)·y (exact in the FE space) and P the reduction:
+
+    P̄_ij = (1/|Y|) U_(ij) · R(u)        (R = ∂Π/∂u: the volume average of the first Piola stress)
+    |Y| Ā = UᵀKU − (PᵀKU)ᵀ (PᵀKP)⁻¹ (PᵀKU)   (static condensation, d² right-hand sides)
+
+with K the Jacobian at the converged state and one factorisation reused for all d² solves.
+Forms are compiled once per RVE; :meth:`HyperelasticRVE.evaluate` loops over a batch of F̄ without
+rebuilding anything.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fe2ml.errors import ConfigError, MaterialError, MeshError, SolverError
+from fe2ml.micro.mesh import RVEMesh, periodic_node_map
+from fe2ml.micro.rve import BCS, _mat_from_scipy, to_dolfinx
+
+__all__ = ["CellQuantities", "EvalResult", "HyperelasticRVE", "NewtonOptions", "RVEState"]
+
+# packed per-element quantities: F (9), E (9), J, W, sigma (9), 1
+_NQ = 30
+
+
+@dataclass(frozen=True)
+class NewtonOptions:
+    """Newton solver settings of the RVE.
+
+    Attributes:
+        rtol: relative tolerance on the reduced residual norm (w.r.t. the step's first residual).
+        atol: absolute tolerance, relative to the residual of a unit affine strain at F = I.
+        max_it: Newton iterations per (sub)step.
+        max_cuts: how many times a step may be halved before giving up.
+        divergence: a residual this many times the step's first residual counts as divergence.
+    """
+
+    rtol: float = 1e-10
+    atol: float = 1e-12
+    max_it: int = 25
+    max_cuts: int = 8
+    divergence: float = 1e8
+
+    def __post_init__(self):
+        if not (0 < self.rtol < 1 and 0 < self.atol < 1 and self.max_it >= 1 and self.max_cuts >= 0):
+            raise ConfigError(f"newton options out of range: {self}")
+
+
+@dataclass
+class RVEState:
+    """A converged RVE state, usable as a warm start: macro gradient and reduced unknowns.
+
+    Attributes:
+        F: macro deformation gradient (d, d).
+        z: reduced unknowns (fluctuation dofs and pressures).
+        lam: Lagrange multipliers (traction BCs), else empty.
+    """
+
+    F: np.ndarray
+    z: np.ndarray
+    lam: np.ndarray
+
+
+@dataclass
+class CellQuantities:
+    """What each biological cell and each phase feels: volume averages (reference configuration).
+
+    Per cell (arrays indexed by cell id 0..n-1) and per phase (indexed like ``phase_tags``):
+
+    - ``volume``: reference volume; ``phase``: phase tag of each cell;
+    - ``F`` (…, 3, 3): average deformation gradient; ``E`` (…, 3, 3): average Green–Lagrange strain;
+    - ``stretch`` (…, 3): principal stretches of the average F, descending;
+    - ``J``: average volume ratio; ``W``: average strain energy density;
+    - ``sigma`` (…, 3, 3): average Cauchy stress; ``von_mises`` and ``sigma_max``: von Mises and
+      maximum principal value of that average stress.
+
+    ``peak_E`` and ``peak_von_mises`` (indexed like ``phase_tags``): maximum over the elements of a
+    phase of the element-average maximum principal Green–Lagrange strain and von Mises stress
+    (e.g. peak matrix strain near cells). Plane strain: 3D tensors with F33 = 1.
+    """
+
+    cell_ids: np.ndarray
+    cell: dict
+    phase_tags: np.ndarray
+    phase: dict
+    peak_E: np.ndarray
+    peak_von_mises: np.ndarray
+
+    def to_dict(self) -> dict:
+        """JSON-friendly nested lists."""
+        def conv(d):
+            return {k: np.asarray(v).tolist() for k, v in d.items()}
+
+        return {"cell_ids": self.cell_ids.tolist(), "cell": conv(self.cell),
+                "phase_tags": self.phase_tags.tolist(), "phase": conv(self.phase),
+                "peak_E": self.peak_E.tolist(), "peak_von_mises": self.peak_von_mises.tolist()}
+
+
+@dataclass
+class EvalResult:
+    """Result of :meth:`HyperelasticRVE.evaluate` for n points.
+
+    Attributes:
+        P: homogenized first Piola stress, (n, d, d).
+        A: consistent tangent ∂P̄/∂F̄, (n, d, d, d, d).
+        iterations: Newton iterations per point (all substeps), (n,).
+        substeps: number of (sub)steps per point, (n,).
+        cells: per point :class:`CellQuantities` (or None when not requested).
+        states: per point converged :class:`RVEState` (warm start for the next evaluation).
+        time_s: wall time per point, (n,).
+    """
+
+    P: np.ndarray
+    A: np.ndarray
+    iterations: np.ndarray
+    substeps: np.ndarray
+    cells: list
+    states: list
+    time_s: np.ndarray
+
+
+def _summaries(Q: np.ndarray):
+    """From summed packed integrals (m, 30) to averaged quantities."""
+    vol = Q[:, 29]
+    safe = np.where(vol > 0, vol, 1.0)
+    F = Q[:, 0:9].reshape(-1, 3, 3) / safe[:, None, None]
+    E = Q[:, 9:18].reshape(-1, 3, 3) / safe[:, None, None]
+    J = Q[:, 18] / safe
+    W = Q[:, 19] / safe
+    S = Q[:, 20:29].reshape(-1, 3, 3) / safe[:, None, None]
+    S = 0.5 * (S + S.transpose(0, 2, 1))
+    C = np.einsum("nki,nkj->nij", F, F)
+    stretch = np.sqrt(np.clip(np.linalg.eigvalsh(C), 0, None))[:, ::-1]
+    dev = S - np.trace(S, axis1=1, axis2=2)[:, None, None] / 3 * np.eye(3)
+    vm = np.sqrt(1.5 * np.einsum("nij,nij->n", dev, dev))
+    smax = np.linalg.eigvalsh(S)[:, -1]
+    return {"volume": vol, "F": F, "E": E, "stretch": stretch, "J": J, "W": W, "sigma": S, "von_mises": vm,
+            "sigma_max": smax}
+
+
+class HyperelasticRVE:
+    """A finite-strain RVE on ``MPI.COMM_SELF``: build once, evaluate batches of F̄.
+
+    Args:
+        mesh: the RVE mesh.
+        materials: phase tag -> hyperelastic material (``energy(F3)``).
+        bc: ``periodic`` (default), ``affine`` or ``traction``.
+        formulation: ``displacement``, ``mixed`` or ``auto`` (mixed when a phase has K/mu >= 50).
+        degree: displacement degree for ``displacement`` (1 or 2; mixed uses 2).
+        tol: relative periodic node-matching tolerance.
+        newton: :class:`NewtonOptions`.
+
+    Raises:
+        MeshError: phase without material, non-periodic mesh with periodic BCs.
+        ConfigError: unknown BC/formulation/degree.
+        MaterialError: mixed formulation with a material without bulk modulus, energy not compilable.
+    """
+
+    _count = 0
+
+    def __init__(self, mesh: RVEMesh, materials: dict, *, bc: str = "periodic", formulation: str = "auto",
+                 degree: int = 1, tol: float = 1e-8, newton: NewtonOptions | None = None):
+        from mpi4py import MPI
+        from petsc4py import PETSc
+
+        import basix.ufl
+        import dolfinx
+        import dolfinx.fem.petsc  # noqa: F401
+        import ufl
+
+        if bc not in BCS:
+            raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
+        if formulation not in ("auto", "displacement", "mixed"):
+            raise ConfigError(f"formulation: expected auto, displacement or mixed, got {formulation!r}")
+        if degree not in (1, 2):
+            raise ConfigError(f"degree: expected 1 or 2, got {degree!r}")
+        missing = [t for t in mesh.tags if t not in materials]
+        if missing:
+            raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
+                            f"(materials given for {sorted(materials)})")
+        if formulation == "auto":
+            ratios = []
+            for t in mesh.tags:
+                mm = materials[t].small_strain_moduli()
+                if mm is not None:
+                    ratios.append(mm[1] / mm[0])
+            formulation = "mixed" if ratios and max(ratios) >= 50 else "displacement"
+        if formulation == "mixed":
+            degree = 2
+            bad = [t for t in mesh.tags if not hasattr(materials[t], "K")]
+            if bad:
+                raise MaterialError(f"formulation mixed needs a bulk modulus K for every phase; phase(s) {bad} "
+                                    "have none (use neo_hookean/hgo or formulation: displacement)")
+        self.formulation = formulation
+        self.newton = newton or NewtonOptions()
+        self.rve_mesh = mesh
+        self.bc = bc
+        self.degree = degree
+        self.d = d = mesh.dim
+        self.materials = dict(materials)
+        lo, hi = mesh.box
+        self.volume = float(np.prod(hi - lo))
+        self.centre = 0.5 * (lo + hi)
+        if bc == "periodic":
+            periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
+        self.msh, self.phase_tags, self.cell_ids = to_dolfinx(MPI.COMM_SELF, mesh)
+        msh = self.msh
+        cellname = msh.basix_cell()
+        Pu = basix.ufl.element("Lagrange", cellname, degree, shape=(d,))
+        if formulation == "mixed":
+            Pp = basix.ufl.element("DG", cellname, 0)
+            self.W = dolfinx.fem.functionspace(msh, basix.ufl.mixed_element([Pu, Pp]))
+            Vu, mu_ = self.W.sub(0).collapse()
+            _, mp_ = self.W.sub(1).collapse()
+            umap = np.asarray(mu_).reshape(-1)
+            pmap = np.asarray(mp_).reshape(-1)
+        else:
+            self.W = dolfinx.fem.functionspace(msh, Pu)
+            Vu = self.W
+            umap = np.arange(self.W.dofmap.index_map.size_local * d)
+            pmap = np.zeros(0, dtype=np.int64)
+        self.Vu = Vu
+        self.umap, self.pmap = umap, pmap
+        n = self.W.dofmap.index_map.size_local * self.W.dofmap.index_map_bs
+        self.n = n
+        X = Vu.tabulate_dof_coordinates()[:, :d]
+        nb = X.shape[0]
+        self.ndofs = n
+        Y = X - self.centre
+        # affine fields of the d² unit gradients e_i⊗e_j: u_i = y_j
+        self.U = np.zeros((n, d * d))
+        for i in range(d):
+            for j in range(d):
+                self.U[umap[np.arange(nb) * d + i], i * d + j] = Y[:, j]
+
+        # reduction P: displacement blocks by BC, pressures kept
+        import scipy.sparse as sp
+
+        if bc == "periodic":
+            rep, _ = periodic_node_map(X, tol=tol, strict=True, source=mesh.source)
+            masters = np.unique(rep)
+            fixed = masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))]
+            keep = masters[masters != fixed]
+        else:
+            rep = np.arange(nb)
+            scale = (hi - lo).max()
+            on_bnd = np.zeros(nb, dtype=bool)
+            for i in range(d):
+                on_bnd |= (np.abs(X[:, i] - lo[i]) < tol * scale) | (np.abs(X[:, i] - hi[i]) < tol * scale)
+            if bc == "affine":
+                keep = np.where(~on_bnd)[0]
+            else:
+                fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
+                keep = np.delete(np.arange(nb), fixed)
+        col_of = -np.ones(nb, dtype=np.int64)
+        col_of[keep] = np.arange(len(keep))
+        rows, cols = [], []
+        c = col_of[rep]
+        ok = c >= 0
+        for i in range(d):
+            rows.append(umap[np.arange(nb)[ok] * d + i])
+            cols.append(c[ok] * d + i)
+        nu_r = len(keep) * d
+        rows.append(pmap)
+        cols.append(nu_r + np.arange(len(pmap)))
+        rows, cols = np.concatenate(rows), np.concatenate(cols)
+        self.n_reduced = nu_r + len(pmap)
+        self.n_w = nu_r
+        self.P_sp = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, self.n_reduced))
+        self.P = _mat_from_scipy(self.P_sp)
+
+        # forms
+        self.z = dolfinx.fem.Function(self.W, name="state")
+        if formulation == "mixed":
+            u, p = ufl.split(self.z)
+        else:
+            u, p = self.z, None
+        g = ufl.grad(u)
+        if d == 2:
+            F3 = ufl.as_matrix([[1 + g[0, 0], g[0, 1], 0], [g[1, 0], 1 + g[1, 1], 0], [0, 0, 1]])
+        else:
+            F3 = ufl.Identity(3) + g
+        F3 = ufl.variable(F3)
+        J = ufl.det(F3)
+        dx = ufl.Measure("dx", domain=msh, subdomain_data=self.phase_tags,
+                         metadata={"quadrature_degree": 2 * degree + (2 if degree == 1 else 0)})
+        Pi = 0
+        Qexpr = {}
+        for tag in mesh.tags:
+            mat = materials[tag]
+            try:
+                W_ = mat.energy(F3)
+                if getattr(W_, "ufl_shape", None) != ():
+                    raise MaterialError(f"phase {tag}: energy must be a scalar UFL expression of F, got shape "
+                                        f"{getattr(W_, 'ufl_shape', type(W_).__name__)}")
+                if formulation == "mixed":
+                    W_ = W_ - mat.K / 2 * (J - 1) ** 2
+                    Pi_t = W_ + p * (J - 1) - p**2 / (2 * mat.K)
+                    Wphys = W_ + mat.K / 2 * (J - 1) ** 2
+                    P3 = ufl.diff(W_, F3) + p * J * ufl.inv(F3).T
+                else:
+                    Pi_t = W_
+                    Wphys = W_
+                    P3 = ufl.diff(W_, F3)
+                Pi = Pi + Pi_t * dx(tag)
+            except MaterialError:
+                raise
+            except Exception as e:  # UFL errors for malformed user energies
+                raise MaterialError(f"phase {tag}: energy could not be built in UFL "
+                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+            sig = P3 * F3.T / J
+            Egl = 0.5 * (F3.T * F3 - ufl.Identity(3))
+            Qexpr[tag] = ufl.as_vector([F3[i, j] for i in range(3) for j in range(3)]
+                                       + [Egl[i, j] for i in range(3) for j in range(3)]
+                                       + [J, Wphys] + [sig[i, j] for i in range(3) for j in range(3)] + [1.0])
+        v = ufl.TestFunction(self.W)
+        dz = ufl.TrialFunction(self.W)
+        R = ufl.derivative(Pi, self.z, v)
+        Kf = ufl.derivative(R, self.z, dz)
+        try:
+            self.R_form = dolfinx.fem.form(R)
+            self.K_form = dolfinx.fem.form(Kf)
+        except Exception as e:
+            raise MaterialError(f"energy failed to compile ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        self.Q = dolfinx.fem.functionspace(msh, ("DG", 0, (_NQ,)))
+        q = ufl.TestFunction(self.Q)
+        self.Q_form = dolfinx.fem.form(sum(ufl.inner(q, Qexpr[t]) * dx(t) for t in mesh.tags))
+        self._qdofs = self.Q.dofmap.list[:, 0]
+        self.elem_phase = np.asarray(self.phase_tags.values)
+
+        if bc == "traction":
+            Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
+            vu = ufl.split(v)[0] if formulation == "mixed" else v
+            gform = dolfinx.fem.form(ufl.inner(ufl.grad(vu), Eij) * ufl.dx(domain=msh))
+            G = np.zeros((n, d * d))
+            for i in range(d):
+                for j in range(d):
+                    Eij.value[:] = 0.0
+                    Eij.value[i, j] = 1.0
+                    vec = dolfinx.fem.petsc.assemble_vector(gform)
+                    G[:, i * d + j] = vec.array
+                    vec.destroy()
+            import scipy.sparse as sp2
+
+            self.G_r = sp2.csr_matrix(self.P_sp.T @ G)
+        else:
+            self.G_r = None
+        self.nlam = d * d if bc == "traction" else 0
+
+        self.K = dolfinx.fem.petsc.assemble_matrix(self.K_form)
+        self.K.assemble()
+        self.Rvec = dolfinx.fem.petsc.assemble_vector(self.R_form)
+        self._Kr_base = None
+        self._Kr = None
+        HyperelasticRVE._count += 1
+        self.ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+        self.ksp.setOptionsPrefix(f"fe2ml_hrve{HyperelasticRVE._count}_")
+        self.ksp.setType("preonly")
+        self.ksp.getPC().setType("cholesky")  # MUMPS LDLᵀ: symmetric, indefinite allowed
+        self.ksp.getPC().setFactorSolverType("mumps")
+        self.ksp.setFromOptions()
+        # residual scale: internal force of a unit affine strain at F = I
+        self._set_state(np.zeros((d, d)), np.zeros(self.n_reduced))
+        self._factor()
+        KU = np.zeros(n)
+        E = np.zeros((d, d))
+        E[0, 0] = 1.0
+        u0 = self.K.createVecRight()
+        u0.array[:] = self.U @ E.ravel()
+        out = self.K.createVecLeft()
+        self.K.mult(u0, out)
+        KU[:] = out.array
+        u0.destroy()
+        out.destroy()
+        # (unreduced: the reduced one vanishes for homogeneous periodic cells)
+        self.r_scale = float(np.linalg.norm(KU)) or 1.0
+        self.stats = {"assemble_s": 0.0, "factor_s": 0.0, "solve_s": 0.0, "factorizations": 0}
+
+    # ---------------------------------------------------------------------------------------
+    def _set_state(self, H: np.ndarray, z: np.ndarray):
+        self.z.x.array[:] = self.U @ H.ravel() + self.P_sp @ z
+
+    def _residual(self, lam) -> np.ndarray:
+        import dolfinx.fem.petsc
+
+        t0 = time.perf_counter()
+        with self.Rvec.localForm() as loc:
+            loc.set(0.0)
+        dolfinx.fem.petsc.assemble_vector(self.Rvec, self.R_form)
+        R = self.Rvec.array.copy()
+        self.stats["assemble_s"] += time.perf_counter() - t0
+        return R
+
+    def _factor(self):
+        from petsc4py import PETSc
+
+        import dolfinx.fem.petsc
+
+        t0 = time.perf_counter()
+        self.K.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(self.K, self.K_form)
+        self.K.assemble()
+        t1 = time.perf_counter()
+        if self._Kr_base is None:
+            self._Kr_base = self.K.PtAP(self.P)
+        else:
+            self.K.PtAP(self.P, result=self._Kr_base)
+        if self.bc == "traction":
+            import scipy.sparse as sp
+
+            ia, ja, va = self._Kr_base.getValuesCSR()
+            nr = self.n_reduced
+            Ks = sp.csr_matrix((va, ja, ia), shape=(nr, nr))
+            Aug = sp.bmat([[Ks, self.G_r], [self.G_r.T, None]], format="csr")
+            if self._Kr is not None:
+                self._Kr.destroy()
+            self._Kr = _mat_from_scipy(Aug)
+        else:
+            self._Kr = self._Kr_base
+        self._Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        self.ksp.setOperators(self._Kr)
+        try:
+            self.ksp.setUp()
+        except PETSc.Error:
+            return False
+        finally:
+            if hasattr(self, "stats"):
+                self.stats["assemble_s"] += t1 - t0
+                self.stats["factor_s"] += time.perf_counter() - t1
+                self.stats["factorizations"] += 1
+        return True
+
+    def _solve(self, rhs: np.ndarray) -> np.ndarray | None:
+        t0 = time.perf_counter()
+        b = self._Kr.createVecLeft()
+        x = self._Kr.createVecRight()
+        b.array[:] = rhs
+        self.ksp.solve(b, x)
+        ok = self.ksp.getConvergedReason() > 0
+        out = x.array.copy()
+        b.destroy()
+        x.destroy()
+        self.stats["solve_s"] += time.perf_counter() - t0
+        return out if ok and np.all(np.isfinite(out)) else None
+
+    def _newton(self, H, z, lam):
+        """Newton at fixed macro gradient H = F̄ − I from (z, lam). Returns (z, lam, its, R) or None."""
+        opts = self.newton
+        z = z.copy()
+        lam = lam.copy()
+        r0 = None
+        for it in range(opts.max_it + 1):
+            self._set_state(H, z)
+            R = self._residual(lam)
+            r = self.P_sp.T @ R
+            if self.nlam:
+                r = np.concatenate([r + self.G_r @ lam, self.G_r.T @ z])
+            nr = float(np.linalg.norm(r))
+            if not np.isfinite(nr):
+                return None
+            if r0 is None:
+                r0 = nr
+            if nr <= max(opts.rtol * r0, opts.atol * self.r_scale):
+                return z, lam, it, R
+            if nr > opts.divergence * max(r0, opts.atol * self.r_scale) or it == opts.max_it:
+                return None
+            if not self._factor():
+                return None
+            dx_ = self._solve(-r)
+            if dx_ is None:
+                return None
+            z += dx_[: self.n_reduced]
+            if self.nlam:
+                lam += dx_[self.n_reduced:]
+        return None
+
+    def _check_F(self, F, k):
+        F = np.asarray(F, dtype=np.float64)
+        if F.shape != (self.d, self.d):
+            raise ConfigError(f"point {k}: F̄ must have shape ({self.d}, {self.d}), got {F.shape}")
+        if not np.all(np.isfinite(F)):
+            raise ConfigError(f"point {k}: F̄ has non-finite entries")
+        if np.linalg.det(F) <= 0:
+            raise ConfigError(f"point {k}: det F̄ = {np.linalg.det(F):.4g} <= 0 (F̄ must preserve orientation)")
+        return F
+
+    def solve(self, F, state: RVEState | None = None, *, point: int = 0):
+        """Converge the RVE at macro gradient F̄, substepping from ``state`` (or F̄ = I) on failure.
+
+        Args:
+            F: macro deformation gradient (d, d).
+            state: converged state to start from (warm start); None starts from F̄ = I.
+            point: point index for messages.
+
+        Returns:
+            Tuple ``(state, iterations, substeps, R)`` with R the full residual at convergence.
+
+        Raises:
+            SolverError: when even ``max_cuts`` halvings of the step do not converge.
+        """
+        F = self._check_F(F, point)
+        d = self.d
+        if state is None:
+            state = RVEState(F=np.eye(d), z=np.zeros(self.n_reduced), lam=np.zeros(self.nlam))
+        F0, z, lam = state.F, state.z, state.lam
+        t, dt, cuts, its, steps = 0.0, 1.0, 0, 0, 0
+        R = None
+        while t < 1.0 - 1e-14:
+            dt = min(dt, 1.0 - t)
+            Ft = F0 + (t + dt) * (F - F0)
+            out = self._newton(Ft - np.eye(d), z, lam) if np.linalg.det(Ft) > 0 else None
+            if out is None:
+                cuts += 1
+                if cuts > self.newton.max_cuts:
+                    raise SolverError(f"point {point}: RVE Newton did not converge at F̄ = {np.round(F, 6).tolist()} "
+                                      f"after {self.newton.max_cuts} step halvings (reached t = {t:.4g} of the "
+                                      "step from the start state)")
+                dt *= 0.5
+                continue
+            z, lam, k, R = out
+            its += k
+            steps += 1
+            t += dt
+            dt = min(2 * dt, 1.0)
+        if R is None:  # F == F0: just re-evaluate
+            out = self._newton(F - np.eye(d), z, lam)
+            if out is None:
+                raise SolverError(f"point {point}: RVE did not converge at its own start state")
+            z, lam, k, R = out
+            its += k
+        return RVEState(F=F.copy(), z=z, lam=lam), its, steps, R
+
+    def homogenized(self, R: np.ndarray):
+        """P̄ and Ā at the current (converged) state.
+
+        Args:
+            R: full residual vector at the state.
+
+        Returns:
+            (P̄ (d, d), Ā (d, d, d, d)).
+        """
+        d = self.d
+        Pbar = (self.U.T @ R).reshape(d, d) / self.volume
+        if not self._factor():
+            raise SolverError("factorisation of the converged RVE Jacobian failed")
+        KU = np.zeros((self.n, d * d))
+        u = self.K.createVecRight()
+        out = self.K.createVecLeft()
+        for a in range(d * d):
+            u.array[:] = self.U[:, a]
+            self.K.mult(u, out)
+            KU[:, a] = out.array
+        u.destroy()
+        out.destroy()
+        B = self.P_sp.T @ KU
+        if self.nlam:
+            B = np.vstack([B, np.zeros((self.nlam, d * d))])
+        X = np.zeros_like(B)
+        for a in range(d * d):
+            x = self._solve(B[:, a])
+            if x is None:
+                raise SolverError("solve with the converged RVE Jacobian failed")
+            X[:, a] = x
+        A = (self.U.T @ KU - B.T @ X) / self.volume
+        return Pbar, A.reshape(d, d, d, d)
+
+    def cell_quantities(self) -> CellQuantities:
+        """Cell- and phase-level quantities at the current state (see :class:`CellQuantities`)."""
+        import dolfinx.fem.petsc
+
+        vec = dolfinx.fem.petsc.assemble_vector(self.Q_form)
+        Qe = vec.array.reshape(-1, _NQ)[self._qdofs]
+        vec.destroy()
+        ids = self.cell_ids
+        nc = int(ids.max() + 1) if len(ids) and ids.max() >= 0 else 0
+        Qc = np.zeros((nc, _NQ))
+        sel = ids >= 0
+        np.add.at(Qc, ids[sel], Qe[sel])
+        tags = np.array(self.rve_mesh.tags)
+        Qp = np.zeros((len(tags), _NQ))
+        for k, t in enumerate(tags):
+            Qp[k] = Qe[self.elem_phase == t].sum(axis=0)
+        cell = _summaries(Qc)
+        cphase = np.zeros(nc, dtype=np.int64)
+        cphase[ids[sel]] = self.elem_phase[sel]
+        cell["phase"] = cphase
+        elem = _summaries(Qe)
+        Emax = np.linalg.eigvalsh(elem["E"])[:, -1]
+        peak_E = np.array([Emax[self.elem_phase == t].max() for t in tags])
+        peak_vm = np.array([elem["von_mises"][self.elem_phase == t].max() for t in tags])
+        return CellQuantities(cell_ids=np.arange(nc), cell=cell, phase_tags=tags, phase=_summaries(Qp),
+                              peak_E=peak_E, peak_von_mises=peak_vm)
+
+    def evaluate(self, F, *, states: list | None = None, cells: bool = True, warm_start: bool = False,
+                 progress=None) -> EvalResult:
+        """Batched constitutive evaluation F̄ (n, d, d) -> P̄ (n, d, d), Ā (n, d, d, d, d).
+
+        Args:
+            F: macro deformation gradients, shape (n, d, d) (or (d, d) for one point).
+            states: optional warm-start states, one per point (None entries start from F̄ = I).
+            cells: also compute cell-level quantities.
+            warm_start: without ``states``, start each point from the previous point's solution
+                (good for load paths; falls back to substepping from that state).
+            progress: optional callable ``progress(k, n)`` called after each point.
+
+        Returns:
+            :class:`EvalResult`.
+
+        Raises:
+            ConfigError: wrong shape or det F̄ <= 0 (naming the point).
+            SolverError: a point did not converge after all substeps (naming the point and F̄).
+        """
+        F = np.asarray(F, dtype=np.float64)
+        if F.ndim == 2:
+            F = F[None]
+        d = self.d
+        if F.ndim != 3 or F.shape[1:] != (d, d):
+            raise ConfigError(f"F̄ must have shape (n, {d}, {d}), got {F.shape}")
+        for k in range(len(F)):
+            self._check_F(F[k], k)
+        n = len(F)
+        P = np.zeros((n, d, d))
+        A = np.zeros((n, d, d, d, d))
+        its = np.zeros(n, dtype=np.int64)
+        steps = np.zeros(n, dtype=np.int64)
+        tt = np.zeros(n)
+        out_cells, out_states = [], []
+        for k in range(n):
+            t0 = time.perf_counter()
+            st = states[k] if states is not None else (out_states[-1] if warm_start and out_states else None)
+            state, its[k], steps[k], R = self.solve(F[k], st, point=k)
+            P[k], A[k] = self.homogenized(R)
+            out_cells.append(self.cell_quantities() if cells else None)
+            out_states.append(state)
+            tt[k] = time.perf_counter() - t0
+            if progress is not None:
+                progress(k + 1, n)
+        return EvalResult(P=P, A=A, iterations=its, substeps=steps, cells=out_cells, states=out_states, time_s=tt)
+
+    def write_fields(self, path, state: RVEState, *, time_value: float = 0.0) -> None:
+        """Write the micro fields of a state to XDMF for ParaView.
+
+        Fields: displacement u (degree-1 interpolation), fluctuation w, element averages of the
+        Green–Lagrange strain E, Cauchy stress sigma (3x3), J, von Mises stress, phase and cell id.
+
+        Args:
+            path: ``.xdmf`` file (the ``.h5`` is written beside it).
+            state: converged state (from :meth:`solve` or :attr:`EvalResult.states`).
+            time_value: time stamp.
+        """
+        from mpi4py import MPI
+
+        import dolfinx
+        import dolfinx.fem.petsc
+
+        H = state.F - np.eye(self.d)
+        self._set_state(H, state.z)
+        vec = dolfinx.fem.petsc.assemble_vector(self.Q_form)
+        Qe = vec.array.reshape(-1, _NQ)[self._qdofs]
+        vec.destroy()
+        s = _summaries(Qe)
+        msh = self.msh
+        V1 = dolfinx.fem.functionspace(msh, ("Lagrange", 1, (self.d,)))
+        uf = dolfinx.fem.Function(self.Vu)
+        wf = dolfinx.fem.Function(self.Vu)
+        uf.x.array[:] = self.z.x.array[self.umap]
+        wf.x.array[:] = (self.P_sp @ state.z)[self.umap]
+        u1 = dolfinx.fem.Function(V1, name="u")
+        w1 = dolfinx.fem.Function(V1, name="w")
+        u1.interpolate(uf)
+        w1.interpolate(wf)
+        T = dolfinx.fem.functionspace(msh, ("DG", 0, (3, 3)))
+        S = dolfinx.fem.functionspace(msh, ("DG", 0))
+        tdofs = T.dofmap.list[:, 0]
+        sdofs = S.dofmap.list[:, 0]
+        fields = [u1, w1]
+        for name, val in (("E", s["E"]), ("sigma", s["sigma"])):
+            f = dolfinx.fem.Function(T, name=name)
+            f.x.array.reshape(-1, 9)[tdofs] = val.reshape(-1, 9)
+            fields.append(f)
+        for name, val in (("J", s["J"]), ("von_mises", s["von_mises"]), ("phase", self.elem_phase),
+                          ("cell_id", self.cell_ids)):
+            f = dolfinx.fem.Function(S, name=name)
+            f.x.array[sdofs] = val
+            fields.append(f)
+        with dolfinx.io.XDMFFile(MPI.COMM_SELF, str(path), "w") as xf:
+            xf.write_mesh(msh)
+            for f in fields:
+                xf.write_function(f, time_value)
+
+    def close(self) -> None:
+        """Free PETSc objects."""
+        for name in ("ksp", "K", "P", "Rvec"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.destroy()
+                setattr(self, name, None)
+        if self._Kr is not None and self._Kr is not self._Kr_base:
+            self._Kr.destroy()
+        if self._Kr_base is not None:
+            self._Kr_base.destroy()
+        self._Kr = self._Kr_base = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
