@@ -154,3 +154,86 @@ def test_serial_and_two_ranks_identical(tmp_path):
     p = json.loads((tmp_path / "p.json").read_text())
     assert p["ranks"] == 2 and s["ranks"] == 1
     assert s["C"] == p["C"] and s["stresses"] == p["stresses"]
+
+
+FINITE = """\
+    dim: 2
+    mesh: {generate: cells_2d, n_cells: 3, volume_fraction: 0.25, seed: 2, h: 0.07}
+    phases:
+      1: {material: neo_hookean, mu: 1.0, K: 3.0}
+      2: {material: energy, W: "mu/2*(I1b - 3) + K/2*(J - 1)**2", params: {mu: 0.2, K: 1.0}}
+    load_path: {type: uniaxial, max: 0.2, steps: 4}
+    fields: {points: [3]}
+"""
+
+
+@pytest.mark.serial
+def test_homogenize_finite_cli_serial_vs_two_ranks(tmp_path):
+    cfg = _write(tmp_path / "f.yaml", FINITE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (tmp_path / "s").mkdir()
+    (tmp_path / "p").mkdir()
+    r1 = subprocess.run([str(BIN / "fe2ml"), "homogenize", str(cfg), "--json", str(tmp_path / "s" / "r.json")],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "homogenize", str(cfg), "--json",
+                         str(tmp_path / "p" / "r.json")], capture_output=True, text=True, env=env, timeout=300)
+    assert r2.returncode == 0, r2.stderr
+    s = json.loads((tmp_path / "s" / "r.json").read_text())
+    p = json.loads((tmp_path / "p" / "r.json").read_text())
+    P1, P2 = np.array(s["P"]), np.array(p["P"])
+    assert P1.shape == (4, 2, 2) and np.array(s["A"]).shape == (4, 2, 2, 2, 2)
+    # rank 1 starts its points from F = I instead of the previous point: equal to solver tolerance
+    assert np.abs(P1 - P2).max() < 1e-8 * np.abs(P1).max()
+    assert np.abs(np.array(s["A"]) - np.array(p["A"])).max() < 1e-7 * np.abs(np.array(s["A"])).max()
+    # monotone uniaxial response, soft cells stretch more than the macro 20 %
+    assert np.all(np.diff(P1[:, 0, 0]) > 0)
+    cells = s["cells"][3]["cell"]
+    assert len(cells["stretch"]) == 3 and min(c[0] for c in cells["stretch"]) > 1.2
+    assert (tmp_path / "s" / "r_stress.png").stat().st_size > 1000
+    assert (tmp_path / "s" / "fields_point3.xdmf").exists() and (tmp_path / "p" / "fields_point3.xdmf").exists()
+
+
+FINITE_BAD = {
+    "detF_negative": (FINITE.replace("load_path: {type: uniaxial, max: 0.2, steps: 4}",
+                                     "F: [[[1.0, 0.0], [0.0, -1.0]]]").replace("fields: {points: [3]}", ""),
+                      "F[0]: det F = -1 <= 0"),
+    "F_shape": (FINITE.replace("load_path: {type: uniaxial, max: 0.2, steps: 4}", "F: [[1.0, 0.0]]"),
+                "F[0]: expected a 2x2"),
+    "bad_energy_name": (FINITE.replace("(J - 1)**2", "(Q - 1)**2"), "unknown name 'Q'"),
+    "energy_not_zero": (FINITE.replace("mu/2*(I1b - 3)", "mu/2*I1b"), "must vanish at F = I"),
+    "nh_bad_keys": (FINITE.replace("mu: 1.0, K: 3.0", "mu: 1.0, nu: 0.3"), "neo_hookean needs either (mu, K) or (E, nu)"),
+    "mixed_kinematics": (FINITE.replace("1: {material: neo_hookean, mu: 1.0, K: 3.0}",
+                                        "1: {material: linear_elastic, E: 1.0, nu: 0.3}"),
+                         "kinematics finite needs hyperelastic materials"),
+    "bad_load_path": (FINITE.replace("type: uniaxial", "type: twist"), "load_path.type: expected uniaxial"),
+    "fields_out_of_range": (FINITE.replace("points: [3]", "points: [9]"), "fields.points"),
+    "diverges": (FINITE.replace("max: 0.2, steps: 4", "max: 3.0, steps: 1").replace("fields: {points: [3]}",
+                                                                                   "newton: {max_it: 2, max_cuts: 1}"),
+                 "point 0: RVE Newton did not converge"),
+}
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("name", sorted(FINITE_BAD))
+def test_finite_bad_input(tmp_path, name):
+    text, expected = FINITE_BAD[name]
+    cfg = _write(tmp_path / "bad.yaml", text)
+    r = subprocess.run([str(BIN / "fe2ml"), "homogenize", str(cfg)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.serial
+def test_failure_on_one_rank_does_not_hang(tmp_path):
+    """Points are split over ranks; a point that fails only on rank 1 ends both ranks with the message."""
+    text = FINITE.replace("load_path: {type: uniaxial, max: 0.2, steps: 4}",
+                          "F: [[[1.1, 0.0], [0.0, 1.0]], [[3.5, 0.0], [0.0, 0.4]]]\n    newton: {max_it: 3, max_cuts: 1}")
+    text = text.replace("fields: {points: [3]}", "")
+    cfg = _write(tmp_path / "c.yaml", text)
+    r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "homogenize", str(cfg)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "did not converge" in r.stderr and "Traceback" not in r.stderr
