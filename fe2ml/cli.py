@@ -217,6 +217,16 @@ def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
     return 0
 
 
+def cmd_run(args, comm) -> int:
+    """Run ``fe2ml run``."""
+    from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.run import run
+
+    cfg = load_run_config(args.config, output=args.output)
+    run(comm, cfg)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -228,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--curve", default=None,
                    help="finite strain: PNG of the homogenized stress-strain curve (default: next to --json)")
     h.set_defaults(func=cmd_homogenize)
+    r = sub.add_parser("run", help="macro problem (FE² with RVEs, or analytic materials) from a YAML config")
+    r.add_argument("config", help="YAML config (keys: dim, mesh, material, bcs, tractions, steps, ...)")
+    r.add_argument("--output", default=None, help="run folder (overrides the config's output)")
+    r.set_defaults(func=cmd_run)
     return p
 
 
@@ -247,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         err = str(e)
     except KeyboardInterrupt:
         err = "interrupted"
+    except Exception:  # a bug: never leave the other ranks waiting in a collective
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.size > 1:
+            comm.Abort(1)
+        return 1
     # agree collectively on failure so that no rank is left waiting
     errs = comm.allgather(err)
     first = next((e for e in errs if e is not None), None)

@@ -202,12 +202,33 @@ def load_homogenize_config(path: str | os.PathLike) -> HomogenizeConfig:
         ConfigError: malformed YAML, unknown keys, wrong types, invalid values.
         MaterialError: invalid material parameters.
     """
+    p = Path(path)
+    raw = load_yaml(p)
+    return parse_homogenize(raw, p, str(p), p.parent)
+
+
+def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: bool = True,
+                     default_dim: int | None = None) -> HomogenizeConfig:
+    """Validate an RVE mapping (the ``homogenize`` keys).
+
+    Args:
+        raw: the mapping.
+        p: config file path.
+        f: location prefix for messages (``file`` or ``file: material.rve``).
+        base: folder that relative paths are relative to.
+        require_points: finite strain needs F or load_path (homogenize); not for macro runs.
+        default_dim: dimension to use when ``dim`` is absent (macro runs).
+
+    Returns:
+        The validated :class:`HomogenizeConfig`.
+    """
     from fe2ml.micro.geometry import GENERATORS
     from fe2ml.micro.rve import BCS
 
-    p = Path(path)
-    raw = load_yaml(p)
-    f = str(p)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{f}: expected a mapping of RVE keys, got {raw!r}")
+    if "dim" not in raw and default_dim is not None:
+        raw = {**raw, "dim": default_dim}
     _check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation",
                       "F", "load_path", "newton", "fields"), f)
     for k in ("dim", "mesh", "phases"):
@@ -216,7 +237,6 @@ def load_homogenize_config(path: str | os.PathLike) -> HomogenizeConfig:
     dim = raw["dim"]
     if dim not in (2, 3) or isinstance(dim, bool):
         raise ConfigError(f"{f}: dim: expected 2 or 3, got {dim!r}")
-    base = p.parent
     mesh = raw["mesh"]
     if not isinstance(mesh, dict):
         raise ConfigError(f"{f}: mesh: expected a mapping {{file: PATH}} or {{generate: NAME, ...}}, got {mesh!r}")
@@ -330,7 +350,7 @@ def load_homogenize_config(path: str | os.PathLike) -> HomogenizeConfig:
             raise ConfigError(f"{f}: load_path.steps: expected an integer in 1..10000, got {st!r}")
         lp = {"type": lp["type"], "max": mx, "steps": st}
         Fs.extend(load_path(lp["type"], mx, st, dim))
-    if kin == "finite" and not Fs:
+    if kin == "finite" and not Fs and require_points:
         raise ConfigError(f"{f}: kinematics finite needs F (list of deformation gradients) or load_path")
     newton = raw.get("newton", {}) or {}
     if not isinstance(newton, dict):

@@ -243,30 +243,9 @@ def parse_energy(expr: str, params: dict[str, float], *, n_fibres: int = 0, name
 
 
 def _eval_ast(node, env, funcs):
-    if isinstance(node, ast.Expression):
-        return _eval_ast(node.body, env, funcs)
-    if isinstance(node, ast.Constant):
-        return float(node.value)
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.UnaryOp):
-        v = _eval_ast(node.operand, env, funcs)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.BinOp):
-        a, b = _eval_ast(node.left, env, funcs), _eval_ast(node.right, env, funcs)
-        op = node.op
-        if isinstance(op, ast.Add):
-            return a + b
-        if isinstance(op, ast.Sub):
-            return a - b
-        if isinstance(op, ast.Mult):
-            return a * b
-        if isinstance(op, ast.Div):
-            return a / b
-        return a**b
-    if isinstance(node, ast.Call):
-        return funcs[node.func.id](_eval_ast(node.args[0], env, funcs))
-    raise MaterialError(f"unsupported expression node {type(node).__name__}")  # pragma: no cover
+    from fe2ml.expr import evaluate
+
+    return evaluate(node, env, funcs)
 
 
 @dataclass(frozen=True)

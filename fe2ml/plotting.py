@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_rve", "plot_stress_strain"]
+__all__ = ["plot_reactions", "plot_rve", "plot_stress_strain"]
 
 
 def _plt():
@@ -98,6 +98,61 @@ def plot_stress_strain(F: np.ndarray, P: np.ndarray, path: str | os.PathLike, *,
     ax.set_xlabel(f"F̄{i + 1}{j + 1}" + (" − 1" if i == j else ""))
     ax.set_ylabel("homogenized first Piola stress P̄")
     ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_reactions(header: list, rows: np.ndarray, path, *, title: str = "") -> None:
+    """Load–displacement curves of a macro run: each boundary's largest reaction component against
+    that boundary's mean displacement in the same direction (or against t when it does not move).
+
+    Args:
+        header: CSV column names (``t``, ``NAME_R1``, ..., ``NAME_u1_mean``, ...).
+        rows: values (n_steps, n_columns).
+        path: PNG file.
+        title: figure title.
+    """
+    plt = _plt()
+    rows = np.vstack([np.zeros((1, rows.shape[1])), rows])
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    names = sorted({h.rsplit("_R", 1)[0] for h in header if "_R" in h})
+    for name in names:
+        rc = [i for i, h in enumerate(header) if h.startswith(name + "_R")]
+        k = int(np.argmax(np.abs(rows[:, rc]).max(axis=0)))
+        uc = header.index(f"{name}_u{k + 1}_mean")
+        x = rows[:, uc]
+        xlabel = "mean boundary displacement"
+        if np.ptp(x) < 1e-14:
+            x, xlabel = rows[:, 0], "load parameter t"
+        ax.plot(x, rows[:, rc[k]], marker="o", ms=3, label=f"{name}: R{k + 1}")
+        ax.set_xlabel(xlabel)
+    ax.set_ylabel("reaction force")
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend()
+    ax.set_title(title or "reaction curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_lines(curves: dict, path, *, xlabel: str, ylabel: str, title: str = "", logx=False, logy=False,
+               markers=True) -> None:
+    """Generic line plot: ``curves`` maps a label to (x, y)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker="o" if markers else None, ms=4, label=label)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     ax.set_title(title)
     fig.tight_layout()

@@ -20,13 +20,12 @@ import sys
 import tempfile
 import time
 
+from petsc4py import PETSc
+
+import dolfinx.fem.petsc
 import numpy as np
 
 import fe2ml  # noqa: F401
-
-import dolfinx.fem.petsc
-from petsc4py import PETSc
-
 from fe2ml.hyperelastic import NeoHookean
 from fe2ml.micro.geometry import generate_mesh
 from fe2ml.micro.hyper import HyperelasticRVE

@@ -202,7 +202,8 @@ FINITE_BAD = {
                 "F[0]: expected a 2x2"),
     "bad_energy_name": (FINITE.replace("(J - 1)**2", "(Q - 1)**2"), "unknown name 'Q'"),
     "energy_not_zero": (FINITE.replace("mu/2*(I1b - 3)", "mu/2*I1b"), "must vanish at F = I"),
-    "nh_bad_keys": (FINITE.replace("mu: 1.0, K: 3.0", "mu: 1.0, nu: 0.3"), "neo_hookean needs either (mu, K) or (E, nu)"),
+    "nh_bad_keys": (FINITE.replace("mu: 1.0, K: 3.0", "mu: 1.0, nu: 0.3"),
+                    "neo_hookean needs either (mu, K) or (E, nu)"),
     "mixed_kinematics": (FINITE.replace("1: {material: neo_hookean, mu: 1.0, K: 3.0}",
                                         "1: {material: linear_elastic, E: 1.0, nu: 0.3}"),
                          "kinematics finite needs hyperelastic materials"),
@@ -230,7 +231,8 @@ def test_finite_bad_input(tmp_path, name):
 def test_failure_on_one_rank_does_not_hang(tmp_path):
     """Points are split over ranks; a point that fails only on rank 1 ends both ranks with the message."""
     text = FINITE.replace("load_path: {type: uniaxial, max: 0.2, steps: 4}",
-                          "F: [[[1.1, 0.0], [0.0, 1.0]], [[3.5, 0.0], [0.0, 0.4]]]\n    newton: {max_it: 3, max_cuts: 1}")
+                          "F: [[[1.1, 0.0], [0.0, 1.0]], [[3.5, 0.0], [0.0, 0.4]]]\n"
+                          "    newton: {max_it: 3, max_cuts: 1}")
     text = text.replace("fields: {points: [3]}", "")
     cfg = _write(tmp_path / "c.yaml", text)
     r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "homogenize", str(cfg)],

@@ -1,0 +1,221 @@
+"""``fe2ml run`` configuration: validated up front, errors name the file, key and what is allowed.
+
+Keys::
+
+    dim: 2 | 3                                    required
+    mesh: {generate: rectangle|box|plate_with_hole|tiled_rve, ...} | {file: PATH}
+    material:
+      kind: rve | analytic
+      rve: {mesh, phases, bc, formulation, degree, newton, ...}   (the homogenize keys; or a path to
+                                                                   a homogenize YAML file)
+      phases: {TAG: {material: ...}}              analytic: one material per macro phase tag
+      material: {material: ...}                   analytic: one material everywhere
+    kinematics: finite | small                    default: finite with hyperelastic materials
+    degree: 1 | 2                                 macro displacement degree (default 1)
+    quadrature_degree: int                        default 1 (P1) / 2 (P2)
+    bcs: [{boundary: NAME, components: [0, 1], value: EXPR(x, y, z, t)}]
+    tractions: [{boundary: NAME, value: [EXPR(t), ...]}]
+    steps: int                                    load steps over t in (0, 1] (default 10)
+    newton: {rtol: 1e-9, atol: 1e-12, max_it: 20, max_cuts: 6}
+    warm_start: true                              RVE solves start from the point's last state
+    output: PATH                                  run folder (default: results/<config name>)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fe2ml.config import _check_keys, _number, build_material, load_yaml, parse_homogenize
+from fe2ml.errors import ConfigError
+
+__all__ = ["RunConfig", "load_run_config"]
+
+RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "steps",
+            "newton", "warm_start", "output")
+
+
+@dataclass
+class RunConfig:
+    """Validated ``fe2ml run`` configuration."""
+
+    path: Path
+    dim: int
+    mesh: dict
+    kind: str
+    rve: object | None
+    analytic: dict | None
+    kinematics: str
+    degree: int
+    quadrature_degree: int | None
+    bcs: list
+    tractions: list
+    steps: int
+    newton: dict
+    warm_start: bool
+    output: Path
+    raw: dict = field(default_factory=dict)
+
+
+def load_run_config(path, *, output: str | None = None) -> RunConfig:
+    """Load and validate a run YAML.
+
+    Args:
+        path: the YAML file.
+        output: override of the output folder.
+
+    Returns:
+        :class:`RunConfig`.
+    """
+    from fe2ml.macro.problem import DirichletSpec, TractionSpec
+
+    p = Path(path)
+    raw = load_yaml(p)
+    f = str(p)
+    base = p.parent
+    _check_keys(raw, RUN_KEYS, f)
+    for k in ("dim", "mesh", "material"):
+        if k not in raw:
+            raise ConfigError(f"{f}: missing required key '{k}'")
+    dim = raw["dim"]
+    if dim not in (2, 3) or isinstance(dim, bool):
+        raise ConfigError(f"{f}: dim: expected 2 or 3, got {dim!r}")
+    mesh = raw["mesh"]
+    if not isinstance(mesh, dict):
+        raise ConfigError(f"{f}: mesh: expected a mapping {{generate: NAME, ...}} or {{file: PATH}}")
+    gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "tiled_rve": None}
+    if "file" in mesh:
+        _check_keys(mesh, ("file",), f"{f}: mesh")
+        mp = base / str(mesh["file"])
+        if not mp.is_file():
+            raise ConfigError(f"{f}: mesh.file: {mp} not found")
+    else:
+        g = mesh.get("generate")
+        if g not in gens:
+            raise ConfigError(f"{f}: mesh.generate: expected one of {', '.join(gens)}, got {g!r}")
+        allowed = {"rectangle": ("generate", "size", "n", "cell"), "box": ("generate", "size", "n", "cell"),
+                   "plate_with_hole": ("generate", "size", "radius", "h", "h_hole"),
+                   "tiled_rve": ("generate", "n", "eps")}[g]
+        _check_keys(mesh, allowed, f"{f}: mesh")
+        if gens[g] is not None and gens[g] != dim:
+            raise ConfigError(f"{f}: mesh.generate: {g} makes {gens[g]}D meshes but dim is {dim}")
+    mat = raw["material"]
+    if not isinstance(mat, dict):
+        raise ConfigError(f"{f}: material: expected a mapping with kind: rve | analytic")
+    kind = mat.get("kind")
+    if kind not in ("rve", "analytic"):
+        raise ConfigError(f"{f}: material.kind: expected rve or analytic, got {kind!r}")
+    rve = analytic = None
+    if kind == "rve":
+        _check_keys(mat, ("kind", "rve"), f"{f}: material")
+        if "rve" not in mat:
+            raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
+        r = mat["rve"]
+        if isinstance(r, str):
+            rp = base / r
+            if not rp.is_file():
+                raise ConfigError(f"{f}: material.rve: {rp} not found")
+            rve = parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
+        else:
+            rve = parse_homogenize(r, p, f"{f}: material.rve", base, require_points=False, default_dim=dim)
+        if rve.dim != dim:
+            raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
+        kin_default = rve.kinematics
+    else:
+        _check_keys(mat, ("kind", "phases", "material"), f"{f}: material")
+        if ("phases" in mat) == ("material" in mat):
+            raise ConfigError(f"{f}: material: analytic needs exactly one of 'phases' (per macro tag) or 'material'")
+        if "material" in mat:
+            analytic = {0: build_material(mat["material"], f"{f}: material.material")}
+        else:
+            if not isinstance(mat["phases"], dict) or not mat["phases"]:
+                raise ConfigError(f"{f}: material.phases: expected a mapping tag -> material")
+            analytic = {}
+            for t, spec in mat["phases"].items():
+                try:
+                    ti = int(t)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{f}: material.phases: tag {t!r} is not an integer") from None
+                analytic[ti] = build_material(spec, f"{f}: material.phases.{ti}")
+        hyper = [hasattr(m, "energy") for m in analytic.values()]
+        if any(hyper) and not all(hyper):
+            raise ConfigError(f"{f}: material: mix of hyperelastic and linear materials")
+        kin_default = "finite" if all(hyper) else "small"
+        if mesh.get("generate") == "tiled_rve":
+            raise ConfigError(f"{f}: mesh.generate tiled_rve needs material.kind rve (its RVE is tiled); for a "
+                              "direct simulation use the Python API or scripts/verify_dns.py")
+    kin = raw.get("kinematics", kin_default)
+    if kin not in ("small", "finite"):
+        raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
+    if kin != kin_default:
+        raise ConfigError(f"{f}: kinematics {kin} does not fit the materials (they are {kin_default}-strain laws)")
+    degree = raw.get("degree", 1)
+    if degree not in (1, 2) or isinstance(degree, bool):
+        raise ConfigError(f"{f}: degree: expected 1 or 2, got {degree!r}")
+    qd = raw.get("quadrature_degree")
+    if qd is not None and (not isinstance(qd, int) or isinstance(qd, bool) or not 1 <= qd <= 8):
+        raise ConfigError(f"{f}: quadrature_degree: expected an integer 1..8, got {qd!r}")
+    steps = raw.get("steps", 10)
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100000:
+        raise ConfigError(f"{f}: steps: expected an integer >= 1, got {steps!r}")
+    bcs = []
+    for k, b in enumerate(raw.get("bcs", []) or []):
+        w = f"{f}: bcs[{k}]"
+        if not isinstance(b, dict):
+            raise ConfigError(f"{w}: expected a mapping {{boundary: NAME, components: [0], value: 0.0}}")
+        _check_keys(b, ("boundary", "components", "value"), w)
+        if "boundary" not in b:
+            raise ConfigError(f"{w}: missing 'boundary'")
+        comps = b.get("components", list(range(dim)))
+        if isinstance(comps, int) and not isinstance(comps, bool):
+            comps = [comps]
+        if not isinstance(comps, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in comps):
+            raise ConfigError(f"{w}.components: expected a list of component indices, got {comps!r}")
+        bad = [c for c in comps if not 0 <= c < dim]
+        if bad:
+            raise ConfigError(f"{w}.components: component(s) {bad} do not exist in {dim}D (allowed 0..{dim - 1})")
+        val = b.get("value", 0.0)
+        _check_expr(val, {"x", "y", "z", "t"}, f"{w}.value")
+        bcs.append(DirichletSpec(boundary=str(b["boundary"]), components=tuple(comps), value=val))
+    trs = []
+    for k, b in enumerate(raw.get("tractions", []) or []):
+        w = f"{f}: tractions[{k}]"
+        if not isinstance(b, dict):
+            raise ConfigError(f"{w}: expected a mapping {{boundary: NAME, value: [Tx, Ty]}}")
+        _check_keys(b, ("boundary", "value"), w)
+        val = b.get("value")
+        if not isinstance(val, list) or len(val) != dim:
+            raise ConfigError(f"{w}.value: expected a list of {dim} numbers or expressions of t, got {val!r}")
+        for v in val:
+            _check_expr(v, {"t"}, f"{w}.value")
+        trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(val)))
+    if not bcs:
+        raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
+    newton = raw.get("newton", {}) or {}
+    if not isinstance(newton, dict):
+        raise ConfigError(f"{f}: newton: expected a mapping")
+    _check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
+    for k in ("rtol", "atol"):
+        if k in newton:
+            newton[k] = _number(newton[k], f"{f}: newton.{k}", positive=True)
+    for k in ("max_it", "max_cuts"):
+        if k in newton and (not isinstance(newton[k], int) or isinstance(newton[k], bool) or newton[k] < 0):
+            raise ConfigError(f"{f}: newton.{k}: expected a non-negative integer, got {newton[k]!r}")
+    ws = raw.get("warm_start", True)
+    if not isinstance(ws, bool):
+        raise ConfigError(f"{f}: warm_start: expected true or false, got {ws!r}")
+    out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
+    if not isinstance(out, str):
+        raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
+    out_p = (base / out) if output is None else Path(out)
+    return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
+                     degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
+                     warm_start=ws, output=out_p, raw=raw)
+
+
+def _check_expr(v, names, where):
+    from fe2ml.expr import parse_expression
+
+    if isinstance(v, str) and not v.strip():
+        raise ConfigError(f"{where}: empty expression")
+    parse_expression(v, names, where=where)

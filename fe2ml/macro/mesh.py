@@ -1,0 +1,268 @@
+"""Macro meshes (generated or read) distributed over the caller's communicator, and named boundaries.
+
+Generators (``generate:`` in the run YAML):
+
+- ``rectangle``: ``size: [Lx, Ly]``, ``n: [nx, ny]``, ``cell: triangle | quadrilateral``.
+- ``box``: ``size: [Lx, Ly, Lz]``, ``n: [nx, ny, nz]``, ``cell: tetrahedron | hexahedron``.
+- ``plate_with_hole``: ``size: [Lx, Ly]``, ``radius``, ``h`` (mesh size), ``h_hole`` (size at the hole).
+- ``tiled_rve``: the RVE mesh repeated ``n: [nx, ny(, nz)]`` times and scaled by ``eps`` (periodic copies,
+  for direct numerical simulation); cell tags are the RVE phases.
+
+Named boundaries: the faces of the bounding box are always available as ``left``/``right`` (x min/max),
+``bottom``/``top`` (y), ``back``/``front`` (z); ``hole`` is every boundary facet not on the bounding box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fe2ml.errors import ConfigError, MeshError
+
+__all__ = ["MacroMesh", "create_macro_mesh"]
+
+BOX_FACES = {"left": (0, 0), "right": (0, 1), "bottom": (1, 0), "top": (1, 1), "back": (2, 0), "front": (2, 1)}
+
+
+@dataclass
+class MacroMesh:
+    """A distributed macro mesh with optional phase tags and named boundary locators.
+
+    Attributes:
+        mesh: dolfinx mesh on the caller's communicator.
+        cell_tags: MeshTags of phases (or None).
+        boundaries: name -> array of local boundary facet indices.
+        lo, hi: bounding box corners (global).
+    """
+
+    mesh: object
+    cell_tags: object
+    boundaries: dict
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def _boundaries(msh, lo, hi):
+    import dolfinx
+
+    d = msh.topology.dim
+    fdim = d - 1
+    msh.topology.create_connectivity(fdim, d)
+    tol = 1e-8 * float(np.max(hi - lo))
+    out = {}
+    on_box = np.zeros(0, dtype=np.int32)
+    for name, (axis, side) in BOX_FACES.items():
+        if axis >= d:
+            continue
+        val = hi[axis] if side else lo[axis]
+        f = dolfinx.mesh.locate_entities_boundary(msh, fdim, lambda x, a=axis, v=val: np.abs(x[a] - v) < tol)
+        out[name] = f
+        on_box = np.union1d(on_box, f)
+    allb = dolfinx.mesh.exterior_facet_indices(msh.topology)
+    out["hole"] = np.setdiff1d(allb, on_box).astype(np.int32)
+    return out
+
+
+def _bbox(comm, msh):
+    x = msh.geometry.x[:, : msh.geometry.dim]
+    lo = comm.allreduce(x.min(axis=0) if len(x) else np.full(x.shape[1], np.inf), op=_min_op())
+    hi = comm.allreduce(x.max(axis=0) if len(x) else np.full(x.shape[1], -np.inf), op=_max_op())
+    return lo, hi
+
+
+def _min_op():
+    from mpi4py import MPI
+
+    return MPI.MIN
+
+
+def _max_op():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def _from_arrays(comm, points, cells, cell_type, phases):
+    """Create a distributed mesh from arrays held on rank 0; phases follow original_cell_index."""
+    import basix.ufl
+    import dolfinx
+    import ufl
+
+    from fe2ml.micro.mesh import CELL_TYPES
+
+    d, name, perm = CELL_TYPES[cell_type]
+    gdim = d
+    if comm.rank == 0:
+        c = cells if perm is None else cells[:, perm]
+        x = np.ascontiguousarray(points[:, :gdim])
+        c = np.ascontiguousarray(c, dtype=np.int64)
+    else:
+        x = np.zeros((0, gdim))
+        c = np.zeros((0, cells.shape[1] if cells is not None else {"triangle": 3, "quadrilateral": 4,
+                                                                    "tetrahedron": 4, "hexahedron": 8}[name]),
+                     dtype=np.int64)
+    el = basix.ufl.element("Lagrange", name, 1, shape=(gdim,))
+    msh = dolfinx.mesh.create_mesh(comm, c, ufl.Mesh(el), x)
+    tags = None
+    if phases is not None:
+        ph = comm.bcast(phases if comm.rank == 0 else None, root=0)
+        tdim = msh.topology.dim
+        nloc = msh.topology.index_map(tdim).size_local
+        orig = np.asarray(msh.topology.original_cell_index)[:nloc]
+        tags = dolfinx.mesh.meshtags(msh, tdim, np.arange(nloc, dtype=np.int32), ph[orig].astype(np.int32))
+    return msh, tags
+
+
+def _tile(rm, n, eps):
+    """Tile an RVE mesh n times per axis, scale by eps, merge coincident nodes."""
+    from scipy.spatial import cKDTree
+
+    d = rm.dim
+    lo, hi = rm.box
+    L = hi - lo
+    pts, cells, ph = [], [], []
+    off = 0
+    for idx in np.ndindex(*n):
+        shift = np.array(idx) * L
+        pts.append((rm.points - lo + shift) * eps)
+        cells.append(rm.cells + off)
+        ph.append(rm.phases)
+        off += len(rm.points)
+    X = np.concatenate(pts)
+    C = np.concatenate(cells)
+    tree = cKDTree(X)
+    pairs = tree.query_pairs(1e-9 * eps * L.max(), output_type="ndarray")
+    rep = np.arange(len(X))
+    # union of coincident nodes: map each to the smallest index in its group
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    G = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(X), len(X)))
+    _, lab = connected_components(G, directed=False)
+    first = np.full(lab.max() + 1, -1)
+    for i in range(len(X) - 1, -1, -1):
+        first[lab[i]] = i
+    rep = first[lab]
+    used, inv = np.unique(rep, return_inverse=True)
+    return X[used], inv[C], np.concatenate(ph)
+
+
+def _plate_with_hole(comm, size, radius, h, h_hole):
+    import dolfinx.io.gmsh as dgmsh
+    import gmsh
+
+    from fe2ml.micro.geometry import _gmsh_start
+
+    Lx, Ly = size
+    if not 0 < radius < min(Lx, Ly) / 2:
+        raise ConfigError(f"mesh.radius: expected 0 < radius < {min(Lx, Ly) / 2}, got {radius}")
+    if comm.rank == 0:
+        _gmsh_start()
+        gmsh.model.add("plate")
+        occ = gmsh.model.occ
+        rect = occ.addRectangle(0, 0, 0, Lx, Ly)
+        disk = occ.addDisk(Lx / 2, Ly / 2, 0, radius, radius)
+        out, _ = occ.cut([(2, rect)], [(2, disk)])
+        occ.synchronize()
+        gmsh.model.addPhysicalGroup(2, [t for _, t in out], 1)
+        curves = gmsh.model.getBoundary(out, oriented=False)
+        hole = []
+        for _, c in curves:
+            b = gmsh.model.getBoundingBox(1, c)
+            if b[0] > 1e-9 and b[3] < Lx - 1e-9 and b[1] > 1e-9 and b[4] < Ly - 1e-9:
+                hole.append(c)
+        gmsh.model.mesh.field.add("Distance", 1)
+        gmsh.model.mesh.field.setNumbers(1, "CurvesList", hole)
+        gmsh.model.mesh.field.add("Threshold", 2)
+        gmsh.model.mesh.field.setNumber(2, "InField", 1)
+        gmsh.model.mesh.field.setNumber(2, "SizeMin", h_hole)
+        gmsh.model.mesh.field.setNumber(2, "SizeMax", h)
+        gmsh.model.mesh.field.setNumber(2, "DistMin", 0.2 * radius)
+        gmsh.model.mesh.field.setNumber(2, "DistMax", 2.0 * radius)
+        gmsh.model.mesh.field.setAsBackgroundMesh(2)
+        gmsh.option.setNumber("Mesh.MeshSizeExtendFromBoundary", 0)
+        gmsh.option.setNumber("Mesh.MeshSizeFromPoints", 0)
+        gmsh.option.setNumber("Mesh.MeshSizeFromCurvature", 0)
+        gmsh.model.mesh.generate(2)
+    data = dgmsh.model_to_mesh(gmsh.model, comm, 0, gdim=2)
+    if comm.rank == 0:
+        gmsh.clear()
+    return data.mesh, None
+
+
+def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_mesh_loader=None) -> MacroMesh:
+    """Create the macro mesh of a run from its (validated) spec.
+
+    Args:
+        comm: communicator of the macro problem.
+        spec: ``{generate: NAME, ...}`` or ``{file: PATH}``.
+        where: config location for messages.
+        base: folder that relative paths are relative to.
+        rve_mesh_loader: callable returning the RVE mesh (for ``tiled_rve``).
+
+    Returns:
+        :class:`MacroMesh`.
+    """
+    import dolfinx
+    from pathlib import Path
+
+    gen = spec.get("generate")
+    tags = None
+    if gen in ("rectangle", "box"):
+        d = 2 if gen == "rectangle" else 3
+        size = np.asarray(spec.get("size", [1.0] * d), dtype=float)
+        n = spec.get("n", [8] * d)
+        if size.shape != (d,) or np.any(size <= 0):
+            raise ConfigError(f"{where}.size: expected {d} positive lengths, got {spec.get('size')!r}")
+        if not (isinstance(n, list) and len(n) == d and all(isinstance(k, int) and k >= 1 for k in n)):
+            raise ConfigError(f"{where}.n: expected {d} positive integers, got {n!r}")
+        ct_name = spec.get("cell", "triangle" if d == 2 else "tetrahedron")
+        allowed = ("triangle", "quadrilateral") if d == 2 else ("tetrahedron", "hexahedron")
+        if ct_name not in allowed:
+            raise ConfigError(f"{where}.cell: expected one of {', '.join(allowed)}, got {ct_name!r}")
+        ct = getattr(dolfinx.mesh.CellType, ct_name)
+        if d == 2:
+            msh = dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], size.tolist()], n, ct)
+        else:
+            msh = dolfinx.mesh.create_box(comm, [[0.0, 0.0, 0.0], size.tolist()], n, ct)
+    elif gen == "plate_with_hole":
+        size = spec.get("size", [4.0, 2.0])
+        r = float(spec.get("radius", 0.5))
+        h = float(spec.get("h", 0.25))
+        msh, tags = _plate_with_hole(comm, size, r, h, float(spec.get("h_hole", h / 4)))
+    elif gen == "tiled_rve":
+        if rve_mesh_loader is None:
+            raise ConfigError(f"{where}: generate tiled_rve needs an RVE (material.rve)")
+        rm = rve_mesh_loader()
+        n = spec.get("n")
+        if not (isinstance(n, list) and len(n) == rm.dim and all(isinstance(k, int) and k >= 1 for k in n)):
+            raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {n!r}")
+        eps = float(spec.get("eps", 1.0 / max(n)))
+        if comm.rank == 0:
+            X, C, ph = _tile(rm, n, eps)
+        else:
+            X, C, ph = None, None, None
+        msh, tags = _from_arrays(comm, X, C if C is not None else np.zeros((0, rm.cells.shape[1]), dtype=np.int64),
+                                 rm.cell_type, ph)
+    elif "file" in spec:
+        from fe2ml.micro.mesh import read_mesh
+
+        path = Path(base or ".") / spec["file"]
+        if not path.is_file():
+            raise MeshError(f"{where}.file: {path} not found")
+        X = C = ph = ct = err = None
+        if comm.rank == 0:
+            try:
+                rm = read_mesh(path, cell_phases=[])
+                X, C, ph, ct = rm.points, rm.cells, rm.phases, rm.cell_type
+            except MeshError as e:
+                err = e
+        ct, err = comm.bcast((ct, err), root=0)
+        if err is not None:
+            raise err
+        msh, tags = _from_arrays(comm, X, C, ct, ph)
+    else:
+        raise ConfigError(f"{where}: expected generate: rectangle | box | plate_with_hole | tiled_rve, or file: PATH")
+    lo, hi = _bbox(comm, msh)
+    return MacroMesh(mesh=msh, cell_tags=tags, boundaries=_boundaries(msh, lo, hi), lo=lo, hi=hi)

@@ -1,0 +1,613 @@
+"""The macroscale problem: dolfinx displacement on the caller's communicator, Newton with the
+homogenized tangent, load stepping with collective step cutting, and run outputs.
+
+Constitutive paths:
+
+- a quadrature-point law (the contract of :mod:`fe2ml.macro.laws`: RVE/FE², later surrogates):
+  F̄ = I + ∇u is evaluated at the quadrature points of the cells each rank owns, the law returns P̄
+  and Ā, which fill quadrature functions; the residual is ∫ P̄ : ∇v dx − ∫ T·v ds and the Jacobian
+  ∫ (Ā : ∇du) : ∇v dx, both with the same quadrature rule;
+- ``analytic``: the same hyperelastic or linear materials written directly in UFL (per macro phase
+  tag), for single-scale and direct numerical simulation runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fe2ml.errors import ConfigError, Fe2mlError, SolverError
+
+__all__ = ["DirichletSpec", "MacroNewton", "MacroProblem", "TractionSpec"]
+
+
+@dataclass(frozen=True)
+class DirichletSpec:
+    """Prescribed displacement component(s) on a named boundary.
+
+    Attributes:
+        boundary: boundary name.
+        components: displacement components (0..d-1).
+        value: number or expression of x, y, z, t (safe expression).
+    """
+
+    boundary: str
+    components: tuple
+    value: object = 0.0
+
+
+@dataclass(frozen=True)
+class TractionSpec:
+    """Nominal (reference) traction on a named boundary: a vector of numbers or expressions of t."""
+
+    boundary: str
+    value: tuple
+
+
+@dataclass(frozen=True)
+class MacroNewton:
+    """Macro Newton and load-stepping settings."""
+
+    rtol: float = 1e-9
+    atol: float = 1e-12
+    max_it: int = 20
+    max_cuts: int = 6
+
+
+@dataclass
+class StepRecord:
+    """History of one converged load step."""
+
+    t: float
+    iterations: int
+    residuals: list = field(default_factory=list)
+    cuts: int = 0
+
+
+class MacroProblem:
+    """Macro boundary value problem.
+
+    Args:
+        comm: communicator of the macro mesh.
+        mmesh: :class:`fe2ml.macro.mesh.MacroMesh`.
+        law: quadrature-point constitutive law (contract of :mod:`fe2ml.macro.laws`), or None.
+        analytic: phase tag -> material (hyperelastic for finite strain, linear for small strain),
+            or ``{0: material}`` for one material everywhere; used when ``law`` is None.
+        kinematics: ``finite`` or ``small``.
+        degree: Lagrange degree of the displacement (1 or 2).
+        quadrature_degree: quadrature degree (default 1 for P1, 2 for P2).
+        dirichlet: list of :class:`DirichletSpec`.
+        tractions: list of :class:`TractionSpec`.
+        newton: :class:`MacroNewton`.
+    """
+
+    def __init__(self, comm, mmesh, *, law=None, analytic=None, kinematics="finite", degree=1,
+                 quadrature_degree=None, dirichlet=(), tractions=(), newton: MacroNewton | None = None):
+        import basix
+        import basix.ufl
+        import dolfinx
+        import dolfinx.fem.petsc  # noqa: F401
+        import ufl
+        from petsc4py import PETSc
+
+        from fe2ml.expr import parse_expression
+
+        self.comm = comm
+        self.mm = mmesh
+        msh = mmesh.mesh
+        self.msh = msh
+        self.d = d = msh.geometry.dim
+        self.law = law
+        self.kinematics = kinematics
+        self.newton = newton or MacroNewton()
+        if (law is None) == (analytic is None):
+            raise ConfigError("give exactly one of a quadrature-point law or analytic materials")
+        if law is not None and law.dim != d:
+            raise ConfigError(f"the RVE is {law.dim}D but the macro mesh is {d}D")
+        self.degree = degree
+        q = quadrature_degree if quadrature_degree is not None else (1 if degree == 1 else 2)
+        self.qdeg = q
+        self.V = V = dolfinx.fem.functionspace(msh, ("Lagrange", degree, (d,)))
+        self.u = dolfinx.fem.Function(V, name="u")
+        v, du = ufl.TestFunction(V), ufl.TrialFunction(V)
+        md = {"quadrature_degree": q, "quadrature_scheme": "default"}
+        tdim = msh.topology.dim
+        self.n_owned = msh.topology.index_map(tdim).size_local
+        self.cells = np.arange(self.n_owned, dtype=np.int32)
+        cellname = msh.basix_cell()
+        self.qpoints, self.qweights = basix.make_quadrature(cellname, q)
+        self.nqp = len(self.qweights)
+        F = ufl.Identity(d) + ufl.grad(self.u)
+        self.F_expr = dolfinx.fem.Expression(F, self.qpoints)
+        self.x_expr = dolfinx.fem.Expression(ufl.SpatialCoordinate(msh), self.qpoints)
+
+        # boundaries: facet tags with one id per name
+        fdim = tdim - 1
+        self.bnames = list(mmesh.boundaries)
+        ent, val = [], []
+        for k, name in enumerate(self.bnames):
+            f = np.asarray(mmesh.boundaries[name], dtype=np.int32)
+            ent.append(f)
+            val.append(np.full(len(f), k + 1, dtype=np.int32))
+        ent = np.concatenate(ent)
+        val = np.concatenate(val)
+        ent, first = np.unique(ent, return_index=True)
+        self.ftags = dolfinx.mesh.meshtags(msh, fdim, ent, val[first])
+        ds = ufl.Measure("ds", domain=msh, subdomain_data=self.ftags)
+        self._bsize = {}
+        for name in self.bnames:
+            k = self.bnames.index(name) + 1
+            self._bsize[name] = comm.allreduce(
+                dolfinx.fem.assemble_scalar(dolfinx.fem.form(dolfinx.fem.Constant(msh, 1.0) * ds(k))))
+
+        def bid(name, where):
+            if name not in self.bnames:
+                raise ConfigError(f"{where}: unknown boundary {name!r}; available: {', '.join(self.bnames)}")
+            if self._bsize[name] <= 0:
+                raise ConfigError(f"{where}: boundary {name!r} is empty on this mesh")
+            return self.bnames.index(name) + 1
+
+        # Dirichlet conditions
+        self.bcs, self.bcs0, self._bc_updates = [], [], []
+        self.reaction_dofs: dict[str, list] = {}
+        names = {"x", "y", "z", "t"}
+        for k, spec in enumerate(dirichlet):
+            where = f"bcs[{k}]"
+            bid(spec.boundary, where)
+            facets = mmesh.boundaries[spec.boundary]
+            tree = parse_expression(spec.value, names, where=f"{where}.value")
+            for c in spec.components:
+                if not isinstance(c, int) or not 0 <= c < d:
+                    raise ConfigError(f"{where}.components: component {c!r} does not exist in {d}D (allowed 0..{d - 1})")
+                Vc, _ = V.sub(c).collapse()
+                dofs = dolfinx.fem.locate_dofs_topological((V.sub(c), Vc), fdim, facets)
+                g = dolfinx.fem.Function(Vc)
+                g0 = dolfinx.fem.Function(Vc)
+                self.bcs.append(dolfinx.fem.dirichletbc(g, dofs, V.sub(c)))
+                self.bcs0.append(dolfinx.fem.dirichletbc(g0, dofs, V.sub(c)))
+                self._bc_updates.append((g, tree))
+            self.reaction_dofs.setdefault(spec.boundary, [])
+        bs = V.dofmap.index_map_bs
+        nown = V.dofmap.index_map.size_local * bs
+        for name in list(self.reaction_dofs):
+            per_c = []
+            for c in range(d):
+                Vc, _ = V.sub(c).collapse()
+                dofs = dolfinx.fem.locate_dofs_topological((V.sub(c), Vc), fdim, mmesh.boundaries[name])[0]
+                per_c.append(dofs[dofs < nown])
+            self.reaction_dofs[name] = per_c
+        # tractions
+        self._tractions = []
+        Lext = 0
+        for k, spec in enumerate(tractions):
+            where = f"tractions[{k}]"
+            i = bid(spec.boundary, where)
+            if len(spec.value) != d:
+                raise ConfigError(f"{where}.value: expected {d} components, got {len(spec.value)}")
+            trees = [parse_expression(vv, {"t"}, where=f"{where}.value") for vv in spec.value]
+            T = dolfinx.fem.Constant(msh, np.zeros(d))
+            self._tractions.append((T, trees))
+            Lext = Lext + ufl.inner(T, v) * ds(i)
+        self.report_boundaries = list(dict.fromkeys([s.boundary for s in dirichlet] + [s.boundary for s in tractions]))
+        self._umean_forms = {name: [dolfinx.fem.form(self.u[c] * ds(self.bnames.index(name) + 1)) for c in range(d)]
+                             for name in self.report_boundaries}
+
+        # constitutive path
+        dxq = ufl.dx(domain=msh, metadata=md)
+        if law is not None:
+            QP = basix.ufl.quadrature_element(cellname, value_shape=(d, d), degree=q)
+            QA = basix.ufl.quadrature_element(cellname, value_shape=(d, d, d, d), degree=q)
+            self.Pq = dolfinx.fem.Function(dolfinx.fem.functionspace(msh, QP))
+            self.Aq = dolfinx.fem.Function(dolfinx.fem.functionspace(msh, QA))
+            self._qdofs_P = self.Pq.function_space.dofmap.list[: self.n_owned]
+            self._qdofs_A = self.Aq.function_space.dofmap.list[: self.n_owned]
+            i, j, k_, l_ = ufl.indices(4)
+            Rint = ufl.inner(self.Pq, ufl.grad(v)) * dxq
+            Jac = ufl.inner(ufl.as_tensor(self.Aq[i, j, k_, l_] * ufl.grad(du)[k_, l_], (i, j)), ufl.grad(v)) * dxq
+            self.P_expr = None
+        else:
+            tags = mmesh.cell_tags
+            keys = sorted(analytic)
+            if keys != [0]:
+                if tags is None:
+                    raise ConfigError(f"analytic materials for phases {keys} need a macro mesh with phase tags")
+                have = sorted(set().union(*comm.allgather(set(np.unique(tags.values).tolist()))))
+                miss = [t for t in have if t not in analytic]
+                if miss:
+                    raise ConfigError(f"macro mesh phase tag(s) {miss} have no analytic material")
+            dxp = ufl.Measure("dx", domain=msh, subdomain_data=tags, metadata=md)
+            Pi = 0
+            Rint = 0
+            Fv = ufl.variable(F)
+            Pexprs = {}
+            for t in keys:
+                mat = analytic[t]
+                meas = dxq if t == 0 else dxp(t)
+                if kinematics == "finite":
+                    if d == 2:
+                        F3 = ufl.as_matrix([[Fv[0, 0], Fv[0, 1], 0], [Fv[1, 0], Fv[1, 1], 0], [0, 0, 1]])
+                    else:
+                        F3 = Fv
+                    W = mat.energy(F3)
+                    Pt = ufl.diff(W, Fv)
+                    Pi = Pi + W * meas
+                else:
+                    C = dolfinx.fem.Constant(msh, np.asarray(mat.stiffness(d), dtype=np.float64))
+                    eps = ufl.sym(ufl.grad(self.u))
+                    i, j, k_, l_ = ufl.indices(4)
+                    Pt = ufl.as_tensor(C[i, j, k_, l_] * eps[k_, l_], (i, j))
+                    Rint = Rint + ufl.inner(Pt, ufl.grad(v)) * meas
+                Pexprs[t] = Pt
+            if kinematics == "finite":
+                Rint = ufl.derivative(Pi, self.u, v)
+            Jac = ufl.derivative(Rint, self.u, du)
+            # for output: P at quadrature points (per-phase expressions selected by tag per cell)
+            self.P_exprs = {t: dolfinx.fem.Expression(e, self.qpoints) for t, e in Pexprs.items()}
+            self.cell_phase = (np.zeros(self.n_owned, dtype=np.int32) if keys == [0] else
+                               _cell_values(tags, self.n_owned))
+        self.Rint_form = dolfinx.fem.form(Rint)
+        self.R_form = dolfinx.fem.form(Rint - Lext) if self._tractions else self.Rint_form
+        self.J_form = dolfinx.fem.form(Jac)
+        self.A = dolfinx.fem.petsc.create_matrix(self.J_form)
+        self.b = dolfinx.fem.petsc.create_vector(V)
+        self.du = dolfinx.fem.Function(V)
+        self.ksp = PETSc.KSP().create(comm)
+        self.ksp.setOptionsPrefix("fe2ml_macro_")
+        self.ksp.setType("preonly")
+        self.ksp.getPC().setType("lu")
+        self.ksp.getPC().setFactorSolverType("mumps")
+        self.ksp.setFromOptions()
+        self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
+        self.history: list[StepRecord] = []
+        self.t = 0.0
+        self.n_qp_local = self.n_owned * self.nqp
+        self.n_qp_global = comm.allreduce(self.n_qp_local)
+
+    # ------------------------------------------------------------------------------------------
+    def quadrature_points(self) -> np.ndarray:
+        """Physical coordinates of this rank's quadrature points, (n_local, 3)."""
+        return self.x_expr.eval(self.msh, self.cells).reshape(-1, 3)
+
+    def _F_qp(self) -> np.ndarray:
+        return self.F_expr.eval(self.msh, self.cells).reshape(-1, self.d, self.d)
+
+    def _update_constitutive(self) -> str | None:
+        """Evaluate the law at every owned quadrature point; returns an error message or None (collective)."""
+        if self.law is None:
+            return None
+        d = self.d
+        t0 = time.perf_counter()
+        msg = None
+        try:
+            F = self._F_qp()
+            J = np.linalg.det(F)
+            if np.any(J <= 0):
+                k = int(np.argmin(J))
+                x = self.quadrature_points()[k]
+                msg = (f"inverted macro element: det F̄ = {J[k]:.3g} at x = {np.round(x[:d], 6).tolist()} "
+                       f"(rank {self.comm.rank})")
+            else:
+                P, A = self.law.evaluate(F)
+                self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()] = P.reshape(-1, d * d)
+                self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A.ravel()] = A.reshape(-1, d**4)
+                self.Pq.x.scatter_forward()
+                self.Aq.x.scatter_forward()
+        except Fe2mlError as e:
+            k = getattr(e, "index", None)
+            where = ""
+            if k is not None:
+                x = self.quadrature_points()[k]
+                where = f"macro point at x = {np.round(x[:d], 6).tolist()} (rank {self.comm.rank}): "
+            msg = where + str(e)
+        self.timers["constitutive_s"] += time.perf_counter() - t0
+        msgs = self.comm.allgather(msg)
+        return next((m for m in msgs if m is not None), None)
+
+    def _set_loads(self, t: float) -> None:
+        import dolfinx.fem.petsc
+
+        from fe2ml.expr import evaluate, numpy_funcs
+
+        fn = numpy_funcs()
+        for g, tree in self._bc_updates:
+            def f(x, tree=tree):
+                val = evaluate(tree, {"x": x[0], "y": x[1], "z": x[2], "t": t}, fn)
+                return np.broadcast_to(np.asarray(val, dtype=float), x.shape[1:]).copy()
+
+            g.interpolate(f)
+        for T, trees in self._tractions:
+            T.value[:] = [float(evaluate(tr, {"t": t}, fn)) for tr in trees]
+        dolfinx.fem.petsc.set_bc(self.u.x.petsc_vec, self.bcs)
+        self.u.x.scatter_forward()
+
+    def _residual(self) -> float:
+        import dolfinx.fem.petsc
+        from petsc4py import PETSc
+
+        t0 = time.perf_counter()
+        with self.b.localForm() as loc:
+            loc.set(0.0)
+        dolfinx.fem.petsc.assemble_vector(self.b, self.R_form)
+        self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        dolfinx.fem.petsc.set_bc(self.b, self.bcs0)
+        self.timers["assembly_s"] += time.perf_counter() - t0
+        return self.b.norm()
+
+    def _solve_increment(self) -> bool:
+        import dolfinx.fem.petsc
+        from petsc4py import PETSc
+
+        t0 = time.perf_counter()
+        self.A.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(self.A, self.J_form, bcs=self.bcs0)
+        self.A.assemble()
+        t1 = time.perf_counter()
+        self.ksp.setOperators(self.A)
+        self.b.scale(-1.0)
+        ok = True
+        try:
+            self.ksp.solve(self.b, self.du.x.petsc_vec)
+            ok = self.ksp.getConvergedReason() > 0
+        except PETSc.Error:
+            ok = False
+        self.du.x.scatter_forward()
+        ok = ok and bool(np.all(np.isfinite(self.du.x.array)))
+        ok = self.comm.allreduce(ok, op=_land())
+        if ok:
+            self.u.x.array[:] += self.du.x.array
+        self.timers["assembly_s"] += t1 - t0
+        self.timers["solve_s"] += time.perf_counter() - t1
+        return ok
+
+    def _newton(self, t) -> tuple[bool, list, str | None]:
+        opts = self.newton
+        self._set_loads(t)
+        res = []
+        r0 = None
+        for _ in range(opts.max_it + 1):
+            msg = self._update_constitutive()
+            if msg is not None:
+                return False, res, msg
+            r = self._residual()
+            res.append(r)
+            if not np.isfinite(r):
+                return False, res, "non-finite macro residual"
+            if r0 is None:
+                r0 = r
+                self._rref = max(getattr(self, "_rref", 0.0), r0)
+            if r <= max(opts.rtol * max(r0, self._rref), opts.atol):
+                return True, res, None
+            if len(res) > opts.max_it:
+                break
+            if not self._solve_increment():
+                return False, res, "macro linear solve failed"
+        return False, res, f"macro Newton did not converge in {opts.max_it} iterations (|r| = {res[-1]:.3e})"
+
+    def step(self, t_new: float) -> StepRecord:
+        """Advance from the current converged state to load parameter ``t_new``, cutting the step on failure.
+
+        Raises:
+            SolverError: when ``max_cuts`` halvings do not converge (the last converged state is kept).
+        """
+        t_old = self.t
+        u_old = self.u.x.array.copy()
+        dt = t_new - t_old
+        t = t_old
+        cuts = 0
+        its_total = 0
+        residuals: list = []
+        last_msg = None
+        while t < t_new - 1e-14:
+            target = min(t + dt, t_new)
+            u_save = self.u.x.array.copy()
+            ok, res, msg = self._newton(target)
+            if ok:
+                if self.law is not None:
+                    self.law.commit()
+                residuals.append(res)
+                its_total += len(res) - 1
+                t = target
+                continue
+            last_msg = msg
+            self.u.x.array[:] = u_save
+            self.u.x.scatter_forward()
+            if self.law is not None:
+                self.law.rollback()
+            cuts += 1
+            if cuts > self.newton.max_cuts:
+                self.u.x.array[:] = u_old if t == t_old else self.u.x.array
+                self.u.x.scatter_forward()
+                self.t = t
+                raise SolverError(f"load step to t = {t_new:.6g} failed after {self.newton.max_cuts} step cuts "
+                                  f"(last converged t = {t:.6g}): {last_msg}")
+            dt *= 0.5
+        self.t = t_new
+        rec = StepRecord(t=t_new, iterations=its_total, residuals=residuals, cuts=cuts)
+        self.history.append(rec)
+        return rec
+
+    # ------------------------------------------------------------------------------------------
+    def reactions(self) -> dict:
+        """Reaction force (sum of internal nodal forces) per Dirichlet boundary, {name: (d,)} (collective)."""
+        import dolfinx.fem.petsc
+        from petsc4py import PETSc
+
+        f = dolfinx.fem.petsc.assemble_vector(self.Rint_form)
+        f.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
+        out = {}
+        arr = f.array
+        for name, per_c in self.reaction_dofs.items():
+            loc = np.array([arr[dofs].sum() for dofs in per_c])
+            out[name] = self.comm.allreduce(loc)
+        f.destroy()
+        return out
+
+    def mean_displacements(self) -> dict:
+        """Mean displacement over each reported boundary, {name: (d,)} (collective)."""
+        import dolfinx
+
+        return {name: np.array([self.comm.allreduce(dolfinx.fem.assemble_scalar(f)) for f in forms])
+                / self._bsize[name] for name, forms in self._umean_forms.items()}
+
+    def cell_averages(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cell averages (quadrature-weighted) of F̄ and P̄ over owned cells, each (n_owned, d, d)."""
+        d = self.d
+        w = self.qweights / self.qweights.sum()
+        F = self._F_qp().reshape(self.n_owned, self.nqp, d, d)
+        if self.law is not None:
+            P = self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()].reshape(self.n_owned, self.nqp, d, d)
+        else:
+            P = np.zeros((self.n_owned, self.nqp, d, d))
+            for t, ex in self.P_exprs.items():
+                sel = np.where(self.cell_phase == t)[0].astype(np.int32) if t != 0 else self.cells
+                if len(sel):
+                    P[sel] = ex.eval(self.msh, sel).reshape(len(sel), self.nqp, d, d)
+        return np.einsum("q,cqij->cij", w, F), np.einsum("q,cqij->cij", w, P)
+
+    def close(self):
+        """Free PETSc objects."""
+        for name in ("ksp", "A", "b"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.destroy()
+                setattr(self, name, None)
+
+
+def _cell_values(tags, n_owned):
+    vals = np.zeros(n_owned, dtype=np.int32)
+    idx = tags.indices
+    keep = idx < n_owned
+    vals[idx[keep]] = tags.values[keep]
+    return vals
+
+
+def _land():
+    from mpi4py import MPI
+
+    return MPI.LAND
+
+
+class RunWriter:
+    """Writes a run's outputs after every converged step (rank 0 writes text files).
+
+    Files in ``out``: ``fields.xdmf`` (u, F̄ and P̄ cell averages per step), ``reactions.csv``,
+    ``summary.json`` (rewritten after every step, so a crash leaves the last converged step),
+    ``reactions.png`` at the end.
+    """
+
+    def __init__(self, problem: MacroProblem, out: Path, *, config_path: str = ""):
+        import dolfinx
+
+        self.p = problem
+        self.out = Path(out)
+        self.comm = problem.comm
+        self.rank0 = self.comm.rank == 0
+        d = problem.d
+        msh = problem.msh
+        self.xdmf = dolfinx.io.XDMFFile(self.comm, str(self.out / "fields.xdmf"), "w")
+        self.xdmf.write_mesh(msh)
+        self.V1 = dolfinx.fem.functionspace(msh, ("Lagrange", 1, (d,)))
+        self.u1 = dolfinx.fem.Function(self.V1, name="u")
+        T = dolfinx.fem.functionspace(msh, ("DG", 0, (d, d)))
+        self.Fc = dolfinx.fem.Function(T, name="F")
+        self.Pc = dolfinx.fem.Function(T, name="P")
+        self._tdofs = T.dofmap.list[: problem.n_owned, 0]
+        self.rows: list = []
+        self.config_path = config_path
+        self.t_start = time.perf_counter()
+        self.csv_header = ["t"]
+        for name in problem.report_boundaries:
+            if name in problem.reaction_dofs:
+                self.csv_header += [f"{name}_R{c + 1}" for c in range(d)]
+            self.csv_header += [f"{name}_u{c + 1}_mean" for c in range(d)]
+        if self.rank0:
+            with open(self.out / "reactions.csv", "w", newline="") as f:
+                csv.writer(f).writerow(self.csv_header)
+
+    def write_step(self, status="running", message=""):
+        """Append the current (converged) state to all outputs (collective)."""
+        t0 = time.perf_counter()
+        p = self.p
+        d = p.d
+        self.u1.interpolate(p.u)
+        Fc, Pc = p.cell_averages()
+        self.Fc.x.array.reshape(-1, d * d)[self._tdofs] = Fc.reshape(-1, d * d)
+        self.Pc.x.array.reshape(-1, d * d)[self._tdofs] = Pc.reshape(-1, d * d)
+        self.Fc.x.scatter_forward()
+        self.Pc.x.scatter_forward()
+        for f in (self.u1, self.Fc, self.Pc):
+            self.xdmf.write_function(f, p.t)
+        R = p.reactions()
+        U = p.mean_displacements()
+        row = [p.t]
+        for name in p.report_boundaries:
+            if name in p.reaction_dofs:
+                row += R[name].tolist()
+            row += U[name].tolist()
+        self.rows.append(row)
+        if self.rank0:
+            with open(self.out / "reactions.csv", "a", newline="") as f:
+                csv.writer(f).writerow([f"{v:.12e}" for v in row])
+        p.timers["output_s"] += time.perf_counter() - t0
+        self.write_summary(status, message)
+
+    def write_summary(self, status, message=""):
+        """Rewrite summary.json (collective: gathers law timings)."""
+        p = self.p
+        stats = dict(p.law.stats) if p.law is not None else {}
+        all_stats = self.comm.gather(stats, root=0)
+        timers = self.comm.gather(dict(p.timers), root=0)
+        if not self.rank0:
+            return
+        cons = [t["constitutive_s"] for t in timers]
+        summary = {
+            "status": status,
+            "message": message,
+            "config": self.config_path,
+            "t": p.t,
+            "ranks": self.comm.size,
+            "quadrature_points": p.n_qp_global,
+            "dofs": p.V.dofmap.index_map.size_global * p.V.dofmap.index_map_bs,
+            "wall_s": time.perf_counter() - self.t_start,
+            "time_split_s": {
+                "rve_or_constitutive": float(np.max(cons)),
+                "macro_assembly": float(np.max([t["assembly_s"] for t in timers])),
+                "macro_solve": float(np.max([t["solve_s"] for t in timers])),
+                "output": float(np.max([t["output_s"] for t in timers])),
+            },
+            "constitutive_time_per_rank_s": cons,
+            "load_balance_max_over_mean": float(np.max(cons) / max(np.mean(cons), 1e-300)),
+            "rve_solves": int(sum(s.get("rve_solves", 0) for s in all_stats)),
+            "rve_newton_iterations": int(sum(s.get("newton_its", 0) for s in all_stats)),
+            "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
+                      for h in p.history],
+        }
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, self.out / "summary.json")
+
+    def close(self):
+        """Close the XDMF file and draw the reaction curve (collective)."""
+        self.xdmf.close()
+        if self.rank0 and self.rows:
+            from fe2ml.plotting import plot_reactions
+
+            plot_reactions(self.csv_header, np.array(self.rows), self.out / "reactions.png")
+
+
+def progress_line(k, n, t, rec, comm, width=24):
+    """Progress bar on rank 0."""
+    if comm.rank != 0:
+        return
+    done = int(width * k / n)
+    r = rec.residuals[-1][-1] if rec.residuals and rec.residuals[-1] else float("nan")
+    cut = f", {rec.cuts} cut(s)" if rec.cuts else ""
+    print(f"  [{'#' * done}{'.' * (width - done)}] step {k}/{n} t={t:.3f} Newton its {rec.iterations} "
+          f"|r|={r:.2e}{cut}", file=sys.stdout, flush=True)

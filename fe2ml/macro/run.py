@@ -1,0 +1,140 @@
+"""``fe2ml run``: build the RVE law and the macro problem from a validated config, step the load, write outputs."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from fe2ml.errors import ConfigError, Fe2mlError
+
+__all__ = ["build_law", "run"]
+
+
+def _collective(comm, fn):
+    err, out = None, None
+    try:
+        out = fn()
+    except Fe2mlError as e:
+        err = e
+    errs = comm.allgather(None if err is None else (type(err), str(err)))
+    first = next((e for e in errs if e is not None), None)
+    if first is not None:
+        raise first[0](first[1])
+    return out
+
+
+def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
+    """Build this rank's RVE (on COMM_SELF) and its constitutive law from the ``material.rve`` config.
+
+    Returns:
+        (law, rve_mesh)
+    """
+    from fe2ml.config import load_rve_mesh
+    from fe2ml.macro.laws import LinearRVELaw, RVELaw
+    from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
+    from fe2ml.micro.rve import LinearRVE
+
+    mesh = _collective(comm, lambda: load_rve_mesh(rcfg, comm=comm))
+
+    def make():
+        if rcfg.kinematics == "finite":
+            rve = HyperelasticRVE(mesh, rcfg.materials, bc=rcfg.bc, formulation=rcfg.formulation,
+                                  degree=rcfg.degree, tol=rcfg.tol, newton=NewtonOptions(**rcfg.newton))
+            return RVELaw(rve, warm_start=warm_start, recorder=recorder, cells=cells)
+        return LinearRVELaw(LinearRVE(mesh, rcfg.materials, bc=rcfg.bc, degree=rcfg.degree, tol=rcfg.tol))
+
+    return _collective(comm, make), mesh
+
+
+def run(comm, cfg, *, quiet: bool = False) -> dict:
+    """Run a macro problem (FE² or analytic) and write its outputs to ``cfg.output``.
+
+    Args:
+        comm: the macro communicator.
+        cfg: :class:`fe2ml.macro.config.RunConfig`.
+        quiet: no progress output.
+
+    Returns:
+        The summary dict (rank 0; other ranks get an empty dict).
+
+    Raises:
+        Fe2mlError: on every rank, for bad input or a load that cannot be carried (outputs up to
+            the last converged step are kept).
+    """
+    import json
+
+    from fe2ml.macro.mesh import create_macro_mesh
+    from fe2ml.macro.problem import MacroNewton, MacroProblem, RunWriter, progress_line
+
+    t0 = time.perf_counter()
+    out = Path(cfg.output)
+
+    def mkout():
+        if comm.rank == 0:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                probe = out / ".write_test"
+                probe.write_text("")
+                probe.unlink()
+            except OSError as e:
+                raise ConfigError(f"output: cannot write to {out} ({e.strerror})") from None
+        return None
+
+    _collective(comm, mkout)
+    rank0 = comm.rank == 0 and not quiet
+    if rank0:
+        print(f"fe2ml run: {cfg.path} -> {out} ({cfg.dim}D, {cfg.kinematics} strain, material {cfg.kind}, "
+              f"{comm.size} rank(s))", flush=True)
+    law = None
+    rve_mesh = None
+    if cfg.kind == "rve":
+        law, rve_mesh = build_law(comm, cfg.rve, warm_start=cfg.warm_start)
+        if rank0:
+            nd = getattr(getattr(law, "rve", None), "ndofs", None)
+            print(f"  RVE: {len(rve_mesh.cells)} elements, {rve_mesh.n_cells} cells" +
+                  (f", {nd} dofs per solve" if nd else " (linear: C̄ once)"), flush=True)
+    mm = _collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh", base=cfg.path.parent,
+                                                     rve_mesh_loader=lambda: rve_mesh))
+
+    def mkprob():
+        try:
+            return MacroProblem(comm, mm, law=law, analytic=cfg.analytic, kinematics=cfg.kinematics,
+                                degree=cfg.degree, quadrature_degree=cfg.quadrature_degree, dirichlet=cfg.bcs,
+                                tractions=cfg.tractions, newton=MacroNewton(**cfg.newton))
+        except ConfigError as e:
+            raise ConfigError(f"{cfg.path}: {e}") from None
+
+    prob = _collective(comm, mkprob)
+    if rank0:
+        print(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
+              f"{cfg.steps} load steps", flush=True)
+    if comm.rank == 0:
+        shutil.copyfile(cfg.path, out / "config.yaml")
+    writer = RunWriter(prob, out, config_path=str(cfg.path))
+    status, message = "completed", ""
+    try:
+        for k in range(1, cfg.steps + 1):
+            rec = prob.step(k / cfg.steps)
+            writer.write_step()
+            if not quiet:
+                progress_line(k, cfg.steps, prob.t, rec, comm)
+    except Fe2mlError as e:
+        status, message = "failed", str(e)
+        writer.write_summary(status, message)
+        writer.close()
+        prob.close()
+        raise
+    writer.write_summary(status, message)
+    writer.close()
+    summary = {}
+    if comm.rank == 0:
+        summary = json.loads((out / "summary.json").read_text())
+        if not quiet:
+            ts = summary["time_split_s"]
+            print(f"  done in {time.perf_counter() - t0:.1f} s: constitutive/RVE {ts['rve_or_constitutive']:.2f} s, "
+                  f"macro assembly {ts['macro_assembly']:.2f} s, macro solve {ts['macro_solve']:.2f} s; "
+                  f"{summary['rve_solves']} RVE solves; load balance max/mean {summary['load_balance_max_over_mean']:.2f}")
+            print(f"  outputs: {out}/fields.xdmf, reactions.csv, reactions.png, summary.json")
+    prob.close()
+    return summary
