@@ -66,8 +66,11 @@ def _boundaries(msh, lo, hi):
 
 def _bbox(comm, msh):
     x = msh.geometry.x[:, : msh.geometry.dim]
-    lo = comm.allreduce(x.min(axis=0) if len(x) else np.full(x.shape[1], np.inf), op=_min_op())
-    hi = comm.allreduce(x.max(axis=0) if len(x) else np.full(x.shape[1], -np.inf), op=_max_op())
+    lo_l = x.min(axis=0) if len(x) else np.full(x.shape[1], np.inf)
+    hi_l = x.max(axis=0) if len(x) else np.full(x.shape[1], -np.inf)
+    lo, hi = np.empty_like(lo_l), np.empty_like(hi_l)
+    comm.Allreduce(np.ascontiguousarray(lo_l), lo, op=_min_op())
+    comm.Allreduce(np.ascontiguousarray(hi_l), hi, op=_max_op())
     return lo, hi
 
 
@@ -204,8 +207,9 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
     Returns:
         :class:`MacroMesh`.
     """
-    import dolfinx
     from pathlib import Path
+
+    import dolfinx
 
     gen = spec.get("generate")
     tags = None

@@ -90,12 +90,13 @@ class MacroProblem:
 
     def __init__(self, comm, mmesh, *, law=None, analytic=None, kinematics="finite", degree=1,
                  quadrature_degree=None, dirichlet=(), tractions=(), newton: MacroNewton | None = None):
+        from petsc4py import PETSc
+
         import basix
         import basix.ufl
         import dolfinx
         import dolfinx.fem.petsc  # noqa: F401
         import ufl
-        from petsc4py import PETSc
 
         from fe2ml.expr import parse_expression
 
@@ -272,8 +273,8 @@ class MacroProblem:
 
     # ------------------------------------------------------------------------------------------
     def quadrature_points(self) -> np.ndarray:
-        """Physical coordinates of this rank's quadrature points, (n_local, 3)."""
-        return self.x_expr.eval(self.msh, self.cells).reshape(-1, 3)
+        """Physical coordinates of this rank's quadrature points, (n_local, d)."""
+        return self.x_expr.eval(self.msh, self.cells).reshape(-1, self.d)
 
     def _F_qp(self) -> np.ndarray:
         return self.F_expr.eval(self.msh, self.cells).reshape(-1, self.d, self.d)
@@ -285,20 +286,23 @@ class MacroProblem:
         d = self.d
         t0 = time.perf_counter()
         msg = None
+        F = self._F_qp()
+        J = np.linalg.det(F)
+        if len(J) and np.any(J <= 0):  # check on every rank first: no rank runs RVEs for a doomed iterate
+            k = int(np.argmin(J))
+            x = self.quadrature_points()[k]
+            msg = (f"inverted macro element: det F̄ = {J[k]:.3g} at x = {np.round(x[:d], 6).tolist()} "
+                   f"(rank {self.comm.rank})")
+        msgs = self.comm.allgather(msg)
+        if any(m is not None for m in msgs):
+            self.timers["constitutive_s"] += time.perf_counter() - t0
+            return next(m for m in msgs if m is not None)
         try:
-            F = self._F_qp()
-            J = np.linalg.det(F)
-            if np.any(J <= 0):
-                k = int(np.argmin(J))
-                x = self.quadrature_points()[k]
-                msg = (f"inverted macro element: det F̄ = {J[k]:.3g} at x = {np.round(x[:d], 6).tolist()} "
-                       f"(rank {self.comm.rank})")
-            else:
-                P, A = self.law.evaluate(F)
-                self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()] = P.reshape(-1, d * d)
-                self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A.ravel()] = A.reshape(-1, d**4)
-                self.Pq.x.scatter_forward()
-                self.Aq.x.scatter_forward()
+            P, A = self.law.evaluate(F)
+            self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()] = P.reshape(-1, d * d)
+            self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A.ravel()] = A.reshape(-1, d**4)
+            self.Pq.x.scatter_forward()
+            self.Aq.x.scatter_forward()
         except Fe2mlError as e:
             k = getattr(e, "index", None)
             where = ""
@@ -328,8 +332,9 @@ class MacroProblem:
         self.u.x.scatter_forward()
 
     def _residual(self) -> float:
-        import dolfinx.fem.petsc
         from petsc4py import PETSc
+
+        import dolfinx.fem.petsc
 
         t0 = time.perf_counter()
         with self.b.localForm() as loc:
@@ -341,8 +346,9 @@ class MacroProblem:
         return self.b.norm()
 
     def _solve_increment(self) -> bool:
-        import dolfinx.fem.petsc
         from petsc4py import PETSc
+
+        import dolfinx.fem.petsc
 
         t0 = time.perf_counter()
         self.A.zeroEntries()
@@ -436,8 +442,9 @@ class MacroProblem:
     # ------------------------------------------------------------------------------------------
     def reactions(self) -> dict:
         """Reaction force (sum of internal nodal forces) per Dirichlet boundary, {name: (d,)} (collective)."""
-        import dolfinx.fem.petsc
         from petsc4py import PETSc
+
+        import dolfinx.fem.petsc
 
         f = dolfinx.fem.petsc.assemble_vector(self.Rint_form)
         f.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)

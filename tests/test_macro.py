@@ -1,0 +1,207 @@
+"""FE² macro solver: exactness against single-scale runs, quadratic convergence, ranks, bad input."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+
+from fe2ml.errors import ConfigError
+from fe2ml.hyperelastic import NeoHookean
+from fe2ml.macro.laws import RVELaw
+from fe2ml.macro.mesh import create_macro_mesh
+from fe2ml.macro.problem import DirichletSpec, MacroNewton, MacroProblem, TractionSpec
+from fe2ml.micro.geometry import generate_mesh
+from fe2ml.micro.hyper import HyperelasticRVE
+from fe2ml.micro.mesh import read_mesh
+
+COMM = MPI.COMM_WORLD
+BIN = Path(sys.executable).parent
+
+BCS = [DirichletSpec("left", (0, 1), 0.0), DirichletSpec("right", (0,), "0.25*t"),
+       DirichletSpec("right", (1,), "0.05*t*x")]
+
+
+def _run(prob, steps):
+    for k in range(1, steps + 1):
+        prob.step(k / steps)
+    return prob
+
+
+@pytest.fixture(scope="module")
+def rve_mesh(mesh_dir):
+    return read_mesh(generate_mesh("cells_2d", dict(n_cells=2, volume_fraction=0.25, seed=3, h=0.12), mesh_dir,
+                                   comm=COMM))
+
+
+def test_homogeneous_rve_fe2_equals_analytic(rve_mesh):
+    mat = NeoHookean(mu=1.0, K=4.0)
+    spec = {"generate": "rectangle", "size": [2.0, 1.0], "n": [4, 2]}
+    trac = [TractionSpec("top", (0.0, "-0.05*t"))]
+    law = RVELaw(HyperelasticRVE(rve_mesh, {1: mat, 2: mat}))
+    fe2 = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law, dirichlet=BCS, tractions=trac), 3)
+    ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), analytic={0: mat}, dirichlet=BCS, tractions=trac), 3)
+    u1, u2 = fe2.u.x.array, ana.u.x.array
+    scale = np.abs(u2).max()
+    assert scale > 0.1
+    assert np.abs(u1 - u2).max() < 1e-8 * scale
+    R1, R2 = fe2.reactions()["left"], ana.reactions()["left"]
+    assert np.abs(R1 - R2).max() < 1e-8 * np.abs(R2).max()
+    # the macro field is not homogeneous (clamped end, transverse load)
+    F, _ = ana.cell_averages()
+    assert COMM.allreduce(np.ptp(F[:, 0, 0]), op=MPI.MAX) > 1e-2
+
+
+def test_quadratic_convergence_heterogeneous(rve_mesh):
+    mats = {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=0.1, K=0.5)}
+    law = RVELaw(HyperelasticRVE(rve_mesh, mats))
+    prob = MacroProblem(COMM, create_macro_mesh(COMM, {"generate": "rectangle", "size": [2.0, 1.0], "n": [3, 2]}),
+                        law=law, dirichlet=BCS, newton=MacroNewton(rtol=1e-12))
+    rec = prob.step(1.0)
+    r = np.array(rec.residuals[-1])
+    assert rec.iterations >= 3
+    # estimated convergence order from the last three residuals above round-off
+    rr = r[r > 1e-11 * r[0]]
+    assert len(rr) >= 3
+    order = np.log(rr[-1] / rr[-2]) / np.log(rr[-2] / rr[-3])
+    assert order > 1.7, (r, order)
+
+
+def test_analytic_small_strain_patch_exact():
+    """Linear analytic run with affine boundary displacement reproduces the affine field exactly."""
+    from fe2ml.materials import LinearElastic
+
+    H = np.array([[0.01, 0.003], [-0.002, 0.005]])
+    bcs = [DirichletSpec(b, (0, 1), v) for b in ("left", "right", "bottom", "top")
+           for v in [f"({H[0, 0]}*x + {H[0, 1]}*y)*t"]][:0]
+    specs = []
+    for b in ("left", "right", "bottom", "top"):
+        specs.append(DirichletSpec(b, (0,), f"({H[0, 0]}*x + {H[0, 1]}*y)*t"))
+        specs.append(DirichletSpec(b, (1,), f"({H[1, 0]}*x + {H[1, 1]}*y)*t"))
+    del bcs
+    mm = create_macro_mesh(COMM, {"generate": "rectangle", "size": [1.0, 1.0], "n": [3, 3]})
+    prob = _run(MacroProblem(COMM, mm, analytic={0: LinearElastic(E=2.0, nu=0.3)}, kinematics="small",
+                             dirichlet=specs), 1)
+    F, P = prob.cell_averages()
+    assert np.abs(F - (np.eye(2) + H)).max() < 1e-12
+    C = LinearElastic(E=2.0, nu=0.3).stiffness(2)
+    assert np.abs(P - np.einsum("ijkl,kl->ij", C, 0.5 * (H + H.T))).max() < 1e-12
+
+
+def test_bad_problem_inputs(rve_mesh):
+    mat = NeoHookean(mu=1.0, K=4.0)
+    mm = create_macro_mesh(COMM, {"generate": "rectangle", "size": [2.0, 1.0], "n": [2, 2]})
+    with pytest.raises(ConfigError, match="unknown boundary 'lefty'"):
+        MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=[DirichletSpec("lefty", (0,), 0.0)])
+    with pytest.raises(ConfigError, match="component 2 does not exist in 2D"):
+        MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=[DirichletSpec("left", (2,), 0.0)])
+    with pytest.raises(ConfigError, match="empty"):
+        MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=[DirichletSpec("hole", (0,), 0.0)])
+    mesh3 = create_macro_mesh(COMM, {"generate": "box", "size": [1.0, 1.0, 1.0], "n": [1, 1, 1]})
+    with pytest.raises(ConfigError, match="RVE is 2D but the macro mesh is 3D"):
+        MacroProblem(COMM, mesh3, law=RVELaw(HyperelasticRVE(rve_mesh, {1: mat, 2: mat})),
+                     dirichlet=[DirichletSpec("left", (0, 1, 2), 0.0)])
+
+
+RUN = """\
+    dim: 2
+    mesh: {generate: rectangle, size: [2.0, 1.0], n: [4, 2]}
+    material:
+      kind: rve
+      rve:
+        mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.25, seed: 3, h: 0.12}
+        phases:
+          1: {material: neo_hookean, mu: 1.0, K: 3.0}
+          2: {material: neo_hookean, mu: 0.2, K: 1.0}
+    bcs:
+      - {boundary: left, components: [0, 1], value: 0.0}
+      - {boundary: right, components: [0], value: "0.3*t"}
+    tractions:
+      - {boundary: top, value: [0.0, "-0.02*t"]}
+    steps: 3
+    output: out
+"""
+
+
+def _rows(path):
+    with open(path) as f:
+        r = list(csv.reader(f))
+    return r[0], np.array(r[1:], dtype=float)
+
+
+@pytest.mark.serial
+def test_run_cli_one_and_two_ranks_identical(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(textwrap.dedent(RUN))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r1 = subprocess.run([str(BIN / "fe2ml"), "run", str(cfg), "--output", str(tmp_path / "s")], capture_output=True,
+                        text=True, env=env, timeout=600)
+    assert r1.returncode == 0, r1.stderr
+    r2 = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "run", str(cfg), "--output",
+                         str(tmp_path / "p")], capture_output=True, text=True, env=env, timeout=600)
+    assert r2.returncode == 0, r2.stderr
+    h1, a1 = _rows(tmp_path / "s" / "reactions.csv")
+    h2, a2 = _rows(tmp_path / "p" / "reactions.csv")
+    assert h1 == h2 and a1.shape == (3, len(h1))
+    assert np.abs(a1 - a2).max() <= 1e-10 * np.abs(a1).max()
+    s1 = json.loads((tmp_path / "s" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "p" / "summary.json").read_text())
+    assert s1["status"] == s2["status"] == "completed" and s2["ranks"] == 2
+    assert s1["rve_solves"] == s2["rve_solves"] > 0
+    for k in ("rve_or_constitutive", "macro_assembly", "macro_solve"):
+        assert k in s1["time_split_s"]
+    for f in ("fields.xdmf", "fields.h5", "reactions.png", "config.yaml"):
+        assert (tmp_path / "s" / f).exists()
+    assert "step 3/3" in r1.stdout  # progress
+
+
+RUN_BAD = {
+    "unknown_boundary": (RUN.replace("boundary: right", "boundary: rite"), "unknown boundary 'rite'"),
+    "missing_component": (RUN.replace("components: [0], value", "components: [2], value"),
+                          "component(s) [2] do not exist in 2D"),
+    "mesh_file_missing": (RUN.replace("{generate: rectangle, size: [2.0, 1.0], n: [4, 2]}", "{file: nope.msh}"),
+                          "nope.msh not found"),
+    "rve_dim": (RUN.replace("mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.25, seed: 3, h: 0.12}",
+                            "mesh: {generate: cells_3d}"), "makes 3D meshes but dim is 2"),
+    "bad_expression": (RUN.replace('"0.3*t"', '"0.3*tt"'), "unknown name 'tt'"),
+    "no_kind": (RUN.replace("kind: rve", "kind: magic"), "material.kind: expected rve or analytic"),
+    "unknown_key": (RUN + "    colour: blue\n", "unknown key(s) colour"),
+}
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("name", sorted(RUN_BAD))
+def test_run_bad_input(tmp_path, name):
+    text, expected = RUN_BAD[name]
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(textwrap.dedent(text))
+    r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "run", str(cfg)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "fe2ml: error" in ln]
+    assert len(lines) == 1 and expected in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.serial
+def test_impossible_load_keeps_partial_results(tmp_path):
+    # t = 1/3 converges (0.1 stretch); beyond, the right end is pushed past the left one: inverted elements
+    text = RUN.replace('"0.3*t"', '"0.3*t - 40.0*max(t - 0.34, 0.0)"').replace("steps: 3",
+                                                                              "steps: 3\n    newton: {max_cuts: 2}")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(textwrap.dedent(text))
+    r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "run", str(cfg)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "failed after 2 step cuts" in r.stderr
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["status"] == "failed" and abs(s["t"] - 1 / 3) < 1e-12
+    _, rows = _rows(tmp_path / "out" / "reactions.csv")
+    assert rows.shape[0] == 1
