@@ -106,8 +106,10 @@ def plot_stress_strain(F: np.ndarray, P: np.ndarray, path: str | os.PathLike, *,
 
 
 def plot_reactions(header: list, rows: np.ndarray, path, *, title: str = "") -> None:
-    """Load–displacement curves of a macro run: each boundary's largest reaction component against
-    that boundary's mean displacement in the same direction (or against t when it does not move).
+    """Load–displacement curves of a macro run.
+
+    Each boundary's largest reaction component is drawn against that boundary's mean displacement
+    in the same direction (or against t when it does not move).
 
     Args:
         header: CSV column names (``t``, ``NAME_R1``, ..., ``NAME_u1_mean``, ...).

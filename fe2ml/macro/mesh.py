@@ -94,8 +94,7 @@ def _from_arrays(comm, points, cells, cell_type, phases):
 
     from fe2ml.micro.mesh import CELL_TYPES
 
-    d, name, perm = CELL_TYPES[cell_type]
-    gdim = d
+    gdim, name, perm = CELL_TYPES[cell_type]
     if comm.rank == 0:
         c = cells if perm is None else cells[:, perm]
         x = np.ascontiguousarray(points[:, :gdim])
@@ -121,7 +120,6 @@ def _tile(rm, n, eps):
     """Tile an RVE mesh n times per axis, scale by eps, merge coincident nodes."""
     from scipy.spatial import cKDTree
 
-    d = rm.dim
     lo, hi = rm.box
     L = hi - lo
     pts, cells, ph = [], [], []

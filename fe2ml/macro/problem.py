@@ -1,5 +1,6 @@
-"""The macroscale problem: dolfinx displacement on the caller's communicator, Newton with the
-homogenized tangent, load stepping with collective step cutting, and run outputs.
+"""The macroscale problem: Newton with the homogenized tangent, load stepping, run outputs.
+
+The displacement lives on the caller's communicator; load steps are cut collectively.
 
 Constitutive paths:
 
@@ -166,7 +167,8 @@ class MacroProblem:
             tree = parse_expression(spec.value, names, where=f"{where}.value")
             for c in spec.components:
                 if not isinstance(c, int) or not 0 <= c < d:
-                    raise ConfigError(f"{where}.components: component {c!r} does not exist in {d}D (allowed 0..{d - 1})")
+                    raise ConfigError(f"{where}.components: component {c!r} does not exist in {d}D "
+                                      f"(allowed 0..{d - 1})")
                 Vc, _ = V.sub(c).collapse()
                 dofs = dolfinx.fem.locate_dofs_topological((V.sub(c), Vc), fdim, facets)
                 g = dolfinx.fem.Function(Vc)

@@ -134,7 +134,8 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
             ts = summary["time_split_s"]
             print(f"  done in {time.perf_counter() - t0:.1f} s: constitutive/RVE {ts['rve_or_constitutive']:.2f} s, "
                   f"macro assembly {ts['macro_assembly']:.2f} s, macro solve {ts['macro_solve']:.2f} s; "
-                  f"{summary['rve_solves']} RVE solves; load balance max/mean {summary['load_balance_max_over_mean']:.2f}")
+                  f"{summary['rve_solves']} RVE solves; load balance max/mean "
+                  f"{summary['load_balance_max_over_mean']:.2f}")
             print(f"  outputs: {out}/fields.xdmf, reactions.csv, reactions.png, summary.json")
     prob.close()
     return summary
