@@ -107,8 +107,8 @@ def _from_arrays(comm, points, cells, cell_type, phases):
     el = basix.ufl.element("Lagrange", name, 1, shape=(gdim,))
     msh = dolfinx.mesh.create_mesh(comm, c, ufl.Mesh(el), x)
     tags = None
-    if phases is not None:
-        ph = comm.bcast(phases if comm.rank == 0 else None, root=0)
+    ph = comm.bcast(phases if comm.rank == 0 else None, root=0)  # every rank takes part
+    if ph is not None:
         tdim = msh.topology.dim
         nloc = msh.topology.index_map(tdim).size_local
         orig = np.asarray(msh.topology.original_cell_index)[:nloc]
