@@ -108,8 +108,9 @@ def plot_stress_strain(F: np.ndarray, P: np.ndarray, path: str | os.PathLike, *,
 def plot_reactions(header: list, rows: np.ndarray, path, *, title: str = "") -> None:
     """Load–displacement curves of a macro run.
 
-    Each boundary's largest reaction component is drawn against that boundary's mean displacement
-    in the same direction (or against t when it does not move).
+    The abscissa is the mean displacement component that moves most (e.g. the pulled edge's u1);
+    every boundary reaction component that is not negligible is drawn against it (against t when
+    nothing moves).
 
     Args:
         header: CSV column names (``t``, ``NAME_R1``, ..., ``NAME_u1_mean``, ...).
@@ -119,22 +120,23 @@ def plot_reactions(header: list, rows: np.ndarray, path, *, title: str = "") -> 
     """
     plt = _plt()
     rows = np.vstack([np.zeros((1, rows.shape[1])), rows])
+    ucols = [i for i, h in enumerate(header) if h.endswith("_mean")]
+    rcols = [i for i, h in enumerate(header) if "_R" in h]
+    if ucols and np.abs(rows[:, ucols]).max() > 0:
+        ux = ucols[int(np.argmax(np.abs(rows[:, ucols]).max(axis=0)))]
+        x, xlabel = rows[:, ux], f"mean displacement {header[ux].removesuffix('_mean')}"
+    else:
+        x, xlabel = rows[:, 0], "load parameter t"
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    names = sorted({h.rsplit("_R", 1)[0] for h in header if "_R" in h})
-    for name in names:
-        rc = [i for i, h in enumerate(header) if h.startswith(name + "_R")]
-        k = int(np.argmax(np.abs(rows[:, rc]).max(axis=0)))
-        uc = header.index(f"{name}_u{k + 1}_mean")
-        x = rows[:, uc]
-        xlabel = "mean boundary displacement"
-        if np.ptp(x) < 1e-14:
-            x, xlabel = rows[:, 0], "load parameter t"
-        ax.plot(x, rows[:, rc[k]], marker="o", ms=3, label=f"{name}: R{k + 1}")
-        ax.set_xlabel(xlabel)
+    big = np.abs(rows[:, rcols]).max() if rcols else 0.0
+    for i in rcols:
+        if np.abs(rows[:, i]).max() > 1e-2 * big:
+            ax.plot(x, rows[:, i], marker="o", ms=3, label=header[i].replace("_R", ": reaction R"))
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("reaction force")
+    ax.axhline(0, color="k", lw=0.5)
     ax.grid(alpha=0.3)
-    if names:
-        ax.legend()
+    ax.legend()
     ax.set_title(title or "reaction curve")
     fig.tight_layout()
     fig.savefig(path, dpi=130)

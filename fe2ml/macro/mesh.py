@@ -185,6 +185,9 @@ def _plate_with_hole(comm, size, radius, h, h_hole):
         gmsh.option.setNumber("Mesh.MeshSizeExtendFromBoundary", 0)
         gmsh.option.setNumber("Mesh.MeshSizeFromPoints", 0)
         gmsh.option.setNumber("Mesh.MeshSizeFromCurvature", 0)
+        gmsh.option.setNumber("Mesh.MeshSizeMax", h)  # options persist in gmsh: set every one we rely on
+        gmsh.option.setNumber("Mesh.MeshSizeMin", min(h, h_hole) / 2)
+        gmsh.option.setNumber("Mesh.Algorithm", 6)
         gmsh.model.mesh.generate(2)
     data = dgmsh.model_to_mesh(gmsh.model, comm, 0, gdim=2)
     if comm.rank == 0:

@@ -45,6 +45,10 @@ def _gmsh_start():
     gmsh.option.setNumber("General.Terminal", 0)
     gmsh.option.setNumber("General.Verbosity", 1)
     gmsh.clear()
+    # options outlive models in gmsh: restore the defaults that other meshes in this process may change
+    for opt, val in (("Mesh.MeshSizeExtendFromBoundary", 1), ("Mesh.MeshSizeFromPoints", 1),
+                     ("Mesh.MeshSizeFromCurvature", 0), ("Mesh.MeshSizeMin", 0.0), ("Mesh.MeshSizeMax", 1e22)):
+        gmsh.option.setNumber(opt, val)
     return gmsh
 
 
