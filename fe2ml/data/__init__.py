@@ -1,0 +1,1 @@
+"""HDF5 strain–stress–tangent logs: schema, writer, reader, fingerprints, sampling campaigns."""

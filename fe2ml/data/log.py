@@ -1,0 +1,257 @@
+"""HDF5 log of RVE evaluations: one record per evaluated point, append-only and crash-safe.
+
+Layout: a log is a folder (``rve_data/<name>/``) of part files ``part-<run>-r<rank>.h5``; every
+process of every run writes its own part (no parallel HDF5 needed, no coordination between ranks),
+and readers merge the parts of a folder. A part is written in SWMR mode: after each flush the file
+on disk is consistent, so a process killed at any moment leaves a file that opens and holds every
+record up to its last flush. Parts are never reopened for writing (a resumed run writes new parts).
+
+Schema (``SCHEMA_VERSION`` = 1), per record (n = records, d = dimension, c = cells, p = phases)::
+
+    F (n,d,d)  P (n,d,d)  A (n,d,d,d,d)       float64: macro F̄, homogenized P̄, tangent Ā = ∂P̄/∂F̄
+    point_id (n,)  int64                       design point index (campaign) or macro quadrature point id
+    step (n,)  int32                           campaign: path index or -1; macro run: load step
+    iteration (n,)  int32                      macro Newton iteration (-1: not recorded)
+    converged (n,)  int8                       1 for converged states
+    x (n,3)  float64                           macro quadrature point coordinates (nan for campaigns)
+    rank (n,)  int32                           MPI rank that computed the record
+    newton_its (n,) int32                      RVE Newton iterations
+    cells/<key>  (n,c,...)                     per-cell quantities (volume, F, E, stretch, J, W, sigma,
+                                               von_mises, sigma_max, phase), see CellQuantities
+    phases/<key> (n,p,...)                     per-phase quantities, peak_E and peak_von_mises (n,p)
+
+File attributes: schema_version, fingerprint, rve (JSON description: mesh hash, materials, BCs,
+discretisation), dim, kinematics, source_kind (campaign | macro_run), source_id, design (JSON, campaigns),
+config (YAML text), fe2ml_version, versions (JSON), created (ISO 8601), rank, n_cells, phase_tags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from fe2ml.errors import ConfigError, Fe2mlError
+
+__all__ = ["SCHEMA_VERSION", "LogError", "LogWriter", "folder_fingerprints", "versions"]
+
+SCHEMA_VERSION = 1
+BASE_FIELDS = {
+    "point_id": ((), np.int64),
+    "step": ((), np.int32),
+    "iteration": ((), np.int32),
+    "converged": ((), np.int8),
+    "x": ((3,), np.float64),
+    "rank": ((), np.int32),
+    "newton_its": ((), np.int32),
+}
+
+
+class LogError(Fe2mlError):
+    """A log file is unreadable, of another schema, or incompatible with the data being written."""
+
+
+def versions() -> dict:
+    """Versions of fe2ml and its main dependencies."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("fe2ml", "fenics-dolfinx", "dolfinx-solver-real", "petsc4py", "mpi4py", "numpy", "h5py", "torch",
+                "gmsh"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def _part_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.h5")) if folder.is_dir() else []
+
+
+def folder_fingerprints(folder: Path) -> dict[str, str]:
+    """Fingerprint of every readable part in a folder: {file name: fingerprint}."""
+    import h5py
+
+    out = {}
+    for p in _part_files(Path(folder)):
+        try:
+            with h5py.File(p, "r", swmr=True, locking=False) as f:
+                out[p.name] = str(f.attrs.get("fingerprint", ""))
+        except OSError:
+            out[p.name] = "<unreadable>"
+    return out
+
+
+class LogWriter:
+    """Append-only writer of one part file (one process).
+
+    Args:
+        folder: log folder (created if needed).
+        run_id: identifier of this run (part files are ``part-<run_id>-r<rank>.h5``).
+        rank: MPI rank of this process.
+        fingerprint: RVE fingerprint; the folder must not hold parts of another fingerprint.
+        attrs: file attributes (dim, kinematics, rve description, source, config, ...).
+        n_cells: number of biological cells (0: no cell quantities), n_phases: number of phases.
+        flush_every: records buffered before a flush.
+        flush_seconds: a flush also happens when this much time passed since the last one.
+
+    Raises:
+        LogError: the folder holds records of another fingerprint, or cannot be written.
+    """
+
+    def __init__(self, folder, run_id: str, rank: int, *, fingerprint: str, attrs: dict, dim: int,
+                 n_cells: int = 0, n_phases: int = 0, flush_every: int = 64, flush_seconds: float = 30.0):
+        import h5py
+
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LogError(f"{self.folder}: cannot create the log folder ({e.strerror})") from None
+        others = {n: fp for n, fp in folder_fingerprints(self.folder).items() if fp != fingerprint}
+        if others:
+            name, fp = next(iter(others.items()))
+            raise LogError(f"{self.folder}: holds records of another RVE (part {name} has fingerprint {fp}, this RVE "
+                           f"has {fingerprint}); use another folder")
+        if not os.access(self.folder, os.W_OK):
+            raise LogError(f"{self.folder}: log folder is not writable")
+        self.path = self.folder / f"part-{run_id}-r{rank:04d}.h5"
+        if self.path.exists():
+            raise LogError(f"{self.path}: exists already; parts are never overwritten")
+        self.d = dim
+        self.nc = n_cells
+        self.np_ = n_phases
+        self.flush_every = int(flush_every)
+        self.flush_seconds = float(flush_seconds)
+        self._buf: list[dict] = []
+        self._last_flush = time.monotonic()
+        self.n_written = 0
+        try:
+            self.f = h5py.File(self.path, "w", libver="latest")
+        except OSError as e:
+            raise LogError(f"{self.path}: cannot create ({e})") from None
+        f = self.f
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["fingerprint"] = fingerprint
+        f.attrs["rank"] = rank
+        f.attrs["created"] = datetime.now(UTC).isoformat()
+        f.attrs["fe2ml_version"] = versions().get("fe2ml", "unknown")
+        f.attrs["versions"] = json.dumps(versions())
+        f.attrs["dim"] = dim
+        f.attrs["n_cells"] = n_cells
+        for k, v in attrs.items():
+            f.attrs[k] = v if isinstance(v, str | int | float | np.ndarray | list) else json.dumps(v)
+        d = dim
+        self._shapes = {"F": ((d, d), np.float64), "P": ((d, d), np.float64), "A": ((d, d, d, d), np.float64),
+                        **BASE_FIELDS}
+        if n_cells or n_phases:
+            cq = {"volume": (), "F": (3, 3), "E": (3, 3), "stretch": (3,), "J": (), "W": (), "sigma": (3, 3),
+                  "von_mises": (), "sigma_max": ()}
+            for k, s in cq.items():
+                if n_cells:
+                    self._shapes[f"cells/{k}"] = ((n_cells, *s), np.float64)
+                self._shapes[f"phases/{k}"] = ((n_phases, *s), np.float64)
+            if n_cells:
+                self._shapes["cells/phase"] = ((n_cells,), np.int32)
+            self._shapes["phases/peak_E"] = ((n_phases,), np.float64)
+            self._shapes["phases/peak_von_mises"] = ((n_phases,), np.float64)
+        self._ds = {}
+        for name, (shape, dt) in self._shapes.items():
+            per = int(np.prod(shape)) if shape else 1
+            chunk = max(1, min(4096, 65536 // max(per, 1)))
+            comp = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if per >= 16 else {}
+            self._ds[name] = f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt,
+                                              chunks=(chunk, *shape), **comp)
+        f.swmr_mode = True
+        f.flush()
+
+    def add(self, F, P, A, *, point_id, step=-1, iteration=-1, converged=1, x=None, rank=0, newton_its=0,
+            cells=None) -> None:
+        """Buffer a batch of records (arrays with leading dimension n) and flush when due.
+
+        Args:
+            F, P: (n, d, d); A: (n, d, d, d, d).
+            point_id: (n,) ints.
+            step, iteration, converged, rank, newton_its: scalars or (n,) arrays.
+            x: (n, 3) or (n, d) coordinates (nan if None).
+            cells: list of n :class:`~fe2ml.micro.hyper.CellQuantities` (or None).
+        """
+        F = np.asarray(F, dtype=np.float64)
+        n = len(F)
+        if n == 0:
+            return
+        rec = {"F": F, "P": np.asarray(P, dtype=np.float64), "A": np.asarray(A, dtype=np.float64)}
+        rec["point_id"] = np.broadcast_to(np.asarray(point_id, dtype=np.int64), (n,))
+        for k, v in (("step", step), ("iteration", iteration), ("converged", converged), ("rank", rank),
+                     ("newton_its", newton_its)):
+            rec[k] = np.broadcast_to(np.asarray(v, dtype=BASE_FIELDS[k][1]), (n,))
+        xx = np.full((n, 3), np.nan)
+        if x is not None:
+            x = np.asarray(x, dtype=np.float64).reshape(n, -1)
+            xx[:, : x.shape[1]] = x
+        rec["x"] = xx
+        if cells is not None and any(k.startswith("phases/") for k in self._shapes):
+            for key in self._shapes:
+                if key.startswith("cells/"):
+                    rec[key] = np.array([c.cell[key[6:]] for c in cells])
+                elif key in ("phases/peak_E", "phases/peak_von_mises"):
+                    rec[key] = np.array([getattr(c, key[7:]) for c in cells])
+                elif key.startswith("phases/"):
+                    rec[key] = np.array([c.phase[key[7:]] for c in cells])
+        for key, (shape, _) in self._shapes.items():
+            if key not in rec:
+                rec[key] = np.full((n, *shape), np.nan if self._shapes[key][1] == np.float64 else -1)
+            elif rec[key].shape != (n, *shape):
+                raise LogError(f"{self.path}: record field {key} has shape {rec[key].shape[1:]}, the log expects "
+                               f"{shape}")
+        self._buf.append(rec)
+        if sum(len(b["F"]) for b in self._buf) >= self.flush_every or \
+                time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered records and make them durable (SWMR flush)."""
+        if not self._buf:
+            return
+        n_new = sum(len(b["F"]) for b in self._buf)
+        n0 = self.n_written
+        for key, ds in self._ds.items():
+            data = np.concatenate([b[key] for b in self._buf])
+            ds.resize(n0 + n_new, axis=0)
+            ds[n0:] = data
+        self.f.flush()
+        self.n_written += n_new
+        self._buf.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush and close the part file."""
+        if getattr(self, "f", None) is not None:
+            try:
+                self.flush()
+            finally:
+                self.f.close()
+                self.f = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def check_folder_writable(folder) -> None:
+    """Raise ConfigError if a log folder cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{folder}: log folder is not writable ({e.strerror})") from None
