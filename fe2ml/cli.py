@@ -1,7 +1,10 @@
 """The ``fe2ml`` command.
 
 Subcommands:
-    homogenize CONFIG.yaml [--json OUT.json]   effective stiffness of an RVE
+    homogenize CONFIG.yaml [--json OUT.json]   RVE: effective stiffness (small) or P̄, Ā, cells (finite strain)
+    run CONFIG.yaml [--output DIR]             macro problem: FE² or analytic
+    sample CONFIG.yaml [--output DIR]          sampling campaign logged to HDF5
+    inspect PATH... [--plot PNG]               summary of HDF5 logs
 
 Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
 Errors caused by input print one line ``fe2ml: error: ...`` on stderr and exit with status 2.
@@ -227,6 +230,65 @@ def cmd_run(args, comm) -> int:
     return 0
 
 
+def cmd_sample(args, comm) -> int:
+    """Run ``fe2ml sample``."""
+    from fe2ml.data.sampling import load_sample_config, run_campaign
+
+    cfg = load_sample_config(args.config, output=args.output)
+    run_campaign(comm, cfg)
+    return 0
+
+
+def cmd_inspect(args, comm) -> int:
+    """Run ``fe2ml inspect``: summary of a log (files or folders) and optional plot of the sampled space."""
+    from fe2ml.data.log import LogError
+    from fe2ml.data.reader import find_parts, read_logs
+
+    if comm.rank != 0:
+        return 0
+    parts = find_parts(args.paths)
+    import h5py
+
+    fps: dict = {}
+    for p in parts:
+        try:
+            with h5py.File(p, "r", swmr=True, locking=False) as f:
+                fps.setdefault(str(f.attrs.get("fingerprint", "?")), []).append(p)
+        except OSError as e:
+            raise LogError(f"{p}: not a readable HDF5 log ({str(e).splitlines()[0]}); the file is corrupt or "
+                           "truncated") from None
+    fp_list = [args.fingerprint] if args.fingerprint else sorted(fps)
+    for fp in fp_list:
+        data = read_logs(args.paths, fingerprint=fp)
+        F, P = data["F"], data["P"]
+        lam = np.sqrt(np.clip(np.linalg.eigvalsh(np.einsum("nki,nkj->nij", F, F)), 0, None))
+        J = np.linalg.det(F)
+        Pn = np.linalg.norm(P.reshape(len(P), -1), axis=1) if len(P) else np.zeros(0)
+        rve = data.rve
+        print(f"fingerprint {fp}: {len(data)} records in {len(data.parts)} part(s), {data.dim}D, {data.kinematics} "
+              f"strain")
+        print(f"  RVE: {rve.get('n_elements', '?')} elements, {rve.get('n_cells', '?')} cells, bc {rve.get('bc')}, "
+              f"materials {', '.join(m.get('type', '?') for m in rve.get('materials', {}).values())}")
+        srcs, counts = np.unique(data.source.astype(str), return_counts=True)
+        kinds = {str(a.get("source_id")): str(a.get("source_kind")) for a in data.attrs}
+        for s_, c in zip(srcs, counts, strict=True):
+            print(f"  source {s_} ({kinds.get(s_, '?')}): {c} records")
+        if len(data):
+            print(f"  principal stretches: [{lam.min():.4f}, {lam.max():.4f}]; J: [{J.min():.4f}, {J.max():.4f}]; "
+                  f"|P̄|: [{Pn.min():.4g}, {Pn.max():.4g}]")
+            if "cells/stretch" in data.arrays:
+                cs = data["cells/stretch"][..., 0]
+                print(f"  cell-level: {cs.shape[1]} cells per record, max principal cell stretch "
+                      f"[{np.nanmin(cs):.4f}, {np.nanmax(cs):.4f}]")
+        if args.plot:
+            from fe2ml.plotting import plot_strain_space
+
+            out = args.plot if len(fp_list) == 1 else str(Path(args.plot).with_suffix("")) + f"_{fp}.png"
+            plot_strain_space(lam, data.source.astype(str), out, title=f"sampled strain space ({fp})")
+            print(f"  wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -242,6 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML config (keys: dim, mesh, material, bcs, tractions, steps, ...)")
     r.add_argument("--output", default=None, help="run folder (overrides the config's output)")
     r.set_defaults(func=cmd_run)
+    sm = sub.add_parser("sample", help="sampling campaign: RVE over a design of F̄, logged to HDF5 (resumable)")
+    sm.add_argument("config", help="YAML config (keys: rve, design, output, flush_every, cells)")
+    sm.add_argument("--output", default=None, help="log folder (overrides the config's output)")
+    sm.set_defaults(func=cmd_sample)
+    ins = sub.add_parser("inspect", help="summary of HDF5 logs (files or folders)")
+    ins.add_argument("paths", nargs="+", help="log files or folders")
+    ins.add_argument("--fingerprint", default=None, help="only this RVE fingerprint")
+    ins.add_argument("--plot", default=None, help="PNG of the sampled principal stretches")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_reactions", "plot_rve", "plot_stress_strain"]
+__all__ = ["plot_lines", "plot_reactions", "plot_rve", "plot_strain_space", "plot_stress_strain"]
 
 
 def _plt():
@@ -158,6 +158,35 @@ def plot_lines(curves: dict, path, *, xlabel: str, ylabel: str, title: str = "",
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_strain_space(lam: np.ndarray, source: np.ndarray, path, *, title: str = "") -> None:
+    """Scatter of the principal stretches of logged records (largest against smallest), by source.
+
+    Args:
+        lam: principal stretches (n, d), ascending.
+        source: (n,) source labels.
+        path: PNG file.
+        title: figure title.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    for s in np.unique(source):
+        sel = source == s
+        ax.scatter(lam[sel, -1], lam[sel, 0], s=6, alpha=0.7, label=str(s))
+    lo = min(lam.min(), 1.0)
+    hi = max(lam.max(), 1.0)
+    ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
+    ax.axhline(1, color="k", lw=0.5)
+    ax.axvline(1, color="k", lw=0.5)
+    ax.set_xlabel("largest principal stretch")
+    ax.set_ylabel("smallest principal stretch")
+    ax.grid(alpha=0.3)
+    ax.legend(title="source", fontsize=7)
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

@@ -22,7 +22,7 @@ def material_description(m) -> dict:
     out = {"type": type(m).__name__}
     if dataclasses.is_dataclass(m):
         for f in dataclasses.fields(m):
-            if f.name.startswith("_"):
+            if f.name.startswith("_") or f.name == "name":  # labels do not change the response
                 continue
             v = getattr(m, f.name)
             if callable(v):

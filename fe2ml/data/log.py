@@ -37,7 +37,15 @@ import numpy as np
 
 from fe2ml.errors import ConfigError, Fe2mlError
 
-__all__ = ["SCHEMA_VERSION", "LogError", "LogWriter", "folder_fingerprints", "versions"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "LogError",
+    "LogWriter",
+    "check_fingerprint",
+    "check_folder_writable",
+    "folder_fingerprints",
+    "versions",
+]
 
 SCHEMA_VERSION = 1
 BASE_FIELDS = {
@@ -87,6 +95,16 @@ def folder_fingerprints(folder: Path) -> dict[str, str]:
     return out
 
 
+def check_fingerprint(folder, fingerprint: str) -> None:
+    """Refuse a folder whose readable parts hold another RVE fingerprint (unreadable parts are ignored)."""
+    others = {n: fp for n, fp in folder_fingerprints(Path(folder)).items()
+              if fp not in (fingerprint, "<unreadable>")}
+    if others:
+        name, fp = next(iter(others.items()))
+        raise LogError(f"{folder}: holds records of another RVE (part {name} has fingerprint {fp}, this RVE has "
+                       f"{fingerprint}); use another folder")
+
+
 class LogWriter:
     """Append-only writer of one part file (one process).
 
@@ -105,7 +123,8 @@ class LogWriter:
     """
 
     def __init__(self, folder, run_id: str, rank: int, *, fingerprint: str, attrs: dict, dim: int,
-                 n_cells: int = 0, n_phases: int = 0, flush_every: int = 64, flush_seconds: float = 30.0):
+                 n_cells: int = 0, n_phases: int = 0, flush_every: int = 64, flush_seconds: float = 30.0,
+                 check_folder: bool = True):
         import h5py
 
         self.folder = Path(folder)
@@ -113,11 +132,8 @@ class LogWriter:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LogError(f"{self.folder}: cannot create the log folder ({e.strerror})") from None
-        others = {n: fp for n, fp in folder_fingerprints(self.folder).items() if fp != fingerprint}
-        if others:
-            name, fp = next(iter(others.items()))
-            raise LogError(f"{self.folder}: holds records of another RVE (part {name} has fingerprint {fp}, this RVE "
-                           f"has {fingerprint}); use another folder")
+        if check_folder:
+            check_fingerprint(self.folder, fingerprint)
         if not os.access(self.folder, os.W_OK):
             raise LogError(f"{self.folder}: log folder is not writable")
         self.path = self.folder / f"part-{run_id}-r{rank:04d}.h5"
@@ -220,11 +236,22 @@ class LogWriter:
             return
         n_new = sum(len(b["F"]) for b in self._buf)
         n0 = self.n_written
-        for key, ds in self._ds.items():
-            data = np.concatenate([b[key] for b in self._buf])
-            ds.resize(n0 + n_new, axis=0)
-            ds[n0:] = data
-        self.f.flush()
+        try:
+            for key, ds in self._ds.items():
+                data = np.concatenate([b[key] for b in self._buf])
+                ds.resize(n0 + n_new, axis=0)
+                ds[n0:] = data
+            self.f.flush()
+        except OSError as e:
+            self._buf.clear()
+            # readers see the dataset extents of the last successful flush; shrink back to them
+            try:
+                for ds in self._ds.values():
+                    ds.resize(n0, axis=0)
+            except OSError:
+                pass
+            raise LogError(f"{self.path}: writing records failed ({e}); the {n0} records of earlier flushes are "
+                           "intact") from None
         self.n_written += n_new
         self._buf.clear()
         self._last_flush = time.monotonic()

@@ -19,6 +19,7 @@ Keys::
     newton: {rtol: 1e-9, atol: 1e-12, max_it: 20, max_cuts: 6}
     warm_start: true                              RVE solves start from the point's last state
     output: PATH                                  run folder (default: results/<config name>)
+    log: {folder: PATH, all_iterations: false, cells: true}   log RVE evaluations to HDF5 (material.kind rve)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from fe2ml.errors import ConfigError
 __all__ = ["RunConfig", "load_run_config"]
 
 RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "steps",
-            "newton", "warm_start", "output")
+            "newton", "warm_start", "output", "log")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RunConfig:
     warm_start: bool
     output: Path
     raw: dict = field(default_factory=dict)
+    log: dict | None = None
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -208,9 +210,21 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if not isinstance(out, str):
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
     out_p = (base / out) if output is None else Path(out)
+    log = raw.get("log")
+    if log is not None:
+        if not isinstance(log, dict) or "folder" not in log:
+            raise ConfigError(f"{f}: log: expected a mapping {{folder: PATH, all_iterations: false, cells: true}}")
+        _check_keys(log, ("folder", "all_iterations", "cells"), f"{f}: log")
+        if kind != "rve":
+            raise ConfigError(f"{f}: log: logging needs material.kind rve (there are no RVE evaluations to log)")
+        for k in ("all_iterations", "cells"):
+            if k in log and not isinstance(log[k], bool):
+                raise ConfigError(f"{f}: log.{k}: expected true or false, got {log[k]!r}")
+        log = {"folder": base / str(log["folder"]), "all_iterations": log.get("all_iterations", False),
+               "cells": log.get("cells", True)}
     return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
-                     warm_start=ws, output=out_p, raw=raw)
+                     warm_start=ws, output=out_p, raw=raw, log=log)
 
 
 def _check_expr(v, names, where):

@@ -59,8 +59,10 @@ class LinearRVELaw:
 
     kinematics = "small"
 
-    def __init__(self, rve):
+    def __init__(self, rve, *, recorder=None):
         t0 = time.perf_counter()
+        self.rve = rve
+        self.recorder = recorder
         self.C = rve.homogenize().C
         self.dim = rve.d
         self.stats = {"evaluations": 0, "rve_solves": 1, "time_s": time.perf_counter() - t0, "max_point_s": 0.0}
@@ -74,13 +76,19 @@ class LinearRVELaw:
         A = np.broadcast_to(self.C, (len(F),) + self.C.shape).copy()
         self.stats["evaluations"] += len(F)
         self.stats["time_s"] += time.perf_counter() - t0
+        if self.recorder is not None:
+            self.recorder(F, P, A, None)
         return P, A
 
     def commit(self):
-        """No state."""
+        """No state (forwards to the recorder)."""
+        if hasattr(self.recorder, "commit"):
+            self.recorder.commit()
 
     def rollback(self):
-        """No state."""
+        """No state (forwards to the recorder)."""
+        if hasattr(self.recorder, "rollback"):
+            self.recorder.rollback()
 
 
 class RVELaw:
@@ -118,6 +126,7 @@ class RVELaw:
         P = np.zeros((n, d, d))
         A = np.zeros((n, d, d, d, d))
         cells = [] if self.cells else None
+        its_pt = np.zeros(n, dtype=np.int32)
         t_all = time.perf_counter()
         for k in range(n):
             t0 = time.perf_counter()
@@ -132,6 +141,7 @@ class RVELaw:
             if self.cells:
                 cells.append(self.rve.cell_quantities())
             self.trial[k] = state if self.warm_start else None
+            its_pt[k] = its
             self.stats["newton_its"] += its
             self.stats["substeps"] += steps
             self.stats["max_point_s"] = max(self.stats["max_point_s"], time.perf_counter() - t0)
@@ -140,15 +150,22 @@ class RVELaw:
         self.stats["time_s"] += time.perf_counter() - t_all
         self.last_cells = cells
         if self.recorder is not None:
-            self.recorder(F, P, A, cells)
+            try:
+                self.recorder(F, P, A, cells, its_pt)
+            except TypeError:
+                self.recorder(F, P, A, cells)
         return P, A
 
     def commit(self):
         """Accept the trial states."""
         if self.trial is not None:
             self.committed = list(self.trial)
+        if hasattr(self.recorder, "commit"):
+            self.recorder.commit()
 
     def rollback(self):
         """Discard the trial states."""
         if self.committed is not None:
             self.trial = list(self.committed)
+        if hasattr(self.recorder, "rollback"):
+            self.recorder.rollback()

@@ -276,6 +276,12 @@ class MacroProblem:
         """Physical coordinates of this rank's quadrature points, (n_local, d)."""
         return self.x_expr.eval(self.msh, self.cells).reshape(-1, self.d)
 
+    def quadrature_point_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Global ids (global cell index x points per cell + q) and coordinates of this rank's points."""
+        start = self.msh.topology.index_map(self.msh.topology.dim).local_range[0]
+        ids = ((start + self.cells)[:, None] * self.nqp + np.arange(self.nqp)[None, :]).ravel()
+        return ids.astype(np.int64), self.quadrature_points()
+
     def _F_qp(self) -> np.ndarray:
         return self.F_expr.eval(self.msh, self.cells).reshape(-1, self.d, self.d)
 

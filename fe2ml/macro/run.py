@@ -106,6 +106,26 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
             raise ConfigError(f"{cfg.path}: {e}") from None
 
     prob = _collective(comm, mkprob)
+    logger = None
+    if cfg.log is not None:
+        from fe2ml.data.fingerprint import rve_fingerprint
+        from fe2ml.data.log import check_fingerprint, check_folder_writable
+        from fe2ml.data.macro_log import make_macro_logger
+
+        def check():
+            if comm.rank == 0:  # before any rank creates its part
+                check_folder_writable(cfg.log["folder"])
+                check_fingerprint(cfg.log["folder"], rve_fingerprint(law.rve))
+
+        _collective(comm, check)
+        run_id = comm.bcast(__import__("uuid").uuid4().hex[:8] if comm.rank == 0 else None, root=0)
+        logger = _collective(comm, lambda: make_macro_logger(
+            comm, law, law.rve, cfg.log["folder"], run_id=run_id, config_text=cfg.path.read_text(),
+            all_iterations=cfg.log["all_iterations"], cells=cfg.log["cells"]))
+        ids, x = prob.quadrature_point_ids()
+        logger.set_points(ids, x)
+        if rank0:
+            print(f"  logging RVE evaluations to {cfg.log['folder']} (run {run_id})", flush=True)
     if rank0:
         print(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
               f"{cfg.steps} load steps", flush=True)
@@ -115,6 +135,8 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
     status, message = "completed", ""
     try:
         for k in range(1, cfg.steps + 1):
+            if logger is not None:
+                logger.step = k
             rec = prob.step(k / cfg.steps)
             writer.write_step()
             if not quiet:
@@ -125,6 +147,9 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
         writer.close()
         prob.close()
         raise
+    finally:
+        if logger is not None:
+            logger.close()
     writer.write_summary(status, message)
     writer.close()
     summary = {}

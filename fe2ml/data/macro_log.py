@@ -1,0 +1,94 @@
+"""Logging of the quadrature-point evaluations of an FE² run to the HDF5 log schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+__all__ = ["MacroLogger"]
+
+
+class MacroLogger:
+    """Recorder for :class:`fe2ml.macro.laws.RVELaw`: converged (optionally all) evaluations per load step.
+
+    The law calls the logger with every evaluated batch; :meth:`commit` (load step converged) writes
+    the last batch with ``converged = 1`` and, with ``all_iterations``, the earlier Newton iterates
+    with ``converged = 0``; :meth:`rollback` (rejected step) keeps those iterates only with
+    ``all_iterations``.
+
+    Args:
+        writer: :class:`fe2ml.data.log.LogWriter` of this rank.
+        rank: MPI rank.
+        all_iterations: also log non-converged Newton iterates.
+    """
+
+    def __init__(self, writer, rank: int, *, all_iterations: bool = False):
+        self.writer = writer
+        self.rank = rank
+        self.all_iterations = all_iterations
+        self.pending: list = []
+        self.step = 0
+        self.point_ids = None
+        self.x = None
+
+    def set_points(self, point_ids: np.ndarray, x: np.ndarray) -> None:
+        """Global ids and coordinates of this rank's quadrature points."""
+        self.point_ids = np.asarray(point_ids, dtype=np.int64)
+        self.x = np.asarray(x, dtype=np.float64)
+
+    def __call__(self, F, P, A, cells, its=None):
+        """Called by the law with every evaluated batch."""
+        self.pending.append((np.array(F), np.array(P), np.array(A), cells, its))
+
+    def _write(self, item, iteration, converged):
+        F, P, A, cells, its = item
+        n = len(F)
+        ids = self.point_ids if self.point_ids is not None and len(self.point_ids) == n else np.arange(n)
+        x = self.x if self.x is not None and len(self.x) == n else None
+        self.writer.add(F, P, A, point_id=ids, step=self.step, iteration=iteration, converged=converged, x=x,
+                        rank=self.rank, newton_its=0 if its is None else its, cells=cells)
+
+    def commit(self):
+        """The load step converged: write its converged batch (and iterates if requested)."""
+        if not self.pending:
+            return
+        if self.all_iterations:
+            for k, item in enumerate(self.pending[:-1]):
+                self._write(item, k, 0)
+        self._write(self.pending[-1], len(self.pending) - 1, 1)
+        self.pending.clear()
+
+    def rollback(self):
+        """The load step was rejected."""
+        if self.all_iterations:
+            for k, item in enumerate(self.pending):
+                self._write(item, k, 0)
+        self.pending.clear()
+
+    def close(self):
+        """Flush and close the part file."""
+        self.writer.close()
+
+
+def make_macro_logger(comm, law, rve, folder, *, run_id, config_text, all_iterations=False, cells=True):
+    """Create this rank's logger for an FE² run and attach it to the law.
+
+    The caller checks the folder's fingerprint on rank 0 first (:func:`fe2ml.data.log.check_fingerprint`).
+    """
+    from fe2ml.data.fingerprint import rve_description, rve_fingerprint
+    from fe2ml.data.log import LogWriter
+
+    fp = rve_fingerprint(rve)
+    finite = hasattr(rve, "formulation")
+    nc = int(rve.rve_mesh.n_cells) if (finite and cells) else 0
+    nph = len(rve.rve_mesh.tags) if (finite and cells) else 0
+    attrs = {"source_kind": "macro_run", "source_id": run_id, "config": config_text,
+             "rve": json.dumps(rve_description(rve)), "kinematics": "finite" if finite else "small", "run_id": run_id}
+    writer = LogWriter(folder, run_id, comm.rank, fingerprint=fp, attrs=attrs, dim=rve.d, n_cells=nc, n_phases=nph,
+                       check_folder=False)
+    logger = MacroLogger(writer, comm.rank, all_iterations=all_iterations)
+    law.recorder = logger
+    if hasattr(law, "cells"):
+        law.cells = bool(nc or nph)
+    return logger

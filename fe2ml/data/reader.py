@@ -1,0 +1,208 @@
+"""Reading fe2ml logs: arrays, filters, merging, and a lazily opened torch Dataset."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fe2ml.data.log import SCHEMA_VERSION, LogError
+
+__all__ = ["LogData", "find_parts", "read_logs"]
+
+
+def find_parts(paths) -> list[Path]:
+    """Part files of the given files and folders (folders: every ``*.h5`` inside), sorted.
+
+    Raises:
+        LogError: a path does not exist or a folder holds no part.
+    """
+    if isinstance(paths, str | Path):
+        paths = [paths]
+    out = []
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            parts = sorted(p.glob("*.h5"))
+            if not parts:
+                raise LogError(f"{p}: folder holds no .h5 log parts")
+            out.extend(parts)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise LogError(f"{p}: no such log file or folder")
+    return out
+
+
+def _open(path):
+    import h5py
+
+    try:
+        f = h5py.File(path, "r", swmr=True, locking=False)
+    except OSError as e:
+        msg = str(e).splitlines()[0]
+        raise LogError(f"{path}: not a readable HDF5 log ({msg}); the file is corrupt or truncated") from None
+    ver = f.attrs.get("schema_version")
+    if ver is None or "fingerprint" not in f.attrs:
+        f.close()
+        raise LogError(f"{path}: not an fe2ml log (no schema_version/fingerprint attributes)")
+    if int(ver) != SCHEMA_VERSION:
+        f.close()
+        raise LogError(f"{path}: schema version {int(ver)} is not supported (this fe2ml reads version {SCHEMA_VERSION})")
+    return f
+
+
+@dataclass
+class LogData:
+    """Records of one or more parts with the same fingerprint, as arrays.
+
+    Attributes:
+        fingerprint: the RVE fingerprint.
+        dim: dimension; kinematics: small | finite.
+        arrays: field name -> array with leading dimension n (see the schema in :mod:`fe2ml.data.log`).
+        source: (n,) source id of every record; parts: the part files; attrs: attributes of each part.
+    """
+
+    fingerprint: str
+    dim: int
+    kinematics: str
+    arrays: dict
+    source: np.ndarray
+    parts: list = field(default_factory=list)
+    attrs: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.arrays["F"])
+
+    def __getitem__(self, key):
+        return self.arrays[key]
+
+    @property
+    def rve(self) -> dict:
+        """RVE description of the first part."""
+        return json.loads(self.attrs[0].get("rve", "{}")) if self.attrs else {}
+
+
+def read_logs(paths, *, fingerprint: str | None = None, source: str | None = None, converged_only: bool = False,
+              fields=None) -> LogData:
+    """Read and merge log parts.
+
+    Args:
+        paths: files and/or folders.
+        fingerprint: keep only parts of this fingerprint (required when several are present).
+        source: keep only parts whose ``source_id`` or ``source_kind`` equals this.
+        converged_only: drop non-converged (intermediate Newton) records.
+        fields: restrict to these fields (default: all of the first part).
+
+    Returns:
+        :class:`LogData`.
+
+    Raises:
+        LogError: unreadable/corrupt parts, schema mismatch, several fingerprints without a filter,
+            nothing left after filtering.
+    """
+    parts = find_parts(paths)
+    metas = []
+    for p in parts:
+        with _open(p) as f:
+            metas.append((p, {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}))
+    fps = sorted({str(m["fingerprint"]) for _, m in metas})
+    if fingerprint is None:
+        if len(fps) > 1:
+            raise LogError(f"logs hold several RVE fingerprints {fps}; choose one with fingerprint=")
+        fingerprint = fps[0] if fps else ""
+    sel = [(p, m) for p, m in metas if str(m["fingerprint"]) == fingerprint]
+    if source is not None:
+        sel = [(p, m) for p, m in sel if source in (str(m.get("source_id")), str(m.get("source_kind")))]
+    if not sel:
+        raise LogError(f"no log part matches fingerprint {fingerprint!r}" + (f" and source {source!r}" if source else ""))
+    arrays: dict[str, list] = {}
+    srcs = []
+    names = None
+    for p, m in sel:
+        with _open(p) as f:
+            if names is None:
+                names = fields or [k for k in _walk(f)]
+            try:
+                n = f["F"].shape[0]
+                for k in names:
+                    if k not in f:
+                        raise LogError(f"{p}: field {k} missing (parts of one fingerprint must share their fields)")
+                    arrays.setdefault(k, []).append(f[k][:n])
+            except (OSError, KeyError) as e:
+                raise LogError(f"{p}: records cannot be read ({str(e).splitlines()[0]}); the file is corrupt or "
+                               "truncated") from None
+            srcs.append(np.full(n, str(m.get("source_id", p.stem)), dtype=object))
+    data = {k: np.concatenate(v) for k, v in arrays.items()}
+    src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=object)
+    if converged_only and "converged" in data:
+        keep = data["converged"] == 1
+        data = {k: v[keep] for k, v in data.items()}
+        src = src[keep]
+    m0 = sel[0][1]
+    return LogData(fingerprint=fingerprint, dim=int(m0["dim"]), kinematics=str(m0.get("kinematics", "finite")),
+                   arrays=data, source=src, parts=[p for p, _ in sel], attrs=[m for _, m in sel])
+
+
+def _walk(f):
+    out = []
+
+    def visit(name, obj):
+        import h5py
+
+        if isinstance(obj, h5py.Dataset):
+            out.append(name)
+
+    f.visititems(visit)
+    return out
+
+
+class RVEDataset:
+    """A torch ``Dataset`` over log parts, opened lazily in each worker process.
+
+    Items are dicts of torch tensors (float64) for ``fields`` (default F, P, A). The index is built
+    once from the part sizes; file handles are opened on first access in the process that uses them
+    (so a DataLoader with workers forks before any HDF5 handle exists).
+
+    Args:
+        paths: files and/or folders.
+        fingerprint: RVE fingerprint (required when several are present).
+        fields: fields to return.
+    """
+
+    def __init__(self, paths, *, fingerprint: str | None = None, fields=("F", "P", "A")):
+        meta = read_logs(paths, fingerprint=fingerprint, fields=["point_id"])
+        self.parts = meta.parts
+        self.fields = list(fields)
+        sizes = []
+        for p in self.parts:
+            with _open(p) as f:
+                sizes.append(f["F"].shape[0])
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._files: dict = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _file(self, k):
+        import os
+
+        if self._pid != os.getpid():  # new worker: never reuse handles across fork
+            self._files = {}
+            self._pid = os.getpid()
+        if k not in self._files:
+            self._files[k] = _open(self.parts[k])
+        return self._files[k]
+
+    def __getitem__(self, i):
+        import torch
+
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        f = self._file(k)
+        j = i - int(self.offsets[k])
+        return {name: torch.as_tensor(np.asarray(f[name][j])) for name in self.fields}
