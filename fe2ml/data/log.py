@@ -191,10 +191,16 @@ class LogWriter:
         """Buffer a batch of records (arrays with leading dimension n) and flush when due.
 
         Args:
-            F, P: (n, d, d); A: (n, d, d, d, d).
+            F: macro deformation gradients (n, d, d).
+            P: homogenized stresses (n, d, d).
+            A: tangents (n, d, d, d, d).
             point_id: (n,) ints.
-            step, iteration, converged, rank, newton_its: scalars or (n,) arrays.
+            step: load step or path index (scalar or (n,)).
+            iteration: Newton iteration (scalar or (n,)).
+            converged: 1 for converged states (scalar or (n,)).
             x: (n, 3) or (n, d) coordinates (nan if None).
+            rank: MPI rank (scalar or (n,)).
+            newton_its: RVE Newton iterations (scalar or (n,)).
             cells: list of n :class:`~fe2ml.micro.hyper.CellQuantities` (or None).
         """
         F = np.asarray(F, dtype=np.float64)

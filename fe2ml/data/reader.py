@@ -50,7 +50,8 @@ def _open(path):
         raise LogError(f"{path}: not an fe2ml log (no schema_version/fingerprint attributes)")
     if int(ver) != SCHEMA_VERSION:
         f.close()
-        raise LogError(f"{path}: schema version {int(ver)} is not supported (this fe2ml reads version {SCHEMA_VERSION})")
+        raise LogError(f"{path}: schema version {int(ver)} is not supported (this fe2ml reads version "
+                       f"{SCHEMA_VERSION})")
     return f
 
 
@@ -117,7 +118,8 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
     if source is not None:
         sel = [(p, m) for p, m in sel if source in (str(m.get("source_id")), str(m.get("source_kind")))]
     if not sel:
-        raise LogError(f"no log part matches fingerprint {fingerprint!r}" + (f" and source {source!r}" if source else ""))
+        raise LogError(f"no log part matches fingerprint {fingerprint!r}"
+                       + (f" and source {source!r}" if source else ""))
     arrays: dict[str, list] = {}
     srcs = []
     names = None
