@@ -241,22 +241,18 @@ def cmd_sample(args, comm) -> int:
 
 def cmd_inspect(args, comm) -> int:
     """Run ``fe2ml inspect``: summary of a log (files or folders) and optional plot of the sampled space."""
-    from fe2ml.data.log import LogError
     from fe2ml.data.reader import find_parts, read_logs
 
     if comm.rank != 0:
         return 0
     parts = find_parts(args.paths)
-    import h5py
+
+    from fe2ml.data.reader import _open
 
     fps: dict = {}
     for p in parts:
-        try:
-            with h5py.File(p, "r", swmr=True, locking=False) as f:
-                fps.setdefault(str(f.attrs.get("fingerprint", "?")), []).append(p)
-        except OSError as e:
-            raise LogError(f"{p}: not a readable HDF5 log ({str(e).splitlines()[0]}); the file is corrupt or "
-                           "truncated") from None
+        with _open(p) as f:
+            fps.setdefault(str(f.attrs.get("fingerprint", "?")), []).append(p)
     fp_list = [args.fingerprint] if args.fingerprint else sorted(fps)
     for fp in fp_list:
         data = read_logs(args.paths, fingerprint=fp)

@@ -83,14 +83,14 @@ def _part_files(folder: Path) -> list[Path]:
 
 def folder_fingerprints(folder: Path) -> dict[str, str]:
     """Fingerprint of every readable part in a folder: {file name: fingerprint}."""
-    import h5py
-
     out = {}
+    from fe2ml.data.reader import _open
+
     for p in _part_files(Path(folder)):
         try:
-            with h5py.File(p, "r", swmr=True, locking=False) as f:
+            with _open(p) as f:
                 out[p.name] = str(f.attrs.get("fingerprint", ""))
-        except OSError:
+        except LogError:
             out[p.name] = "<unreadable>"
     return out
 
@@ -144,11 +144,12 @@ class LogWriter:
         self.np_ = n_phases
         self.flush_every = int(flush_every)
         self.flush_seconds = float(flush_seconds)
-        self._buf: list[dict] = []
+        self._buf: list = []
+        self._n_buf = 0
         self._last_flush = time.monotonic()
         self.n_written = 0
         try:
-            self.f = h5py.File(self.path, "w", libver="latest")
+            self.f = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=256 * 1024)
         except OSError as e:
             raise LogError(f"{self.path}: cannot create ({e})") from None
         f = self.f
@@ -207,49 +208,79 @@ class LogWriter:
         n = len(F)
         if n == 0:
             return
-        rec = {"F": F, "P": np.asarray(P, dtype=np.float64), "A": np.asarray(A, dtype=np.float64)}
-        rec["point_id"] = np.broadcast_to(np.asarray(point_id, dtype=np.int64), (n,))
-        for k, v in (("step", step), ("iteration", iteration), ("converged", converged), ("rank", rank),
-                     ("newton_its", newton_its)):
-            rec[k] = np.broadcast_to(np.asarray(v, dtype=BASE_FIELDS[k][1]), (n,))
-        xx = np.full((n, 3), np.nan)
-        if x is not None:
-            x = np.asarray(x, dtype=np.float64).reshape(n, -1)
-            xx[:, : x.shape[1]] = x
-        rec["x"] = xx
-        if cells is not None and any(k.startswith("phases/") for k in self._shapes):
-            for key in self._shapes:
-                if key.startswith("cells/"):
-                    rec[key] = np.array([c.cell[key[6:]] for c in cells])
-                elif key in ("phases/peak_E", "phases/peak_von_mises"):
-                    rec[key] = np.array([getattr(c, key[7:]) for c in cells])
-                elif key.startswith("phases/"):
-                    rec[key] = np.array([c.phase[key[7:]] for c in cells])
-        for key, (shape, _) in self._shapes.items():
-            if key not in rec:
-                rec[key] = np.full((n, *shape), np.nan if self._shapes[key][1] == np.float64 else -1)
-            elif rec[key].shape != (n, *shape):
-                raise LogError(f"{self.path}: record field {key} has shape {rec[key].shape[1:]}, the log expects "
-                               f"{shape}")
-        self._buf.append(rec)
-        if sum(len(b["F"]) for b in self._buf) >= self.flush_every or \
-                time.monotonic() - self._last_flush >= self.flush_seconds:
+        d = self.d
+        if F.shape != (n, d, d):
+            raise LogError(f"{self.path}: F has shape {F.shape[1:]}, the log expects ({d}, {d})")
+        # cheap here; arrays are assembled in bulk at flush time
+        self._buf.append((n, F, P, A, point_id, step, iteration, converged, x, rank, newton_its, cells))
+        self._n_buf += n
+        if self._n_buf >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
+
+    def _assemble(self) -> dict:
+        """Turn the buffered batches into one array per field."""
+        buf = self._buf
+        out = {}
+        out["F"] = np.concatenate([b[1] for b in buf])
+        for k, i in (("P", 2), ("A", 3)):
+            out[k] = np.concatenate([np.asarray(b[i], dtype=np.float64).reshape(b[0], *self._shapes[k][0])
+                                     for b in buf])
+        for k, i in (("point_id", 4), ("step", 5), ("iteration", 6), ("converged", 7), ("rank", 9),
+                     ("newton_its", 10)):
+            dt = BASE_FIELDS[k][1]
+            out[k] = np.concatenate([np.broadcast_to(np.asarray(b[i], dtype=dt), (b[0],)) for b in buf])
+        xs = []
+        for b in buf:
+            xx = np.full((b[0], 3), np.nan)
+            if b[8] is not None:
+                x = np.asarray(b[8], dtype=np.float64).reshape(b[0], -1)
+                xx[:, : x.shape[1]] = x
+            xs.append(xx)
+        out["x"] = np.concatenate(xs)
+        cell_keys = [k for k in self._shapes if k.startswith(("cells/", "phases/"))]
+        if cell_keys:
+            allc = [c for b in buf for c in (b[11] if b[11] is not None else [None] * b[0])]
+            for key in cell_keys:
+                shape, dt = self._shapes[key]
+                fill = np.nan if dt == np.float64 else -1
+                if key.startswith("cells/"):
+                    vals = [c.cell[key[6:]] if c is not None else np.full(shape, fill) for c in allc]
+                elif key in ("phases/peak_E", "phases/peak_von_mises"):
+                    vals = [getattr(c, key[7:]) if c is not None else np.full(shape, fill) for c in allc]
+                else:
+                    vals = [c.phase[key[7:]] if c is not None else np.full(shape, fill) for c in allc]
+                arr = np.asarray(vals, dtype=dt)
+                if arr.shape[1:] != shape:
+                    raise LogError(f"{self.path}: record field {key} has shape {arr.shape[1:]}, the log expects "
+                                   f"{shape}")
+                out[key] = arr
+        n = len(out["F"])
+        for key, (shape, _) in self._shapes.items():
+            if out[key].shape != (n, *shape):
+                raise LogError(f"{self.path}: record field {key} has shape {out[key].shape[1:]}, the log expects "
+                               f"{shape}")
+        return out
 
     def flush(self) -> None:
         """Write the buffered records and make them durable (SWMR flush)."""
         if not self._buf:
             return
-        n_new = sum(len(b["F"]) for b in self._buf)
+        try:
+            rec = self._assemble()
+        except Exception:
+            self._buf.clear()
+            self._n_buf = 0
+            raise
+        n_new = len(rec["F"])
         n0 = self.n_written
         try:
             for key, ds in self._ds.items():
-                data = np.concatenate([b[key] for b in self._buf])
                 ds.resize(n0 + n_new, axis=0)
-                ds[n0:] = data
+                ds[n0:] = rec[key]
             self.f.flush()
         except OSError as e:
             self._buf.clear()
+            self._n_buf = 0
             # readers see the dataset extents of the last successful flush; shrink back to them
             try:
                 for ds in self._ds.values():
@@ -260,6 +291,7 @@ class LogWriter:
                            "intact") from None
         self.n_written += n_new
         self._buf.clear()
+        self._n_buf = 0
         self._last_flush = time.monotonic()
 
     def close(self) -> None:

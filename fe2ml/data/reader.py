@@ -40,10 +40,17 @@ def _open(path):
     import h5py
 
     try:
-        f = h5py.File(path, "r", swmr=True, locking=False)
+        # plain read first: fails fast on damaged files (an SWMR reader retries checksums for a long time)
+        f = h5py.File(path, "r", locking=False)
     except OSError as e:
-        msg = str(e).splitlines()[0]
-        raise LogError(f"{path}: not a readable HDF5 log ({msg}); the file is corrupt or truncated") from None
+        if "already open for" not in str(e) and "write" not in str(e).lower():
+            raise LogError(f"{path}: not a readable HDF5 log ({str(e).splitlines()[0]}); the file is corrupt or "
+                           "truncated") from None
+        try:  # a part still being written, or left by a killed writer: SWMR read
+            f = h5py.File(path, "r", swmr=True, locking=False)
+        except OSError as e2:
+            raise LogError(f"{path}: not a readable HDF5 log ({str(e2).splitlines()[0]}); the file is corrupt or "
+                           "truncated") from None
     ver = f.attrs.get("schema_version")
     if ver is None or "fingerprint" not in f.attrs:
         f.close()

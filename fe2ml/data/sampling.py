@@ -229,17 +229,18 @@ def build_rve(rcfg, comm):
 
 def done_point_ids(folder: Path, campaign_id: str) -> set:
     """Design point ids already logged in ``folder`` by campaign ``campaign_id`` (readable parts only)."""
-    import h5py
+    from fe2ml.data.log import LogError
+    from fe2ml.data.reader import _open
 
     done: set = set()
     if not folder.is_dir():
         return done
     for p in sorted(folder.glob("*.h5")):
         try:
-            with h5py.File(p, "r", swmr=True, locking=False) as f:
+            with _open(p) as f:
                 if str(f.attrs.get("source_id", "")) == campaign_id:
                     done.update(int(i) for i in f["point_id"][:])
-        except (OSError, KeyError):
+        except (LogError, OSError, KeyError):
             continue
     return done
 
