@@ -5,6 +5,7 @@ Subcommands:
     run CONFIG.yaml [--output DIR]             macro problem: FE² or analytic
     sample CONFIG.yaml [--output DIR]          sampling campaign logged to HDF5
     inspect PATH... [--plot PNG]               summary of HDF5 logs
+    train CONFIG.yaml [--resume CKPT]          neural surrogate from logs
 
 Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
 Errors caused by input print one line ``fe2ml: error: ...`` on stderr and exit with status 2.
@@ -285,6 +286,15 @@ def cmd_inspect(args, comm) -> int:
     return 0
 
 
+def cmd_train(args, comm) -> int:
+    """Run ``fe2ml train``."""
+    from fe2ml.surrogate.train import load_train_config, train
+
+    cfg = load_train_config(args.config, output=args.output)
+    train(comm, cfg, resume=args.resume)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -309,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--fingerprint", default=None, help="only this RVE fingerprint")
     ins.add_argument("--plot", default=None, help="PNG of the sampled principal stretches")
     ins.set_defaults(func=cmd_inspect)
+    tr = sub.add_parser("train", help="train a neural surrogate on HDF5 logs")
+    tr.add_argument("config", help="YAML config (keys: data, model, loss, split, train, ensemble, output)")
+    tr.add_argument("--resume", default=None, help="refine this checkpoint on the config's data")
+    tr.add_argument("--output", default=None, help="output folder (overrides the config's output)")
+    tr.set_defaults(func=cmd_train)
     return p
 
 

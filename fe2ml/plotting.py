@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_lines", "plot_reactions", "plot_rve", "plot_strain_space", "plot_stress_strain"]
+__all__ = ["plot_parity", "plot_lines", "plot_reactions", "plot_rve", "plot_strain_space", "plot_stress_strain"]
 
 
 def _plt():
@@ -190,4 +190,36 @@ def plot_strain_space(lam: np.ndarray, source: np.ndarray, path, *, title: str =
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_parity(true: np.ndarray, pred: np.ndarray, path, *, title: str = "", symbol: str = "P") -> None:
+    """Parity plot per component: prediction against reference.
+
+    Args:
+        true: reference values (n, ...); pred: predictions, same shape.
+        path: PNG file.
+        title: figure title.
+        symbol: label prefix of the components.
+    """
+    plt = _plt()
+    t = true.reshape(len(true), -1)
+    p = pred.reshape(len(pred), -1)
+    k = t.shape[1]
+    ncol = min(k, 4)
+    nrow = int(np.ceil(k / ncol))
+    fig, axes = plt.subplots(nrow, ncol, figsize=(2.6 * ncol, 2.5 * nrow), squeeze=False)
+    for c in range(nrow * ncol):
+        ax = axes[c // ncol][c % ncol]
+        if c >= k:
+            ax.axis("off")
+            continue
+        lo, hi = min(t[:, c].min(), p[:, c].min()), max(t[:, c].max(), p[:, c].max())
+        ax.plot([lo, hi], [lo, hi], "k:", lw=0.8)
+        ax.scatter(t[:, c], p[:, c], s=4, alpha=0.7)
+        ax.set_title(f"{symbol}[{c}]", fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

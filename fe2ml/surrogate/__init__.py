@@ -1,0 +1,1 @@
+"""Neural constitutive surrogates (PyTorch): models, training, checkpoints, deployment laws."""

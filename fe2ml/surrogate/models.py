@@ -1,0 +1,296 @@
+"""Surrogate models implementing the constitutive contract F̄ (n,d,d) -> P̄ (n,d,d), Ā (n,d,d,d,d).
+
+- :class:`PotentialModel`: a strain energy W(C) from a network of the Green–Lagrange strain E
+  (``features: general`` — any anisotropy, objective by construction) or of the isotropic invariants
+  (``features: isotropic``: I1, I2, J), normalised so that W(I) = 0 and P(I) = 0; P = ∂W/∂F and
+  A = ∂²W/∂F² by automatic differentiation (symmetric tangent, energy consistent).
+  ``convex: true`` makes the network input-convex (non-negative hidden weights, convex non-decreasing
+  activations); with isotropic invariants (I1, I2 convex in F and cof F, ±J) the energy is polyconvex.
+- :class:`PlainModel`: a network F − I -> P (the common baseline), A by automatic differentiation.
+- ``kinematics: small``: the features are the small strain ε = sym(F − I) (potential) and
+  P = ∂W/∂F = σ.
+
+Plane strain (d = 2) embeds F in 3D with F33 = 1 for the invariants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as Fn
+
+__all__ = ["MODEL_KINDS", "PlainModel", "PotentialModel", "build_model"]
+
+
+def _mlp(n_in, hidden, n_out, convex=False):
+    return ICNN(n_in, hidden, n_out) if convex else MLP(n_in, hidden, n_out)
+
+
+class MLP(nn.Module):
+    """Softplus multilayer perceptron."""
+
+    def __init__(self, n_in, hidden, n_out):
+        super().__init__()
+        dims = [n_in, *hidden]
+        self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)])
+        self.out = nn.Linear(dims[-1], n_out)
+
+    def forward(self, x):
+        for lay in self.layers:
+            x = Fn.softplus(lay(x))
+        return self.out(x)
+
+
+class ICNN(nn.Module):
+    """Input-convex network: z_{k+1} = softplus(W_k⁺ z_k + V_k x + b_k), output W_out⁺ z + v·x."""
+
+    def __init__(self, n_in, hidden, n_out):
+        super().__init__()
+        self.Vs = nn.ModuleList([nn.Linear(n_in, h) for h in hidden])
+        self.Ws = nn.ParameterList([nn.Parameter(torch.randn(b, a) * 0.1) for a, b in zip(hidden[:-1], hidden[1:],
+                                                                                           strict=True)])
+        self.W_out = nn.Parameter(torch.randn(n_out, hidden[-1]) * 0.1)
+        self.V_out = nn.Linear(n_in, n_out)
+
+    def forward(self, x):
+        z = Fn.softplus(self.Vs[0](x))
+        for W, V in zip(self.Ws, self.Vs[1:], strict=True):
+            z = Fn.softplus(z @ Fn.softplus(W).T + V(x))
+        return z @ Fn.softplus(self.W_out).T + self.V_out(x)
+
+
+def _det3(F):
+    """Determinant of (..., 3, 3) by cofactors (smooth second derivatives)."""
+    return (F[..., 0, 0] * (F[..., 1, 1] * F[..., 2, 2] - F[..., 1, 2] * F[..., 2, 1])
+            - F[..., 0, 1] * (F[..., 1, 0] * F[..., 2, 2] - F[..., 1, 2] * F[..., 2, 0])
+            + F[..., 0, 2] * (F[..., 1, 0] * F[..., 2, 1] - F[..., 1, 1] * F[..., 2, 0]))
+
+
+def _embed3(F):
+    """(..., d, d) -> (..., 3, 3) with F33 = 1 for d = 2."""
+    d = F.shape[-1]
+    if d == 3:
+        return F
+    F3 = Fn.pad(F, (0, 1, 0, 1))  # out of place (vmap-safe)
+    e33 = torch.zeros(3, 3, dtype=F.dtype)
+    e33[2, 2] = 1.0
+    return F3 + e33
+
+
+class _Base(nn.Module):
+    """Common: buffers for normalisation, batched P and A by autograd."""
+
+    def __init__(self, dim: int, kinematics: str):
+        super().__init__()
+        self.dim = dim
+        self.kinematics = kinematics
+        self.register_buffer("p_scale", torch.tensor(1.0, dtype=torch.float64))
+
+    def stress_tangent(self, F: torch.Tensor, *, create_graph: bool = False):
+        """P (n,d,d) and A (n,d,d,d,d) for F (n,d,d)."""
+        raise NotImplementedError
+
+    def evaluate(self, F, *, batch: int = 1024):
+        """Numpy in/out contract evaluation (no graph)."""
+        import numpy as np
+
+        F = torch.as_tensor(np.asarray(F, dtype=np.float64))
+        Ps, As = [], []
+        for i in range(0, len(F), batch):
+            P, A = self.stress_tangent(F[i:i + batch])
+            Ps.append(P.detach())
+            As.append(A.detach())
+        return torch.cat(Ps).numpy(), torch.cat(As).numpy()
+
+
+class PotentialModel(_Base):
+    """Hyperelastic potential network, W(I) = 0 and P(I) = 0 by construction.
+
+    Args:
+        dim: 2 or 3.
+        kinematics: ``finite`` or ``small``.
+        hidden: hidden layer widths.
+        features: ``general`` (components of E or ε) or ``isotropic`` (I1, I2, J; finite strain only).
+        convex: input-convex network (polyconvex with isotropic features).
+    """
+
+    def __init__(self, dim: int, kinematics: str = "finite", hidden=(16, 16), features: str = "general",
+                 convex: bool = False):
+        super().__init__(dim, kinematics)
+        if features not in ("general", "isotropic"):
+            raise ValueError(f"features: expected general or isotropic, got {features!r}")
+        if features == "isotropic" and kinematics == "small":
+            raise ValueError("isotropic invariant features need finite kinematics")
+        self.features = features
+        self.convex = convex
+        d = dim
+        self.idx = [(i, j) for i in range(d) for j in range(i, d)]
+        n_in = len(self.idx) if features == "general" else 4
+        self.net = _mlp(n_in, list(hidden), 1, convex)
+        self.register_buffer("x_scale", torch.ones(n_in, dtype=torch.float64))
+        self.double()
+
+    def features_of(self, F):
+        """Unscaled network inputs (n, n_in) (used for the training-data bounds)."""
+        return self._feat(F)
+
+    def _feat(self, F):
+        d = self.dim
+        if self.features == "general":
+            if self.kinematics == "small":
+                H = F - torch.eye(d, dtype=F.dtype)
+                E = 0.5 * (H + H.transpose(-1, -2))
+            else:
+                E = 0.5 * (F.transpose(-1, -2) @ F - torch.eye(d, dtype=F.dtype))
+            x = torch.stack([E[..., i, j] * (1.0 if i == j else 2.0 ** 0.5) for i, j in self.idx], -1)
+            return x
+        F3 = _embed3(F)
+        C = F3.transpose(-1, -2) @ F3
+        I1 = C.diagonal(dim1=-2, dim2=-1).sum(-1)
+        I2 = 0.5 * (I1**2 - (C @ C).diagonal(dim1=-2, dim2=-1).sum(-1))
+        J = _det3(F3)
+        return torch.stack([I1 - 3.0, I2 - 3.0, J - 1.0, 1.0 - J], -1)
+
+    def _reference(self):
+        """Network value and gradient at the reference state (x = 0), differentiable in the weights."""
+        x0 = torch.zeros(1, self.x_scale.shape[0], dtype=torch.float64, requires_grad=True)
+        n0 = self.net(x0).sum()
+        g0 = torch.autograd.grad(n0, x0, create_graph=True)[0]
+        return n0, g0
+
+    def energy(self, F, ref=None):
+        """W(F) (n,) including the normalisation terms (W(I) = 0, P(I) = 0)."""
+        x = self._feat(F) / self.x_scale
+        n0, g0 = self._reference() if ref is None else ref
+        # stress-free reference: remove the linear part of the network at the reference state
+        if self.features == "general":
+            lin = (x * g0).sum(-1)
+        else:
+            # P(I) = (2 W_I1 + 4 W_I2 + W_J) I: subtract n (J - 1) (Linden et al.) with n from the network
+            # derivatives at the reference (x3 = J - 1, x4 = 1 - J enter with opposite signs)
+            s = self.x_scale
+            n = 2 * g0[0, 0] / s[0] + 4 * g0[0, 1] / s[1] + g0[0, 2] / s[2] - g0[0, 3] / s[3]
+            lin = n * (x[..., 2] * s[2])
+        return self.p_scale * (self.net(x).squeeze(-1) - n0 - lin)
+
+    def _basis(self):
+        """B_a (n_in, d, d): ∂x_a/∂E as a symmetric tensor (x = scaled strain components)."""
+        d = self.dim
+        B = torch.zeros(len(self.idx), d, d, dtype=torch.float64)
+        for a, (i, j) in enumerate(self.idx):
+            c = (1.0 if i == j else 2.0**0.5) / self.x_scale[a]
+            B[a, i, j] += c if i == j else 0.5 * c
+            if i != j:
+                B[a, j, i] += 0.5 * c
+        return B
+
+    @torch.no_grad()
+    def _fast(self, F):
+        """Closed-form P and A for strain features and a plain MLP: network derivatives propagated
+        layer by layer (value, gradient and Hessian in the input), then the chain rule
+        P = F S, A_iJkL = δ_ik S_JL + F_iM ℂ_MJNL F_kN (finite) or P = S, A = ℂ (small)."""
+        d = self.dim
+        I = torch.eye(d, dtype=F.dtype)
+        if self.kinematics == "small":
+            H_ = F - I
+            E = 0.5 * (H_ + H_.transpose(-1, -2))
+        else:
+            E = 0.5 * (F.transpose(-1, -2) @ F - I)
+        B = self._basis()
+        x = torch.stack([E[:, i, j] * (1.0 if i == j else 2.0**0.5) for i, j in self.idx], -1) / self.x_scale
+        n, m = x.shape
+        # layouts (n, m, h) and (n, m*m, h): every product is one large matrix multiplication
+        z = x
+        dz = None
+        d2z = None
+        for lay in self.net.layers:
+            a = z @ lay.weight.T + lay.bias
+            sg = torch.sigmoid(a)
+            Wd = lay.weight.T.expand(n, m, -1) if dz is None else dz @ lay.weight.T
+            d2 = ((sg * (1 - sg))[:, None, None, :] * Wd[:, :, None, :] * Wd[:, None, :, :]).reshape(n, m * m, -1)
+            if d2z is not None:
+                d2 = d2 + sg[:, None, :] * (d2z @ lay.weight.T)
+            z, dz, d2z = Fn.softplus(a), sg[:, None, :] * Wd, d2
+        w = self.net.out.weight[0]
+        g = dz @ w
+        H = (d2z @ w).reshape(n, m, m)
+        with torch.enable_grad():
+            _, g0 = self._reference()
+        g0 = g0.detach()[0]
+        Bf = B.reshape(m, d * d)
+        S = self.p_scale * ((g - g0) @ Bf).reshape(n, d, d)
+        Cc = self.p_scale * (Bf.T @ H @ Bf)  # (n, d², d²) = ℂ_(MJ)(NL)
+        if self.kinematics == "small":
+            return S, Cc.reshape(n, d, d, d, d)
+        P = F @ S
+        # A_iJkL = δ_ik S_JL + Σ_MN F_iM ℂ_MJNL F_kN
+        C5 = Cc.reshape(n, d, d, d, d)
+        T = (F.reshape(n, d, d, 1, 1, 1) * C5.reshape(n, 1, d, d, d, d)).sum(2)      # (n, i, J, N, L)
+        T = (T.reshape(n, d, d, 1, d, d) * F.reshape(n, 1, 1, d, d, 1)).sum(4)       # (n, i, J, k, L)
+        A = T + I.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
+        return P, A
+
+    def stress_tangent(self, F, *, create_graph=False):
+        """P = ∂W/∂F and A = ∂²W/∂F² (closed form for strain features, else batched autograd)."""
+        if not create_graph and self.features == "general" and isinstance(self.net, MLP):
+            return self._fast(F)
+        return self._autograd(F, create_graph)
+
+    def _autograd(self, F, create_graph):
+        """P and A by batched autograd (one backward pass per tangent column)."""
+        with torch.enable_grad():
+            F = F.detach().requires_grad_(True)
+            W = self.energy(F).sum()
+            P = torch.autograd.grad(W, F, create_graph=True)[0]
+            A = _columns(P, F, self.dim, create_graph)
+        return (P, A) if create_graph else (P.detach(), A.detach())
+
+
+def _columns(P, F, d, create_graph):
+    """A[n, i, j, k, l] = ∂P_ij/∂F_kl by d² batched backward passes."""
+    rows = []
+    for i in range(d):
+        for j in range(d):
+            g = torch.autograd.grad(P[:, i, j].sum(), F, create_graph=create_graph, retain_graph=True)[0]
+            rows.append(g)
+    return torch.stack(rows, 1).reshape(len(F), d, d, d, d)
+
+
+class PlainModel(_Base):
+    """Baseline network F − I -> P (no physics constraints); A by autograd (not symmetric in general)."""
+
+    def __init__(self, dim: int, kinematics: str = "finite", hidden=(16, 16)):
+        super().__init__(dim, kinematics)
+        self.net = MLP(dim * dim, list(hidden), dim * dim)
+        self.register_buffer("x_scale", torch.ones(dim * dim, dtype=torch.float64))
+        self.double()
+
+    def features_of(self, F):
+        """Unscaled network inputs (n, d²)."""
+        return (F - torch.eye(self.dim, dtype=F.dtype)).reshape(-1, self.dim * self.dim)
+
+    def stress(self, F):
+        """P (n,d,d)."""
+        d = self.dim
+        x = (F - torch.eye(d, dtype=F.dtype)).reshape(-1, d * d) / self.x_scale
+        return self.p_scale * self.net(x).reshape(-1, d, d)
+
+    def stress_tangent(self, F, *, create_graph=False):
+        """P and A = ∂P/∂F by autograd."""
+        with torch.enable_grad():
+            F = F.detach().requires_grad_(True)
+            P = self.stress(F)
+            A = _columns(P, F, self.dim, create_graph)
+        return (P, A) if create_graph else (P.detach(), A.detach())
+
+
+MODEL_KINDS = ("potential", "plain")
+
+
+def build_model(kind: str, dim: int, kinematics: str, **kw) -> _Base:
+    """Construct a model from its kind and arguments (as stored in checkpoints)."""
+    if kind == "potential":
+        return PotentialModel(dim, kinematics, **kw)
+    if kind == "plain":
+        return PlainModel(dim, kinematics, **{k: v for k, v in kw.items() if k == "hidden"})
+    raise ValueError(f"unknown model kind {kind!r}; allowed: {', '.join(MODEL_KINDS)}")
