@@ -57,6 +57,7 @@ class RunConfig:
     output: Path
     raw: dict = field(default_factory=dict)
     log: dict | None = None
+    surrogate: dict | None = None
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -105,10 +106,38 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if not isinstance(mat, dict):
         raise ConfigError(f"{f}: material: expected a mapping with kind: rve | analytic")
     kind = mat.get("kind")
-    if kind not in ("rve", "analytic"):
-        raise ConfigError(f"{f}: material.kind: expected rve or analytic, got {kind!r}")
+    if kind not in ("rve", "analytic", "surrogate", "hybrid"):
+        raise ConfigError(f"{f}: material.kind: expected rve, analytic, surrogate or hybrid, got {kind!r}")
     rve = analytic = None
-    if kind == "rve":
+    surrogate = None
+    if kind in ("surrogate", "hybrid"):
+        _check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log"), f"{f}: material")
+        ck = mat.get("checkpoint")
+        if not isinstance(ck, str):
+            raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt")
+        ckp = base / ck
+        if not ckp.is_file():
+            raise ConfigError(f"{f}: material.checkpoint: {ckp} not found")
+        th = mat.get("threshold", {}) or {}
+        if not isinstance(th, dict):
+            raise ConfigError(f"{f}: material.threshold: expected {{spread: 0.02, distance: 0.0}}")
+        _check_keys(th, ("spread", "distance"), f"{f}: material.threshold")
+        surrogate = {"checkpoint": ckp, "spread": _number(th.get("spread", 0.02), f"{f}: material.threshold.spread"),
+                     "distance": _number(th.get("distance", 0.0), f"{f}: material.threshold.distance"),
+                     "log": (base / str(mat["log"])) if mat.get("log") else None}
+        if kind == "hybrid" and "rve" not in mat:
+            raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
+        if "rve" in mat:
+            r = mat["rve"]
+            if isinstance(r, str):
+                rp = base / r
+                if not rp.is_file():
+                    raise ConfigError(f"{f}: material.rve: {rp} not found")
+                rve = parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
+            else:
+                rve = parse_homogenize(r, p, f"{f}: material.rve", base, require_points=False, default_dim=dim)
+        kin_default = "finite"
+    elif kind == "rve":
         _check_keys(mat, ("kind", "rve"), f"{f}: material")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
@@ -149,6 +178,13 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
+    if kind in ("surrogate", "hybrid"):
+        from fe2ml.surrogate.train import load_checkpoint
+
+        ck = load_checkpoint(surrogate["checkpoint"])
+        kin_default = ck["kinematics"]
+        if ck["dim"] != dim:
+            raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
     if kin != kin_default:
         raise ConfigError(f"{f}: kinematics {kin} does not fit the materials (they are {kin_default}-strain laws)")
     degree = raw.get("degree", 1)
@@ -224,7 +260,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
                "cells": log.get("cells", True)}
     return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
-                     warm_start=ws, output=out_p, raw=raw, log=log)
+                     warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate)
 
 
 def _check_expr(v, names, where):

@@ -598,6 +598,10 @@ class RunWriter:
             "constitutive_time_per_rank_s": cons,
             "load_balance_max_over_mean": float(np.max(cons) / max(np.mean(cons), 1e-300)),
             "rve_solves": int(sum(s.get("rve_solves", 0) for s in all_stats)),
+            "surrogate_s": float(max(s.get("surrogate_s", 0.0) for s in all_stats)) if all_stats else 0.0,
+            "fallbacks": int(sum(s.get("fallbacks", 0) for s in all_stats)),
+            "fallbacks_per_step": [int(sum(v)) for v in zip(*[s.get("fallbacks_per_step", []) for s in all_stats],
+                                                             strict=False)],
             "rve_newton_iterations": int(sum(s.get("newton_its", 0) for s in all_stats)),
             "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
                       for h in p.history],

@@ -47,6 +47,39 @@ def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
     return _collective(comm, make), mesh
 
 
+def _build_surrogate_law(comm, cfg):
+    """Surrogate or hybrid law of this rank (the RVE, when given, fixes the fingerprint to check)."""
+    from fe2ml.surrogate.law import HybridLaw, SurrogateLaw
+
+    s = cfg.surrogate
+    rve = None
+    rve_mesh = None
+    if cfg.rve is not None:
+        law0, rve_mesh = build_law(comm, cfg.rve, warm_start=True)
+        rve = getattr(law0, "rve", None)
+
+    def make():
+        if cfg.kind == "surrogate":
+            from fe2ml.data.fingerprint import rve_fingerprint
+
+            return SurrogateLaw(s["checkpoint"], dim=cfg.dim, kinematics=cfg.kinematics,
+                                fingerprint=rve_fingerprint(rve) if rve is not None else None)
+        writer = None
+        if s["log"] is not None:
+            import uuid
+
+            from fe2ml.data.fingerprint import rve_description, rve_fingerprint
+            from fe2ml.data.log import LogWriter
+
+            writer = LogWriter(s["log"], f"hybrid{uuid.uuid4().hex[:6]}", comm.rank, fingerprint=rve_fingerprint(rve),
+                               attrs={"source_kind": "hybrid_fallback", "source_id": "hybrid", "kinematics": "finite",
+                                      "rve": __import__("json").dumps(rve_description(rve))}, dim=cfg.dim,
+                               flush_every=16)
+        return HybridLaw(s["checkpoint"], rve, spread=s["spread"], distance=s["distance"], writer=writer)
+
+    return _collective(comm, make), rve_mesh
+
+
 def run(comm, cfg, *, quiet: bool = False) -> dict:
     """Run a macro problem (FE² or analytic) and write its outputs to ``cfg.output``.
 
@@ -94,6 +127,10 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
             nd = getattr(getattr(law, "rve", None), "ndofs", None)
             print(f"  RVE: {len(rve_mesh.cells)} elements, {rve_mesh.n_cells} cells" +
                   (f", {nd} dofs per solve" if nd else " (linear: C̄ once)"), flush=True)
+    if cfg.kind in ("surrogate", "hybrid"):
+        law, rve_mesh = _build_surrogate_law(comm, cfg)
+        if rank0:
+            print(f"  {cfg.kind} law from {cfg.surrogate['checkpoint']}", flush=True)
     mm = _collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh", base=cfg.path.parent,
                                                      rve_mesh_loader=lambda: rve_mesh))
 
@@ -150,6 +187,9 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
     finally:
         if logger is not None:
             logger.close()
+        w = getattr(law, "writer", None)
+        if w is not None:
+            w.close()
     writer.write_summary(status, message)
     writer.close()
     summary = {}

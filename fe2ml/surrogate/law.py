@@ -1,0 +1,141 @@
+"""Surrogate and hybrid constitutive laws for the macro solver (same contract as the RVE laws)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from fe2ml.errors import ConfigError
+
+__all__ = ["HybridLaw", "SurrogateLaw"]
+
+
+class SurrogateLaw:
+    """A trained checkpoint as a constitutive law: batched over the points of a rank.
+
+    Args:
+        checkpoint: path of ``checkpoint.pt``.
+        dim: dimension of the run; kinematics: of the run.
+        fingerprint: RVE fingerprint of the run (checked when given).
+
+    Raises:
+        ConfigError: missing/unreadable checkpoint, or one of another dimension, kinematics or RVE.
+    """
+
+    def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None):
+        import torch
+
+        from fe2ml.surrogate.train import EnsembleModel, load_checkpoint
+
+        torch.set_num_threads(1)  # one thread per rank
+        ck = load_checkpoint(checkpoint)
+        if ck["dim"] != dim:
+            raise ConfigError(f"{checkpoint}: checkpoint is for {ck['dim']}D, the run is {dim}D")
+        if ck["kinematics"] != kinematics:
+            raise ConfigError(f"{checkpoint}: checkpoint is for {ck['kinematics']} strain, the run is {kinematics}")
+        if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
+            raise ConfigError(f"{checkpoint}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
+                              f"{fingerprint}")
+        margs = {k: v for k, v in ck["model"].items() if k != "kind"}
+        self.ck = ck
+        self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"])
+        self.dim = dim
+        self.kinematics = kinematics
+        self.bounds = ck["bounds"]
+        self.stats = {"evaluations": 0, "rve_solves": 0, "time_s": 0.0, "surrogate_s": 0.0, "fallbacks": 0,
+                      "max_point_s": 0.0}
+
+    def evaluate(self, F):
+        """Mean ensemble prediction."""
+        t0 = time.perf_counter()
+        P, A = self.model.evaluate(F)
+        dt = time.perf_counter() - t0
+        self.stats["evaluations"] += len(F)
+        self.stats["time_s"] += dt
+        self.stats["surrogate_s"] += dt
+        return P, A
+
+    def distance(self, F) -> np.ndarray:
+        """Largest relative excursion of each point's features outside the training box (0 inside)."""
+        import torch
+
+        x = self.model.members[0].features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach().numpy()
+        lo, hi = np.array(self.bounds["feature_min"]), np.array(self.bounds["feature_max"])
+        w = np.maximum(hi - lo, 1e-12)
+        return np.max(np.maximum(0.0, np.maximum(lo - x, x - hi)) / w, axis=1)
+
+    def commit(self):
+        """No state."""
+
+    def rollback(self):
+        """No state."""
+
+
+class HybridLaw(SurrogateLaw):
+    """Surrogate where it is sure, true RVE where it is not.
+
+    A point falls back to the RVE when the ensemble spread (std of P over members, relative to the
+    RMS of the mean prediction) exceeds ``spread`` or its features leave the training box by more
+    than ``distance`` (relative to the box width). Fallback records are appended to ``writer``
+    (a :class:`fe2ml.data.log.LogWriter`) on commit.
+
+    Args:
+        checkpoint: path of the checkpoint.
+        rve: :class:`fe2ml.micro.hyper.HyperelasticRVE` of this rank (its fingerprint must match).
+        spread: spread threshold; distance: out-of-bounds threshold.
+        writer: optional log writer for the fallback records.
+    """
+
+    def __init__(self, checkpoint, rve, *, spread: float = 0.02, distance: float = 0.0, writer=None):
+        from fe2ml.data.fingerprint import rve_fingerprint
+
+        super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve))
+        self.rve = rve
+        self.spread_tol = spread
+        self.distance_tol = distance
+        self.writer = writer
+        self.states: dict = {}
+        self.trial: dict = {}
+        self.pending: list = []
+        self.flags_last = np.zeros(0, dtype=bool)
+
+    def evaluate(self, F):
+        """Surrogate for all points, RVE for the flagged ones."""
+        t0 = time.perf_counter()
+        Ps, As = self.model.evaluate_members(F)
+        Ps, As = np.array(Ps), np.array(As)
+        P, A = Ps.mean(0), As.mean(0)
+        scale = max(float(np.sqrt(np.mean(P**2))), 1e-300)
+        spread = Ps.std(0).reshape(len(F), -1).max(axis=1) / scale if len(Ps) > 1 else np.zeros(len(F))
+        flags = (spread > self.spread_tol) | (self.distance(F) > self.distance_tol)
+        self.stats["surrogate_s"] += time.perf_counter() - t0
+        idx = np.where(flags)[0]
+        for k in idx:
+            t1 = time.perf_counter()
+            start = self.trial.get(k, self.states.get(k))
+            state, its, _, R = self.rve.solve(F[k], start, point=int(k))
+            P[k], A[k] = self.rve.homogenized(R)
+            self.trial[k] = state
+            self.stats["max_point_s"] = max(self.stats["max_point_s"], time.perf_counter() - t1)
+        self.pending = [(F[idx].copy(), P[idx].copy(), A[idx].copy(), idx)]
+        self.flags_last = flags
+        self.stats["evaluations"] += len(F)
+        self.stats["rve_solves"] += len(idx)
+        self.stats["time_s"] += time.perf_counter() - t0
+        return P, A
+
+    def commit(self):
+        """Keep the RVE states of this step; log its fallback records; count the fallback points."""
+        self.states.update(self.trial)
+        self.stats["fallbacks"] += int(self.flags_last.sum())
+        self.stats.setdefault("fallbacks_per_step", []).append(int(self.flags_last.sum()))
+        if self.writer is not None and self.pending and len(self.pending[0][0]):
+            F, P, A, idx = self.pending[0]
+            self.writer.add(F, P, A, point_id=idx, converged=1)
+        self.pending = []
+
+    def rollback(self):
+        """Discard the trial states."""
+        self.trial = {}
+        self.pending = []
