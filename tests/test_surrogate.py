@@ -1,0 +1,170 @@
+"""Surrogate models: physics by construction, closed-form tangent, training, checkpoints, bad input."""
+
+import textwrap
+
+import numpy as np
+import pytest
+
+from mpi4py import MPI
+
+torch = pytest.importorskip("torch")
+
+from fe2ml.data.log import LogWriter  # noqa: E402
+from fe2ml.errors import ConfigError  # noqa: E402
+from fe2ml.surrogate.models import PlainModel, PotentialModel  # noqa: E402
+from test_hyper import nh_response  # noqa: E402
+
+COMM = MPI.COMM_WORLD
+torch.set_default_dtype(torch.float64)
+
+
+def rot(d, t):
+    if d == 2:
+        return torch.tensor([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    a = np.array([1.0, -2.0, 0.5]) / np.linalg.norm([1.0, -2.0, 0.5])
+    K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    return torch.tensor(np.eye(3) + np.sin(t) * K + (1 - np.cos(t)) * K @ K)
+
+
+MODELS = [("general", False, "finite"), ("isotropic", False, "finite"), ("isotropic", True, "finite"),
+          ("general", True, "finite"), ("general", False, "small")]
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("features,convex,kin", MODELS)
+def test_potential_physics_for_random_weights(d, features, convex, kin):
+    torch.manual_seed(3)
+    m = PotentialModel(d, kin, hidden=(12, 10), features=features, convex=convex)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        m.x_scale[:] = 0.5 + torch.rand_like(m.x_scale)
+        m.p_scale.fill_(2.5)
+    I = torch.eye(d)[None]
+    P0, _ = m.stress_tangent(I)
+    assert P0.abs().max() < 1e-12  # zero stress at F = I
+    assert abs(float(m.energy(I)[0].detach())) < 1e-12  # W(I) = 0
+    F = torch.eye(d) + 0.15 * torch.randn(6, d, d)
+    P, A = m.stress_tangent(F)
+    assert (A - A.permute(0, 3, 4, 1, 2)).abs().max() < 1e-10 * A.abs().max()  # symmetric tangent
+    h = 1e-6
+    for k in range(d):
+        for l in range(d):
+            E = torch.zeros(d, d)
+            E[k, l] = h
+            fd = (m.stress_tangent(F + E)[0] - m.stress_tangent(F - E)[0]) / (2 * h)
+            assert (fd - A[:, :, :, k, l]).abs().max() < 1e-6 * A.abs().max()
+    if kin == "finite":
+        Q = rot(d, 0.7)
+        PQ, _ = m.stress_tangent(Q @ F)
+        assert (PQ - Q @ P).abs().max() < 1e-11 * P.abs().max()  # objectivity
+
+
+def test_closed_form_tangent_equals_autograd():
+    for d in (2, 3):
+        for kin in ("finite", "small"):
+            m = PotentialModel(d, kin, hidden=(8, 8, 6))
+            with torch.no_grad():
+                m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale)
+            F = torch.eye(d) + 0.2 * torch.randn(20, d, d)
+            P1, A1 = m._fast(F)
+            P2, A2 = m._autograd(F, False)
+            assert (P1 - P2).abs().max() < 1e-13 and (A1 - A2).abs().max() < 1e-13
+
+
+def test_plain_model_tangent_is_its_jacobian():
+    m = PlainModel(2, hidden=(8, 8))
+    F = torch.eye(2) + 0.1 * torch.randn(5, 2, 2)
+    P, A = m.stress_tangent(F)
+    h = 1e-6
+    E = torch.zeros(2, 2)
+    E[0, 1] = h
+    fd = (m.stress(F + E) - m.stress(F - E)) / (2 * h)
+    assert (fd - A[:, :, :, 0, 1]).abs().max() < 1e-7
+
+
+def _synthetic_log(folder, n=160, seed=0, fingerprint="nh", mu=1.0, K=3.0, nan_rows=0):
+    rng = np.random.default_rng(seed)
+    F = np.eye(2) + rng.uniform(-0.15, 0.15, (n, 2, 2))
+    P = np.zeros((n, 2, 2))
+    A = np.zeros((n, 2, 2, 2, 2))
+    for k in range(n):
+        P[k], A[k] = nh_response(F[k], mu, K)
+    P[:nan_rows] = np.nan
+    with LogWriter(folder, f"s{seed}", 0, fingerprint=fingerprint, attrs={"kinematics": "finite", "source_id": "syn",
+                                                                          "rve": "{}"}, dim=2) as w:
+        w.add(F, P, A, point_id=np.arange(n))
+    return F, P, A
+
+
+TRAIN = """\
+    data: [log]
+    model: {kind: potential, hidden: [12, 12]}
+    loss: {stress: 1.0, tangent: 0.1}
+    train: {epochs: 1500, lr: 0.02, patience: 300, seed: 1}
+    output: out
+"""
+
+
+@pytest.mark.serial
+def test_training_accuracy_reproducibility_and_resume(tmp_path):
+    from fe2ml.surrogate.law import SurrogateLaw
+    from fe2ml.surrogate.train import load_train_config, train
+
+    _synthetic_log(tmp_path / "log", nan_rows=3)
+    (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN))
+    cfg = load_train_config(tmp_path / "t.yaml")
+    r1 = train(MPI.COMM_SELF, cfg, quiet=True)
+    assert r1["skipped"] == 3 and r1["records"] == 157
+    assert r1["metrics"]["test"]["stress_rel_l2"] < 0.01 and r1["metrics"]["test"]["tangent_rel_l2"] < 0.05
+    r2 = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml", output=str(tmp_path / "out2")), quiet=True)
+    assert r1["metrics"] == r2["metrics"]  # reproducible with a fixed seed
+    for f in ("checkpoint.pt", "metrics.json", "loss.png", "parity_P.png", "parity_A.png"):
+        assert (tmp_path / "out" / f).exists()
+    law = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2)
+    F = np.eye(2) + np.array([[0.1, 0.02], [-0.03, -0.05]])
+    P, A = law.evaluate(F[None])
+    Pe, _ = nh_response(F, 1.0, 3.0)
+    assert np.abs(P[0] - Pe).max() < 0.02 * np.abs(Pe).max()
+    r3 = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml", output=str(tmp_path / "out3")),
+               resume=str(tmp_path / "out" / "checkpoint.pt"), quiet=True)
+    assert r3["resumed_from"] and r3["metrics"]["validation"]["stress_rel_l2"] <= \
+        1.05 * r1["metrics"]["validation"]["stress_rel_l2"]
+
+
+@pytest.mark.serial
+def test_surrogate_bad_inputs(tmp_path):
+    from fe2ml.surrogate.law import SurrogateLaw
+    from fe2ml.surrogate.train import load_train_config, train
+
+    with pytest.raises(ConfigError, match="checkpoint not found"):
+        SurrogateLaw(tmp_path / "none.pt", dim=2)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ConfigError, match="not a readable checkpoint"):
+        SurrogateLaw(tmp_path / "junk.pt", dim=2)
+    _synthetic_log(tmp_path / "log", n=60)
+    (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 600", "epochs: 20"))
+    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    ck = tmp_path / "out" / "checkpoint.pt"
+    with pytest.raises(ConfigError, match="checkpoint is for 2D, the run is 3D"):
+        SurrogateLaw(ck, dim=3)
+    with pytest.raises(ConfigError, match="checkpoint is for finite strain, the run is small"):
+        SurrogateLaw(ck, dim=2, kinematics="small")
+    with pytest.raises(ConfigError, match="trained on RVE nh"):
+        SurrogateLaw(ck, dim=2, fingerprint="other")
+    # tiny set, log without tangents with a Sobolev loss: clear errors, checkpoint untouched
+    before = ck.read_bytes()
+    _synthetic_log(tmp_path / "tiny", n=10, fingerprint="nh")
+    (tmp_path / "tiny.yaml").write_text(textwrap.dedent(TRAIN).replace("[log]", "[tiny]"))
+    with pytest.raises(ConfigError, match="only 10 usable records"):
+        train(MPI.COMM_SELF, load_train_config(tmp_path / "tiny.yaml"), quiet=True)
+    with LogWriter(tmp_path / "noA", "x", 0, fingerprint="nh", attrs={}, dim=2) as w:
+        F = np.eye(2)[None].repeat(30, 0)
+        w.add(F, np.zeros((30, 2, 2)), np.full((30, 2, 2, 2, 2), np.nan), point_id=np.arange(30))
+    (tmp_path / "noA.yaml").write_text(textwrap.dedent(TRAIN).replace("[log]", "[noA]"))
+    with pytest.raises(ConfigError, match="hold no tangents"):
+        train(MPI.COMM_SELF, load_train_config(tmp_path / "noA.yaml"), quiet=True)
+    assert ck.read_bytes() == before
+    (tmp_path / "bad.yaml").write_text(textwrap.dedent(TRAIN).replace("kind: potential", "kind: oracle"))
+    with pytest.raises(ConfigError, match="model.kind: expected potential or plain"):
+        load_train_config(tmp_path / "bad.yaml")
