@@ -72,6 +72,19 @@ def test_closed_form_tangent_equals_autograd():
             assert (P1 - P2).abs().max() < 1e-13 and (A1 - A2).abs().max() < 1e-13
 
 
+def test_numpy_inference_equals_torch():
+    for d in (2, 3):
+        for kin in ("finite", "small"):
+            m = PotentialModel(d, kin, hidden=(8, 6))
+            with torch.no_grad():
+                m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale)
+                m.p_scale.fill_(1.7)
+            F = torch.eye(d) + 0.2 * torch.randn(30, d, d)
+            P1, A1 = m._autograd(F, False)
+            P2, A2 = m.numpy_evaluator()(F.numpy())
+            assert np.abs(P1.numpy() - P2).max() < 1e-13 and np.abs(A1.numpy() - A2).max() < 1e-13
+
+
 def test_plain_model_tangent_is_its_jacobian():
     m = PlainModel(2, hidden=(8, 8))
     F = torch.eye(2) + 0.1 * torch.randn(5, 2, 2)
@@ -168,3 +181,45 @@ def test_surrogate_bad_inputs(tmp_path):
     (tmp_path / "bad.yaml").write_text(textwrap.dedent(TRAIN).replace("kind: potential", "kind: oracle"))
     with pytest.raises(ConfigError, match="model.kind: expected potential or plain"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.serial
+def test_hybrid_falls_back_outside_the_training_data(tmp_path):
+    from fe2ml.data.log import LogWriter as LW
+    from fe2ml.data.reader import read_logs
+    from fe2ml.data.sampling import build_rve, load_sample_config, run_campaign
+    from fe2ml.surrogate.law import HybridLaw
+    from fe2ml.surrogate.train import load_train_config, train
+
+    (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
+        rve:
+          dim: 2
+          mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.2, seed: 4, h: 0.15}
+          phases:
+            1: {material: neo_hookean, mu: 1.0, K: 3.0}
+            2: {material: neo_hookean, mu: 0.3, K: 1.0}
+        design: {method: sobol, n: 64, seed: 0, space: gradient, bounds: [-0.1, 0.1]}
+        output: log
+    """))
+    cfg = load_sample_config(tmp_path / "s.yaml")
+    run_campaign(MPI.COMM_SELF, cfg, quiet=True)
+    (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 300") + "ensemble: 2\n")
+    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    rve = build_rve(cfg.rve, MPI.COMM_SELF)
+    fp = __import__("fe2ml.data.fingerprint", fromlist=["x"]).rve_fingerprint(rve)
+    writer = LW(tmp_path / "fallback", "h", 0, fingerprint=fp, attrs={"source_id": "hybrid"}, dim=2)
+    law = HybridLaw(tmp_path / "out" / "checkpoint.pt", rve, spread=10.0, distance=0.0, writer=writer)
+    F = np.array([np.eye(2) + 0.03, np.diag([1.4, 1.0]), np.eye(2) - 0.02, np.array([[1.0, 0.5], [0.0, 1.0]])])
+    P, A = law.evaluate(F)
+    law.commit()
+    assert list(law.flags_last) == [False, True, False, True]
+    truth = rve.evaluate(F[[1, 3]], cells=False)
+    assert np.abs(P[[1, 3]] - truth.P).max() < 1e-8 * np.abs(truth.P).max()  # true RVE where unsure
+    assert law.stats["fallbacks"] == 2 and law.stats["rve_solves"] == 2
+    writer.close()
+    assert len(read_logs(tmp_path / "fallback")) == 2  # fallback records appended to the log
+    # a checkpoint of another RVE is refused
+    other = build_rve(cfg.rve, MPI.COMM_SELF)
+    other.materials[2] = type(other.materials[2])(mu=0.5, K=1.0)
+    with pytest.raises(ConfigError, match="trained on RVE"):
+        HybridLaw(tmp_path / "out" / "checkpoint.pt", other)

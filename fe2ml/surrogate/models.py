@@ -230,6 +230,61 @@ class PotentialModel(_Base):
         A = T + I.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
         return P, A
 
+    def numpy_evaluator(self):
+        """Inference in plain numpy (same closed form as :meth:`_fast`, no torch per-call overhead).
+
+        Returns:
+            A function F (n,d,d) ndarray -> (P, A) ndarrays, or None for models without the closed form.
+        """
+        import numpy as np
+
+        if self.features != "general" or not isinstance(self.net, MLP):
+            return None
+        d = self.dim
+        Ws = [(lay.weight.detach().numpy().copy(), lay.bias.detach().numpy().copy()) for lay in self.net.layers]
+        w = self.net.out.weight.detach().numpy()[0].copy()
+        B = self._basis().numpy()
+        m = B.shape[0]
+        Bf = B.reshape(m, d * d)
+        with torch.enable_grad():
+            g0 = self._reference()[1].detach().numpy()[0]
+        ps = float(self.p_scale)
+        xs = self.x_scale.detach().numpy().copy()
+        idx = self.idx
+        small = self.kinematics == "small"
+        I = np.eye(d)
+
+        def sig(a):
+            return 0.5 * (1.0 + np.tanh(0.5 * a))
+
+        def f(F):
+            F = np.asarray(F, dtype=np.float64)
+            n = len(F)
+            H_ = F - I
+            E = 0.5 * (H_ + H_.transpose(0, 2, 1)) if small else 0.5 * (F.transpose(0, 2, 1) @ F - I)
+            x = np.stack([E[:, i, j] * (1.0 if i == j else 2.0**0.5) for i, j in idx], -1) / xs
+            z, dz, d2z = x, None, None
+            for W, b in Ws:
+                a = z @ W.T + b
+                sg = sig(a)
+                Wd = np.broadcast_to(W.T, (n, m, W.shape[0])) if dz is None else dz @ W.T
+                d2 = ((sg * (1 - sg))[:, None, None, :] * Wd[:, :, None, :] * Wd[:, None, :, :]).reshape(n, m * m, -1)
+                if d2z is not None:
+                    d2 = d2 + sg[:, None, :] * (d2z @ W.T)
+                z, dz, d2z = np.logaddexp(0.0, a), sg[:, None, :] * Wd, d2
+            g = dz @ w
+            Hn = (d2z @ w).reshape(n, m, m)
+            S = ps * ((g - g0) @ Bf).reshape(n, d, d)
+            Cc = ps * (Bf.T @ Hn @ Bf)
+            if small:
+                return S, Cc.reshape(n, d, d, d, d)
+            C5 = Cc.reshape(n, d, d, d, d)
+            T = np.einsum("nim,nmjpl->nijpl", F, C5)
+            T = np.einsum("nijpl,nkp->nijkl", T, F)
+            return F @ S, T + I.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
+
+        return f
+
     def stress_tangent(self, F, *, create_graph=False):
         """P = ∂W/∂F and A = ∂²W/∂F² (closed form for strain features, else batched autograd)."""
         if not create_graph and self.features == "general" and isinstance(self.net, MLP):

@@ -342,7 +342,16 @@ class EnsembleModel:
 
     def evaluate_members(self, F):
         """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""
-        out = [m.evaluate(F) for m in self.members]
+        if not hasattr(self, "_np"):
+            self._np = [getattr(m, "numpy_evaluator", lambda: None)() for m in self.members]
+        out = []
+        for m, f in zip(self.members, self._np, strict=True):
+            if f is None:
+                out.append(m.evaluate(F))
+            else:  # numpy closed form in chunks (cache friendly, no torch overhead for small batches)
+                F = np.asarray(F, dtype=np.float64)
+                parts = [f(F[i:i + 1024]) for i in range(0, len(F), 1024)]
+                out.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
         return [o[0] for o in out], [o[1] for o in out]
 
     def evaluate(self, F):

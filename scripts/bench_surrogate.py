@@ -1,0 +1,124 @@
+"""Benchmark the surrogate; prints its figures (JSON with --json).
+
+Figures:
+  1. stress + tangent evaluations per second per core (2D potential model, float64, batched, 1 thread);
+  2. the tissue-strip example: constitutive time of the surrogate run vs the FE² run (same mesh, steps,
+     1 rank) and the whole-run ratio (needs results/surrogate_tissue/checkpoint.pt: made here when missing
+     by fe2ml sample examples/sample_tissue.yaml and fe2ml train examples/train_tissue.yaml);
+  3. training time per epoch and peak memory for 10^4 and 10^5 records (synthetic neo-Hookean data,
+     stress + tangent loss, 5 epochs each).
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_surrogate.py [--json OUT.json]
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fe2ml  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def evals_per_s():
+    import torch
+
+    from fe2ml.surrogate.models import PotentialModel
+
+    torch.set_num_threads(1)
+    m = PotentialModel(2, hidden=(16, 16))
+    F = np.eye(2) + np.random.default_rng(0).uniform(-0.1, 0.1, (200000, 2, 2))
+    m.evaluate(F[:2000])
+    t0 = time.perf_counter()
+    m.evaluate(F)
+    r = len(F) / (time.perf_counter() - t0)
+    print(f"1. {r:.0f} stress+tangent evaluations/s on one core (2D, hidden [16, 16], batches of 1024; floor 1e5)",
+          flush=True)
+    return r
+
+
+def run(cfg, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    r = subprocess.run([str(BIN / "fe2ml"), "run", str(cfg), "--output", str(out)], capture_output=True, text=True,
+                       env=env, cwd=ROOT / "examples")
+    if r.returncode:
+        raise SystemExit(r.stderr)
+    s = json.loads((Path(out) / "summary.json").read_text())
+    s["process_s"] = time.perf_counter() - t0
+    return s
+
+
+def strip_speedup():
+    ck = ROOT / "results" / "surrogate_tissue" / "checkpoint.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not ck.exists():
+        for cmd in (["sample", "sample_tissue.yaml"], ["train", "train_tissue.yaml"]):
+            subprocess.run([str(BIN / "fe2ml"), *cmd], check=True, cwd=ROOT / "examples", env=env,
+                           stdout=subprocess.DEVNULL)
+    tmp = Path(tempfile.mkdtemp())
+    base = (ROOT / "examples" / "strip_fe2.yaml").read_text().split("\nlog:")[0]
+    (tmp / "fe2.yaml").write_text(base)
+    fe2 = run(tmp / "fe2.yaml", tmp / "fe2")
+    sur = run(ROOT / "examples" / "strip_surrogate.yaml", tmp / "sur")
+    cf, cs = fe2["time_split_s"]["rve_or_constitutive"], sur["time_split_s"]["rve_or_constitutive"]
+    import csv
+
+    a = list(csv.reader(open(tmp / "fe2" / "reactions.csv")))
+    b = list(csv.reader(open(tmp / "sur" / "reactions.csv")))
+    i = a[0].index("right_R1")
+    dev = max(abs(float(x[i]) - float(y[i])) / abs(float(x[i])) for x, y in zip(a[1:], b[1:], strict=True))
+    print(f"2. tissue strip, 1 rank: constitutive time FE² {cf:.2f} s vs surrogate {cs:.4f} s = {cf / cs:.0f}x; "
+          f"whole solve phase {fe2['wall_s']:.2f} s vs {sur['wall_s']:.2f} s = {fe2['wall_s'] / sur['wall_s']:.1f}x; "
+          f"whole command {fe2['process_s']:.1f} s vs {sur['process_s']:.1f} s; reaction curve deviation "
+          f"{100 * dev:.2f} % (floor 1 %)", flush=True)
+    return dict(constitutive_fe2_s=cf, constitutive_sur_s=cs, ratio=cf / cs, wall_ratio=fe2["wall_s"] / sur["wall_s"],
+                reaction_dev=dev)
+
+
+def training_cost():
+    import torch
+
+    from fe2ml.surrogate.models import PotentialModel
+    from fe2ml.surrogate.train import _fit_member
+
+    torch.set_num_threads(1)
+    out = {}
+    rng = np.random.default_rng(0)
+    for n in (10_000, 100_000):
+        F = np.eye(2) + rng.uniform(-0.15, 0.15, (n, 2, 2))
+        ref = PotentialModel(2, hidden=(8,))
+        P, A = ref.evaluate(F)
+        m = PotentialModel(2, hidden=(16, 16))
+        idx = np.arange(n)
+        t0 = time.perf_counter()
+        _fit_member(m, F, P, A, idx[: int(0.85 * n)], idx[int(0.85 * n):], {"stress": 1.0, "tangent": 0.1},
+                    {"epochs": 5, "lr": 0.01, "patience": 100}, 0)
+        per = (time.perf_counter() - t0) / 5
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        out[n] = {"s_per_epoch": per, "peak_rss_mib": rss}
+        print(f"3. training on {n} records: {per:.2f} s per full-batch epoch (stress + tangent loss), peak RSS "
+              f"{rss:.0f} MiB", flush=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    out = {"evals_per_s": evals_per_s(), "strip": strip_speedup(), "training": training_cost()}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
