@@ -6,6 +6,7 @@ Subcommands:
     sample CONFIG.yaml [--output DIR]          sampling campaign logged to HDF5
     inspect PATH... [--plot PNG]               summary of HDF5 logs
     train CONFIG.yaml [--resume CKPT]          neural surrogate from logs
+    export CKPT OUT.pt                         TorchScript module of a surrogate
 
 Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
 Errors caused by input print one line ``fe2ml: error: ...`` on stderr and exit with status 2.
@@ -295,6 +296,20 @@ def cmd_train(args, comm) -> int:
     return 0
 
 
+def cmd_export(args, comm) -> int:
+    """Run ``fe2ml export``: TorchScript module of a checkpoint."""
+    if comm.rank != 0:
+        return 0
+    from fe2ml.surrogate.export import export_checkpoint
+
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.exists():
+        raise Fe2mlError(f"{out}: cannot write (folder missing or path is a folder)")
+    export_checkpoint(args.checkpoint, out)
+    print(f"fe2ml export: wrote {out} (torch.jit.load it; forward(F (n,d,d) float64) -> P, A)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -324,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default=None, help="refine this checkpoint on the config's data")
     tr.add_argument("--output", default=None, help="output folder (overrides the config's output)")
     tr.set_defaults(func=cmd_train)
+    ex = sub.add_parser("export", help="TorchScript module of a potential surrogate checkpoint")
+    ex.add_argument("checkpoint")
+    ex.add_argument("out")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

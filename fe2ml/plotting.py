@@ -197,7 +197,8 @@ def plot_parity(true: np.ndarray, pred: np.ndarray, path, *, title: str = "", sy
     """Parity plot per component: prediction against reference.
 
     Args:
-        true: reference values (n, ...); pred: predictions, same shape.
+        true: reference values (n, ...).
+        pred: predictions, same shape.
         path: PNG file.
         title: figure title.
         symbol: label prefix of the components.

@@ -16,10 +16,11 @@ import json
 import time
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 
 import fe2ml  # noqa: F401
-from mpi4py import MPI
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "validate_surrogate"
@@ -66,7 +67,8 @@ def main():
     print(f"1. campaign of {args.n} points", flush=True)
     run_campaign(comm, cfg, quiet=True)
     res = {}
-    for name, model, ens in (("potential", "{kind: potential, hidden: [16, 16]}", 3), ("plain", "{kind: plain, hidden: [16, 16]}", 1)):
+    models = (("potential", "{kind: potential, hidden: [16, 16]}", 3), ("plain", "{kind: plain, hidden: [16, 16]}", 1))
+    for name, model, ens in models:
         (OUT / f"train_{name}.yaml").write_text(TRAIN.format(model=model, epochs=args.epochs, ens=ens, out=name))
         t0 = time.perf_counter()
         r = train(comm, load_train_config(OUT / f"train_{name}.yaml"), quiet=True)

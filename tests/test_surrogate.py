@@ -2,17 +2,18 @@
 
 import textwrap
 
+from mpi4py import MPI
+
 import numpy as np
 import pytest
 
-from mpi4py import MPI
-
 torch = pytest.importorskip("torch")
+
+from test_hyper import nh_response  # noqa: E402
 
 from fe2ml.data.log import LogWriter  # noqa: E402
 from fe2ml.errors import ConfigError  # noqa: E402
 from fe2ml.surrogate.models import PlainModel, PotentialModel  # noqa: E402
-from test_hyper import nh_response  # noqa: E402
 
 COMM = MPI.COMM_WORLD
 torch.set_default_dtype(torch.float64)
@@ -143,6 +144,30 @@ def test_training_accuracy_reproducibility_and_resume(tmp_path):
                resume=str(tmp_path / "out" / "checkpoint.pt"), quiet=True)
     assert r3["resumed_from"] and r3["metrics"]["validation"]["stress_rel_l2"] <= \
         1.05 * r1["metrics"]["validation"]["stress_rel_l2"]
+
+
+@pytest.mark.serial
+def test_torchscript_export_matches(tmp_path):
+    from fe2ml.surrogate.export import export_checkpoint
+    from fe2ml.surrogate.law import SurrogateLaw
+    from fe2ml.surrogate.train import load_train_config, train
+
+    _synthetic_log(tmp_path / "log", n=60)
+    (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 30"))
+    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    out = export_checkpoint(tmp_path / "out" / "checkpoint.pt", tmp_path / "m.pt")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated
+        mod = torch.jit.load(str(out))
+    law = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2)
+    for n in (1, 7, 50):
+        F = np.eye(2) + 0.1 * np.random.default_rng(n).normal(size=(n, 2, 2))
+        P, A = mod(torch.as_tensor(F))
+        Pr, Ar = law.evaluate(F)
+        assert np.abs(P.numpy() - Pr).max() < 1e-12 and np.abs(A.numpy() - Ar).max() < 1e-12
+    assert mod.fingerprint == "nh"
 
 
 @pytest.mark.serial

@@ -242,7 +242,8 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     else:
         margs["hidden"] = tuple(margs["hidden"])
     if not quiet and comm.rank == 0:
-        print(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE {info['fingerprint']}, "
+        print(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE "
+              f"{info['fingerprint']}, "
               f"{info['dim']}D {info['kinematics']}; split {len(tr)}/{len(va)}/{len(te)}; {cfg.model['kind']} model "
               f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s)", flush=True)
     members = {}
@@ -379,8 +380,8 @@ def load_checkpoint(path) -> dict:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types
-        raise ConfigError(f"{p}: not a readable checkpoint ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{p}: not a readable checkpoint ({msg})") from None
     if not isinstance(ck, dict) or ck.get("format_version") != FORMAT_VERSION:
         raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
     return ck
