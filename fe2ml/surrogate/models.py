@@ -186,9 +186,11 @@ class PotentialModel(_Base):
 
     @torch.no_grad()
     def _fast(self, F):
-        """Closed-form P and A for strain features and a plain MLP: network derivatives propagated
-        layer by layer (value, gradient and Hessian in the input), then the chain rule
-        P = F S, A_iJkL = δ_ik S_JL + F_iM ℂ_MJNL F_kN (finite) or P = S, A = ℂ (small).
+        """Closed-form P and A for strain features and a plain MLP.
+
+        Network derivatives are propagated layer by layer (value, gradient and Hessian in the input),
+        then the chain rule gives P = F S, A_iJkL = δ_ik S_JL + F_iM ℂ_MJNL F_kN (finite) or
+        P = S, A = ℂ (small).
         """
         d = self.dim
         I = torch.eye(d, dtype=F.dtype)
