@@ -171,7 +171,7 @@ RUN_BAD = {
     "rve_dim": (RUN.replace("mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.25, seed: 3, h: 0.12}",
                             "mesh: {generate: cells_3d}"), "makes 3D meshes but dim is 2"),
     "bad_expression": (RUN.replace('"0.3*t"', '"0.3*tt"'), "unknown name 'tt'"),
-    "no_kind": (RUN.replace("kind: rve", "kind: magic"), "material.kind: expected rve or analytic"),
+    "no_kind": (RUN.replace("kind: rve", "kind: magic"), "material.kind: expected rve, analytic, surrogate or hybrid"),
     "unknown_key": (RUN + "    colour: blue\n", "unknown key(s) colour"),
 }
 
