@@ -45,6 +45,7 @@ class SurrogateLaw:
         self.bounds = ck["bounds"]
         self.stats = {"evaluations": 0, "rve_solves": 0, "time_s": 0.0, "surrogate_s": 0.0, "fallbacks": 0,
                       "max_point_s": 0.0}
+        self.model.evaluate_members(np.eye(dim)[None])  # set-up (numpy weights), like an RVE's form compilation
 
     def evaluate(self, F):
         """Mean ensemble prediction."""

@@ -281,9 +281,9 @@ class PotentialModel(_Base):
             Cc = ps * (Bf.T @ Hn @ Bf)
             if small:
                 return S, Cc.reshape(n, d, d, d, d)
-            C5 = Cc.reshape(n, d, d, d, d)
-            T = np.einsum("nim,nmjpl->nijpl", F, C5)
-            T = np.einsum("nijpl,nkp->nijkl", T, F)
+            T = (F @ Cc.reshape(n, d, d * d * d)).reshape(n, d * d, d, d)        # (n, iJ, p, l)
+            T = (T.transpose(0, 1, 3, 2) @ F.transpose(0, 2, 1)[:, None]).transpose(0, 1, 3, 2)  # (n, iJ, k, l)
+            T = T.reshape(n, d, d, d, d)
             return F @ S, T + I.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
 
         return f
