@@ -7,6 +7,7 @@ Subcommands:
     inspect PATH... [--plot PNG]               summary of HDF5 logs
     train CONFIG.yaml [--resume CKPT]          neural surrogate from logs
     export CKPT OUT.pt                         TorchScript module of a surrogate
+    localize RUN_DIR [--step K] [--model CKPT] cell-level quantities of a finished run
 
 Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
 Errors caused by input print one line ``fe2ml: error: ...`` on stderr and exit with status 2.
@@ -310,6 +311,14 @@ def cmd_export(args, comm) -> int:
     return 0
 
 
+def cmd_localize(args, comm) -> int:
+    """Run ``fe2ml localize``."""
+    from fe2ml.localization import localize
+
+    localize(comm, args.run_dir, step=args.step, points=args.points, fields=args.fields or (), model=args.model)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -343,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("checkpoint")
     ex.add_argument("out")
     ex.set_defaults(func=cmd_export)
+    lo = sub.add_parser("localize", help="cell-level quantities at the converged macro state of a run")
+    lo.add_argument("run_dir")
+    lo.add_argument("--step", type=int, default=None, help="load step (default: the last converged)")
+    lo.add_argument("--points", type=int, nargs="+", default=None, help="quadrature point indices (default: all)")
+    lo.add_argument("--fields", type=int, nargs="+", default=None, help="write full micro fields of these points")
+    lo.add_argument("--model", default=None, help="learned localization checkpoint (instead of RVE re-solves)")
+    lo.set_defaults(func=cmd_localize)
     return p
 
 

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_parity", "plot_lines", "plot_reactions", "plot_rve", "plot_strain_space", "plot_stress_strain"]
+__all__ = ["plot_cell_map", "plot_parity", "plot_lines", "plot_reactions", "plot_rve", "plot_strain_space", "plot_stress_strain"]
 
 
 def _plt():
@@ -223,4 +223,47 @@ def plot_parity(true: np.ndarray, pred: np.ndarray, path, *, title: str = "", sy
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out, *, label: str, title: str = "") -> None:
+    """Map of a cell quantity over the macro domain (``map_stretch.png``) and its distribution over all
+    cells (``hist_stretch.png``) in folder ``out``.
+
+    Args:
+        x: quadrature point coordinates (n, d) (the first two are drawn).
+        value: one value per point (e.g. the largest cell stretch), (n,).
+        all_values: every cell's value, for the histogram.
+        out: output folder.
+        label: quantity name.
+        title: figure title.
+    """
+    plt = _plt()
+    from pathlib import Path
+
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if len(x) >= 3:
+        try:
+            tc = ax.tricontourf(x[:, 0], x[:, 1], value, levels=20, cmap="viridis")
+        except (ValueError, RuntimeError):  # degenerate point sets
+            tc = ax.scatter(x[:, 0], x[:, 1], c=value, s=12, cmap="viridis")
+    else:
+        tc = ax.scatter(x[:, 0], x[:, 1], c=value, s=12, cmap="viridis")
+    ax.plot(x[:, 0], x[:, 1], "k.", ms=1)
+    fig.colorbar(tc, ax=ax, label=label)
+    ax.set_aspect("equal")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "map_stretch.png", dpi=130)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.hist(all_values, bins=40)
+    ax.set_xlabel(label)
+    ax.set_ylabel("number of cells (all points)")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(out / "hist_stretch.png", dpi=130)
     plt.close(fig)

@@ -20,6 +20,8 @@ Keys::
     warm_start: true                              RVE solves start from the point's last state
     output: PATH                                  run folder (default: results/<config name>)
     log: {folder: PATH, all_iterations: false, cells: true}   log RVE evaluations to HDF5 (material.kind rve)
+    localize: false                               cell quantities at every quadrature point and load step
+                                                  (material.kind rve), stored in quadrature.h5
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from fe2ml.errors import ConfigError
 __all__ = ["RunConfig", "load_run_config"]
 
 RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "steps",
-            "newton", "warm_start", "output", "log")
+            "newton", "warm_start", "output", "log", "localize")
 
 
 @dataclass
@@ -58,6 +60,7 @@ class RunConfig:
     raw: dict = field(default_factory=dict)
     log: dict | None = None
     surrogate: dict | None = None
+    localize: bool = False
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -258,9 +261,14 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
                 raise ConfigError(f"{f}: log.{k}: expected true or false, got {log[k]!r}")
         log = {"folder": base / str(log["folder"]), "all_iterations": log.get("all_iterations", False),
                "cells": log.get("cells", True)}
+    loc = raw.get("localize", False)
+    if not isinstance(loc, bool):
+        raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
+    if loc and kind != "rve":
+        raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
     return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
-                     warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate)
+                     warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc)
 
 
 def _check_expr(v, names, where):

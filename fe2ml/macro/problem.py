@@ -543,6 +543,7 @@ class RunWriter:
         if self.rank0:
             with open(self.out / "reactions.csv", "w", newline="") as f:
                 csv.writer(f).writerow(self.csv_header)
+            (self.out / "quadrature.h5").unlink(missing_ok=True)
 
     def write_step(self, status="running", message=""):
         """Append the current (converged) state to all outputs (collective)."""
@@ -557,6 +558,7 @@ class RunWriter:
         self.Pc.x.scatter_forward()
         for f in (self.u1, self.Fc, self.Pc):
             self.xdmf.write_function(f, p.t)
+        self._write_quadrature()
         R = p.reactions()
         U = p.mean_displacements()
         row = [p.t]
@@ -570,6 +572,39 @@ class RunWriter:
                 csv.writer(f).writerow([f"{v:.12e}" for v in row])
         p.timers["output_s"] += time.perf_counter() - t0
         self.write_summary(status, message)
+
+    def _write_quadrature(self):
+        """Append F̄ (and cell quantities, when the law computes them) at every quadrature point of this
+        step to ``quadrature.h5`` (gathered to rank 0): the input of ``fe2ml localize``.
+        """
+        p = self.p
+        ids, x = p.quadrature_point_ids()
+        F = p._F_qp()
+        cells = getattr(p.law, "last_cells", None) if p.law is not None else None
+        cq = None
+        if cells:
+            keys = ("stretch", "J", "E", "sigma", "von_mises", "volume")
+            cq = {k: np.array([c.cell[k] for c in cells]) for k in keys}
+            cq["phase_F"] = np.array([c.phase["F"] for c in cells])
+            cq["phase_volume"] = np.array([c.phase["volume"] for c in cells])
+        parts = self.comm.gather((ids, x, F, cq), root=0)
+        if not self.rank0:
+            return
+        import h5py
+
+        ids = np.concatenate([q[0] for q in parts])
+        order = np.lexsort(np.concatenate([q[1] for q in parts]).T[::-1])  # by coordinates: rank-independent
+        k = len(p.history)
+        with h5py.File(self.out / "quadrature.h5", "a") as f:
+            g = f.create_group(f"step_{k}")
+            g.attrs["t"] = p.t
+            g["x"] = np.concatenate([q[1] for q in parts])[order]
+            g["F"] = np.concatenate([q[2] for q in parts])[order]
+            g["point_id"] = ids[order]
+            if all(q[3] is not None for q in parts):
+                for key in parts[0][3]:
+                    g[f"cells/{key}"] = np.concatenate([q[3][key] for q in parts])[order]
+            f.attrs["steps"] = k
 
     def write_summary(self, status, message=""):
         """Rewrite summary.json (collective: gathers law timings)."""

@@ -122,7 +122,7 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
     law = None
     rve_mesh = None
     if cfg.kind == "rve":
-        law, rve_mesh = build_law(comm, cfg.rve, warm_start=cfg.warm_start)
+        law, rve_mesh = build_law(comm, cfg.rve, warm_start=cfg.warm_start, cells=cfg.localize)
         if rank0:
             nd = getattr(getattr(law, "rve", None), "ndofs", None)
             print(f"  RVE: {len(rve_mesh.cells)} elements, {rve_mesh.n_cells} cells" +

@@ -70,8 +70,8 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     model = dict(raw.get("model", {}) or {})
     _check_keys(model, ("kind", "hidden", "features", "convex"), f"{f}: model")
     model.setdefault("kind", "potential")
-    if model["kind"] not in ("potential", "plain"):
-        raise ConfigError(f"{f}: model.kind: expected potential or plain, got {model['kind']!r}")
+    if model["kind"] not in ("potential", "plain", "localization"):
+        raise ConfigError(f"{f}: model.kind: expected potential, plain or localization, got {model['kind']!r}")
     hid = model.setdefault("hidden", [16, 16])
     if not isinstance(hid, list) or not hid or not all(isinstance(h, int) and h > 0 for h in hid):
         raise ConfigError(f"{f}: model.hidden: expected a list of positive layer widths, got {hid!r}")
@@ -84,6 +84,8 @@ def load_train_config(path, *, output=None) -> TrainConfig:
             raise ConfigError(f"{f}: model.convex: expected true or false")
     elif "features" in model or "convex" in model:
         raise ConfigError(f"{f}: model: features/convex apply to kind potential only")
+    if model["kind"] == "localization" and raw.get("loss") is not None:
+        raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
     loss = dict(raw.get("loss", {}) or {})
     _check_keys(loss, ("stress", "tangent"), f"{f}: loss")
     loss = {"stress": _number(loss.get("stress", 1.0), f"{f}: loss.stress"),
@@ -216,6 +218,8 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     from fe2ml.surrogate.models import build_model
 
     torch.set_default_dtype(torch.float64)
+    if cfg.model["kind"] == "localization":
+        return train_localization(comm, cfg, quiet=quiet)
     t0 = time.perf_counter()
     F, P, A, info = load_data(cfg)
     start = None
@@ -386,3 +390,150 @@ def load_checkpoint(path) -> dict:
         raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
     return ck
 
+
+
+class _LocNet:
+    """Localization network: strain features of F̄ -> (largest principal stretch − 1, J − 1) per cell."""
+
+    def __init__(self, dim, n_cells, hidden, kinematics="finite"):
+        from fe2ml.surrogate.models import MLP, PotentialModel
+
+        self.feat = PotentialModel(dim, kinematics, hidden=(2,))  # only for its objective strain features
+        self.n_in = len(self.feat.idx)
+        self.net = MLP(self.n_in, list(hidden), 2 * n_cells).double()
+        self.n_cells = n_cells
+        import torch
+
+        self.x_scale = torch.ones(self.n_in)
+        self.y_mean = torch.zeros(2 * n_cells)
+        self.y_scale = torch.ones(2 * n_cells)
+
+    def features(self, F):
+        import torch
+
+        return self.feat.features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach()
+
+    def forward(self, F):
+        return self.net(self.features(F) / self.x_scale) * self.y_scale + self.y_mean
+
+    def predict(self, F) -> dict:
+        """{"stretch": (n, c), "J": (n, c)}."""
+        import torch
+
+        with torch.no_grad():
+            out = []
+            for i in range(0, len(F), 65536):
+                out.append(self.forward(F[i:i + 65536]).numpy())
+            y = np.concatenate(out) if out else np.zeros((0, 2 * self.n_cells))
+        c = self.n_cells
+        return {"stretch": 1.0 + y[:, :c], "J": 1.0 + y[:, c:]}
+
+
+def build_localization_model(ck) -> _LocNet:
+    """Rebuild a localization network from its checkpoint."""
+    import torch
+
+    m = _LocNet(ck["dim"], ck["n_cells"], ck["model"]["hidden"], ck["kinematics"])
+    m.net.load_state_dict(ck["members"][0])
+    m.x_scale = torch.as_tensor(ck["x_scale"])
+    m.y_mean = torch.as_tensor(ck["y_mean"])
+    m.y_scale = torch.as_tensor(ck["y_scale"])
+    return m
+
+
+def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
+    """Fit the per-cell largest principal stretch and J as functions of F̄ (rank 0)."""
+    import os
+
+    import torch
+
+    from fe2ml.data.reader import read_logs
+
+    t0 = time.perf_counter()
+    if comm.rank != 0:
+        return {}
+    data = read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, converged_only=True,
+                     fields=["F", "cells/stretch", "cells/J"])
+    F = data["F"]
+    lam = data["cells/stretch"][..., 0]
+    J = data["cells/J"]
+    ok = np.isfinite(F).all(axis=(1, 2)) & np.isfinite(lam).all(axis=1) & np.isfinite(J).all(axis=1)
+    skipped = int((~ok).sum())
+    F, lam, J = F[ok], lam[ok], J[ok]
+    if len(F) < 20:
+        raise ConfigError(f"{cfg.path}: only {len(F)} usable records with cell quantities (need at least 20)")
+    nc = lam.shape[1]
+    Y = np.concatenate([lam - 1.0, J - 1.0], axis=1)
+    tr, va, te = _split(len(F), cfg.split)
+    torch.manual_seed(cfg.train["seed"])
+    m = _LocNet(data.dim, nc, cfg.model["hidden"], data.kinematics)
+    for prm in m.net.parameters():
+        if prm.dim() > 1:
+            torch.nn.init.xavier_uniform_(prm)
+        else:
+            torch.nn.init.zeros_(prm)
+    X = m.features(F)
+    m.x_scale = torch.clamp(X[tr].std(0), min=1e-8)
+    Yt = torch.as_tensor(Y)
+    m.y_mean = Yt[tr].mean(0)
+    m.y_scale = torch.clamp(Yt[tr].std(0), min=1e-8)
+    Xn = X / m.x_scale
+    Yn = (Yt - m.y_mean) / m.y_scale
+    opt = torch.optim.Adam(m.net.parameters(), lr=cfg.train["lr"])
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(cfg.train["patience"] // 4, 10))
+    best = (np.inf, None, 0)
+    hist = {"train": [], "validation": []}
+    trt, vat = torch.as_tensor(tr), torch.as_tensor(va)
+    for ep in range(cfg.train["epochs"]):
+        opt.zero_grad()
+        lt = torch.mean((m.net(Xn[trt]) - Yn[trt]) ** 2)
+        lt.backward()
+        opt.step()
+        with torch.no_grad():
+            lv = float(torch.mean((m.net(Xn[vat]) - Yn[vat]) ** 2))
+        sched.step(lv)
+        hist["train"].append(float(lt.detach()))
+        hist["validation"].append(lv)
+        if lv < best[0]:
+            best = (lv, {k: v.clone() for k, v in m.net.state_dict().items()}, ep)
+        elif ep - best[2] > cfg.train["patience"]:
+            break
+        if not quiet and ep % 500 == 0:
+            print(f"  epoch {ep:5d} train loss {float(lt.detach()):.3e} validation loss {lv:.3e}", flush=True)
+    m.net.load_state_dict(best[1])
+    metrics = {}
+    for name, idx in (("train", tr), ("validation", va), ("test", te)):
+        if len(idx) == 0:
+            continue
+        pr = m.predict(F[idx])
+        metrics[name] = {
+            "stretch_rel": float(np.mean(np.abs(pr["stretch"] - lam[idx]) / lam[idx])),
+            "J_rel": float(np.mean(np.abs(pr["J"] - J[idx]) / J[idx])),
+            "stretch_minus_1_rel_l2": _rel(pr["stretch"] - 1, lam[idx] - 1),
+            "J_minus_1_rel_l2": _rel(pr["J"] - 1, J[idx] - 1), "n": int(len(idx))}
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    ck = {"format_version": FORMAT_VERSION, "model": {"kind": "localization", "hidden": list(cfg.model["hidden"])},
+          "members": [m.net.state_dict()], "dim": data.dim, "kinematics": data.kinematics,
+          "rve_fingerprint": data.fingerprint, "n_cells": nc, "x_scale": m.x_scale, "y_mean": m.y_mean,
+          "y_scale": m.y_scale, "metrics": metrics, "records": int(len(F)), "skipped": skipped,
+          "config": cfg.path.read_text(), "train_s": time.perf_counter() - t0}
+    tmp = cfg.output / "checkpoint.pt.tmp"
+    torch.save(ck, tmp)
+    os.replace(tmp, cfg.output / "checkpoint.pt")
+    report = {k: v for k, v in ck.items() if k not in ("members", "config", "x_scale", "y_mean", "y_scale")}
+    (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
+    from fe2ml.plotting import plot_lines, plot_parity
+
+    plot_lines({s: (np.arange(len(h)), h) for s, h in hist.items()}, cfg.output / "loss.png", xlabel="epoch",
+               ylabel="loss", title="localization training", logy=True, markers=False)
+    idx = te if len(te) else va
+    pr = m.predict(F[idx])
+    plot_parity(lam[idx], pr["stretch"], cfg.output / "parity_stretch.png", title="cell stretch parity",
+                symbol="cell")
+    if not quiet:
+        for s_, mm in metrics.items():
+            print(f"  {s_:>10}: cell stretch rel. error {100 * mm['stretch_rel']:.3f} % (of λ−1: "
+                  f"{100 * mm['stretch_minus_1_rel_l2']:.2f} %), J {100 * mm['J_rel']:.3f} % (of J−1: "
+                  f"{100 * mm['J_minus_1_rel_l2']:.2f} %)")
+        print(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_stretch.png", flush=True)
+    return report

@@ -1,0 +1,125 @@
+"""Localization: exact re-solves and the learned model against standalone RVE solves and run records."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from mpi4py import MPI
+
+import numpy as np
+import pytest
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.serial
+
+RVE = """\
+    mesh: {generate: cells_2d, n_cells: 3, volume_fraction: 0.25, seed: 2, h: 0.12}
+    phases:
+      1: {material: neo_hookean, mu: 1.0, K: 3.0}
+      2: {material: neo_hookean, mu: 0.2, K: 1.0}
+"""
+
+
+def _run(tmp_path, name, bcs, localize=True):
+    cfg = tmp_path / f"{name}.yaml"
+    text = ("dim: 2\nmesh: {generate: rectangle, size: [2.0, 1.0], n: [3, 2]}\nmaterial:\n  kind: rve\n  rve:\n"
+            + textwrap.indent(textwrap.dedent(RVE), "    ") + "bcs:\n" + bcs + "\nsteps: 2\n"
+            + f"localize: {'true' if localize else 'false'}\noutput: {name}\n")
+    cfg.write_text(text)
+    r = subprocess.run([str(BIN / "fe2ml"), "run", str(cfg)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr
+    return tmp_path / name
+
+
+def _localize(run_dir, *args):
+    r = subprocess.run([str(BIN / "fe2ml"), "localize", str(run_dir), *map(str, args)], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return r
+
+
+HOMOGENEOUS = "\n".join(  # affine displacement on the whole boundary: F̄ is exactly uniform
+    f'  - {{boundary: {b}, components: [{c}], value: "{v}"}}' for b in ("left", "right", "bottom", "top")
+    for c, v in ((0, "(0.15*x + 0.05*y)*t"), (1, "(0.02*x - 0.04*y)*t")))
+CLAMPED = """\
+  - {boundary: left, components: [0, 1], value: 0.0}
+  - {boundary: right, components: [0], value: "0.3*t"}
+  - {boundary: right, components: [1], value: "0.1*t"}"""
+
+
+def test_homogeneous_macro_state_equals_standalone_rve(tmp_path):
+    from fe2ml.config import parse_homogenize
+    from fe2ml.data.sampling import build_rve
+    from fe2ml.localization import read_quadrature
+
+    run = _run(tmp_path, "hom", HOMOGENEOUS)
+    r = _localize(run)
+    assert r.returncode == 0, r.stderr
+    out = run / "localization_step2"
+    stretch = np.load(out / "stretch.npy")
+    J = np.load(out / "J.npy")
+    assert np.ptp(stretch, axis=0).max() < 1e-8 and np.ptp(J, axis=0).max() < 1e-8  # same at every point
+    _, _, _, F, _ = read_quadrature(run, 2)
+    import yaml
+
+    rcfg = parse_homogenize(yaml.safe_load(textwrap.dedent(RVE)) | {"dim": 2}, tmp_path / "x.yaml", "rve", tmp_path,
+                            require_points=False)
+    rve = build_rve(rcfg, MPI.COMM_SELF)
+    c = rve.evaluate(F[0]).cells[0]
+    assert np.abs(stretch[0] - c.cell["stretch"][:, 0]).max() < 1e-8
+    assert np.abs(J[0] - c.cell["J"]).max() < 1e-8
+    for f in ("cells.csv", "points.xdmf", "points.h5", "map_stretch.png", "hist_stretch.png", "summary.json"):
+        assert (out / f).exists()
+
+
+def test_localize_reproduces_run_records_and_averages(tmp_path):
+    run = _run(tmp_path, "clamped", CLAMPED)
+    r = _localize(run, "--fields", 0)
+    assert r.returncode == 0, r.stderr
+    out = run / "localization_step2"
+    s = json.loads((out / "summary.json").read_text())
+    assert s["max_abs_diff_to_recorded_stretch"] < 1e-8  # re-solve == what the run computed
+    from fe2ml.localization import read_quadrature
+
+    _, _, _, F, _ = read_quadrature(run, 2)
+    assert np.ptp(F[:, 0, 0]) > 1e-3  # the macro state is heterogeneous
+    phaseF = np.load(out / "phase_F.npy")
+    vol = np.load(out / "phase_volume.npy")
+    Favg = np.einsum("np,npij->nij", vol, phaseF)[:, :2, :2] / vol.sum(axis=1)[:, None, None]
+    assert np.abs(Favg - F).max() < 1e-10  # volume-weighted phase averages of F equal F̄ (periodic BCs)
+    assert (out / "micro_point0.xdmf").exists()
+    # earlier step, subset of points
+    r = _localize(run, "--step", 1, "--points", 0, 3)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "localization_step1" / "summary.json").read_text())["points"] == 2
+
+
+def test_learned_localization_and_bad_input(tmp_path):
+    from fe2ml.data.sampling import load_sample_config, run_campaign
+    from fe2ml.surrogate.train import load_train_config, train
+
+    (tmp_path / "s.yaml").write_text("rve:\n  dim: 2\n" + textwrap.indent(textwrap.dedent(RVE), "  ")
+                                     + "design: {method: sobol, n: 96, seed: 0, space: stretch, stretch: [0.85, 1.2]}\n"
+                                       "output: log\n")
+    run_campaign(MPI.COMM_SELF, load_sample_config(tmp_path / "s.yaml"), quiet=True)
+    (tmp_path / "t.yaml").write_text("data: [log]\nmodel: {kind: localization, hidden: [32, 32]}\n"
+                                     "train: {epochs: 3000, lr: 0.005, patience: 400, seed: 0}\noutput: loc\n")
+    rep = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    m = rep["metrics"]["test"]
+    assert m["stretch_rel"] < 0.03 and m["J_rel"] < 0.03  # held-out relative error <= 3 %
+    run = _run(tmp_path, "clamped", CLAMPED, localize=False)
+    r = _localize(run, "--model", tmp_path / "loc" / "checkpoint.pt")
+    assert r.returncode == 0, r.stderr
+    learned = np.load(run / "localization_step2_learned" / "stretch.npy")
+    r = _localize(run)
+    exact = np.load(run / "localization_step2" / "stretch.npy")
+    assert np.abs(learned - exact).max() / exact.max() < 0.03
+    for args, msg in (((tmp_path / "nope",), "run folder not found"), ((run, "--step", 7), "converged steps 1..2"),
+                      ((run, "--points", 99), "--points: indices must be in 0..11"),
+                      ((run, "--model", tmp_path / "none.pt"), "checkpoint not found")):
+        r = subprocess.run([str(BIN / "fe2ml"), "localize", *map(str, args)], capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
