@@ -9,8 +9,8 @@ converged F̄ at every macro quadrature point of load step K (``quadrature.h5`` 
 - learned: evaluates a localization model (``fe2ml train`` with ``model.kind: localization``) for all
   points at negligible cost.
 
-Outputs in ``RUN_DIR/localization_step{K}/`` (``..._learned/`` with ``--model``): ``cells.csv`` (one row per point and cell),
-``points.xdmf`` (quadrature points with the mean/max cell stretch, mean J and max von Mises, for
+Outputs in ``RUN_DIR/localization_step{K}/`` (``..._learned/`` with ``--model``): ``cells.csv`` (one row
+per point and cell), ``points.xdmf`` (quadrature points with the mean/max cell stretch, mean J and max von Mises, for
 ParaView), ``map_stretch.png`` (largest cell stretch over the macro domain), ``hist_stretch.png``
 (distribution over all cells), ``summary.json`` (where the most stretched cells are) and, for
 ``--fields``, the full micro fields ``micro_point{i}.xdmf``.

@@ -6,7 +6,15 @@ import os
 
 import numpy as np
 
-__all__ = ["plot_cell_map", "plot_parity", "plot_lines", "plot_reactions", "plot_rve", "plot_strain_space", "plot_stress_strain"]
+__all__ = [
+    "plot_cell_map",
+    "plot_lines",
+    "plot_parity",
+    "plot_reactions",
+    "plot_rve",
+    "plot_strain_space",
+    "plot_stress_strain",
+]
 
 
 def _plt():
@@ -226,9 +234,11 @@ def plot_parity(true: np.ndarray, pred: np.ndarray, path, *, title: str = "", sy
     plt.close(fig)
 
 
-def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out, *, label: str, title: str = "") -> None:
-    """Map of a cell quantity over the macro domain (``map_stretch.png``) and its distribution over all
-    cells (``hist_stretch.png``) in folder ``out``.
+def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out, *, label: str,
+                  title: str = "") -> None:
+    """Map of a cell quantity over the macro domain and its distribution over all cells.
+
+    Writes ``map_stretch.png`` and ``hist_stretch.png`` in folder ``out``.
 
     Args:
         x: quadrature point coordinates (n, d) (the first two are drawn).

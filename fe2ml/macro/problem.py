@@ -574,8 +574,9 @@ class RunWriter:
         self.write_summary(status, message)
 
     def _write_quadrature(self):
-        """Append F̄ (and cell quantities, when the law computes them) at every quadrature point of this
-        step to ``quadrature.h5`` (gathered to rank 0): the input of ``fe2ml localize``.
+        """Append F̄ (and cell quantities, when the law computes them) of this step to ``quadrature.h5``.
+
+        Gathered to rank 0, ordered by coordinates (rank independent): the input of ``fe2ml localize``.
         """
         p = self.p
         ids, x = p.quadrature_point_ids()
