@@ -15,10 +15,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 
 import fe2ml  # noqa: F401
-from mpi4py import MPI
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
