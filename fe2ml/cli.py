@@ -8,6 +8,8 @@ Subcommands:
     train CONFIG.yaml [--resume CKPT]          neural surrogate from logs
     export CKPT OUT.pt                         TorchScript module of a surrogate
     localize RUN_DIR [--step K] [--model CKPT] cell-level quantities of a finished run
+    check CONFIG.yaml                          validate any config up front
+    submit CONFIG.yaml --scheduler slurm|pbs   job script (and sbatch/qsub)
 
 Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
 Errors caused by input print one line ``fe2ml: error: ...`` on stderr and exit with status 2.
@@ -228,6 +230,20 @@ def cmd_run(args, comm) -> int:
     from fe2ml.macro.config import load_run_config
     from fe2ml.macro.run import run
 
+    if args.restart:
+        import json as _json
+
+        rd = Path(args.config)
+        if not rd.is_dir():
+            raise Fe2mlError(f"--restart {rd}: run folder not found")
+        summ = rd / "summary.json"
+        src = Path(_json.loads(summ.read_text()).get("config", "")) if summ.exists() else None
+        path = src if src is not None and src.is_file() else rd / "config.yaml"
+        if not path.is_file():
+            raise Fe2mlError(f"--restart {rd}: cannot find the run's config")
+        cfg = load_run_config(path, output=str(rd))
+        run(comm, cfg, restart=True)
+        return 0
     cfg = load_run_config(args.config, output=args.output)
     run(comm, cfg)
     return 0
@@ -238,7 +254,9 @@ def cmd_sample(args, comm) -> int:
     from fe2ml.data.sampling import load_sample_config, run_campaign
 
     cfg = load_sample_config(args.config, output=args.output)
-    run_campaign(comm, cfg)
+    if not (args.parts >= 1 and 0 <= args.part < args.parts):
+        raise Fe2mlError(f"--part {args.part} --parts {args.parts}: need 0 <= part < parts")
+    run_campaign(comm, cfg, part=args.part, parts=args.parts)
     return 0
 
 
@@ -319,6 +337,31 @@ def cmd_localize(args, comm) -> int:
     return 0
 
 
+def cmd_check(args, comm) -> int:
+    """Run ``fe2ml check``."""
+    from fe2ml.hpc import check_config
+
+    kind = check_config(args.config, comm=comm)
+    if comm.rank == 0:
+        print(f"fe2ml check: {args.config} is a valid {kind} config")
+    return 0
+
+
+def cmd_submit(args, comm) -> int:
+    """Run ``fe2ml submit``."""
+    if comm.rank != 0:
+        return 0
+    from fe2ml.hpc import submit, write_job_script
+
+    script = write_job_script(args.config, scheduler=args.scheduler, nodes=args.nodes,
+                              ntasks_per_node=args.ntasks_per_node, time=args.time, account=args.account,
+                              array=args.array, out=args.script, template=args.template)
+    print(f"fe2ml submit: wrote {script}")
+    if not args.dry_run:
+        print(submit(script, args.scheduler))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -331,12 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finite strain: PNG of the homogenized stress-strain curve (default: next to --json)")
     h.set_defaults(func=cmd_homogenize)
     r = sub.add_parser("run", help="macro problem (FE² with RVEs, or analytic materials) from a YAML config")
-    r.add_argument("config", help="YAML config (keys: dim, mesh, material, bcs, tractions, steps, ...)")
+    r.add_argument("config", help="YAML config (keys: dim, mesh, material, bcs, tractions, steps, ...); with "
+                   "--restart: the run folder")
+    r.add_argument("--restart", action="store_true", help="continue the run in folder CONFIG from its checkpoint")
     r.add_argument("--output", default=None, help="run folder (overrides the config's output)")
     r.set_defaults(func=cmd_run)
     sm = sub.add_parser("sample", help="sampling campaign: RVE over a design of F̄, logged to HDF5 (resumable)")
     sm.add_argument("config", help="YAML config (keys: rve, design, output, flush_every, cells)")
     sm.add_argument("--output", default=None, help="log folder (overrides the config's output)")
+    sm.add_argument("--part", type=int, default=0, help="job-array task index (evaluate ids = part mod parts)")
+    sm.add_argument("--parts", type=int, default=1, help="number of job-array tasks")
     sm.set_defaults(func=cmd_sample)
     ins = sub.add_parser("inspect", help="summary of HDF5 logs (files or folders)")
     ins.add_argument("paths", nargs="+", help="log files or folders")
@@ -359,6 +406,21 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--fields", type=int, nargs="+", default=None, help="write full micro fields of these points")
     lo.add_argument("--model", default=None, help="learned localization checkpoint (instead of RVE re-solves)")
     lo.set_defaults(func=cmd_localize)
+    ck = sub.add_parser("check", help="validate a config (run, sample, train or homogenize) before any work")
+    ck.add_argument("config")
+    ck.set_defaults(func=cmd_check)
+    sb = sub.add_parser("submit", help="write (and submit) a slurm or pbs job script for a config")
+    sb.add_argument("config")
+    sb.add_argument("--scheduler", required=True, choices=["slurm", "pbs"])
+    sb.add_argument("--nodes", type=int, default=1)
+    sb.add_argument("--ntasks-per-node", type=int, default=1)
+    sb.add_argument("--time", required=True, help="wall time HH:MM:SS")
+    sb.add_argument("--account", default=None)
+    sb.add_argument("--array", type=int, default=None, help="split a sampling campaign into K array tasks")
+    sb.add_argument("--template", default=None, help="your own job script template (same placeholders)")
+    sb.add_argument("--script", default=None, help="where to write the job script (default: next to the config)")
+    sb.add_argument("--dry-run", action="store_true", help="only write the script")
+    sb.set_defaults(func=cmd_submit)
     return p
 
 
@@ -391,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     first = next((e for e in errs if e is not None), None)
     if first is not None:
         if comm.rank == 0:
-            print(f"fe2ml: error: {first}", file=sys.stderr, flush=True)
-        return 2
+            print(f"fe2ml: {'stopped' if first.startswith('terminated by SIGTERM') else 'error'}: {first}",
+                  file=sys.stderr, flush=True)
+        return 143 if first.startswith("terminated by SIGTERM") else 2
     return code
 
 

@@ -204,7 +204,7 @@ def test_surrogate_bad_inputs(tmp_path):
         train(MPI.COMM_SELF, load_train_config(tmp_path / "noA.yaml"), quiet=True)
     assert ck.read_bytes() == before
     (tmp_path / "bad.yaml").write_text(textwrap.dedent(TRAIN).replace("kind: potential", "kind: oracle"))
-    with pytest.raises(ConfigError, match="model.kind: expected potential or plain"):
+    with pytest.raises(ConfigError, match="model.kind: expected potential, plain or localization"):
         load_train_config(tmp_path / "bad.yaml")
 
 

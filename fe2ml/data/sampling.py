@@ -245,7 +245,8 @@ def done_point_ids(folder: Path, campaign_id: str) -> set:
     return done
 
 
-def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: float = 2.0) -> dict:
+def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: float = 2.0, part: int = 0,
+                 parts: int = 1) -> dict:
     """Run (or resume) a sampling campaign; every rank writes its own part file.
 
     Returns:
@@ -266,10 +267,10 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
     n = len(F)
     done = done_point_ids(cfg.output, campaign_id) if rank == 0 else None
     done = comm.bcast(done, root=0)
-    todo = np.array([i for i in range(n) if i not in done], dtype=np.int64)
+    todo = np.array([i for i in range(n) if i not in done and i % parts == part], dtype=np.int64)
     mine = np.array_split(todo, size)[rank]
     finite = cfg.rve.kinematics == "finite"
-    run_id = comm.bcast(uuid.uuid4().hex[:8] if rank == 0 else None, root=0)
+    run_id = comm.bcast(uuid.uuid4().hex[:8] + (f"p{part}" if parts > 1 else "") if rank == 0 else None, root=0)
     if not quiet and rank == 0:
         print(f"fe2ml sample: {cfg.path} -> {cfg.output}: campaign {campaign_id}, RVE {fp}, {n} design points, "
               f"{len(done)} already logged, {len(todo)} to do on {size} rank(s)", flush=True)

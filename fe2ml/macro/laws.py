@@ -156,6 +156,29 @@ class RVELaw:
                 self.recorder(F, P, A, cells)
         return P, A
 
+    def state_arrays(self) -> dict:
+        """Committed warm-start states as arrays (for run checkpoints)."""
+        c = self.committed or []
+        have = np.array([s is not None for s in c], dtype=bool)
+        z = [s.z for s in c if s is not None]
+        return {"have": have, "F": np.array([s.F for s in c if s is not None]).reshape(-1, self.dim, self.dim),
+                "z": np.array(z).reshape(len(z), -1), "lam": np.array([s.lam for s in c if s is not None])
+                .reshape(len(z), -1)}
+
+    def load_state_arrays(self, a: dict) -> None:
+        """Restore committed states saved by :meth:`state_arrays`."""
+        from fe2ml.micro.hyper import RVEState
+
+        it = iter(range(len(a["z"])))
+        self.committed = []
+        for h in a["have"]:
+            if h:
+                j = next(it)
+                self.committed.append(RVEState(F=a["F"][j].copy(), z=a["z"][j].copy(), lam=a["lam"][j].copy()))
+            else:
+                self.committed.append(None)
+        self.trial = list(self.committed)
+
     def commit(self):
         """Accept the trial states."""
         if self.trial is not None:

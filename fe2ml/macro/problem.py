@@ -268,6 +268,7 @@ class MacroProblem:
         self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
         self.history: list[StepRecord] = []
         self.t = 0.0
+        self.stop_requested = None  # callable -> bool (e.g. SIGTERM seen); checked collectively per iteration
         self.n_qp_local = self.n_owned * self.nqp
         self.n_qp_global = comm.allreduce(self.n_qp_local)
 
@@ -384,6 +385,8 @@ class MacroProblem:
         res = []
         r0 = None
         for _ in range(opts.max_it + 1):
+            if self.stop_requested is not None and self.comm.allreduce(bool(self.stop_requested()), op=_lor()):
+                raise RunInterrupted("SIGTERM received")
             msg = self._update_constitutive()
             if msg is not None:
                 return False, res, msg
@@ -401,6 +404,68 @@ class MacroProblem:
             if not self._solve_increment():
                 return False, res, "macro linear solve failed"
         return False, res, f"macro Newton did not converge in {opts.max_it} iterations (|r| = {res[-1]:.3e})"
+
+    def save_checkpoint(self, folder: Path) -> None:
+        """Atomic per-rank checkpoint of the converged state (collective): u, time, history, law states.
+
+        ``folder/rank{r}.npz`` for every rank, then ``folder/meta.json`` on rank 0 once all are written.
+        """
+        folder = Path(folder)
+        r = self.comm.rank
+        if r == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        self.comm.barrier()
+        imap = self.V.dofmap.index_map
+        bs = self.V.dofmap.index_map_bs
+        X = self.V.tabulate_dof_coordinates()[: imap.size_local]
+        data = {"u": self.u.x.array[: imap.size_local * bs].copy(), "t": self.t,
+                "global_range": np.array(imap.local_range), "dof_coords": X}
+        if self.law is not None and hasattr(self.law, "state_arrays"):
+            for k, v in self.law.state_arrays().items():
+                data[f"law_{k}"] = v
+        tmp = folder / f"rank{r}.tmp.npz"
+        np.savez(tmp, **data)
+        os.replace(tmp, folder / f"rank{r}.npz")
+        self.comm.barrier()
+        if r == 0:
+            meta = {"t": self.t, "steps": len(self.history), "ranks": self.comm.size,
+                    "history": [{"t": h.t, "iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
+                                for h in self.history], "rref": getattr(self, "_rref", 0.0)}
+            tmpm = folder / "meta.json.tmp"
+            tmpm.write_text(json.dumps(meta))
+            os.replace(tmpm, folder / "meta.json")
+        self.comm.barrier()
+
+    def load_checkpoint(self, folder: Path) -> dict:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (same mesh, same number of ranks).
+
+        Raises:
+            ConfigError: missing/incomplete checkpoint, other rank count, or a different dof layout.
+        """
+        folder = Path(folder)
+        meta_p = folder / "meta.json"
+        if not meta_p.is_file():
+            raise ConfigError(f"{folder}: no checkpoint (meta.json missing): the run has no converged step")
+        meta = json.loads(meta_p.read_text())
+        if meta["ranks"] != self.comm.size:
+            raise ConfigError(f"{folder}: checkpoint written by {meta['ranks']} rank(s); restart with "
+                              f"mpiexec -n {meta['ranks']}")
+        d = np.load(folder / f"rank{self.comm.rank}.npz")
+        imap = self.V.dofmap.index_map
+        bs = self.V.dofmap.index_map_bs
+        X = self.V.tabulate_dof_coordinates()[: imap.size_local]
+        ok = d["u"].shape[0] == imap.size_local * bs and np.allclose(d["dof_coords"], X, atol=1e-12)
+        if not self.comm.allreduce(ok, op=_land()):
+            raise ConfigError(f"{folder}: the macro mesh or its partition differs from the checkpoint's")
+        self.u.x.array[: imap.size_local * bs] = d["u"]
+        self.u.x.scatter_forward()
+        self.t = float(d["t"])
+        if self.law is not None and hasattr(self.law, "load_state_arrays") and "law_have" in d:
+            self.law.load_state_arrays({k[4:]: d[k] for k in d.files if k.startswith("law_")})
+        self.history = [StepRecord(t=h["t"], iterations=h["iterations"], residuals=h["residuals"], cuts=h["cuts"])
+                        for h in meta["history"]]
+        self._rref = meta.get("rref", 0.0)
+        return meta
 
     def step(self, t_new: float) -> StepRecord:
         """Advance from the current converged state to load parameter ``t_new``, cutting the step on failure.
@@ -507,6 +572,16 @@ def _land():
     return MPI.LAND
 
 
+def _lor():
+    from mpi4py import MPI
+
+    return MPI.LOR
+
+
+class RunInterrupted(Fe2mlError):
+    """The run was asked to stop (SIGTERM); the last converged step is checkpointed."""
+
+
 class RunWriter:
     """Writes a run's outputs after every converged step (rank 0 writes text files).
 
@@ -515,7 +590,7 @@ class RunWriter:
     ``reactions.png`` at the end.
     """
 
-    def __init__(self, problem: MacroProblem, out: Path, *, config_path: str = ""):
+    def __init__(self, problem: MacroProblem, out: Path, *, config_path: str = "", restart_step: int = 0):
         import dolfinx
 
         self.p = problem
@@ -524,7 +599,8 @@ class RunWriter:
         self.rank0 = self.comm.rank == 0
         d = problem.d
         msh = problem.msh
-        self.xdmf = dolfinx.io.XDMFFile(self.comm, str(self.out / "fields.xdmf"), "w")
+        name = "fields.xdmf" if restart_step == 0 else f"fields_from_step{restart_step + 1}.xdmf"
+        self.xdmf = dolfinx.io.XDMFFile(self.comm, str(self.out / name), "w")
         self.xdmf.write_mesh(msh)
         self.V1 = dolfinx.fem.functionspace(msh, ("Lagrange", 1, (d,)))
         self.u1 = dolfinx.fem.Function(self.V1, name="u")
@@ -540,10 +616,26 @@ class RunWriter:
             if name in problem.reaction_dofs:
                 self.csv_header += [f"{name}_R{c + 1}" for c in range(d)]
             self.csv_header += [f"{name}_u{c + 1}_mean" for c in range(d)]
-        if self.rank0:
+        if self.rank0 and restart_step == 0:
             with open(self.out / "reactions.csv", "w", newline="") as f:
                 csv.writer(f).writerow(self.csv_header)
             (self.out / "quadrature.h5").unlink(missing_ok=True)
+        elif self.rank0:  # keep the rows and quadrature data of the checkpointed steps only
+            with open(self.out / "reactions.csv", newline="") as f:
+                rows = list(csv.reader(f))
+            self.rows = [[float(v) for v in r] for r in rows[1:restart_step + 1]]
+            with open(self.out / "reactions.csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(self.csv_header)
+                for r in rows[1:restart_step + 1]:
+                    w.writerow(r)
+            import h5py
+
+            if (self.out / "quadrature.h5").exists():
+                with h5py.File(self.out / "quadrature.h5", "a") as f:
+                    for g in [g for g in f if int(g.split("_")[1]) > restart_step]:
+                        del f[g]
+                    f.attrs["steps"] = restart_step
 
     def write_step(self, status="running", message=""):
         """Append the current (converged) state to all outputs (collective)."""

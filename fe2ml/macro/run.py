@@ -80,13 +80,36 @@ def _build_surrogate_law(comm, cfg):
     return _collective(comm, make), rve_mesh
 
 
-def run(comm, cfg, *, quiet: bool = False) -> dict:
+def _setup_logging(comm, out: Path):
+    """Rank-aware logging: rank 0 writes INFO and above to ``run.log``; every rank sends warnings to stderr."""
+    import logging
+
+    log = logging.getLogger("fe2ml")
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    fmt = logging.Formatter(f"%(asctime)s [rank {comm.rank}] %(levelname)s %(message)s")
+    if comm.rank == 0:
+        fh = logging.FileHandler(out / "run.log", mode="a")
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    sh = logging.StreamHandler()
+    sh.setLevel(logging.WARNING)
+    sh.setFormatter(fmt)
+    log.addHandler(sh)
+    log.propagate = False
+    return log
+
+
+def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
     """Run a macro problem (FE² or analytic) and write its outputs to ``cfg.output``.
 
     Args:
         comm: the macro communicator.
         cfg: :class:`fe2ml.macro.config.RunConfig`.
         quiet: no progress output.
+        restart: continue from the checkpoint in ``cfg.output`` (same number of ranks).
 
     Returns:
         The summary dict (rank 0; other ranks get an empty dict).
@@ -115,6 +138,7 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
         return None
 
     _collective(comm, mkout)
+    log = _setup_logging(comm, out)
     rank0 = comm.rank == 0 and not quiet
     if rank0:
         print(f"fe2ml run: {cfg.path} -> {out} ({cfg.dim}D, {cfg.kinematics} strain, material {cfg.kind}, "
@@ -166,25 +190,64 @@ def run(comm, cfg, *, quiet: bool = False) -> dict:
     if rank0:
         print(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
               f"{cfg.steps} load steps", flush=True)
-    if comm.rank == 0:
+    start = 0
+    if restart:
+        meta = _collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
+        start = meta["steps"]
+        if rank0:
+            print(f"  restarting after step {start} (t = {prob.t:.4g})", flush=True)
+        log.info("restart after step %d (t = %.6g)", start, prob.t)
+    elif comm.rank == 0 and Path(cfg.path).resolve() != (out / "config.yaml").resolve():
         shutil.copyfile(cfg.path, out / "config.yaml")
-    writer = RunWriter(prob, out, config_path=str(cfg.path))
+    writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
+    import os
+    import signal
+
+    stop = {"flag": False}
+
+    def on_term(signum, frame):
+        stop["flag"] = True
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    prob.stop_requested = lambda: stop["flag"]
+    fault = os.environ.get("FE2ML_FAULT")  # "rank:step": raise a plain exception there (tests job plumbing)
     status, message = "completed", ""
     try:
-        for k in range(1, cfg.steps + 1):
+        for k in range(start + 1, cfg.steps + 1):
             if logger is not None:
                 logger.step = k
+            if fault and fault == f"{comm.rank}:{k}":
+                raise RuntimeError(f"injected fault on rank {comm.rank} at step {k} (FE2ML_FAULT)")
             rec = prob.step(k / cfg.steps)
             writer.write_step()
+            prob.save_checkpoint(out / "checkpoint")
+            log.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not quiet:
                 progress_line(k, cfg.steps, prob.t, rec, comm)
+            if k < cfg.steps and comm.allreduce(stop["flag"], op=__import__("mpi4py").MPI.LOR):
+                from fe2ml.macro.problem import RunInterrupted
+
+                raise RunInterrupted("SIGTERM received")
     except Fe2mlError as e:
+        from fe2ml.macro.problem import RunInterrupted
+
+        if isinstance(e, RunInterrupted):
+            status = "terminated"
+            message = (f"terminated by SIGTERM; checkpoint at step {len(prob.history)} (t = {prob.t:.6g}); "
+                       f"continue with: fe2ml run --restart {out}")
+            log.warning(message)
+            writer.write_summary(status, message)
+            writer.close()
+            prob.close()
+            raise RunInterrupted(message) from None
         status, message = "failed", str(e)
+        log.error(message)
         writer.write_summary(status, message)
         writer.close()
         prob.close()
         raise
     finally:
+        signal.signal(signal.SIGTERM, old)
         if logger is not None:
             logger.close()
         w = getattr(law, "writer", None)
