@@ -9,6 +9,7 @@ Subcommands:
     export CKPT OUT.pt                         TorchScript module of a surrogate
     localize RUN_DIR [--step K] [--model CKPT] cell-level quantities of a finished run
     check CONFIG.yaml                          validate any config up front
+    demo [--quick] [--output DIR]              the end-to-end tissue demo
     submit CONFIG.yaml --scheduler slurm|pbs   job script (and sbatch/qsub)
 
 Runs serially or under ``mpiexec -n N``; the CLI is the only place that uses ``COMM_WORLD``.
@@ -362,6 +363,14 @@ def cmd_submit(args, comm) -> int:
     return 0
 
 
+def cmd_demo(args, comm) -> int:
+    """Run ``fe2ml demo``."""
+    from fe2ml.demo import run_demo
+
+    run_demo(comm, args.output, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fe2ml`` command."""
     p = argparse.ArgumentParser(prog="fe2ml", description="FE² multiscale homogenization with neural surrogates")
@@ -406,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--fields", type=int, nargs="+", default=None, help="write full micro fields of these points")
     lo.add_argument("--model", default=None, help="learned localization checkpoint (instead of RVE re-solves)")
     lo.set_defaults(func=cmd_localize)
+    dm = sub.add_parser("demo", help="the end-to-end tissue demo (RVE -> campaign -> surrogate -> FE² -> cells)")
+    dm.add_argument("--output", default="results/demo", help="output folder (default results/demo)")
+    dm.add_argument("--quick", action="store_true", help="the same loop, tiny")
+    dm.set_defaults(func=cmd_demo)
     ck = sub.add_parser("check", help="validate a config (run, sample, train or homogenize) before any work")
     ck.add_argument("config")
     ck.set_defaults(func=cmd_check)
