@@ -146,8 +146,10 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
                            "reactions": str(out / "reactions_fe2_vs_surrogate.png"),
                            "cell_stretch_map": str(out / "run_surrogate" / f"localization_step{loc['step']}" /
                                                    "map_stretch.png"),
-                           "paraview": [str(out / "run_surrogate" / "fields.xdmf"), str(out / "run_rve" / "fields.xdmf"),
-                                        str(out / "run_surrogate" / f"localization_step{loc['step']}" / "points.xdmf")]}}
+                           "paraview": [str(out / "run_surrogate" / "fields.xdmf"),
+                                        str(out / "run_rve" / "fields.xdmf"),
+                                        str(out / "run_surrogate" / f"localization_step{loc['step']}" /
+                                            "points.xdmf")]}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print("[demo] 6/6 summary")
     print(f"  surrogate accuracy: held-out stress {100 * m['stress_rel_l2']:.2f} %, tangent "
