@@ -724,6 +724,7 @@ class RunWriter:
                 "output": float(np.max([t["output_s"] for t in timers])),
             },
             "constitutive_time_per_rank_s": cons,
+            "law_s": float(max(st.get("time_s", 0.0) for st in all_stats)) if all_stats else 0.0,
             "load_balance_max_over_mean": float(np.max(cons) / max(np.mean(cons), 1e-300)),
             "rve_solves": int(sum(s.get("rve_solves", 0) for s in all_stats)),
             "surrogate_s": float(max(s.get("surrogate_s", 0.0) for s in all_stats)) if all_stats else 0.0,
