@@ -92,6 +92,31 @@ def _check_keys(d: dict, allowed, where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
+def parse_newton(newton, f: str) -> dict:
+    """Validate a ``newton: {rtol, atol, max_it, max_cuts}`` mapping (None: defaults)."""
+    newton = dict(newton or {})
+    if not isinstance(newton, dict):
+        raise ConfigError(f"{f}: newton: expected a mapping, got {newton!r}")
+    _check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
+    for k in ("rtol", "atol"):
+        if k in newton:
+            newton[k] = _number(newton[k], f"{f}: newton.{k}", positive=True)
+    for k in ("max_it", "max_cuts"):
+        if k in newton and (not isinstance(newton[k], int) or isinstance(newton[k], bool) or newton[k] < 0):
+            raise ConfigError(f"{f}: newton.{k}: expected a non-negative integer, got {newton[k]!r}")
+    return newton
+
+
+def parse_rve_ref(r, p: Path, f: str, base: Path, dim: int) -> HomogenizeConfig:
+    """``material.rve`` / ``rve``: a mapping of homogenize keys, or the path of a homogenize YAML."""
+    if isinstance(r, str):
+        rp = base / r
+        if not rp.is_file():
+            raise ConfigError(f"{f}: {rp} not found")
+        return parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
+    return parse_homogenize(r, p, f, base, require_points=False, default_dim=dim)
+
+
 def build_material(spec: Any, where: str):
     """Create a material from its config mapping ``{material: NAME, ...parameters}``.
 
@@ -352,16 +377,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
         Fs.extend(load_path(lp["type"], mx, st, dim))
     if kin == "finite" and not Fs and require_points:
         raise ConfigError(f"{f}: kinematics finite needs F (list of deformation gradients) or load_path")
-    newton = raw.get("newton", {}) or {}
-    if not isinstance(newton, dict):
-        raise ConfigError(f"{f}: newton: expected a mapping, got {newton!r}")
-    _check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
-    for k in ("rtol", "atol"):
-        if k in newton:
-            newton[k] = _number(newton[k], f"{f}: newton.{k}", positive=True)
-    for k in ("max_it", "max_cuts"):
-        if k in newton and (not isinstance(newton[k], int) or isinstance(newton[k], bool) or newton[k] < 0):
-            raise ConfigError(f"{f}: newton.{k}: expected a non-negative integer, got {newton[k]!r}")
+    newton = parse_newton(raw.get("newton"), f)
     fields_ = raw.get("fields", {}) or {}
     if not isinstance(fields_, dict):
         raise ConfigError(f"{f}: fields: expected a mapping {{points: [0, 3]}}")

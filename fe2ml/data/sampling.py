@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import _check_keys, _number, load_path, load_yaml, parse_homogenize
+from fe2ml.config import _check_keys, _number, load_path, load_yaml, parse_rve_ref
 from fe2ml.errors import ConfigError
 
 __all__ = ["SampleConfig", "design_points", "load_sample_config", "run_campaign"]
@@ -131,14 +131,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     _check_keys(raw, ("rve", "design", "output", "flush_every", "cells"), f)
     if "rve" not in raw or "design" not in raw:
         raise ConfigError(f"{f}: missing required key '{'rve' if 'rve' not in raw else 'design'}'")
-    r = raw["rve"]
-    if isinstance(r, str):
-        rp = p.parent / r
-        if not rp.is_file():
-            raise ConfigError(f"{f}: rve: {rp} not found")
-        rve = parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
-    else:
-        rve = parse_homogenize(r, p, f"{f}: rve", p.parent, require_points=False)
+    rve = parse_rve_ref(raw["rve"], p, f"{f}: rve", p.parent, None)
     ds = raw["design"]
     w = f"{f}: design"
     if not isinstance(ds, dict):

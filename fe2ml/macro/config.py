@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fe2ml.config import _check_keys, _number, build_material, load_yaml, parse_homogenize
+from fe2ml.config import _check_keys, _number, build_material, load_yaml, parse_newton, parse_rve_ref
 from fe2ml.errors import ConfigError
 
 __all__ = ["RunConfig", "load_run_config"]
@@ -131,27 +131,13 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         if kind == "hybrid" and "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
         if "rve" in mat:
-            r = mat["rve"]
-            if isinstance(r, str):
-                rp = base / r
-                if not rp.is_file():
-                    raise ConfigError(f"{f}: material.rve: {rp} not found")
-                rve = parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
-            else:
-                rve = parse_homogenize(r, p, f"{f}: material.rve", base, require_points=False, default_dim=dim)
+            rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
         kin_default = "finite"
     elif kind == "rve":
         _check_keys(mat, ("kind", "rve"), f"{f}: material")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
-        r = mat["rve"]
-        if isinstance(r, str):
-            rp = base / r
-            if not rp.is_file():
-                raise ConfigError(f"{f}: material.rve: {rp} not found")
-            rve = parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
-        else:
-            rve = parse_homogenize(r, p, f"{f}: material.rve", base, require_points=False, default_dim=dim)
+        rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
         if rve.dim != dim:
             raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
         kin_default = rve.kinematics
@@ -232,16 +218,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(val)))
     if not bcs:
         raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
-    newton = raw.get("newton", {}) or {}
-    if not isinstance(newton, dict):
-        raise ConfigError(f"{f}: newton: expected a mapping")
-    _check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
-    for k in ("rtol", "atol"):
-        if k in newton:
-            newton[k] = _number(newton[k], f"{f}: newton.{k}", positive=True)
-    for k in ("max_it", "max_cuts"):
-        if k in newton and (not isinstance(newton[k], int) or isinstance(newton[k], bool) or newton[k] < 0):
-            raise ConfigError(f"{f}: newton.{k}: expected a non-negative integer, got {newton[k]!r}")
+    newton = parse_newton(raw.get("newton"), f)
     ws = raw.get("warm_start", True)
     if not isinstance(ws, bool):
         raise ConfigError(f"{f}: warm_start: expected true or false, got {ws!r}")

@@ -34,7 +34,7 @@ import numpy as np
 
 from fe2ml.errors import ConfigError, MaterialError, MeshError, SolverError
 from fe2ml.micro.mesh import RVEMesh, periodic_node_map
-from fe2ml.micro.rve import BCS, _mat_from_scipy, to_dolfinx
+from fe2ml.micro.rve import BCS, _mat_from_scipy, build_reduction, destroy_petsc, mean_gradient_constraints, to_dolfinx
 
 __all__ = ["CellQuantities", "EvalResult", "HyperelasticRVE", "NewtonOptions", "RVEState"]
 
@@ -253,39 +253,9 @@ class HyperelasticRVE:
                 self.U[umap[np.arange(nb) * d + i], i * d + j] = Y[:, j]
 
         # reduction P: displacement blocks by BC, pressures kept
-        import scipy.sparse as sp
-
-        if bc == "periodic":
-            rep, _ = periodic_node_map(X, tol=tol, strict=True, source=mesh.source)
-            masters = np.unique(rep)
-            fixed = masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))]
-            keep = masters[masters != fixed]
-        else:
-            rep = np.arange(nb)
-            scale = (hi - lo).max()
-            on_bnd = np.zeros(nb, dtype=bool)
-            for i in range(d):
-                on_bnd |= (np.abs(X[:, i] - lo[i]) < tol * scale) | (np.abs(X[:, i] - hi[i]) < tol * scale)
-            if bc == "affine":
-                keep = np.where(~on_bnd)[0]
-            else:
-                fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
-                keep = np.delete(np.arange(nb), fixed)
-        col_of = -np.ones(nb, dtype=np.int64)
-        col_of[keep] = np.arange(len(keep))
-        rows, cols = [], []
-        c = col_of[rep]
-        ok = c >= 0
-        for i in range(d):
-            rows.append(umap[np.arange(nb)[ok] * d + i])
-            cols.append(c[ok] * d + i)
-        nu_r = len(keep) * d
-        rows.append(pmap)
-        cols.append(nu_r + np.arange(len(pmap)))
-        rows, cols = np.concatenate(rows), np.concatenate(cols)
-        self.n_reduced = nu_r + len(pmap)
-        self.n_w = nu_r
-        self.P_sp = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, self.n_reduced))
+        self.P_sp, self.n_w, _ = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source, n=n, umap=umap,
+                                                 pmap=pmap)
+        self.n_reduced = self.P_sp.shape[1]
         self.P = _mat_from_scipy(self.P_sp)
 
         # forms
@@ -348,20 +318,10 @@ class HyperelasticRVE:
         self.elem_phase = np.asarray(self.phase_tags.values)
 
         if bc == "traction":
-            Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
-            vu = ufl.split(v)[0] if formulation == "mixed" else v
-            gform = dolfinx.fem.form(ufl.inner(ufl.grad(vu), Eij) * ufl.dx(domain=msh))
-            G = np.zeros((n, d * d))
-            for i in range(d):
-                for j in range(d):
-                    Eij.value[:] = 0.0
-                    Eij.value[i, j] = 1.0
-                    vec = dolfinx.fem.petsc.assemble_vector(gform)
-                    G[:, i * d + j] = vec.array
-                    vec.destroy()
-            import scipy.sparse as sp2
+            import scipy.sparse as sp
 
-            self.G_r = sp2.csr_matrix(self.P_sp.T @ G)
+            vu = ufl.split(v)[0] if formulation == "mixed" else v
+            self.G_r = sp.csr_matrix(self.P_sp.T @ mean_gradient_constraints(self.W, vu, d))
         else:
             self.G_r = None
         self.nlam = d * d if bc == "traction" else 0
@@ -709,16 +669,7 @@ class HyperelasticRVE:
 
     def close(self) -> None:
         """Free PETSc objects."""
-        for name in ("ksp", "K", "P", "Rvec"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.destroy()
-                setattr(self, name, None)
-        if self._Kr is not None and self._Kr is not self._Kr_base:
-            self._Kr.destroy()
-        if self._Kr_base is not None:
-            self._Kr_base.destroy()
-        self._Kr = self._Kr_base = None
+        destroy_petsc(self, ("ksp", "K", "P", "Rvec"))
 
     def __del__(self):
         try:

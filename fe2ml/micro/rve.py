@@ -116,6 +116,96 @@ def _mat_from_scipy(S):
     return M
 
 
+def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap=None, pmap=None):
+    """Reduction matrix P (n x n_r) of the fluctuation for a BC, on dof blocks at coordinates X.
+
+    Periodic: every block maps to its periodic representative, the block nearest the lower corner is
+    fixed. Affine: boundary blocks are removed. Traction: the block nearest the lower corner is fixed
+    (the multipliers are added by the caller). Extra dofs ``pmap`` (pressures) are kept as they are.
+
+    Args:
+        X: coordinates of the displacement dof blocks (nb, d).
+        lo: lower box corner.
+        hi: upper box corner.
+        bc: periodic | affine | traction.
+        tol: relative matching tolerance.
+        source: mesh description for messages.
+        n: size of the full dof vector.
+        umap: full-vector index of displacement dof (block b, component i) at b*d + i (default identity).
+        pmap: full-vector indices of extra dofs kept unreduced.
+
+    Returns:
+        (P as scipy CSR, number of reduced displacement dofs, fixed block or None).
+    """
+    import scipy.sparse as sp
+
+    nb, d = X.shape
+    umap = np.arange(nb * d) if umap is None else umap
+    pmap = np.zeros(0, dtype=np.int64) if pmap is None else pmap
+    fixed = None
+    if bc == "periodic":
+        rep, _ = periodic_node_map(X, tol=tol, strict=True, source=source)
+        masters = np.unique(rep)
+        fixed = int(masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))])
+        keep = masters[masters != fixed]
+    else:
+        rep = np.arange(nb)
+        scale = (hi - lo).max()
+        on_bnd = np.zeros(nb, dtype=bool)
+        for i in range(d):
+            on_bnd |= (np.abs(X[:, i] - lo[i]) < tol * scale) | (np.abs(X[:, i] - hi[i]) < tol * scale)
+        if bc == "affine":
+            keep = np.where(~on_bnd)[0]
+        else:
+            fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
+            keep = np.delete(np.arange(nb), fixed)
+    col_of = -np.ones(nb, dtype=np.int64)
+    col_of[keep] = np.arange(len(keep))
+    c = col_of[rep]
+    ok = c >= 0
+    rows = [umap[np.arange(nb)[ok] * d + i] for i in range(d)] + [pmap]
+    nu_r = len(keep) * d
+    cols = [c[ok] * d + i for i in range(d)] + [nu_r + np.arange(len(pmap))]
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    P = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, nu_r + len(pmap)))
+    return P, nu_r, fixed
+
+
+def mean_gradient_constraints(V, v, d: int) -> np.ndarray:
+    """G (n, d²) with G[:, (i,j)] = ∫ ∂_j v_i dx: the constraint ∫ ∇w = 0 of minimal kinematic BCs."""
+    import dolfinx
+    import dolfinx.fem.petsc
+    import ufl
+
+    msh = V.mesh
+    Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
+    form = dolfinx.fem.form(ufl.inner(ufl.grad(v), Eij) * ufl.dx(domain=msh))
+    n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+    G = np.zeros((n, d * d))
+    for i in range(d):
+        for j in range(d):
+            Eij.value[:] = 0.0
+            Eij.value[i, j] = 1.0
+            vec = dolfinx.fem.petsc.assemble_vector(form)
+            G[:, i * d + j] = vec.array
+            vec.destroy()
+    return G
+
+
+def destroy_petsc(obj, names) -> None:
+    """Destroy PETSc attributes of an RVE object (K, P, KSP, reduced operators)."""
+    for name in names:
+        o = getattr(obj, name, None)
+        if o is not None:
+            o.destroy()
+            setattr(obj, name, None)
+    if getattr(obj, "_Kr", None) is not None and obj._Kr is not getattr(obj, "_Kr_base", None):
+        obj._Kr.destroy()
+    if getattr(obj, "_Kr_base", None) is not None:
+        obj._Kr_base.destroy()
+    obj._Kr = obj._Kr_base = None
+
+
 class LinearRVE:
     """A linear elastic RVE on ``MPI.COMM_SELF``: build once, homogenize many times.
 
@@ -195,54 +285,11 @@ class LinearRVE:
             self.U[:, a_idx] = (Y @ E.T).ravel()  # u_i = E_ij y_j at block b -> dof b*d+i
 
         # prolongation P (n x n_r) and, for traction, the constraint matrix G (n_r x d²)
-        import scipy.sparse as sp
-
-        self._fixed_block = None
-        if bc == "periodic":
-            rep, _ = periodic_node_map(X, tol=tol, strict=True, source=mesh.source)
-            masters = np.unique(rep)
-            fixed = masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))]
-            self._fixed_block = int(fixed)
-            keep = masters[masters != fixed]
-        else:
-            rep = np.arange(nb)
-            on_bnd = np.zeros(nb, dtype=bool)
-            for i in range(d):
-                on_bnd |= np.abs(X[:, i] - lo[i]) < tol * (hi - lo).max()
-                on_bnd |= np.abs(X[:, i] - hi[i]) < tol * (hi - lo).max()
-            if bc == "affine":
-                keep = np.where(~on_bnd)[0]
-            else:
-                fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
-                self._fixed_block = fixed
-                keep = np.delete(np.arange(nb), fixed)
-        col_of = -np.ones(nb, dtype=np.int64)
-        col_of[keep] = np.arange(len(keep))
-        rows, cols = [], []
-        for i in range(d):
-            c = col_of[rep]
-            ok = c >= 0
-            rows.append(np.arange(nb)[ok] * d + i)
-            cols.append(c[ok] * d + i)
-        rows, cols = np.concatenate(rows), np.concatenate(cols)
-        self.n_reduced = len(keep) * d
-        self.P_sp = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(self.ndofs, self.n_reduced))
-        self._rep = rep
+        self.P_sp, self.n_reduced, self._fixed_block = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source,
+                                                                       n=self.ndofs)
         self.P = _mat_from_scipy(self.P_sp)
-
         if bc == "traction":
-            # G[:, (i,j)] = ∫ ∂_j v_i dx  (constraint ∫ ∇w = 0), reduced by P
-            Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
-            self._g_form = dolfinx.fem.form(ufl.inner(ufl.grad(v), Eij) * ufl.dx(domain=msh))
-            G = np.zeros((self.ndofs, d * d))
-            for i in range(d):
-                for j in range(d):
-                    Eij.value[:] = 0.0
-                    Eij.value[i, j] = 1.0
-                    vec = dolfinx.fem.petsc.assemble_vector(self._g_form)
-                    G[:, i * d + j] = vec.array
-                    vec.destroy()
-            self.G_r = np.asarray(self.P_sp.T @ G)
+            self.G_r = np.asarray(self.P_sp.T @ mean_gradient_constraints(V, v, d))
         # matrices and solver, created once
         self.K = dolfinx.fem.petsc.assemble_matrix(self.a_form)
         self.K.assemble()
@@ -389,16 +436,7 @@ class LinearRVE:
 
     def close(self) -> None:
         """Free the PETSc objects (also done when the object is garbage collected)."""
-        for name in ("ksp", "K", "P"):
-            obj = getattr(self, name, None)
-            if obj is not None:
-                obj.destroy()
-                setattr(self, name, None)
-        if self._Kr is not None and self._Kr is not self._Kr_base:
-            self._Kr.destroy()
-        if self._Kr_base is not None:
-            self._Kr_base.destroy()
-        self._Kr = self._Kr_base = None
+        destroy_petsc(self, ("ksp", "K", "P"))
 
     def __del__(self):
         try:
