@@ -255,7 +255,14 @@ def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out,
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if len(x) >= 3:
         try:
-            tc = ax.tricontourf(x[:, 0], x[:, 1], value, levels=20, cmap="viridis")
+            from matplotlib.tri import Triangulation
+
+            tri = Triangulation(x[:, 0], x[:, 1])
+            # drop triangles that bridge holes or notches (much longer edges than the point spacing)
+            p = np.stack([x[tri.triangles[:, k], :2] for k in range(3)], 1)
+            edge = np.max(np.linalg.norm(p - np.roll(p, 1, axis=1), axis=2), axis=1)
+            tri.set_mask(edge > 2.5 * np.median(edge))
+            tc = ax.tricontourf(tri, value, levels=20, cmap="viridis")
         except (ValueError, RuntimeError):  # degenerate point sets
             tc = ax.scatter(x[:, 0], x[:, 1], c=value, s=12, cmap="viridis")
     else:
