@@ -85,7 +85,7 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
         plot_rve(load_rve_mesh(scfg.rve), out / "rve.png", title="tissue RVE: cells (colours) in matrix (grey)")
     say(f"2/6 campaign done in {t_sample:.1f} s -> {out / 'rve_data'}")
     tcfg = _yaml(comm, out / "train.yaml", {"data": ["rve_data"], "model": {"kind": "potential", "hidden": [16, 16]},
-                                      "loss": {"stress": 1.0, "tangent": 0.5},
+                                      "loss": {"stress": 1.0, "tangent": 0.5, "relative": True},
                                       "train": {"epochs": 1500 if quick else 2500, "lr": 0.01, "patience": 300,
                                                 "seed": 0},
                                       "ensemble": 2, "output": "surrogate"})

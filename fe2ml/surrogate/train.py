@@ -87,9 +87,12 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if model["kind"] == "localization" and raw.get("loss") is not None:
         raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
     loss = dict(raw.get("loss", {}) or {})
-    _check_keys(loss, ("stress", "tangent"), f"{f}: loss")
+    _check_keys(loss, ("stress", "tangent", "relative"), f"{f}: loss")
+    rel = loss.get("relative", False)
+    if not isinstance(rel, bool):
+        raise ConfigError(f"{f}: loss.relative: expected true or false, got {rel!r}")
     loss = {"stress": _number(loss.get("stress", 1.0), f"{f}: loss.stress"),
-            "tangent": _number(loss.get("tangent", 0.1), f"{f}: loss.tangent")}
+            "tangent": _number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel}
     if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
         raise ConfigError(f"{f}: loss: weights must be >= 0 and not both 0")
     split = dict(raw.get("split", {}) or {})
@@ -164,9 +167,18 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(tcfg["patience"] // 4, 10))
 
+    # relative: weigh each record by 1 / (its stress magnitude² + (0.1 RMS)²), so that the small-strain
+    # regime (small stresses) counts as much as large deformations
+    if loss_w.get("relative"):
+        mag = (Pt ** 2).reshape(len(Pt), -1).mean(1)
+        wts = 1.0 / (mag + (0.1 * p_scale) ** 2)
+        wts = wts / wts[torch.as_tensor(tr_idx)].mean()
+    else:
+        wts = torch.ones(len(Pt))
+
     def loss_on(idx, create_graph):
         Pp, Ap = model.stress_tangent(Ft[idx], create_graph=create_graph)
-        lp = torch.mean((Pp - Pt[idx]) ** 2) / p_scale**2
+        lp = torch.mean(wts[idx][:, None, None] * (Pp - Pt[idx]) ** 2) / p_scale**2
         la = torch.mean((Ap - At[idx]) ** 2) / a_scale**2 if loss_w["tangent"] > 0 else torch.zeros(())
         return loss_w["stress"] * lp + loss_w["tangent"] * la
 
