@@ -20,12 +20,13 @@ import sys
 import tempfile
 import time
 
-from petsc4py import PETSc
-
-import dolfinx.fem.petsc
 import numpy as np
 
-import fe2ml  # noqa: F401
+# isort: off
+import fe2ml  # noqa: F401  (the pip wheel's dolfinx_solver must load before petsc4py)
+from petsc4py import PETSc
+import dolfinx.fem.petsc
+# isort: on
 from fe2ml.hyperelastic import NeoHookean
 from fe2ml.micro.geometry import generate_mesh
 from fe2ml.micro.hyper import HyperelasticRVE
