@@ -92,6 +92,20 @@ def _check_keys(d: dict, allowed, where: str) -> None:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
 
 
+def require_dim_mesh(raw: dict, required, f: str):
+    """Check the required keys, ``dim`` (2 or 3) and that ``mesh`` is a mapping; returns (dim, mesh)."""
+    for k in required:
+        if k not in raw:
+            raise ConfigError(f"{f}: missing required key '{k}'")
+    dim = raw["dim"]
+    if dim not in (2, 3) or isinstance(dim, bool):
+        raise ConfigError(f"{f}: dim: expected 2 or 3, got {dim!r}")
+    mesh = raw["mesh"]
+    if not isinstance(mesh, dict):
+        raise ConfigError(f"{f}: mesh: expected a mapping {{file: PATH}} or {{generate: NAME, ...}}, got {mesh!r}")
+    return dim, mesh
+
+
 def parse_newton(newton, f: str) -> dict:
     """Validate a ``newton: {rtol, atol, max_it, max_cuts}`` mapping (None: defaults)."""
     newton = dict(newton or {})
@@ -256,15 +270,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
         raw = {**raw, "dim": default_dim}
     _check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation",
                       "F", "load_path", "newton", "fields"), f)
-    for k in ("dim", "mesh", "phases"):
-        if k not in raw:
-            raise ConfigError(f"{f}: missing required key '{k}'")
-    dim = raw["dim"]
-    if dim not in (2, 3) or isinstance(dim, bool):
-        raise ConfigError(f"{f}: dim: expected 2 or 3, got {dim!r}")
-    mesh = raw["mesh"]
-    if not isinstance(mesh, dict):
-        raise ConfigError(f"{f}: mesh: expected a mapping {{file: PATH}} or {{generate: NAME, ...}}, got {mesh!r}")
+    dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "phases"), f)
     cell_phases = mesh.get("cell_phases")
     if cell_phases is not None and (not isinstance(cell_phases, list)
                                     or not all(isinstance(t, int) and not isinstance(t, bool) for t in cell_phases)):

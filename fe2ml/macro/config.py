@@ -29,7 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fe2ml.config import _check_keys, _number, build_material, load_yaml, parse_newton, parse_rve_ref
+from fe2ml.config import (
+    _check_keys,
+    _number,
+    build_material,
+    load_yaml,
+    parse_newton,
+    parse_rve_ref,
+    require_dim_mesh,
+)
 from fe2ml.errors import ConfigError
 
 __all__ = ["RunConfig", "load_run_config"]
@@ -80,15 +88,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     f = str(p)
     base = p.parent
     _check_keys(raw, RUN_KEYS, f)
-    for k in ("dim", "mesh", "material"):
-        if k not in raw:
-            raise ConfigError(f"{f}: missing required key '{k}'")
-    dim = raw["dim"]
-    if dim not in (2, 3) or isinstance(dim, bool):
-        raise ConfigError(f"{f}: dim: expected 2 or 3, got {dim!r}")
-    mesh = raw["mesh"]
-    if not isinstance(mesh, dict):
-        raise ConfigError(f"{f}: mesh: expected a mapping {{generate: NAME, ...}} or {{file: PATH}}")
+    dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "material"), f)
     gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "tiled_rve": None}
     if "file" in mesh:
         _check_keys(mesh, ("file",), f"{f}: mesh")

@@ -32,9 +32,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fe2ml.errors import ConfigError, MaterialError, MeshError, SolverError
-from fe2ml.micro.mesh import RVEMesh, periodic_node_map
-from fe2ml.micro.rve import BCS, _mat_from_scipy, build_reduction, destroy_petsc, mean_gradient_constraints, to_dolfinx
+from fe2ml.errors import ConfigError, MaterialError, SolverError
+from fe2ml.micro.mesh import RVEMesh
+from fe2ml.micro.rve import (
+    BCS,
+    _mat_from_scipy,
+    build_reduction,
+    check_materials,
+    destroy_petsc,
+    mean_gradient_constraints,
+    set_box,
+    to_dolfinx,
+)
 
 __all__ = ["CellQuantities", "EvalResult", "HyperelasticRVE", "NewtonOptions", "RVEState"]
 
@@ -193,10 +202,7 @@ class HyperelasticRVE:
             raise ConfigError(f"formulation: expected auto, displacement or mixed, got {formulation!r}")
         if degree not in (1, 2):
             raise ConfigError(f"degree: expected 1 or 2, got {degree!r}")
-        missing = [t for t in mesh.tags if t not in materials]
-        if missing:
-            raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
-                            f"(materials given for {sorted(materials)})")
+        check_materials(mesh, materials)
         if formulation == "auto":
             ratios = []
             for t in mesh.tags:
@@ -212,16 +218,9 @@ class HyperelasticRVE:
                                     "have none (use neo_hookean/hgo or formulation: displacement)")
         self.formulation = formulation
         self.newton = newton or NewtonOptions()
-        self.rve_mesh = mesh
-        self.bc = bc
-        self.degree = degree
-        self.d = d = mesh.dim
-        self.materials = dict(materials)
+        set_box(self, mesh, materials, bc=bc, degree=degree, tol=tol)
+        d = self.d
         lo, hi = mesh.box
-        self.volume = float(np.prod(hi - lo))
-        self.centre = 0.5 * (lo + hi)
-        if bc == "periodic":
-            periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
         self.msh, self.phase_tags, self.cell_ids = to_dolfinx(MPI.COMM_SELF, mesh)
         msh = self.msh
         cellname = msh.basix_cell()

@@ -116,6 +116,28 @@ def _mat_from_scipy(S):
     return M
 
 
+def check_materials(mesh: RVEMesh, materials: dict) -> None:
+    """Every phase tag of the mesh needs a material."""
+    missing = [t for t in mesh.tags if t not in materials]
+    if missing:
+        raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
+                        f"(materials given for {sorted(materials)})")
+
+
+def set_box(rve, mesh: RVEMesh, materials: dict, *, bc: str, degree: int, tol: float) -> None:
+    """Attributes shared by the RVE solvers (mesh, BC, degree, box volume and centre); checks periodicity."""
+    rve.rve_mesh = mesh
+    rve.bc = bc
+    rve.degree = degree
+    rve.d = mesh.dim
+    rve.materials = dict(materials)
+    lo, hi = mesh.box
+    rve.volume = float(np.prod(hi - lo))
+    rve.centre = 0.5 * (lo + hi)
+    if bc == "periodic":
+        periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
+
+
 def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap=None, pmap=None):
     """Reduction matrix P (n x n_r) of the fluctuation for a BC, on dof blocks at coordinates X.
 
@@ -237,20 +259,10 @@ class LinearRVE:
             raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
         if degree not in (1, 2):
             raise ConfigError(f"degree: expected 1 or 2, got {degree!r}")
-        missing = [t for t in mesh.tags if t not in materials]
-        if missing:
-            raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
-                            f"(materials given for {sorted(materials)})")
-        self.rve_mesh = mesh
-        self.bc = bc
-        self.degree = degree
-        self.d = d = mesh.dim
-        self.materials = dict(materials)
+        check_materials(mesh, materials)
+        set_box(self, mesh, materials, bc=bc, degree=degree, tol=tol)
+        d = self.d
         lo, hi = mesh.box
-        self.volume = float(np.prod(hi - lo))
-        self.centre = 0.5 * (lo + hi)
-        if bc == "periodic":
-            periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
 
         comm = MPI.COMM_SELF
         self.msh, self.phase_tags, self.cell_ids = to_dolfinx(comm, mesh)
