@@ -44,6 +44,23 @@ def _voigt_table(C: np.ndarray) -> str:
     return "\n".join(lines)
 
 
+def _output_file(out: Path, what: str, comm) -> Path:
+    """Check an output file path and create its folder (rank 0); a clear error when it cannot be written."""
+    msg = None
+    if comm.rank == 0:
+        if out.is_dir():
+            msg = f"{what}: {out} is a folder; give a file name"
+        else:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                msg = f"{what}: cannot create the folder of {out} ({e.strerror}: {e.filename})"
+    msg = comm.bcast(msg, root=0)
+    if msg:
+        raise Fe2mlError(msg)
+    return out
+
+
 def cmd_homogenize(args, comm) -> int:
     """Run ``fe2ml homogenize``."""
     from fe2ml.config import load_homogenize_config, load_rve_mesh
@@ -56,9 +73,7 @@ def cmd_homogenize(args, comm) -> int:
     for opt in ("json", "plot", "curve"):
         val = getattr(args, opt)
         if val is not None:
-            out = Path(val)
-            if out.is_dir() or not out.parent.exists():
-                raise Fe2mlError(f"--{opt}: cannot write {out} (folder missing or path is a folder)")
+            _output_file(Path(val), f"--{opt}", comm)
     if rank == 0:
         print(f"fe2ml homogenize: {cfg.path} ({cfg.dim}D, bc={cfg.bc}, degree={cfg.degree}, ranks={comm.size})",
               flush=True)
@@ -322,9 +337,7 @@ def cmd_export(args, comm) -> int:
         return 0
     from fe2ml.surrogate.export import export_checkpoint
 
-    out = Path(args.out)
-    if out.is_dir() or not out.parent.exists():
-        raise Fe2mlError(f"{out}: cannot write (folder missing or path is a folder)")
+    out = _output_file(Path(args.out), "export", comm)
     export_checkpoint(args.checkpoint, out)
     print(f"fe2ml export: wrote {out} (torch.jit.load it; forward(F (n,d,d) float64) -> P, A)")
     return 0

@@ -162,7 +162,56 @@ def test_run_cli_one_and_two_ranks_identical(tmp_path):
     assert "step 3/3" in r1.stdout  # progress
 
 
+DNS = """\
+    # direct numerical simulation of a laminate: the RVE (two horizontal layers) tiled 4 x 2 times at scale 1/4
+    dim: 2
+    mesh:
+      generate: tiled_rve
+      n: [4, 2]
+      eps: 0.25
+      rve:
+        mesh: {generate: laminate, dim: 2, fractions: [0.3, 0.7], normal: 1, h: 0.1}
+        phases:
+          1: {material: linear_elastic, E: 1.0, nu: 0.3}
+          2: {material: linear_elastic, E: 0.1, nu: 0.45}
+    material:
+      kind: analytic
+      phases:
+        1: {material: linear_elastic, E: 10.0, nu: 0.3}
+        2: {material: linear_elastic, E: 2.0, nu: 0.45}
+    bcs:
+      - {boundary: left, components: [0], value: 0.0}
+      - {boundary: bottom, components: [1], value: 0.0}
+      - {boundary: right, components: [0], value: "0.01*t"}
+    steps: 2
+    output: dns
+"""
+
+
+@pytest.mark.serial
+def test_dns_tiled_laminate_exact(tmp_path):
+    # horizontal layers pulled along them with free top: uniform ε11 = e, σ22 = σ12 = 0 in every layer, so the
+    # end force is e Σ_i t_i E_i / (1 - ν_i²) (plane strain); P1 elements on the conforming mesh are exact
+    cfg = tmp_path / "dns.yaml"
+    cfg.write_text(textwrap.dedent(DNS))
+    r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "run", str(cfg)], capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    h, a = _rows(tmp_path / "dns" / "reactions.csv")
+    R = a[:, h.index("right_R1")]
+    e = 0.01 * a[:, 0] / 1.0  # domain [0, 4 x 0.25] x [0, 2 x 0.25]
+    thick = 2 * 0.25 * np.array([0.3, 0.7])  # total thickness of each phase
+    exact = e * (thick[0] * 10.0 / (1 - 0.3**2) + thick[1] * 2.0 / (1 - 0.45**2))
+    assert np.allclose(R, exact, rtol=1e-9), (R, exact)
+    s = json.loads((tmp_path / "dns" / "summary.json").read_text())
+    assert s["rve_solves"] == 0 and s["status"] == "completed"
+
+
 RUN_BAD = {
+    "dns_without_rve": (DNS.split("      rve:\n")[0] + "    material:" + DNS.split("    material:")[1],
+                        "mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile"),
+    "dns_rve_key_typo": (DNS.replace("      rve:\n", "      rev:\n"), "unknown key(s) rev"),
+    "dns_bad_eps": (DNS.replace("eps: 0.25", "eps: -1"), "eps: expected a positive scale factor"),
     "unknown_boundary": (RUN.replace("boundary: right", "boundary: rite"), "unknown boundary 'rite'"),
     "missing_component": (RUN.replace("components: [0], value", "components: [2], value"),
                           "component(s) [2] do not exist in 2D"),

@@ -29,6 +29,23 @@ def test_cells_2d_periodic_tagged_identified(mesh_dir, aspect):
     assert np.allclose(m.lengths, 1.0)
 
 
+@pytest.mark.parametrize("gap", [0.02, 0.12])
+def test_cells_2d_gap_and_size(mesh_dir, gap):
+    # the closest nodes of two different cells (periodic images included) are at least gap apart; size scales the box
+    size = [2.0, 1.0]
+    m = read_mesh(generate_mesh("cells_2d", dict(n_cells=5, volume_fraction=0.2, seed=1, h=0.04, gap=gap, size=size),
+                                mesh_dir, comm=COMM))
+    assert np.allclose(m.lengths, size) and m.n_cells == 5
+    nodes = [np.unique(m.cells[m.cell_ids == c]) for c in range(m.n_cells)]
+    dmin = np.inf
+    for i in range(m.n_cells):
+        for j in range(i + 1, m.n_cells):
+            d = m.points[nodes[i]][:, None, :] - m.points[nodes[j]][None, :, :]
+            d -= np.round(d / size) * size  # minimum image
+            dmin = min(dmin, np.sqrt((d**2).sum(-1)).min())
+    assert dmin >= gap * (1 - 1e-9)
+
+
 def test_generators_3d_and_laminate(mesh_dir):
     m = read_mesh(generate_mesh("cells_3d", dict(n_cells=3, volume_fraction=0.15, seed=2, h=0.12), mesh_dir,
                                 comm=COMM))

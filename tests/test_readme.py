@@ -48,7 +48,7 @@ def test_yaml_blocks_use_real_keys():
 @pytest.mark.serial
 @pytest.mark.parametrize("cfg", sorted(p.name for p in (ROOT / "examples").glob("*.yaml")))
 def test_example_configs_validate(cfg):
-    if cfg in ("strip_surrogate.yaml", "train_tissue.yaml", "train_localization.yaml"):
+    if cfg in ("strip_surrogate.yaml", "strip_hybrid.yaml", "train_tissue.yaml", "train_localization.yaml"):
         # they need the campaign log / checkpoint that fe2ml sample / train make first
         if not (ROOT / "rve_data" / "sample_tissue").exists() or not (ROOT / "results" / "surrogate_tissue").exists():
             pytest.skip("needs fe2ml sample examples/sample_tissue.yaml and fe2ml train first")

@@ -69,6 +69,7 @@ class RunConfig:
     log: dict | None = None
     surrogate: dict | None = None
     localize: bool = False
+    mesh_rve: object | None = None  # mesh.rve of a tiled_rve mesh
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -101,8 +102,13 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
             raise ConfigError(f"{f}: mesh.generate: expected one of {', '.join(gens)}, got {g!r}")
         allowed = {"rectangle": ("generate", "size", "n", "cell"), "box": ("generate", "size", "n", "cell"),
                    "plate_with_hole": ("generate", "size", "radius", "h", "h_hole"),
-                   "tiled_rve": ("generate", "n", "eps")}[g]
+                   "tiled_rve": ("generate", "n", "eps", "rve")}[g]
         _check_keys(mesh, allowed, f"{f}: mesh")
+    mesh_rve = None
+    if mesh.get("generate") == "tiled_rve" and "rve" in mesh:  # the RVE to tile (direct numerical simulation)
+        mesh_rve = parse_rve_ref(mesh["rve"], p, f"{f}: mesh.rve", base, dim)
+        if mesh_rve.dim != dim:
+            raise ConfigError(f"{f}: mesh.rve: the RVE is {mesh_rve.dim}D but dim is {dim}")
         if gens[g] is not None and gens[g] != dim:
             raise ConfigError(f"{f}: mesh.generate: {g} makes {gens[g]}D meshes but dim is {dim}")
     mat = raw["material"]
@@ -161,9 +167,9 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         if any(hyper) and not all(hyper):
             raise ConfigError(f"{f}: material: mix of hyperelastic and linear materials")
         kin_default = "finite" if all(hyper) else "small"
-        if mesh.get("generate") == "tiled_rve":
-            raise ConfigError(f"{f}: mesh.generate tiled_rve needs material.kind rve (its RVE is tiled); for a "
-                              "direct simulation use the Python API or scripts/verify_dns.py")
+        if mesh.get("generate") == "tiled_rve" and mesh_rve is None:
+            raise ConfigError(f"{f}: mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile "
+                              "(homogenize keys or the path of a homogenize YAML)")
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
@@ -245,7 +251,8 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
     return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
-                     warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc)
+                     warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
+                     mesh_rve=mesh_rve)
 
 
 def _check_expr(v, names, where):

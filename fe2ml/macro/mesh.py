@@ -240,10 +240,18 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         if rve_mesh_loader is None:
             raise ConfigError(f"{where}: generate tiled_rve needs an RVE (material.rve)")
         rm = rve_mesh_loader()
+        if rm is None:
+            raise ConfigError(f"{where}: generate tiled_rve needs the RVE to tile: mesh.rve (or material.rve)")
         n = spec.get("n")
         if not (isinstance(n, list) and len(n) == rm.dim and all(isinstance(k, int) and k >= 1 for k in n)):
             raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {n!r}")
-        eps = float(spec.get("eps", 1.0 / max(n)))
+        eps = spec.get("eps", 1.0 / max(n))
+        try:
+            eps = float(eps)
+        except (TypeError, ValueError):
+            eps = -1.0
+        if not eps > 0:
+            raise ConfigError(f"{where}.eps: expected a positive scale factor, got {spec.get('eps')!r}")
         if comm.rank == 0:
             X, C, ph = _tile(rm, n, eps)
         else:
