@@ -45,7 +45,7 @@ MATERIALS = {
     "energy": {"required": ("W",), "optional": ("params", "fibres")},
 }
 HYPERELASTIC = ("neo_hookean", "hgo", "energy")
-LOAD_PATHS = ("uniaxial", "biaxial", "shear", "uniaxial_stress_free")
+LOAD_PATHS = ("uniaxial", "biaxial", "shear", "pure_shear")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -371,8 +371,8 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
         if not isinstance(lp, dict):
             raise ConfigError(f"{f}: load_path: expected a mapping {{type: uniaxial, max: 0.3, steps: 10}}")
         _check_keys(lp, ("type", "max", "steps"), f"{f}: load_path")
-        if lp.get("type") not in ("uniaxial", "biaxial", "shear"):
-            raise ConfigError(f"{f}: load_path.type: expected uniaxial, biaxial or shear, got {lp.get('type')!r}")
+        if lp.get("type") not in LOAD_PATHS:
+            raise ConfigError(f"{f}: load_path.type: expected one of {', '.join(LOAD_PATHS)}, got {lp.get('type')!r}")
         mx = _number(lp.get("max", 0.2), f"{f}: load_path.max")
         if not -0.9 < mx < 5:
             raise ConfigError(f"{f}: load_path.max: expected a stretch-1 (or shear) in (-0.9, 5), got {mx}")
@@ -403,7 +403,8 @@ def load_path(kind: str, maximum: float, steps: int, dim: int) -> list[np.ndarra
 
     Args:
         kind: ``uniaxial`` (F11 = 1 + s, others fixed: uniaxial strain), ``biaxial``
-            (F11 = F22 = 1 + s), ``shear`` (simple shear F12 = s).
+            (F11 = F22 = 1 + s), ``shear`` (simple shear F12 = s), ``pure_shear`` (F11 = 1 + s,
+            F22 = 1/(1 + s), others fixed: the isochoric in-plane stretch of a nearly incompressible solid).
         maximum: final s.
         steps: number of points (s = maximum·k/steps, k = 1..steps).
         dim: 2 or 3.
@@ -420,8 +421,13 @@ def load_path(kind: str, maximum: float, steps: int, dim: int) -> list[np.ndarra
         elif kind == "biaxial":
             F[0, 0] += s
             F[1, 1] += s
-        else:
+        elif kind == "pure_shear":
+            F[0, 0] += s
+            F[1, 1] = 1.0 / (1.0 + s)
+        elif kind == "shear":
             F[0, 1] = s
+        else:
+            raise ConfigError(f"load path type {kind!r}: expected one of {', '.join(LOAD_PATHS)}")
         out.append(F)
     return out
 

@@ -237,6 +237,10 @@ SAMPLE_BAD = {
     "detF": (SAMPLE.replace("bounds: [-0.15, 0.15]", "bounds: [-1.5, 1.5]"), "bounds give det F̄ <= 0"),
     "bounds_shape": (SAMPLE.replace("bounds: [-0.15, 0.15]", "bounds: [0.1]"), "expected [lo, hi]"),
     "unknown_key": (SAMPLE.replace("flush_every: 4", "flush_every: 4\n    speed: fast"), "unknown key(s) speed"),
+    "volume_gradient": (SAMPLE.replace("method: sobol", "method: sobol\n      volume: [0.9, 1.1]"),
+                        "volume: only for space: stretch"),
+    "path_type": (SAMPLE.replace("type: uniaxial", "type: twist"),
+                  "expected one of uniaxial, biaxial, shear, pure_shear, got 'twist'"),
 }
 
 
@@ -276,6 +280,21 @@ def test_design_spaces_are_valid():
         lam = np.sqrt(np.linalg.eigvalsh(np.einsum("nki,nkj->nij", F, F)))
         assert F.shape == (50, d, d) and np.all(tags == -1)
         assert lam.min() >= 0.8 - 1e-12 and lam.max() <= 1.2 + 1e-12
+    # volume: det F̄ uniform in the range, the first principal stretches still in theirs
+    for d in (2, 3):
+        F, _ = design_points({**base, "method": "sobol", "n": 64, "volume": [0.97, 1.05]}, d)
+        J = np.linalg.det(F)
+        assert J.min() >= 0.97 - 1e-12 and J.max() <= 1.05 + 1e-12 and J.min() < 0.98 and J.max() > 1.04
+        lam = np.sort(np.sqrt(np.linalg.eigvalsh(np.einsum("nki,nkj->nij", F, F))), axis=1)
+        assert lam[:, 0].min() < 0.97 and lam[:, -1].max() > 1.12  # far from identity, yet near-isochoric
+    # named paths, pure_shear: F11 = 1 + s, F22 = 1/(1 + s), isochoric
+    from fe2ml.config import load_path
+
+    P = np.array(load_path("pure_shear", 0.2, 4, 3))
+    assert np.allclose(np.linalg.det(P), 1.0) and np.allclose(P[:, 0, 0], [1.05, 1.1, 1.15, 1.2])
+    assert np.allclose(P[:, 2, 2], 1.0)
+    with pytest.raises(ConfigError, match="load path type 'twist'"):
+        load_path("twist", 0.2, 4, 2)
     F, _ = design_points({**base, "space": "gradient", "symmetric": True}, 3)
     assert np.allclose(F, F.transpose(0, 2, 1)) and np.abs(F - np.eye(3)).max() <= 0.1
     with pytest.raises(ConfigError):

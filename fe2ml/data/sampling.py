@@ -11,10 +11,11 @@ Design spaces (d = dimension):
   [lo, hi]); with ``symmetric: true`` only the symmetric part (F̄ = U, a pure stretch tensor).
 - ``stretch``: principal stretches in ``stretch: [lo, hi]``, principal directions of random
   orientation, plus an optional rigid rotation angle in ``rotation: [lo, hi]`` degrees
-  (about z in 2D, about a random axis in 3D).
+  (about z in 2D, about a random axis in 3D). With ``volume: [lo, hi]`` the last principal stretch is
+  set so that det F̄ is uniform in [lo, hi]: near-isochoric states of nearly incompressible tissue.
 
 Methods: ``sobol`` (scrambled, scipy.stats.qmc), ``lhs`` (Latin hypercube), or ``none`` (paths only).
-Named paths: ``{type: uniaxial | biaxial | shear, max: s, steps: n}``.
+Named paths: ``{type: uniaxial | biaxial | shear | pure_shear, max: s, steps: n}``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import _check_keys, _number, load_path, load_yaml, parse_rve_ref
+from fe2ml.config import LOAD_PATHS, _check_keys, _number, load_path, load_yaml, parse_rve_ref
 from fe2ml.errors import ConfigError
 
 __all__ = ["SampleConfig", "design_points", "load_sample_config", "run_campaign"]
@@ -99,8 +100,11 @@ def design_points(design: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
         else:
             lo, hi = design["stretch"]
             rlo, rhi = np.radians(design["rotation"])
+            vol = design.get("volume")
             for u in U:
                 lam = lo + (hi - lo) * u[:d]
+                if vol is not None:  # the last principal stretch makes det U = J, J uniform in the volume range
+                    lam[-1] = (vol[0] + (vol[1] - vol[0]) * u[d - 1]) / np.prod(lam[:-1])
                 if d == 2:
                     Q = _rot2(np.pi * u[2])
                     R = _rot2(rlo + (rhi - rlo) * u[3])
@@ -136,7 +140,8 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     w = f"{f}: design"
     if not isinstance(ds, dict):
         raise ConfigError(f"{w}: expected a mapping {{method: sobol, n: 256, bounds: [-0.2, 0.2]}}")
-    _check_keys(ds, ("method", "n", "seed", "space", "bounds", "symmetric", "stretch", "rotation", "paths"), w)
+    _check_keys(ds, ("method", "n", "seed", "space", "bounds", "symmetric", "stretch", "rotation", "volume", "paths"),
+                w)
     method = ds.get("method", "sobol")
     if method not in ("sobol", "lhs", "none"):
         raise ConfigError(f"{w}.method: unknown sampling method {method!r}; allowed: sobol, lhs, none")
@@ -171,14 +176,23 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
             raise ConfigError(f"{w}.{key}: lo > hi in {val!r}")
     if float(st[0]) <= 0:
         raise ConfigError(f"{w}.stretch: principal stretches must be > 0, got {st!r}")
+    vol = ds.get("volume")
+    if vol is not None:
+        if space != "stretch":
+            raise ConfigError(f"{w}.volume: only for space: stretch (it sets the last principal stretch)")
+        if not (isinstance(vol, list) and len(vol) == 2):
+            raise ConfigError(f"{w}.volume: expected [lo, hi] of det F̄, got {vol!r}")
+        vol = [_number(vol[0], f"{w}.volume", positive=True), _number(vol[1], f"{w}.volume", positive=True)]
+        if vol[0] > vol[1]:
+            raise ConfigError(f"{w}.volume: lo > hi in {vol!r}")
     paths = []
     for k, pth in enumerate(ds.get("paths", []) or []):
         pw = f"{w}.paths[{k}]"
         if not isinstance(pth, dict):
             raise ConfigError(f"{pw}: expected {{type: uniaxial, max: 0.3, steps: 10}}")
         _check_keys(pth, ("type", "max", "steps"), pw)
-        if pth.get("type") not in ("uniaxial", "biaxial", "shear"):
-            raise ConfigError(f"{pw}.type: expected uniaxial, biaxial or shear, got {pth.get('type')!r}")
+        if pth.get("type") not in LOAD_PATHS:
+            raise ConfigError(f"{pw}.type: expected one of {', '.join(LOAD_PATHS)}, got {pth.get('type')!r}")
         stp = pth.get("steps", 10)
         if not isinstance(stp, int) or isinstance(stp, bool) or stp < 1:
             raise ConfigError(f"{pw}.steps: expected a positive integer, got {stp!r}")
@@ -186,6 +200,8 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     design = {"method": method, "n": n if method != "none" else 0, "seed": seed, "space": space,
               "bounds": b.tolist(), "symmetric": sym, "stretch": [float(x) for x in st],
               "rotation": [float(x) for x in rot], "paths": paths}
+    if vol is not None:  # (absent otherwise: campaign ids of designs without it stay the same)
+        design["volume"] = vol
     if design["n"] == 0 and not paths:
         raise ConfigError(f"{w}: the design is empty (n = 0 and no paths)")
     F, _ = design_points(design, d)
