@@ -254,3 +254,68 @@ def test_impossible_load_keeps_partial_results(tmp_path):
     assert s["status"] == "failed" and abs(s["t"] - 1 / 3) < 1e-12
     _, rows = _rows(tmp_path / "out" / "reactions.csv")
     assert rows.shape[0] == 1
+
+
+def _named_rectangle(path):
+    """gmsh mesh of [0, 2] x [0, 1] with named boundary curves: clamp (x = 0), pull (x = 2), patch (top, x > 1)."""
+    from fe2ml.micro.geometry import _gmsh_start
+
+    gmsh = _gmsh_start()
+    geo = gmsh.model.geo
+    pts = [geo.addPoint(x, y, 0, 0.2) for x, y in ((0, 0), (2, 0), (2, 1), (1, 1), (0, 1))]
+    lines = [geo.addLine(pts[i], pts[(i + 1) % 5]) for i in range(5)]
+    surf = geo.addPlaneSurface([geo.addCurveLoop(lines)])
+    geo.synchronize()
+    gmsh.model.addPhysicalGroup(2, [surf], 1, name="tissue")
+    gmsh.model.addPhysicalGroup(1, [lines[4]], 11, name="clamp")
+    gmsh.model.addPhysicalGroup(1, [lines[1]], 12, name="pull")
+    gmsh.model.addPhysicalGroup(1, [lines[2]], 13, name="patch")
+    gmsh.model.mesh.generate(2)
+    gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
+    gmsh.write(str(path))
+    gmsh.clear()
+
+
+NAMED = """\
+    dim: 2
+    mesh: {file: rect.msh}
+    material:
+      kind: analytic
+      material: {material: linear_elastic, E: 1.0, nu: 0.3}
+    bcs:
+      - {boundary: clamp, components: [0, 1], value: 0.0}
+      - {boundary: pull, components: [0], value: "0.01*t"}
+    tractions:
+      - {boundary: patch, value: [0.0, "-0.02*t"]}
+    steps: 2
+"""
+
+
+@pytest.mark.serial
+def test_imported_mesh_named_boundaries(tmp_path):
+    # boundaries named in the mesh file (gmsh physical curves), including part of an edge, on 1 and 2 ranks
+    _named_rectangle(tmp_path / "rect.msh")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = {}
+    for name, text, launcher in (("named", NAMED, []), ("named2", NAMED, [str(BIN / "mpiexec"), "-n", "2"]),
+                                 ("box", NAMED.replace("boundary: clamp", "boundary: left")
+                                  .replace("boundary: pull", "boundary: right"), [])):
+        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(text) + f"output: {name}\n")
+        r = subprocess.run([*launcher, str(BIN / "fe2ml"), "run", str(tmp_path / f"{name}.yaml")],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        h, a = _rows(tmp_path / name / "reactions.csv")
+        out[name] = {k: a[:, i] for i, k in enumerate(h)}
+    n, n2, b = out["named"], out["named2"], out["box"]
+    # the patch is the top edge for x in [1, 2] (length 1): the clamp carries its whole load
+    assert np.allclose(np.abs(n["clamp_R2"]), 0.02 * n["t"], rtol=1e-8)
+    assert np.allclose(n["clamp_R1"], -n["pull_R1"], rtol=1e-8)  # equilibrium in x
+    # named curves and bounding-box faces select the same facets; 1 and 2 ranks agree
+    assert np.allclose(n["clamp_R1"], b["left_R1"], rtol=1e-12) and np.allclose(n["pull_u1_mean"], b["right_u1_mean"])
+    assert np.allclose(n["clamp_R2"], n2["clamp_R2"], rtol=1e-10)
+    assert np.allclose(n["pull_R1"], n2["pull_R1"], rtol=1e-10)
+    # an unknown name lists the file's names
+    (tmp_path / "bad.yaml").write_text(textwrap.dedent(NAMED).replace("boundary: patch", "boundary: pach"))
+    r = subprocess.run([str(BIN / "fe2ml"), "run", str(tmp_path / "bad.yaml")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 2 and "unknown boundary 'pach'" in r.stderr and "patch" in r.stderr

@@ -64,6 +64,60 @@ def _boundaries(msh, lo, hi):
     return out
 
 
+def _facet_groups(path, dim: int) -> dict:
+    """Tagged facets (lines in 2D, triangles/quadrilaterals in 3D) of a mesh file: name -> facet midpoints.
+
+    Names come from gmsh physical names (``field_data``); unnamed tags are called ``tag_N``.
+    """
+    import meshio
+
+    try:
+        m = meshio.read(path)
+    except Exception as e:  # meshio raises many types
+        raise MeshError(f"{path}: cannot read facet tags ({e})") from None
+    ftypes = {2: ("line",), 3: ("triangle", "quad")}[dim]
+    names = {int(v[0]): str(k) for k, v in (m.field_data or {}).items()
+             if len(np.atleast_1d(v)) >= 2 and int(np.atleast_1d(v)[1]) == dim - 1}
+    key = next((k for k in ("gmsh:physical", "medit:ref", "cell_tags", "CellEntityIds", "tag", "phase")
+                if k in m.cell_data), None)
+    if key is None:
+        return {}
+    out: dict = {}
+    for block, data in zip(m.cells, m.cell_data[key], strict=True):
+        if block.type not in ftypes:
+            continue
+        mids = m.points[block.data][:, :, :dim].mean(axis=1)
+        data = np.asarray(data).astype(np.int64).ravel()
+        for t in np.unique(data):
+            name = names.get(int(t), f"tag_{int(t)}")
+            prev = out.get(name)
+            out[name] = mids[data == t] if prev is None else np.concatenate([prev, mids[data == t]])
+    return out
+
+
+def _match_facet_groups(comm, msh, groups: dict, lo, hi) -> dict:
+    """Boundary facets of the distributed mesh whose midpoints are those of a file's facet group."""
+    import dolfinx
+    from scipy.spatial import cKDTree
+
+    d = msh.topology.dim
+    fdim = d - 1
+    msh.topology.create_connectivity(fdim, d)
+    ext = dolfinx.mesh.exterior_facet_indices(msh.topology)
+    mids = dolfinx.mesh.compute_midpoints(msh, fdim, ext)[:, :d] if len(ext) else np.zeros((0, d))
+    tol = 1e-8 * float(np.max(hi - lo))
+    out = {}
+    for name, gm in groups.items():
+        if len(ext) and len(gm):
+            dist, _ = cKDTree(gm).query(mids, distance_upper_bound=tol)
+            f = ext[np.isfinite(dist)].astype(np.int32)
+        else:
+            f = np.zeros(0, dtype=np.int32)
+        if comm.allreduce(len(f)) > 0:  # groups of interior facets (interfaces) are not boundaries
+            out[name] = f
+    return out
+
+
 def _bbox(comm, msh):
     x = msh.geometry.x[:, : msh.geometry.dim]
     lo_l = x.min(axis=0) if len(x) else np.full(x.shape[1], np.inf)
@@ -264,18 +318,23 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         path = Path(base or ".") / spec["file"]
         if not path.is_file():
             raise MeshError(f"{where}.file: {path} not found")
-        X = C = ph = ct = err = None
+        X = C = ph = ct = err = groups = None
         if comm.rank == 0:
             try:
                 rm = read_mesh(path, cell_phases=[])
                 X, C, ph, ct = rm.points, rm.cells, rm.phases, rm.cell_type
+                groups = _facet_groups(path, rm.dim)
             except MeshError as e:
                 err = e
-        ct, err = comm.bcast((ct, err), root=0)
+        ct, err, groups = comm.bcast((ct, err, groups), root=0)
         if err is not None:
             raise err
         msh, tags = _from_arrays(comm, X, C, ct, ph)
     else:
         raise ConfigError(f"{where}: expected generate: rectangle | box | plate_with_hole | tiled_rve, or file: PATH")
     lo, hi = _bbox(comm, msh)
-    return MacroMesh(mesh=msh, cell_tags=tags, boundaries=_boundaries(msh, lo, hi), lo=lo, hi=hi)
+    boundaries = _boundaries(msh, lo, hi)
+    if gen is None and groups:
+        named = _match_facet_groups(comm, msh, groups, lo, hi)
+        boundaries = {**named, **{k: v for k, v in boundaries.items() if k not in named}}  # file names first
+    return MacroMesh(mesh=msh, cell_tags=tags, boundaries=boundaries, lo=lo, hi=hi)

@@ -133,28 +133,33 @@ class MacroProblem:
         # boundaries: facet tags with one id per name
         fdim = tdim - 1
         self.bnames = list(mmesh.boundaries)
-        ent, val = [], []
+        if len(self.bnames) > 62:
+            raise ConfigError(f"mesh: {len(self.bnames)} named boundaries; at most 62 are supported")
+        # a facet may belong to several names (a box face and a named curve of the mesh file): one tag per
+        # combination of names, the same on every rank; name k integrates over the tags of its combinations
+        imap = msh.topology.index_map(fdim)
+        masks = np.zeros(imap.size_local + imap.num_ghosts, dtype=np.int64)
         for k, name in enumerate(self.bnames):
-            f = np.asarray(mmesh.boundaries[name], dtype=np.int32)
-            ent.append(f)
-            val.append(np.full(len(f), k + 1, dtype=np.int32))
-        ent = np.concatenate(ent)
-        val = np.concatenate(val)
-        ent, first = np.unique(ent, return_index=True)
-        self.ftags = dolfinx.mesh.meshtags(msh, fdim, ent, val[first])
+            masks[np.asarray(mmesh.boundaries[name], dtype=np.int32)] |= np.int64(1) << k
+        ent = np.flatnonzero(masks).astype(np.int32)
+        combos = sorted(set().union(*comm.allgather(set(np.unique(masks[ent]).tolist()))))
+        cid = {c: i + 1 for i, c in enumerate(combos)}
+        self.ftags = dolfinx.mesh.meshtags(msh, fdim, ent, np.array([cid[int(m)] for m in masks[ent]],
+                                                                    dtype=np.int32))
         ds = ufl.Measure("ds", domain=msh, subdomain_data=self.ftags)
+        self._bids = {name: tuple(cid[c] for c in combos if c >> k & 1) for k, name in enumerate(self.bnames)}
         self._bsize = {}
         for name in self.bnames:
-            k = self.bnames.index(name) + 1
-            self._bsize[name] = comm.allreduce(
-                dolfinx.fem.assemble_scalar(dolfinx.fem.form(dolfinx.fem.Constant(msh, 1.0) * ds(k))))
+            ids = self._bids[name]
+            self._bsize[name] = comm.allreduce(dolfinx.fem.assemble_scalar(dolfinx.fem.form(
+                dolfinx.fem.Constant(msh, 1.0) * ds(ids)))) if ids else 0.0
 
         def bid(name, where):
             if name not in self.bnames:
                 raise ConfigError(f"{where}: unknown boundary {name!r}; available: {', '.join(self.bnames)}")
             if self._bsize[name] <= 0:
                 raise ConfigError(f"{where}: boundary {name!r} is empty on this mesh")
-            return self.bnames.index(name) + 1
+            return self._bids[name]
 
         # Dirichlet conditions
         self.bcs, self._bc_updates = [], []
@@ -197,7 +202,7 @@ class MacroProblem:
             self._tractions.append((T, trees))
             Lext = Lext + ufl.inner(T, v) * ds(i)
         self.report_boundaries = list(dict.fromkeys([s.boundary for s in dirichlet] + [s.boundary for s in tractions]))
-        self._umean_forms = {name: [dolfinx.fem.form(self.u[c] * ds(self.bnames.index(name) + 1)) for c in range(d)]
+        self._umean_forms = {name: [dolfinx.fem.form(self.u[c] * ds(self._bids[name])) for c in range(d)]
                              for name in self.report_boundaries}
 
         # constitutive path
