@@ -10,6 +10,8 @@ Generators (``generate:`` in the run YAML):
 
 Named boundaries: the faces of the bounding box are always available as ``left``/``right`` (x min/max),
 ``bottom``/``top`` (y), ``back``/``front`` (z); ``hole`` is every boundary facet not on the bounding box.
+A mesh file adds its tagged boundary facets (lines in 2D, faces in 3D) as boundaries named by their gmsh
+physical names (``tag_N`` for unnamed tags); a facet may carry several names.
 """
 
 from __future__ import annotations
