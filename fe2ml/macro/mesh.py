@@ -6,7 +6,8 @@ Generators (``generate:`` in the run YAML):
 - ``box``: ``size: [Lx, Ly, Lz]``, ``n: [nx, ny, nz]``, ``cell: tetrahedron | hexahedron``.
 - ``plate_with_hole``: ``size: [Lx, Ly]``, ``radius``, ``h`` (mesh size), ``h_hole`` (size at the hole).
 - ``tiled_rve``: the RVE mesh repeated ``n: [nx, ny(, nz)]`` times and scaled by ``eps`` (periodic copies,
-  for direct numerical simulation); cell tags are the RVE phases.
+  for direct numerical simulation); cell tags are the RVE phases. ``rve``: the RVE to tile (homogenize keys
+  or a path; default ``material.rve``).
 
 Named boundaries: the faces of the bounding box are always available as ``left``/``right`` (x min/max),
 ``bottom``/``top`` (y), ``back``/``front`` (z); ``hole`` is every boundary facet not on the bounding box.
