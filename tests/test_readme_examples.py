@@ -34,6 +34,7 @@ SHRINK = {
     "rve_tissue_finite.yaml": {"mesh.h": 0.08, "load_path.steps": 3, "fields.points": [2]},
     "strip_fe2.yaml": {"mesh.n": [4, 1], "material.rve.mesh.h": 0.1, "steps": 3},
     "strip_surrogate.yaml": {"mesh.n": [4, 1], "material.rve.mesh.h": 0.1, "steps": 3},
+    "strip_dns.yaml": {"mesh.rve.mesh.h": 0.1, "steps": 3},
     "strip_hybrid.yaml": {"mesh.n": [4, 1], "material.rve.mesh.h": 0.1, "steps": 3},
     "plate_hole_fe2.yaml": {"mesh.h": 1.0, "mesh.h_hole": 0.5, "material.rve.mesh.h": 0.15, "steps": 2},
     "plate_hole_analytic.yaml": {"mesh.h": 0.5, "mesh.h_hole": 0.15, "steps": 3},
@@ -210,6 +211,14 @@ def check_run_strip_fe2(ws, r):
     assert (ws / "results" / "strip_fe2" / "fields.xdmf").is_file()
 
 
+def check_run_strip_dns(ws, r):
+    s, R = _check_completed_run(ws / "results" / "strip_dns", 3)
+    assert s["rve_solves"] == 0
+    # the resolved strip (RVE tiled at scale 1/2) against FE² with the same RVE: scale separation holds well
+    R2 = _reactions(ws / "results" / "strip_fe2")
+    assert np.abs(R["right_R1"] / R2["right_R1"] - 1).max() < 0.02
+
+
 def check_run_plate_fe2(ws, r):
     _check_completed_run(ws / "results" / "plate_hole_fe2", 2)
 
@@ -356,6 +365,7 @@ CHECKS = [
     (r"mpiexec -n 2 .*fe2ml homogenize examples/rve_cells_2d.yaml$", check_homogenize_mpi),
     (r"fe2ml homogenize examples/rve_tissue_finite.yaml", check_homogenize_finite),
     (r"mpiexec -n 2 .*fe2ml run examples/strip_fe2.yaml", check_run_strip_fe2),
+    (r"mpiexec -n 2 .*fe2ml run examples/strip_dns.yaml", check_run_strip_dns),
     (r"mpiexec -n 2 .*fe2ml run examples/plate_hole_fe2.yaml", check_run_plate_fe2),
     (r"fe2ml run examples/plate_hole_analytic.yaml", check_run_plate_analytic),
     (r"mpiexec -n 2 .*fe2ml sample examples/sample_tissue.yaml", check_sample_mpi),

@@ -730,7 +730,7 @@ class RunWriter:
             },
             "constitutive_time_per_rank_s": cons,
             "law_s": float(max(st.get("time_s", 0.0) for st in all_stats)) if all_stats else 0.0,
-            "load_balance_max_over_mean": float(np.max(cons) / max(np.mean(cons), 1e-300)),
+            "load_balance_max_over_mean": float(np.max(cons) / np.mean(cons)) if np.mean(cons) > 0 else 1.0,
             "rve_solves": int(sum(s.get("rve_solves", 0) for s in all_stats)),
             "surrogate_s": float(max(s.get("surrogate_s", 0.0) for s in all_stats)) if all_stats else 0.0,
             "fallbacks": int(sum(s.get("fallbacks", 0) for s in all_stats)),
