@@ -22,8 +22,9 @@ def test_demo_quick(tmp_path):
     for k, v in s["outputs"].items():
         for p in (v if isinstance(v, list) else [v]):
             assert Path(p).exists(), (k, p)
-    assert s["surrogate_test_stress_error"] < 0.05  # the quick demo trains briefly; the full one reaches < 1 %
-    assert s["reaction_deviation_vs_fe2"] < 0.1  # quick: 64-point campaign, short training
+    # quick: coarse RVE, 88 records, short training (measured 0.25 % and 1.4 %); the full demo: 0.25 % and 0.8 %
+    assert s["surrogate_test_stress_error"] < 0.02
+    assert s["reaction_deviation_vs_fe2"] < 0.05
     assert s["constitutive_speedup"] > 10
     assert 1.0 < s["max_cell_stretch"] < 1.6 and np.isfinite(s["mean_cell_stretch"])
     assert "most stretched cell" in r.stdout and "ParaView" in r.stdout
