@@ -22,7 +22,7 @@ def test_demo_quick(tmp_path):
     for k, v in s["outputs"].items():
         for p in (v if isinstance(v, list) else [v]):
             assert Path(p).exists(), (k, p)
-    # quick: coarse RVE, 88 records, short training (measured 0.25 % and 1.4 %); the full demo: 0.25 % and 0.8 %
+    # quick: coarse RVE, 85 records, short training (measured 0.25 % and 1.4 %); the full demo: 0.25 % and 0.8 %
     assert s["surrogate_test_stress_error"] < 0.02
     assert s["reaction_deviation_vs_fe2"] < 0.05
     assert s["constitutive_speedup"] > 10
