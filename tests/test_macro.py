@@ -222,6 +222,8 @@ RUN_BAD = {
     "bad_expression": (RUN.replace('"0.3*t"', '"0.3*tt"'), "unknown name 'tt'"),
     "no_kind": (RUN.replace("kind: rve", "kind: magic"), "material.kind: expected rve, analytic, surrogate or hybrid"),
     "unknown_key": (RUN + "    colour: blue\n", "unknown key(s) colour"),
+    "pressure_vector": (RUN + "    pressures: [{boundary: top, value: [1.0, 2.0]}]\n", "pressures[0].value"),
+    "pressure_boundary": (RUN + "    pressures: [{boundary: tpo, value: 1.0}]\n", "unknown boundary 'tpo'"),
 }
 
 
@@ -319,3 +321,36 @@ def test_imported_mesh_named_boundaries(tmp_path):
     r = subprocess.run([str(BIN / "fe2ml"), "run", str(tmp_path / "bad.yaml")], capture_output=True, text=True,
                        env=env, timeout=300)
     assert r.returncode == 2 and "unknown boundary 'pach'" in r.stderr and "patch" in r.stderr
+
+
+def _nh_cauchy(lam, mu, K):
+    """Cauchy stress of the neo-Hookean law W = mu/2 (J^-2/3 I1 - 3) + K/2 (J - 1)^2 at F = diag(l1, l2, 1)."""
+    F = np.diag([lam[0], lam[1], 1.0])
+    J = np.linalg.det(F)
+    Fit = np.linalg.inv(F).T
+    P = mu * J ** (-2 / 3) * (F - np.trace(F.T @ F) / 3 * Fit) + K * (J - 1) * J * Fit
+    return P @ F.T / J
+
+
+def test_pressure_follows_the_deformation():
+    # a block on rollers (left, bottom) with pressure p on its right face, top free: the state is homogeneous,
+    # F = diag(l1, l2) with Cauchy sigma11 = -p, sigma22 = 0 (follower), or nominal P11 = -p (dead traction)
+    from scipy.optimize import fsolve
+
+    mu, K, p = 1.0, 3.0, 0.4
+    mat = NeoHookean(mu=mu, K=K)
+    follower = fsolve(lambda lam: _nh_cauchy(lam, mu, K)[[0, 1], [0, 1]] - [-p, 0.0], [0.9, 1.05], xtol=1e-12)
+    dead = fsolve(lambda lam: (_nh_cauchy(lam, mu, K) * lam[1])[[0, 1], [0, 1]] - [-p, 0.0], [0.9, 1.05],
+                  xtol=1e-12)  # P11 = sigma11 J / l1 = sigma11 l2
+    assert abs(follower[0] - dead[0]) > 1e-3  # the two loads differ by far more than the tolerance below
+    mm = create_macro_mesh(COMM, {"generate": "rectangle", "size": [1.0, 1.0], "n": [3, 3]})
+    rollers = [DirichletSpec("left", (0,), 0.0), DirichletSpec("bottom", (1,), 0.0)]
+    from fe2ml.macro.problem import PressureSpec
+
+    for loads, lam in (({"pressures": [PressureSpec("right", f"{p}*t")]}, follower),
+                       ({"tractions": [TractionSpec("right", (f"{-p}*t", 0.0))]}, dead)):
+        prob = _run(MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=rollers, **loads), 4)
+        assert abs(prob.mean_displacements()["right"][0] - (lam[0] - 1)) < 1e-9
+        F, _ = prob.cell_averages()
+        assert np.abs(F - np.diag(lam)).max() < 1e-9
+        assert max(r.iterations for r in prob.history) <= 6  # consistent Jacobian of the follower load

@@ -14,7 +14,8 @@ Keys::
     degree: 1 | 2                                 macro displacement degree (default 1)
     quadrature_degree: int                        default 1 (P1) / 2 (P2)
     bcs: [{boundary: NAME, components: [0, 1], value: EXPR(x, y, z, t)}]
-    tractions: [{boundary: NAME, value: [EXPR(t), ...]}]
+    tractions: [{boundary: NAME, value: [EXPR(t), ...]}]   (nominal traction, dead load)
+    pressures: [{boundary: NAME, value: EXPR(t)}]          (pressure, follows the deformation)
     steps: int                                    load steps over t in (0, 1] (default 10)
     newton: {rtol: 1e-9, atol: 1e-12, max_it: 20, max_cuts: 6}
     warm_start: true                              RVE solves start from the point's last state
@@ -42,7 +43,8 @@ from fe2ml.errors import ConfigError
 
 __all__ = ["RunConfig", "load_run_config"]
 
-RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "steps",
+RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "pressures",
+            "steps",
             "newton", "warm_start", "output", "log", "localize")
 
 
@@ -70,6 +72,7 @@ class RunConfig:
     surrogate: dict | None = None
     localize: bool = False
     mesh_rve: object | None = None  # mesh.rve of a tiled_rve mesh
+    pressures: list = field(default_factory=list)
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -82,7 +85,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     Returns:
         :class:`RunConfig`.
     """
-    from fe2ml.macro.problem import DirichletSpec, TractionSpec
+    from fe2ml.macro.problem import DirichletSpec, PressureSpec, TractionSpec
 
     p = Path(path)
     raw = load_yaml(p)
@@ -222,6 +225,16 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         for v in val:
             _check_expr(v, {"t"}, f"{w}.value")
         trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(val)))
+    prs = []
+    for k, b in enumerate(raw.get("pressures", []) or []):
+        w = f"{f}: pressures[{k}]"
+        if not isinstance(b, dict):
+            raise ConfigError(f"{w}: expected a mapping {{boundary: NAME, value: EXPR(t)}}")
+        _check_keys(b, ("boundary", "value"), w)
+        if "boundary" not in b or "value" not in b:
+            raise ConfigError(f"{w}: needs boundary and value")
+        _check_expr(b["value"], {"t"}, f"{w}.value")
+        prs.append(PressureSpec(boundary=str(b["boundary"]), value=b["value"]))
     if not bcs:
         raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
     newton = parse_newton(raw.get("newton"), f)
@@ -252,7 +265,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
                      warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
-                     mesh_rve=mesh_rve)
+                     mesh_rve=mesh_rve, pressures=prs)
 
 
 def _check_expr(v, names, where):

@@ -53,6 +53,18 @@ class TractionSpec:
 
 
 @dataclass(frozen=True)
+class PressureSpec:
+    """Pressure on a named boundary (number or expression of t).
+
+    Force per current area against the outward normal; at finite strain it follows the deformation
+    (Nanson: t da = -p J F^-T N dA).
+    """
+
+    boundary: str
+    value: object
+
+
+@dataclass(frozen=True)
 class MacroNewton:
     """Macro Newton and load-stepping settings."""
 
@@ -86,11 +98,13 @@ class MacroProblem:
         quadrature_degree: quadrature degree (default 1 for P1, 2 for P2).
         dirichlet: list of :class:`DirichletSpec`.
         tractions: list of :class:`TractionSpec`.
+        pressures: list of :class:`PressureSpec`.
         newton: :class:`MacroNewton`.
     """
 
     def __init__(self, comm, mmesh, *, law=None, analytic=None, kinematics="finite", degree=1,
-                 quadrature_degree=None, dirichlet=(), tractions=(), newton: MacroNewton | None = None):
+                 quadrature_degree=None, dirichlet=(), tractions=(), pressures=(),
+                 newton: MacroNewton | None = None):
         from petsc4py import PETSc
 
         import basix
@@ -201,7 +215,24 @@ class MacroProblem:
             T = dolfinx.fem.Constant(msh, np.zeros(d))
             self._tractions.append((T, trees))
             Lext = Lext + ufl.inner(T, v) * ds(i)
-        self.report_boundaries = list(dict.fromkeys([s.boundary for s in dirichlet] + [s.boundary for s in tractions]))
+        # pressures: follower loads at finite strain (their derivative enters the Jacobian)
+        self._pressures = []
+        Lp = 0
+        Nref = ufl.FacetNormal(msh)
+        for k, spec in enumerate(pressures):
+            where = f"pressures[{k}]"
+            i = bid(spec.boundary, where)
+            tree = parse_expression(spec.value, {"t"}, where=f"{where}.value")
+            pc = dolfinx.fem.Constant(msh, 0.0)
+            self._pressures.append((pc, tree))
+            if kinematics == "finite":
+                Fm = ufl.Identity(d) + ufl.grad(self.u)
+                Lp = Lp - pc * ufl.det(Fm) * ufl.inner(ufl.dot(ufl.inv(Fm).T, Nref), v) * ds(i)
+            else:
+                Lp = Lp - pc * ufl.inner(Nref, v) * ds(i)
+        Lext = Lext + Lp
+        self.report_boundaries = list(dict.fromkeys([s.boundary for s in dirichlet] + [s.boundary for s in tractions]
+                                                    + [s.boundary for s in pressures]))
         self._umean_forms = {name: [dolfinx.fem.form(self.u[c] * ds(self._bids[name])) for c in range(d)]
                              for name in self.report_boundaries}
 
@@ -259,7 +290,9 @@ class MacroProblem:
             self.cell_phase = (np.zeros(self.n_owned, dtype=np.int32) if keys == [0] else
                                _cell_values(tags, self.n_owned))
         self.Rint_form = dolfinx.fem.form(Rint)
-        self.R_form = dolfinx.fem.form(Rint - Lext) if self._tractions else self.Rint_form
+        self.R_form = dolfinx.fem.form(Rint - Lext) if self._tractions or self._pressures else self.Rint_form
+        if self._pressures and kinematics == "finite":
+            Jac = Jac - ufl.derivative(Lp, self.u, du)
         self.J_form = dolfinx.fem.form(Jac)
         self.A = dolfinx.fem.petsc.create_matrix(self.J_form)
         self.b = dolfinx.fem.petsc.create_vector(V)
@@ -339,6 +372,8 @@ class MacroProblem:
             g.interpolate(f)
         for T, trees in self._tractions:
             T.value[:] = [float(evaluate(tr, {"t": t}, fn)) for tr in trees]
+        for pc, tree in self._pressures:
+            pc.value = float(evaluate(tree, {"t": t}, fn))
 
     def _residual(self) -> float:
         from petsc4py import PETSc

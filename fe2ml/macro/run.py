@@ -170,7 +170,8 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
         try:
             return MacroProblem(comm, mm, law=law, analytic=cfg.analytic, kinematics=cfg.kinematics,
                                 degree=cfg.degree, quadrature_degree=cfg.quadrature_degree, dirichlet=cfg.bcs,
-                                tractions=cfg.tractions, newton=MacroNewton(**cfg.newton))
+                                tractions=cfg.tractions, pressures=cfg.pressures,
+                                newton=MacroNewton(**cfg.newton))
         except ConfigError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
 
