@@ -34,6 +34,7 @@ SHRINK = {
     "rve_tissue_finite.yaml": {"mesh.h": 0.08, "load_path.steps": 3, "fields.points": [2]},
     "strip_fe2.yaml": {"mesh.n": [4, 1], "material.rve.mesh.h": 0.1, "steps": 3},
     "strip_surrogate.yaml": {"mesh.n": [4, 1], "material.rve.mesh.h": 0.1, "steps": 3},
+    "artery_fe2.yaml": {"mesh.h": 0.2, "material.rve.mesh.h": 0.1, "steps": 2},
     "strip_dns.yaml": {"mesh.rve.mesh.h": 0.1, "steps": 3},
     "strip_hybrid.yaml": {"mesh.n": [4, 1], "material.rve.mesh.h": 0.1, "steps": 3},
     "plate_hole_fe2.yaml": {"mesh.h": 1.0, "mesh.h_hole": 0.5, "material.rve.mesh.h": 0.15, "steps": 2},
@@ -219,6 +220,26 @@ def check_run_strip_dns(ws, r):
     assert np.abs(R["right_R1"] / R2["right_R1"] - 1).max() < 0.02
 
 
+def check_run_artery(ws, r):
+    s = _summary(ws / "results" / "artery_fe2")
+    assert s["status"] == "completed" and len(s["steps"]) == 2
+    R = _reactions(ws / "results" / "artery_fe2")
+    cfg = yaml.safe_load((ws / "examples" / "artery_fe2.yaml").read_text())
+    (a, b), p = cfg["mesh"]["radii"], 600.0 * R["t"]
+    # the follower pressure's resultant on the quarter wall is p times the current height of the inner arc,
+    # a + u_y(0, a); the wall dilates, and u_y falls off from the inner to the outer surface
+    Ry = np.abs(R["left_R1"])
+    assert np.all(Ry > p * (a + R["left_u2_mean"])) and np.all(Ry < p * (a + 2 * R["left_u2_mean"]))
+    assert np.all(R["left_u2_mean"] > 0) and np.all(np.diff(R["left_u2_mean"]) > 0) and b > a
+
+
+def check_localize_artery(ws, r):
+    summ = json.loads((ws / "results" / "artery_fe2" / "localization_step2" / "summary.json").read_text())
+    (a, b) = yaml.safe_load((ws / "examples" / "artery_fe2.yaml").read_text())["mesh"]["radii"]
+    assert summ["max_cell_stretch"] > summ["mean_cell_stretch"] > 1.0
+    assert np.linalg.norm(summ["at_x"]) < a + (b - a) / 3  # in the inner third of the wall
+
+
 def check_run_plate_fe2(ws, r):
     _check_completed_run(ws / "results" / "plate_hole_fe2", 2)
 
@@ -368,6 +389,8 @@ CHECKS = [
     (r"mpiexec -n 2 .*fe2ml run examples/strip_dns.yaml", check_run_strip_dns),
     (r"mpiexec -n 2 .*fe2ml run examples/plate_hole_fe2.yaml", check_run_plate_fe2),
     (r"fe2ml run examples/plate_hole_analytic.yaml", check_run_plate_analytic),
+    (r"fe2ml run examples/artery_fe2.yaml", check_run_artery),
+    (r"fe2ml localize results/artery_fe2", check_localize_artery),
     (r"mpiexec -n 2 .*fe2ml sample examples/sample_tissue.yaml", check_sample_mpi),
     (r"fe2ml inspect rve_data/sample_tissue --plot space.png", check_inspect),
     (r"^\.venv/bin/fe2ml sample examples/sample_tissue.yaml", check_sample_again),

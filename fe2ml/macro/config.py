@@ -3,7 +3,7 @@
 Keys::
 
     dim: 2 | 3                                    required
-    mesh: {generate: rectangle|box|plate_with_hole|tiled_rve, ...} | {file: PATH}
+    mesh: {generate: rectangle|box|plate_with_hole|ring|tiled_rve, ...} | {file: PATH}
     material:
       kind: rve | analytic
       rve: {mesh, phases, bc, formulation, degree, newton, ...}   (the homogenize keys; or a path to
@@ -93,7 +93,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     base = p.parent
     _check_keys(raw, RUN_KEYS, f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "material"), f)
-    gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "tiled_rve": None}
+    gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}
     if "file" in mesh:
         _check_keys(mesh, ("file",), f"{f}: mesh")
         mp = base / str(mesh["file"])
@@ -105,6 +105,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
             raise ConfigError(f"{f}: mesh.generate: expected one of {', '.join(gens)}, got {g!r}")
         allowed = {"rectangle": ("generate", "size", "n", "cell"), "box": ("generate", "size", "n", "cell"),
                    "plate_with_hole": ("generate", "size", "radius", "h", "h_hole"),
+                   "ring": ("generate", "radii", "h"),
                    "tiled_rve": ("generate", "n", "eps", "rve")}[g]
         _check_keys(mesh, allowed, f"{f}: mesh")
     mesh_rve = None

@@ -5,6 +5,8 @@ Generators (``generate:`` in the run YAML):
 - ``rectangle``: ``size: [Lx, Ly]``, ``n: [nx, ny]``, ``cell: triangle | quadrilateral``.
 - ``box``: ``size: [Lx, Ly, Lz]``, ``n: [nx, ny, nz]``, ``cell: tetrahedron | hexahedron``.
 - ``plate_with_hole``: ``size: [Lx, Ly]``, ``radius``, ``h`` (mesh size), ``h_hole`` (size at the hole).
+- ``ring``: quarter ring ``radii: [inner, outer]`` in the first quadrant, ``h``; boundaries ``inner`` and
+  ``outer`` (arcs), ``left`` (x = 0) and ``bottom`` (y = 0) for symmetry conditions.
 - ``tiled_rve``: the RVE mesh repeated ``n: [nx, ny(, nz)]`` times and scaled by ``eps`` (periodic copies,
   for direct numerical simulation); cell tags are the RVE phases. ``rve``: the RVE to tile (homogenize keys
   or a path; default ``material.rve``).
@@ -252,6 +254,43 @@ def _plate_with_hole(comm, size, radius, h, h_hole):
     return data.mesh, None
 
 
+def _ring(comm, radii, h):
+    """Quarter of a ring a <= r <= b in the first quadrant (e.g. a vessel wall with symmetry planes).
+
+    Returns the mesh and the named facet groups ``inner`` (r = a) and ``outer`` (r = b).
+    """
+    import dolfinx.io.gmsh as dgmsh
+    import gmsh
+
+    from fe2ml.micro.geometry import _gmsh_start
+
+    a, b = radii
+    if comm.rank == 0:
+        _gmsh_start()
+        gmsh.model.add("ring")
+        geo = gmsh.model.geo
+        c = geo.addPoint(0, 0, 0, h)
+        p = [geo.addPoint(x, y, 0, h) for x, y in ((a, 0), (b, 0), (0, b), (0, a))]
+        bottom = geo.addLine(p[0], p[1])
+        outer = geo.addCircleArc(p[1], c, p[2])
+        left = geo.addLine(p[2], p[3])
+        inner = geo.addCircleArc(p[3], c, p[0])
+        geo.addPlaneSurface([geo.addCurveLoop([bottom, outer, left, inner])], 1)
+        geo.synchronize()
+        gmsh.model.addPhysicalGroup(2, [1], 1, name="wall")
+        gmsh.model.addPhysicalGroup(1, [inner], 11, name="inner")
+        gmsh.model.addPhysicalGroup(1, [outer], 12, name="outer")
+        gmsh.option.setNumber("Mesh.MeshSizeMax", h)
+        gmsh.option.setNumber("Mesh.Algorithm", 6)
+        gmsh.model.mesh.generate(2)
+    data = dgmsh.model_to_mesh(gmsh.model, comm, 0, gdim=2)
+    if comm.rank == 0:
+        gmsh.clear()
+    ft = data.facet_tags
+    groups = {name: ft.find(tag) for name, (dim, tag) in data.physical_groups.items() if dim == 1}
+    return data.mesh, groups
+
+
 def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_mesh_loader=None) -> MacroMesh:
     """Create the macro mesh of a run from its (validated) spec.
 
@@ -293,6 +332,18 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         r = float(spec.get("radius", 0.5))
         h = float(spec.get("h", 0.25))
         msh, tags = _plate_with_hole(comm, size, r, h, float(spec.get("h_hole", h / 4)))
+    elif gen == "ring":
+        radii = spec.get("radii", [1.0, 1.5])
+        try:
+            a, b = (float(x) for x in radii)
+        except (TypeError, ValueError):
+            a = b = -1.0
+        if not 0 < a < b:
+            raise ConfigError(f"{where}.radii: expected [inner, outer] with 0 < inner < outer, got {radii!r}")
+        h = float(spec.get("h", (b - a) / 4))
+        if not 0 < h <= b - a:
+            raise ConfigError(f"{where}.h: expected 0 < h <= outer - inner, got {spec.get('h')!r}")
+        msh, ring_groups = _ring(comm, (a, b), h)
     elif gen == "tiled_rve":
         if rve_mesh_loader is None:
             raise ConfigError(f"{where}: generate tiled_rve needs an RVE (material.rve)")
@@ -334,9 +385,12 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
             raise err
         msh, tags = _from_arrays(comm, X, C, ct, ph)
     else:
-        raise ConfigError(f"{where}: expected generate: rectangle | box | plate_with_hole | tiled_rve, or file: PATH")
+        raise ConfigError(f"{where}: expected generate: rectangle | box | plate_with_hole | ring | tiled_rve, or "
+                          "file: PATH")
     lo, hi = _bbox(comm, msh)
     boundaries = _boundaries(msh, lo, hi)
+    if gen == "ring":
+        boundaries = {**ring_groups, **boundaries}
     if gen is None and groups:
         named = _match_facet_groups(comm, msh, groups, lo, hi)
         boundaries = {**named, **{k: v for k, v in boundaries.items() if k not in named}}  # file names first

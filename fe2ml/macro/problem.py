@@ -552,12 +552,16 @@ class MacroProblem:
 
     # ------------------------------------------------------------------------------------------
     def reactions(self) -> dict:
-        """Reaction force (sum of internal nodal forces) per Dirichlet boundary, {name: (d,)} (collective)."""
+        """Reaction force per Dirichlet boundary, {name: (d,)} (collective).
+
+        The sum over the boundary's dofs of internal minus external nodal forces: what the support carries,
+        including loads applied directly at constrained dofs (e.g. a pressure next to a symmetry plane).
+        """
         from petsc4py import PETSc
 
         import dolfinx.fem.petsc
 
-        f = dolfinx.fem.petsc.assemble_vector(self.Rint_form)
+        f = dolfinx.fem.petsc.assemble_vector(self.R_form)
         f.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         out = {}
         arr = f.array
