@@ -1,8 +1,8 @@
 """Safe arithmetic expressions from configs (no ``eval``): Python ``ast`` with a whitelist.
 
 Allowed: numbers, whitelisted names, + − * / ** and unary ±, and the functions exp, log/ln, sqrt,
-sin, cos, tanh, abs, min, max (the last two with two arguments). Evaluation takes a backend of
-functions (numpy for load expressions, UFL for energies).
+sin, cos, tanh, abs, min, max, atan2 (the last three with two arguments; atan2(y, x) in radians).
+Evaluation takes a backend of functions (numpy for load expressions, UFL for energies).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from fe2ml.errors import ConfigError
 __all__ = ["evaluate", "parse_expression"]
 
 FUNCS_1 = {"exp", "log", "ln", "sqrt", "sin", "cos", "tanh", "abs"}
-FUNCS_2 = {"min", "max"}
+FUNCS_2 = {"min", "max", "atan2"}
 
 
 def parse_expression(text, names, *, where: str = "expression", error=ConfigError, funcs=None) -> ast.Expression:
@@ -104,4 +104,4 @@ def numpy_funcs():
     import numpy as np
 
     return {"exp": np.exp, "log": np.log, "ln": np.log, "sqrt": np.sqrt, "sin": np.sin, "cos": np.cos,
-            "tanh": np.tanh, "abs": np.abs, "min": np.minimum, "max": np.maximum}
+            "tanh": np.tanh, "abs": np.abs, "min": np.minimum, "max": np.maximum, "atan2": np.arctan2}

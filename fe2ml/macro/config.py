@@ -108,13 +108,13 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
                    "ring": ("generate", "radii", "h"),
                    "tiled_rve": ("generate", "n", "eps", "rve")}[g]
         _check_keys(mesh, allowed, f"{f}: mesh")
+        if gens[g] is not None and gens[g] != dim:
+            raise ConfigError(f"{f}: mesh.generate: {g} makes {gens[g]}D meshes but dim is {dim}")
     mesh_rve = None
     if mesh.get("generate") == "tiled_rve" and "rve" in mesh:  # the RVE to tile (direct numerical simulation)
         mesh_rve = parse_rve_ref(mesh["rve"], p, f"{f}: mesh.rve", base, dim)
         if mesh_rve.dim != dim:
             raise ConfigError(f"{f}: mesh.rve: the RVE is {mesh_rve.dim}D but dim is {dim}")
-        if gens[g] is not None and gens[g] != dim:
-            raise ConfigError(f"{f}: mesh.generate: {g} makes {gens[g]}D meshes but dim is {dim}")
     mat = raw["material"]
     if not isinstance(mat, dict):
         raise ConfigError(f"{f}: material: expected a mapping with kind: rve | analytic")
