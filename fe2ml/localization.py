@@ -47,7 +47,8 @@ def read_quadrature(run_dir: Path, step: int | None):
             raise ConfigError(f"--step {step}: the run has converged steps 1..{n}")
         g = f[f"step_{k}"]
         rec = {key[6:]: g[key][:] for key in [f"cells/{c}" for c in g.get("cells", {})]} if "cells" in g else None
-        return k, float(g.attrs["t"]), g["x"][:], g["F"][:], rec
+        F = g["F_rve"][:] if "F_rve" in g else g["F"][:]  # in the RVE's frame (material.orientation)
+        return k, float(g.attrs["t"]), g["x"][:], F, rec
 
 
 def _rve_config(run_dir: Path):

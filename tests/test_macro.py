@@ -379,3 +379,33 @@ def test_ring_pressure_lame():
     exact = p * a**2 * (1 + nu) / (E * (b**2 - a**2)) * ((1 - 2 * nu) * r + b**2 / r)
     assert np.abs(ur - exact).max() < 3e-3 * exact.max()  # 0.15 %: polygonal arcs
     assert np.abs(u[:, 0] * X[:, 1] - u[:, 1] * X[:, 0]).max() < 2e-3 * exact.max() * b  # no hoop displacement
+
+
+def test_orientation_rotates_the_rve_frame(rve_mesh):
+    # a homogeneous HGO RVE with fibres along its x axis, turned by material.orientation = 30 degrees, equals the
+    # single-scale HGO law with fibres at 30 degrees (P = Q P_rve(Qᵀ F Q) Qᵀ, A rotated alike)
+    from fe2ml.hyperelastic import HolzapfelGasserOgden
+
+    def hgo(angle):
+        a = np.radians(angle)
+        return HolzapfelGasserOgden(mu=1.0, K=4.0, k1=2.0, k2=1.0, fibres=((np.cos(a), np.sin(a), 0.0),))
+
+    spec = {"generate": "rectangle", "size": [2.0, 1.0], "n": [4, 2]}
+    bcs = [DirichletSpec("left", (0, 1), 0.0), DirichletSpec("right", (0,), "0.2*t")]
+    trac = [TractionSpec("top", ("0.05*t", "-0.05*t"))]
+    law = RVELaw(HyperelasticRVE(rve_mesh, {1: hgo(0), 2: hgo(0)}))
+    fe2 = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law, dirichlet=bcs, tractions=trac,
+                            orientation="30"), 2)
+    ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), analytic={0: hgo(30)}, dirichlet=bcs,
+                            tractions=trac), 2)
+    ref = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), analytic={0: hgo(0)}, dirichlet=bcs,
+                            tractions=trac), 2)
+    u1, u2, u0 = fe2.u.x.array, ana.u.x.array, ref.u.x.array
+    scale = np.abs(u2).max()
+    assert np.abs(u1 - u2).max() < 1e-8 * scale
+    assert np.abs(u0 - u2).max() > 1e-3 * scale  # the fibre direction matters here
+    assert max(r.iterations for r in fe2.history) <= 6  # the rotated tangent is consistent
+    F = fe2._F_qp()
+    Q = fe2.Q
+    assert np.allclose(Q[:, :, 0], [np.cos(np.pi / 6), np.sin(np.pi / 6)])
+    assert np.allclose(np.einsum("nia,nab,njb->nij", Q, fe2.rve_frame(F), Q), F)

@@ -231,6 +231,8 @@ def check_run_artery(ws, r):
     Ry = np.abs(R["left_R1"])
     assert np.all(Ry > p * (a + R["left_u2_mean"])) and np.all(Ry < p * (a + 2 * R["left_u2_mean"]))
     assert np.all(R["left_u2_mean"] > 0) and np.all(np.diff(R["left_u2_mean"]) > 0) and b > a
+    # the RVE frame turns with the wall (orientation): the two symmetry planes carry the same load
+    assert np.allclose(np.abs(R["bottom_R2"]), Ry, rtol=1e-2)
 
 
 def check_localize_artery(ws, r):

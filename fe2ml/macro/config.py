@@ -16,6 +16,7 @@ Keys::
     bcs: [{boundary: NAME, components: [0, 1], value: EXPR(x, y, z, t)}]
     tractions: [{boundary: NAME, value: [EXPR(t), ...]}]   (nominal traction, dead load)
     pressures: [{boundary: NAME, value: EXPR(t)}]          (pressure, follows the deformation)
+    material.orientation: EXPR(x, y, z, pi)                (2D: angle in degrees of the RVE's x axis)
     steps: int                                    load steps over t in (0, 1] (default 10)
     newton: {rtol: 1e-9, atol: 1e-12, max_it: 20, max_cuts: 6}
     warm_start: true                              RVE solves start from the point's last state
@@ -73,6 +74,7 @@ class RunConfig:
     localize: bool = False
     mesh_rve: object | None = None  # mesh.rve of a tiled_rve mesh
     pressures: list = field(default_factory=list)
+    orientation: object | None = None  # material.orientation: angle (degrees) of the RVE frame, EXPR(x, y, z)
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -124,7 +126,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     rve = analytic = None
     surrogate = None
     if kind in ("surrogate", "hybrid"):
-        _check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log"), f"{f}: material")
+        _check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log", "orientation"), f"{f}: material")
         ck = mat.get("checkpoint")
         if not isinstance(ck, str):
             raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt")
@@ -144,7 +146,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
             rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
         kin_default = "finite"
     elif kind == "rve":
-        _check_keys(mat, ("kind", "rve"), f"{f}: material")
+        _check_keys(mat, ("kind", "rve", "orientation"), f"{f}: material")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
         rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
@@ -174,6 +176,11 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         if mesh.get("generate") == "tiled_rve" and mesh_rve is None:
             raise ConfigError(f"{f}: mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile "
                               "(homogenize keys or the path of a homogenize YAML)")
+    orientation = mat.get("orientation")
+    if orientation is not None:
+        if dim != 2:
+            raise ConfigError(f"{f}: material.orientation: only in 2D (an angle about z); 3D frames are not supported")
+        _check_expr(orientation, {"x", "y", "z", "pi"}, f"{f}: material.orientation")
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
@@ -266,7 +273,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
                      warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
-                     mesh_rve=mesh_rve, pressures=prs)
+                     mesh_rve=mesh_rve, pressures=prs, orientation=orientation)
 
 
 def _check_expr(v, names, where):

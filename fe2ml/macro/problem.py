@@ -99,11 +99,13 @@ class MacroProblem:
         dirichlet: list of :class:`DirichletSpec`.
         tractions: list of :class:`TractionSpec`.
         pressures: list of :class:`PressureSpec`.
+        orientation: 2D, with a law: angle in degrees (number or expression of x, y, z, pi) of the RVE's
+            frame at each point; the law sees Qᵀ F̄ Q and returns Q P̄ Qᵀ (and Ā rotated alike).
         newton: :class:`MacroNewton`.
     """
 
     def __init__(self, comm, mmesh, *, law=None, analytic=None, kinematics="finite", degree=1,
-                 quadrature_degree=None, dirichlet=(), tractions=(), pressures=(),
+                 quadrature_degree=None, dirichlet=(), tractions=(), pressures=(), orientation=None,
                  newton: MacroNewton | None = None):
         from petsc4py import PETSc
 
@@ -309,6 +311,19 @@ class MacroProblem:
         self.stop_requested = None  # callable -> bool (e.g. SIGTERM seen); checked collectively per iteration
         self.n_qp_local = self.n_owned * self.nqp
         self.n_qp_global = comm.allreduce(self.n_qp_local)
+        # material frames: the RVE's x axis at angle theta(x) (2D)
+        self.Q = None
+        if orientation is not None:
+            from fe2ml.expr import evaluate, numpy_funcs
+
+            if law is None or d != 2:
+                raise ConfigError("material.orientation: needs an RVE, surrogate or hybrid law in 2D")
+            tree = parse_expression(orientation, {"x", "y", "z", "pi"}, where="material.orientation")
+            X = self.quadrature_points()
+            env = {"x": X[:, 0], "y": X[:, 1], "z": X[:, 2] if X.shape[1] > 2 else np.zeros(len(X)), "pi": np.pi}
+            th = np.radians(np.broadcast_to(np.asarray(evaluate(tree, env, numpy_funcs()), dtype=float), len(X)))
+            c, s_ = np.cos(th), np.sin(th)
+            self.Q = np.stack([np.stack([c, -s_], -1), np.stack([s_, c], -1)], -2)  # columns: RVE axes
 
     # ------------------------------------------------------------------------------------------
     def quadrature_points(self) -> np.ndarray:
@@ -320,6 +335,10 @@ class MacroProblem:
         start = self.msh.topology.index_map(self.msh.topology.dim).local_range[0]
         ids = ((start + self.cells)[:, None] * self.nqp + np.arange(self.nqp)[None, :]).ravel()
         return ids.astype(np.int64), self.quadrature_points()
+
+    def rve_frame(self, F: np.ndarray) -> np.ndarray:
+        """F̄ at this rank's points in the RVE's frame, Qᵀ F̄ Q (F̄ itself without ``orientation``)."""
+        return F if self.Q is None else np.einsum("nki,nkl,nlj->nij", self.Q, F, self.Q, optimize=True)
 
     def _F_qp(self) -> np.ndarray:
         return self.F_expr.eval(self.msh, self.cells).reshape(-1, self.d, self.d)
@@ -343,7 +362,13 @@ class MacroProblem:
             self.timers["constitutive_s"] += time.perf_counter() - t0
             return next(m for m in msgs if m is not None)
         try:
-            P, A = self.law.evaluate(F)
+            if self.Q is None:
+                P, A = self.law.evaluate(F)
+            else:  # the law in its own frame: W(F) = W_rve(Qᵀ F Q)
+                Q = self.Q
+                P, A = self.law.evaluate(self.rve_frame(F))
+                P = np.einsum("nia,nab,njb->nij", Q, P, Q, optimize=True)
+                A = np.einsum("nia,njb,nkc,nld,nabcd->nijkl", Q, Q, Q, Q, A, optimize=True)
             self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()] = P.reshape(-1, d * d)
             self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A.ravel()] = A.reshape(-1, d**4)
             self.Pq.x.scatter_forward()
@@ -717,6 +742,7 @@ class RunWriter:
         p = self.p
         ids, x = p.quadrature_point_ids()
         F = p._F_qp()
+        Frve = p.rve_frame(F) if p.Q is not None else None
         cells = getattr(p.law, "last_cells", None) if p.law is not None else None
         cq = None
         if cells:
@@ -724,7 +750,7 @@ class RunWriter:
             cq = {k: np.array([c.cell[k] for c in cells]) for k in keys}
             cq["phase_F"] = np.array([c.phase["F"] for c in cells])
             cq["phase_volume"] = np.array([c.phase["volume"] for c in cells])
-        parts = self.comm.gather((ids, x, F, cq), root=0)
+        parts = self.comm.gather((ids, x, F, cq, Frve), root=0)
         if not self.rank0:
             return
         import h5py
@@ -738,6 +764,8 @@ class RunWriter:
             g["x"] = np.concatenate([q[1] for q in parts])[order]
             g["F"] = np.concatenate([q[2] for q in parts])[order]
             g["point_id"] = ids[order]
+            if parts[0][4] is not None:  # the F̄ the RVEs saw (material.orientation)
+                g["F_rve"] = np.concatenate([q[4] for q in parts])[order]
             if all(q[3] is not None for q in parts):
                 for key in parts[0][3]:
                     g[f"cells/{key}"] = np.concatenate([q[3][key] for q in parts])[order]

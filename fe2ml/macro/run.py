@@ -171,7 +171,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
             return MacroProblem(comm, mm, law=law, analytic=cfg.analytic, kinematics=cfg.kinematics,
                                 degree=cfg.degree, quadrature_degree=cfg.quadrature_degree, dirichlet=cfg.bcs,
                                 tractions=cfg.tractions, pressures=cfg.pressures,
-                                newton=MacroNewton(**cfg.newton))
+                                orientation=cfg.orientation, newton=MacroNewton(**cfg.newton))
         except ConfigError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
 
