@@ -222,6 +222,8 @@ RUN_BAD = {
     "bad_expression": (RUN.replace('"0.3*t"', '"0.3*tt"'), "unknown name 'tt'"),
     "no_kind": (RUN.replace("kind: rve", "kind: magic"), "material.kind: expected rve, analytic, surrogate or hybrid"),
     "unknown_key": (RUN + "    colour: blue\n", "unknown key(s) colour"),
+    "orientation_name": (RUN.replace("kind: rve", 'kind: rve\n      orientation: "atan2(y, q)"'),
+                         "material.orientation: unknown name 'q'"),
     "macro_dim": (RUN.replace("dim: 2", "dim: 3", 1), "rectangle makes 2D meshes but dim is 3"),
     "pressure_vector": (RUN + "    pressures: [{boundary: top, value: [1.0, 2.0]}]\n", "pressures[0].value"),
     "pressure_boundary": (RUN + "    pressures: [{boundary: tpo, value: 1.0}]\n", "unknown boundary 'tpo'"),
