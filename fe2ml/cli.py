@@ -472,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         sys.stderr.flush()
         if comm.size > 1:
+            time.sleep(0.5)  # let the launcher forward the message before it tears the job down
             comm.Abort(1)
         return 1
     # agree collectively on failure so that no rank is left waiting
