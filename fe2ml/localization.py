@@ -70,17 +70,12 @@ class LocalizationModel:
     """A trained localization checkpoint: F̄ -> per-cell largest principal stretch and J."""
 
     def __init__(self, path, *, dim: int, fingerprint: str | None = None):
-        from fe2ml.surrogate.train import load_checkpoint
+        from fe2ml.surrogate.train import build_localization_model, check_checkpoint, load_checkpoint
 
         ck = load_checkpoint(path)
         if ck["model"]["kind"] != "localization":
             raise ConfigError(f"{path}: not a localization checkpoint (model kind {ck['model']['kind']})")
-        if ck["dim"] != dim:
-            raise ConfigError(f"{path}: checkpoint is for {ck['dim']}D, the run is {dim}D")
-        if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
-            raise ConfigError(f"{path}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
-                              f"{fingerprint}")
-        from fe2ml.surrogate.train import build_localization_model
+        check_checkpoint(ck, path, dim=dim, fingerprint=fingerprint)
 
         self.ck = ck
         self.model = build_localization_model(ck)

@@ -211,7 +211,7 @@ RUN_BAD = {
     "dns_without_rve": (DNS.split("      rve:\n")[0] + "    material:" + DNS.split("    material:")[1],
                         "mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile"),
     "dns_rve_key_typo": (DNS.replace("      rve:\n", "      rev:\n"), "unknown key(s) rev"),
-    "dns_bad_eps": (DNS.replace("eps: 0.25", "eps: -1"), "eps: expected a positive scale factor"),
+    "dns_bad_eps": (DNS.replace("eps: 0.25", "eps: -1"), "eps: expected a positive number, got -1"),
     "unknown_boundary": (RUN.replace("boundary: right", "boundary: rite"), "unknown boundary 'rite'"),
     "missing_component": (RUN.replace("components: [0], value", "components: [2], value"),
                           "component(s) [2] do not exist in 2D"),

@@ -548,11 +548,9 @@ def test_readme_yaml_sample_and_train(tmp_path):
     assert lam.min() >= lo - 1e-9 and lam.max() <= hi + 1e-9
     # F = R U: the rigid rotation angle is within the design's rotation range
     assert np.all(np.linalg.det(F) > 0)
-    Us = []
-    for c in C:
-        w, V = np.linalg.eigh(c)
-        Us.append(V @ np.diag(np.sqrt(w)) @ V.T)
-    Rot = np.einsum("nij,njk->nik", F, np.linalg.inv(np.array(Us)))
+    w, V = np.linalg.eigh(C)
+    U = np.einsum("nik,nk,njk->nij", V, np.sqrt(w), V)  # polar decomposition F = R U
+    Rot = np.einsum("nij,njk->nik", F, np.linalg.inv(U))
     angle = np.degrees(np.arctan2(Rot[:, 1, 0], Rot[:, 0, 0]))
     a0, a1 = cfg["design"]["rotation"]
     assert angle.min() >= a0 - 1e-6 and angle.max() <= a1 + 1e-6 and np.ptp(angle) > 10

@@ -45,8 +45,7 @@ from fe2ml.errors import ConfigError
 __all__ = ["RunConfig", "load_run_config"]
 
 RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "pressures",
-            "steps",
-            "newton", "warm_start", "output", "log", "localize")
+            "steps", "newton", "warm_start", "output", "log", "localize")
 
 
 @dataclass

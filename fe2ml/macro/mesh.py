@@ -69,22 +69,17 @@ def _boundaries(msh, lo, hi):
     return out
 
 
-def _facet_groups(path, dim: int) -> dict:
-    """Tagged facets (lines in 2D, triangles/quadrilaterals in 3D) of a mesh file: name -> facet midpoints.
+def _facet_groups(m, dim: int) -> dict:
+    """Tagged facets (lines in 2D, triangles/quadrilaterals in 3D) of a ``meshio.Mesh``: name -> facet midpoints.
 
     Names come from gmsh physical names (``field_data``); unnamed tags are called ``tag_N``.
     """
-    import meshio
+    from fe2ml.micro.mesh import TAG_KEYS
 
-    try:
-        m = meshio.read(path)
-    except Exception as e:  # meshio raises many types
-        raise MeshError(f"{path}: cannot read facet tags ({e})") from None
     ftypes = {2: ("line",), 3: ("triangle", "quad")}[dim]
     names = {int(v[0]): str(k) for k, v in (m.field_data or {}).items()
              if len(np.atleast_1d(v)) >= 2 and int(np.atleast_1d(v)[1]) == dim - 1}
-    key = next((k for k in ("gmsh:physical", "medit:ref", "cell_tags", "CellEntityIds", "tag", "phase")
-                if k in m.cell_data), None)
+    key = next((k for k in TAG_KEYS if k in m.cell_data), None)
     if key is None:
         return {}
     out: dict = {}
@@ -333,16 +328,17 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         h = float(spec.get("h", 0.25))
         msh, tags = _plate_with_hole(comm, size, r, h, float(spec.get("h_hole", h / 4)))
     elif gen == "ring":
+        from fe2ml.config import _number
+
         radii = spec.get("radii", [1.0, 1.5])
-        try:
-            a, b = (float(x) for x in radii)
-        except (TypeError, ValueError):
-            a = b = -1.0
-        if not 0 < a < b:
-            raise ConfigError(f"{where}.radii: expected [inner, outer] with 0 < inner < outer, got {radii!r}")
-        h = float(spec.get("h", (b - a) / 4))
-        if not 0 < h <= b - a:
-            raise ConfigError(f"{where}.h: expected 0 < h <= outer - inner, got {spec.get('h')!r}")
+        if not (isinstance(radii, list) and len(radii) == 2):
+            raise ConfigError(f"{where}.radii: expected [inner, outer], got {radii!r}")
+        a, b = (_number(x, f"{where}.radii", positive=True) for x in radii)
+        if not a < b:
+            raise ConfigError(f"{where}.radii: expected inner < outer, got {radii!r}")
+        h = _number(spec.get("h", (b - a) / 4), f"{where}.h", positive=True)
+        if h > b - a:
+            raise ConfigError(f"{where}.h: expected at most outer - inner = {b - a:g}, got {h:g}")
         msh, ring_groups = _ring(comm, (a, b), h)
     elif gen == "tiled_rve":
         if rve_mesh_loader is None:
@@ -353,13 +349,9 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         n = spec.get("n")
         if not (isinstance(n, list) and len(n) == rm.dim and all(isinstance(k, int) and k >= 1 for k in n)):
             raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {n!r}")
-        eps = spec.get("eps", 1.0 / max(n))
-        try:
-            eps = float(eps)
-        except (TypeError, ValueError):
-            eps = -1.0
-        if not eps > 0:
-            raise ConfigError(f"{where}.eps: expected a positive scale factor, got {spec.get('eps')!r}")
+        from fe2ml.config import _number
+
+        eps = _number(spec.get("eps", 1.0 / max(n)), f"{where}.eps", positive=True)
         if comm.rank == 0:
             X, C, ph = _tile(rm, n, eps)
         else:
@@ -367,7 +359,7 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         msh, tags = _from_arrays(comm, X, C if C is not None else np.zeros((0, rm.cells.shape[1]), dtype=np.int64),
                                  rm.cell_type, ph)
     elif "file" in spec:
-        from fe2ml.micro.mesh import read_mesh
+        from fe2ml.micro.mesh import read_mesh, read_meshio
 
         path = Path(base or ".") / spec["file"]
         if not path.is_file():
@@ -375,9 +367,10 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         X = C = ph = ct = err = groups = None
         if comm.rank == 0:
             try:
-                rm = read_mesh(path, cell_phases=[])
+                m = read_meshio(path)  # read once: volume cells and tagged boundary facets
+                rm = read_mesh(path, cell_phases=[], meshio_mesh=m)
                 X, C, ph, ct = rm.points, rm.cells, rm.phases, rm.cell_type
-                groups = _facet_groups(path, rm.dim)
+                groups = _facet_groups(m, rm.dim)
             except MeshError as e:
                 err = e
         ct, err, groups = comm.bcast((ct, err, groups), root=0)

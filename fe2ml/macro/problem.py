@@ -227,9 +227,8 @@ class MacroProblem:
             tree = parse_expression(spec.value, {"t"}, where=f"{where}.value")
             pc = dolfinx.fem.Constant(msh, 0.0)
             self._pressures.append((pc, tree))
-            if kinematics == "finite":
-                Fm = ufl.Identity(d) + ufl.grad(self.u)
-                Lp = Lp - pc * ufl.det(Fm) * ufl.inner(ufl.dot(ufl.inv(Fm).T, Nref), v) * ds(i)
+            if kinematics == "finite":  # Nanson: -p J F^-T N on the reference boundary
+                Lp = Lp - pc * ufl.det(F) * ufl.inner(ufl.dot(ufl.inv(F).T, Nref), v) * ds(i)
             else:
                 Lp = Lp - pc * ufl.inner(Nref, v) * ds(i)
         Lext = Lext + Lp

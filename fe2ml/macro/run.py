@@ -155,14 +155,11 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
         law, rve_mesh = _build_surrogate_law(comm, cfg)
         if rank0:
             print(f"  {cfg.kind} law from {cfg.surrogate['checkpoint']}", flush=True)
-    if cfg.mesh_rve is not None:  # tiled_rve of its own RVE (direct numerical simulation)
+    def tile_loader():  # the RVE that tiled_rve repeats: mesh.rve (direct numerical simulation), else the law's
         from fe2ml.config import load_rve_mesh
 
-        def tile_loader():
-            return load_rve_mesh(cfg.mesh_rve, comm=comm)
-    else:
-        def tile_loader():
-            return rve_mesh
+        return load_rve_mesh(cfg.mesh_rve, comm=comm) if cfg.mesh_rve is not None else rve_mesh
+
     mm = _collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh", base=cfg.path.parent,
                                                      rve_mesh_loader=tile_loader))
 

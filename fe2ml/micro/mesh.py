@@ -136,7 +136,33 @@ def _pick_cells(m, path: str) -> tuple[str, np.ndarray, np.ndarray | None]:
     return ct, cells, tags
 
 
-def read_mesh(path: str | os.PathLike, *, cell_phases: list[int] | None = None, tol: float = 1e-8) -> RVEMesh:
+def read_meshio(path: str | os.PathLike):
+    """Read any meshio-readable file as a ``meshio.Mesh``, with one clear error for a missing/unreadable file.
+
+    Raises:
+        MeshError: missing or unreadable file.
+    """
+    import contextlib
+    import io
+
+    import meshio
+
+    p = Path(path)
+    if not p.is_file():
+        raise MeshError(f"{p}: mesh file not found")
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            return meshio.read(str(p))
+    except (Exception, SystemExit) as e:  # meshio raises many types (and exits) for unreadable files
+        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+        msg = str(e).splitlines()[0] if str(e) and not isinstance(e, SystemExit) else (
+            lines[-1].removeprefix("Error: ") if lines else type(e).__name__)
+        raise MeshError(f"{p}: cannot read mesh ({msg})") from None
+
+
+def read_mesh(path: str | os.PathLike, *, cell_phases: list[int] | None = None, tol: float = 1e-8,
+              meshio_mesh=None) -> RVEMesh:
     """Read an RVE mesh from any meshio-readable file.
 
     Args:
@@ -144,6 +170,7 @@ def read_mesh(path: str | os.PathLike, *, cell_phases: list[int] | None = None, 
         cell_phases: phase tags whose connected components are biological cells. ``None``: every
             tag except the smallest (the matrix), when the mesh has more than one phase.
         tol: relative tolerance for node matching on opposite faces (cell identification).
+        meshio_mesh: the file already read by :func:`read_meshio` (not read again).
 
     Returns:
         The mesh, with phases and cell ids.
@@ -151,23 +178,8 @@ def read_mesh(path: str | os.PathLike, *, cell_phases: list[int] | None = None, 
     Raises:
         MeshError: missing/unreadable file, no volume elements, no phase tags.
     """
-    import meshio
-
     p = Path(path)
-    if not p.is_file():
-        raise MeshError(f"{p}: mesh file not found")
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            m = meshio.read(str(p))
-    except (Exception, SystemExit) as e:  # meshio raises many types (and exits) for unreadable files
-        lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
-        msg = str(e).splitlines()[0] if str(e) and not isinstance(e, SystemExit) else (
-            lines[-1].removeprefix("Error: ") if lines else type(e).__name__)
-        raise MeshError(f"{p}: cannot read mesh ({msg})") from None
+    m = read_meshio(p) if meshio_mesh is None else meshio_mesh
     ct, cells, tags = _pick_cells(m, str(p))
     if tags is None:
         raise MeshError(

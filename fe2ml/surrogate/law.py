@@ -6,8 +6,6 @@ import time
 
 import numpy as np
 
-from fe2ml.errors import ConfigError
-
 __all__ = ["HybridLaw", "SurrogateLaw"]
 
 
@@ -26,17 +24,11 @@ class SurrogateLaw:
     def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None):
         import torch
 
-        from fe2ml.surrogate.train import EnsembleModel, load_checkpoint
+        from fe2ml.surrogate.train import EnsembleModel, check_checkpoint, load_checkpoint
 
         torch.set_num_threads(1)  # one thread per rank
         ck = load_checkpoint(checkpoint)
-        if ck["dim"] != dim:
-            raise ConfigError(f"{checkpoint}: checkpoint is for {ck['dim']}D, the run is {dim}D")
-        if ck["kinematics"] != kinematics:
-            raise ConfigError(f"{checkpoint}: checkpoint is for {ck['kinematics']} strain, the run is {kinematics}")
-        if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
-            raise ConfigError(f"{checkpoint}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
-                              f"{fingerprint}")
+        check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
         margs = {k: v for k, v in ck["model"].items() if k != "kind"}
         self.ck = ck
         self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"])

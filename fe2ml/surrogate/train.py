@@ -31,7 +31,7 @@ import numpy as np
 from fe2ml.config import _check_keys, _number, load_yaml
 from fe2ml.errors import ConfigError
 
-__all__ = ["FORMAT_VERSION", "TrainConfig", "load_checkpoint", "load_train_config", "train"]
+__all__ = ["FORMAT_VERSION", "TrainConfig", "check_checkpoint", "load_checkpoint", "load_train_config", "train"]
 
 FORMAT_VERSION = 1
 
@@ -402,6 +402,17 @@ def load_checkpoint(path) -> dict:
         raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
     return ck
 
+
+def check_checkpoint(ck: dict, path, *, dim: int, kinematics: str | None = None,
+                     fingerprint: str | None = None) -> None:
+    """Refuse a checkpoint of another dimension, kinematics (when given) or RVE fingerprint (when given)."""
+    if ck["dim"] != dim:
+        raise ConfigError(f"{path}: checkpoint is for {ck['dim']}D, the run is {dim}D")
+    if kinematics is not None and ck["kinematics"] != kinematics:
+        raise ConfigError(f"{path}: checkpoint is for {ck['kinematics']} strain, the run is {kinematics}")
+    if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
+        raise ConfigError(f"{path}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
+                          f"{fingerprint}")
 
 
 class _LocNet:
