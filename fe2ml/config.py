@@ -20,31 +20,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from fe2ml.errors import ConfigError, MaterialError
+from fe2ml.errors import ConfigError
 
 __all__ = [
     "HomogenizeConfig",
-    "build_material",
     "load_homogenize_config",
     "load_path",
     "load_rve_mesh",
     "load_yaml",
 ]
 
-MATERIALS = {
-    "linear_elastic": {"required": ("E", "nu"), "optional": ()},
-    "anisotropic": {"required": ("C",), "optional": ()},
-    "transversely_isotropic": {"required": ("E_L", "E_T", "nu_LT", "nu_TT", "G_LT"), "optional": ("direction",)},
-    # hyperelastic (finite strain)
-    "neo_hookean": {"required": (), "optional": ("mu", "K", "E", "nu")},
-    "hgo": {"required": ("mu", "K", "k1", "k2", "fibres"), "optional": ()},
-    "energy": {"required": ("W",), "optional": ("params", "fibres")},
-}
-HYPERELASTIC = ("neo_hookean", "hgo", "energy")
 LOAD_PATHS = ("uniaxial", "biaxial", "shear", "pure_shear")
 
 
@@ -73,7 +61,7 @@ def _type_name(v) -> str:
     return type(v).__name__
 
 
-def _number(v, where: str, *, positive=False) -> float:
+def number(v, where: str, *, positive=False) -> float:
     if isinstance(v, str):  # YAML 1.1 reads 7.0e9 (no sign in the exponent) as a string
         try:
             v = float(v)
@@ -86,7 +74,7 @@ def _number(v, where: str, *, positive=False) -> float:
     return float(v)
 
 
-def _check_keys(d: dict, allowed, where: str) -> None:
+def check_keys(d: dict, allowed, where: str) -> None:
     unknown = sorted(str(k) for k in d if k not in allowed)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
@@ -111,10 +99,10 @@ def parse_newton(newton, f: str) -> dict:
     newton = dict(newton or {})
     if not isinstance(newton, dict):
         raise ConfigError(f"{f}: newton: expected a mapping, got {newton!r}")
-    _check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
+    check_keys(newton, ("rtol", "atol", "max_it", "max_cuts"), f"{f}: newton")
     for k in ("rtol", "atol"):
         if k in newton:
-            newton[k] = _number(newton[k], f"{f}: newton.{k}", positive=True)
+            newton[k] = number(newton[k], f"{f}: newton.{k}", positive=True)
     for k in ("max_it", "max_cuts"):
         if k in newton and (not isinstance(newton[k], int) or isinstance(newton[k], bool) or newton[k] < 0):
             raise ConfigError(f"{f}: newton.{k}: expected a non-negative integer, got {newton[k]!r}")
@@ -129,79 +117,6 @@ def parse_rve_ref(r, p: Path, f: str, base: Path, dim: int) -> HomogenizeConfig:
             raise ConfigError(f"{f}: {rp} not found")
         return parse_homogenize(load_yaml(rp), rp, str(rp), rp.parent, require_points=False)
     return parse_homogenize(r, p, f, base, require_points=False, default_dim=dim)
-
-
-def build_material(spec: Any, where: str):
-    """Create a material from its config mapping ``{material: NAME, ...parameters}``.
-
-    Args:
-        spec: the mapping.
-        where: location for error messages (``file: phases.2``).
-
-    Returns:
-        A material object with ``stiffness(d)``.
-    """
-    from fe2ml.hyperelastic import ExpressionEnergy, HolzapfelGasserOgden, NeoHookean
-    from fe2ml.materials import AnisotropicLinearElastic, LinearElastic, TransverselyIsotropic
-
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{where}: expected a mapping like {{material: linear_elastic, E: 1.0, nu: 0.3}}, "
-                          f"got {spec!r}")
-    name = spec.get("material")
-    if name not in MATERIALS:
-        raise ConfigError(f"{where}.material: unknown material {name!r}; allowed: {', '.join(MATERIALS)}")
-    req, opt = MATERIALS[name]["required"], MATERIALS[name]["optional"]
-    _check_keys(spec, ("material", *req, *opt), where)
-    miss = [k for k in req if k not in spec]
-    if miss:
-        raise ConfigError(f"{where}: material {name} needs key(s) {', '.join(miss)}")
-    try:
-        if name == "linear_elastic":
-            return LinearElastic(E=_number(spec["E"], f"{where}.E"), nu=_number(spec["nu"], f"{where}.nu"),
-                                 name=where)
-        if name == "anisotropic":
-            try:
-                C = np.asarray([[_number(x, f"{where}.C") for x in row] for row in spec["C"]], dtype=float)
-            except (TypeError, ValueError):
-                raise ConfigError(f"{where}.C: expected a 6x6 list of numbers (Voigt, order 11,22,33,23,13,12)") \
-                    from None
-            if C.shape != (6, 6):
-                raise ConfigError(f"{where}.C: expected a 6x6 Voigt matrix (order 11,22,33,23,13,12), "
-                                  f"got shape {C.shape}")
-            return AnisotropicLinearElastic(C=C, name=where)
-        if name == "neo_hookean":
-            keys = {k for k in ("mu", "K", "E", "nu") if k in spec}
-            if keys == {"mu", "K"}:
-                return NeoHookean(mu=_number(spec["mu"], f"{where}.mu"), K=_number(spec["K"], f"{where}.K"),
-                                  name=where)
-            if keys == {"E", "nu"}:
-                return NeoHookean.from_E_nu(_number(spec["E"], f"{where}.E"), _number(spec["nu"], f"{where}.nu"),
-                                            name=where)
-            raise ConfigError(f"{where}: neo_hookean needs either (mu, K) or (E, nu), got {sorted(keys)}")
-        if name == "hgo":
-            fib = spec["fibres"]
-            if not isinstance(fib, list) or not fib:
-                raise ConfigError(f"{where}.fibres: expected a list of direction vectors, got {fib!r}")
-            return HolzapfelGasserOgden(**{k: _number(spec[k], f"{where}.{k}") for k in ("mu", "K", "k1", "k2")},
-                                        fibres=tuple(tuple(_number(x, f"{where}.fibres") for x in a)
-                                                     if isinstance(a, list) else a for a in fib), name=where)
-        if name == "energy":
-            params = spec.get("params", {}) or {}
-            if not isinstance(params, dict):
-                raise ConfigError(f"{where}.params: expected a mapping name -> number, got {params!r}")
-            params = {str(k): _number(v, f"{where}.params.{k}") for k, v in params.items()}
-            fib = spec.get("fibres", []) or []
-            if not isinstance(fib, list):
-                raise ConfigError(f"{where}.fibres: expected a list of direction vectors, got {fib!r}")
-            if not isinstance(spec["W"], str):
-                raise ConfigError(f"{where}.W: expected an expression string, got {spec['W']!r}")
-            return ExpressionEnergy(expr=spec["W"], params=params, fibres=tuple(tuple(a) for a in fib), name=where)
-        kw = {k: _number(spec[k], f"{where}.{k}") for k in req}
-        if "direction" in spec:
-            kw["direction"] = spec["direction"]
-        return TransverselyIsotropic(**kw, name=where)
-    except MaterialError as e:
-        raise MaterialError(str(e)) from None
 
 
 @dataclass
@@ -261,6 +176,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     Returns:
         The validated :class:`HomogenizeConfig`.
     """
+    from fe2ml.materials.registry import HYPERELASTIC, build_material
     from fe2ml.micro.geometry import GENERATORS
     from fe2ml.micro.rve import BCS
 
@@ -268,7 +184,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
         raise ConfigError(f"{f}: expected a mapping of RVE keys, got {raw!r}")
     if "dim" not in raw and default_dim is not None:
         raw = {**raw, "dim": default_dim}
-    _check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation",
+    check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation",
                       "F", "load_path", "newton", "fields"), f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "phases"), f)
     cell_phases = mesh.get("cell_phases")
@@ -281,7 +197,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if ("file" in mesh) == ("generate" in mesh):
         raise ConfigError(f"{f}: mesh: give exactly one of 'file' or 'generate'")
     if "file" in mesh:
-        _check_keys(mesh, ("file", "cell_phases"), f"{f}: mesh")
+        check_keys(mesh, ("file", "cell_phases"), f"{f}: mesh")
         if not isinstance(mesh["file"], str):
             raise ConfigError(f"{f}: mesh.file: expected a path string, got {mesh['file']!r}")
         mesh_file = (base / mesh["file"]).resolve()
@@ -319,7 +235,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     degree = raw.get("degree", 1)
     if degree not in (1, 2) or isinstance(degree, bool):
         raise ConfigError(f"{f}: degree: expected 1 or 2, got {degree!r}")
-    tol = _number(raw.get("tol", 1e-8), f"{f}: tol", positive=True)
+    tol = number(raw.get("tol", 1e-8), f"{f}: tol", positive=True)
     strains = raw.get("strains", [])
     if not isinstance(strains, list):
         raise ConfigError(f"{f}: strains: expected a list of {dim}x{dim} matrices, got {strains!r}")
@@ -370,10 +286,10 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if lp is not None:
         if not isinstance(lp, dict):
             raise ConfigError(f"{f}: load_path: expected a mapping {{type: uniaxial, max: 0.3, steps: 10}}")
-        _check_keys(lp, ("type", "max", "steps"), f"{f}: load_path")
+        check_keys(lp, ("type", "max", "steps"), f"{f}: load_path")
         if lp.get("type") not in LOAD_PATHS:
             raise ConfigError(f"{f}: load_path.type: expected one of {', '.join(LOAD_PATHS)}, got {lp.get('type')!r}")
-        mx = _number(lp.get("max", 0.2), f"{f}: load_path.max")
+        mx = number(lp.get("max", 0.2), f"{f}: load_path.max")
         if not -0.9 < mx < 5:
             raise ConfigError(f"{f}: load_path.max: expected a stretch-1 (or shear) in (-0.9, 5), got {mx}")
         st = lp.get("steps", 10)
@@ -387,7 +303,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     fields_ = raw.get("fields", {}) or {}
     if not isinstance(fields_, dict):
         raise ConfigError(f"{f}: fields: expected a mapping {{points: [0, 3]}}")
-    _check_keys(fields_, ("points",), f"{f}: fields")
+    check_keys(fields_, ("points",), f"{f}: fields")
     fpts = fields_.get("points", [])
     if not isinstance(fpts, list) or not all(isinstance(i, int) and 0 <= i < max(len(Fs), 1) for i in fpts):
         raise ConfigError(f"{f}: fields.points: expected a list of point indices in 0..{max(len(Fs), 1) - 1}, "

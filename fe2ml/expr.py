@@ -64,8 +64,8 @@ def parse_expression(text, names, *, where: str = "expression", error=ConfigErro
             ok = isinstance(node.func, ast.Name) and node.func.id in allowed_funcs and not node.keywords
             nargs = 2 if ok and node.func.id in FUNCS_2 else 1
             if not ok or len(node.args) != nargs:
-                raise error(f"{where}: only calls of {sorted(allowed_funcs)} (one argument; min/max two) are "
-                            f"allowed in {text!r}")
+                calls = ", ".join(f"{g}(x, y)" if g in FUNCS_2 else f"{g}(x)" for g in sorted(allowed_funcs))
+                raise error(f"{where}: only {calls} calls are allowed in {text!r}")
             continue
         raise error(f"{where}: construct {type(node).__name__} not allowed in {text!r}")
     return tree

@@ -27,7 +27,7 @@ import fe2ml  # noqa: F401  (the pip wheel's dolfinx_solver must load before pet
 from petsc4py import PETSc
 import dolfinx.fem.petsc
 # isort: on
-from fe2ml.hyperelastic import NeoHookean
+from fe2ml.materials import NeoHookean
 from fe2ml.micro.geometry import generate_mesh
 from fe2ml.micro.hyper import HyperelasticRVE
 from fe2ml.micro.mesh import read_mesh

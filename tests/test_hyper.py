@@ -7,8 +7,7 @@ import pytest
 from helpers import box_mesh
 
 from fe2ml.errors import ConfigError, MaterialError, SolverError
-from fe2ml.hyperelastic import ExpressionEnergy, HolzapfelGasserOgden, NeoHookean, UFLEnergy
-from fe2ml.materials import LinearElastic
+from fe2ml.materials import ExpressionEnergy, HolzapfelGasserOgden, LinearElastic, NeoHookean, UFLEnergy
 from fe2ml.micro.geometry import generate_mesh
 from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
 from fe2ml.micro.mesh import make_rve_mesh, read_mesh

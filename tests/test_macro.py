@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from fe2ml.errors import ConfigError
-from fe2ml.hyperelastic import NeoHookean
 from fe2ml.macro.laws import RVELaw
 from fe2ml.macro.mesh import create_macro_mesh
 from fe2ml.macro.problem import DirichletSpec, MacroNewton, MacroProblem, TractionSpec
+from fe2ml.materials import NeoHookean
 from fe2ml.micro.geometry import generate_mesh
 from fe2ml.micro.hyper import HyperelasticRVE
 from fe2ml.micro.mesh import read_mesh
@@ -386,7 +386,7 @@ def test_ring_pressure_lame():
 def test_orientation_rotates_the_rve_frame(rve_mesh):
     # a homogeneous HGO RVE with fibres along its x axis, turned by material.orientation = 30 degrees, equals the
     # single-scale HGO law with fibres at 30 degrees (P = Q P_rve(Qᵀ F Q) Qᵀ, A rotated alike)
-    from fe2ml.hyperelastic import HolzapfelGasserOgden
+    from fe2ml.materials import HolzapfelGasserOgden
 
     def hgo(angle):
         a = np.radians(angle)

@@ -587,13 +587,13 @@ def _real_keys():
     """Keys the config parsers accept: string literals of their key checks, generator and material arguments."""
     import inspect
 
-    from fe2ml.config import MATERIALS
+    from fe2ml.materials import MATERIALS
     from fe2ml.micro.geometry import GENERATORS
 
     keys = set()
-    for mod in ("config.py", "macro/config.py", "data/sampling.py", "surrogate/train.py"):
-        src = (ROOT / "fe2ml" / mod).read_text()
-        for call in re.findall(r"(?:_check_keys\(|RUN_KEYS = |allowed = )(.*?)\)\s*\n", src, flags=re.S):
+    for mod in sorted((ROOT / "fe2ml").rglob("*.py")):  # every config parser, wherever its stage keeps it
+        src = mod.read_text()
+        for call in re.findall(r"(?:check_keys\(|RUN_KEYS = |allowed = )(.*?)\)\s*\n", src, flags=re.S):
             keys |= set(re.findall(r"\"([a-z_A-Z]\w*)\"", call))
     for fn, _ in GENERATORS.values():
         keys |= {p for p in inspect.signature(fn).parameters if p not in ("comm", "path", "out")}

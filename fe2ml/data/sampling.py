@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import LOAD_PATHS, _check_keys, _number, load_path, load_yaml, parse_rve_ref
+from fe2ml.config import LOAD_PATHS, check_keys, load_path, load_yaml, number, parse_rve_ref
 from fe2ml.errors import ConfigError
 
 __all__ = ["SampleConfig", "design_points", "load_sample_config", "run_campaign"]
@@ -132,7 +132,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    _check_keys(raw, ("rve", "design", "output", "flush_every", "cells"), f)
+    check_keys(raw, ("rve", "design", "output", "flush_every", "cells"), f)
     if "rve" not in raw or "design" not in raw:
         raise ConfigError(f"{f}: missing required key '{'rve' if 'rve' not in raw else 'design'}'")
     rve = parse_rve_ref(raw["rve"], p, f"{f}: rve", p.parent, None)
@@ -140,7 +140,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     w = f"{f}: design"
     if not isinstance(ds, dict):
         raise ConfigError(f"{w}: expected a mapping {{method: sobol, n: 256, bounds: [-0.2, 0.2]}}")
-    _check_keys(ds, ("method", "n", "seed", "space", "bounds", "symmetric", "stretch", "rotation", "volume", "paths"),
+    check_keys(ds, ("method", "n", "seed", "space", "bounds", "symmetric", "stretch", "rotation", "volume", "paths"),
                 w)
     method = ds.get("method", "sobol")
     if method not in ("sobol", "lhs", "none"):
@@ -170,8 +170,8 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     for key, val in (("stretch", st), ("rotation", rot)):
         if not (isinstance(val, list) and len(val) == 2):
             raise ConfigError(f"{w}.{key}: expected [lo, hi], got {val!r}")
-        _number(val[0], f"{w}.{key}")
-        _number(val[1], f"{w}.{key}")
+        number(val[0], f"{w}.{key}")
+        number(val[1], f"{w}.{key}")
         if float(val[0]) > float(val[1]):
             raise ConfigError(f"{w}.{key}: lo > hi in {val!r}")
     if float(st[0]) <= 0:
@@ -182,7 +182,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
             raise ConfigError(f"{w}.volume: only for space: stretch (it sets the last principal stretch)")
         if not (isinstance(vol, list) and len(vol) == 2):
             raise ConfigError(f"{w}.volume: expected [lo, hi] of det F̄, got {vol!r}")
-        vol = [_number(vol[0], f"{w}.volume", positive=True), _number(vol[1], f"{w}.volume", positive=True)]
+        vol = [number(vol[0], f"{w}.volume", positive=True), number(vol[1], f"{w}.volume", positive=True)]
         if vol[0] > vol[1]:
             raise ConfigError(f"{w}.volume: lo > hi in {vol!r}")
     paths = []
@@ -190,13 +190,13 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
         pw = f"{w}.paths[{k}]"
         if not isinstance(pth, dict):
             raise ConfigError(f"{pw}: expected {{type: uniaxial, max: 0.3, steps: 10}}")
-        _check_keys(pth, ("type", "max", "steps"), pw)
+        check_keys(pth, ("type", "max", "steps"), pw)
         if pth.get("type") not in LOAD_PATHS:
             raise ConfigError(f"{pw}.type: expected one of {', '.join(LOAD_PATHS)}, got {pth.get('type')!r}")
         stp = pth.get("steps", 10)
         if not isinstance(stp, int) or isinstance(stp, bool) or stp < 1:
             raise ConfigError(f"{pw}.steps: expected a positive integer, got {stp!r}")
-        paths.append({"type": pth["type"], "max": _number(pth.get("max", 0.2), f"{pw}.max"), "steps": stp})
+        paths.append({"type": pth["type"], "max": number(pth.get("max", 0.2), f"{pw}.max"), "steps": stp})
     design = {"method": method, "n": n if method != "none" else 0, "seed": seed, "space": space,
               "bounds": b.tolist(), "symmetric": sym, "stretch": [float(x) for x in st],
               "rotation": [float(x) for x in rot], "paths": paths}

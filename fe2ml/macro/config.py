@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fe2ml.config import (
-    _check_keys,
-    _number,
     build_material,
+    check_keys,
     load_yaml,
+    number,
     parse_newton,
     parse_rve_ref,
     require_dim_mesh,
@@ -92,11 +92,11 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     raw = load_yaml(p)
     f = str(p)
     base = p.parent
-    _check_keys(raw, RUN_KEYS, f)
+    check_keys(raw, RUN_KEYS, f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "material"), f)
     gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}
     if "file" in mesh:
-        _check_keys(mesh, ("file",), f"{f}: mesh")
+        check_keys(mesh, ("file",), f"{f}: mesh")
         mp = base / str(mesh["file"])
         if not mp.is_file():
             raise ConfigError(f"{f}: mesh.file: {mp} not found")
@@ -108,7 +108,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
                    "plate_with_hole": ("generate", "size", "radius", "h", "h_hole"),
                    "ring": ("generate", "radii", "h"),
                    "tiled_rve": ("generate", "n", "eps", "rve")}[g]
-        _check_keys(mesh, allowed, f"{f}: mesh")
+        check_keys(mesh, allowed, f"{f}: mesh")
         if gens[g] is not None and gens[g] != dim:
             raise ConfigError(f"{f}: mesh.generate: {g} makes {gens[g]}D meshes but dim is {dim}")
     mesh_rve = None
@@ -125,7 +125,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     rve = analytic = None
     surrogate = None
     if kind in ("surrogate", "hybrid"):
-        _check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log", "orientation"), f"{f}: material")
+        check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log", "orientation"), f"{f}: material")
         ck = mat.get("checkpoint")
         if not isinstance(ck, str):
             raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt")
@@ -135,9 +135,9 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         th = mat.get("threshold", {}) or {}
         if not isinstance(th, dict):
             raise ConfigError(f"{f}: material.threshold: expected {{spread: 0.02, distance: 0.0}}")
-        _check_keys(th, ("spread", "distance"), f"{f}: material.threshold")
-        surrogate = {"checkpoint": ckp, "spread": _number(th.get("spread", 0.02), f"{f}: material.threshold.spread"),
-                     "distance": _number(th.get("distance", 0.0), f"{f}: material.threshold.distance"),
+        check_keys(th, ("spread", "distance"), f"{f}: material.threshold")
+        surrogate = {"checkpoint": ckp, "spread": number(th.get("spread", 0.02), f"{f}: material.threshold.spread"),
+                     "distance": number(th.get("distance", 0.0), f"{f}: material.threshold.distance"),
                      "log": (base / str(mat["log"])) if mat.get("log") else None}
         if kind == "hybrid" and "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
@@ -145,7 +145,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
             rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
         kin_default = "finite"
     elif kind == "rve":
-        _check_keys(mat, ("kind", "rve", "orientation"), f"{f}: material")
+        check_keys(mat, ("kind", "rve", "orientation"), f"{f}: material")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
         rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
@@ -153,7 +153,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
             raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
         kin_default = rve.kinematics
     else:
-        _check_keys(mat, ("kind", "phases", "material"), f"{f}: material")
+        check_keys(mat, ("kind", "phases", "material"), f"{f}: material")
         if ("phases" in mat) == ("material" in mat):
             raise ConfigError(f"{f}: material: analytic needs exactly one of 'phases' (per macro tag) or 'material'")
         if "material" in mat:
@@ -206,7 +206,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         w = f"{f}: bcs[{k}]"
         if not isinstance(b, dict):
             raise ConfigError(f"{w}: expected a mapping {{boundary: NAME, components: [0], value: 0.0}}")
-        _check_keys(b, ("boundary", "components", "value"), w)
+        check_keys(b, ("boundary", "components", "value"), w)
         if "boundary" not in b:
             raise ConfigError(f"{w}: missing 'boundary'")
         comps = b.get("components", list(range(dim)))
@@ -225,7 +225,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         w = f"{f}: tractions[{k}]"
         if not isinstance(b, dict):
             raise ConfigError(f"{w}: expected a mapping {{boundary: NAME, value: [Tx, Ty]}}")
-        _check_keys(b, ("boundary", "value"), w)
+        check_keys(b, ("boundary", "value"), w)
         val = b.get("value")
         if not isinstance(val, list) or len(val) != dim:
             raise ConfigError(f"{w}.value: expected a list of {dim} numbers or expressions of t, got {val!r}")
@@ -237,7 +237,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         w = f"{f}: pressures[{k}]"
         if not isinstance(b, dict):
             raise ConfigError(f"{w}: expected a mapping {{boundary: NAME, value: EXPR(t)}}")
-        _check_keys(b, ("boundary", "value"), w)
+        check_keys(b, ("boundary", "value"), w)
         if "boundary" not in b or "value" not in b:
             raise ConfigError(f"{w}: needs boundary and value")
         _check_expr(b["value"], {"t"}, f"{w}.value")
@@ -256,7 +256,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if log is not None:
         if not isinstance(log, dict) or "folder" not in log:
             raise ConfigError(f"{f}: log: expected a mapping {{folder: PATH, all_iterations: false, cells: true}}")
-        _check_keys(log, ("folder", "all_iterations", "cells"), f"{f}: log")
+        check_keys(log, ("folder", "all_iterations", "cells"), f"{f}: log")
         if kind != "rve":
             raise ConfigError(f"{f}: log: logging needs material.kind rve (there are no RVE evaluations to log)")
         for k in ("all_iterations", "cells"):

@@ -328,15 +328,15 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         h = float(spec.get("h", 0.25))
         msh, tags = _plate_with_hole(comm, size, r, h, float(spec.get("h_hole", h / 4)))
     elif gen == "ring":
-        from fe2ml.config import _number
+        from fe2ml.config import number
 
         radii = spec.get("radii", [1.0, 1.5])
         if not (isinstance(radii, list) and len(radii) == 2):
             raise ConfigError(f"{where}.radii: expected [inner, outer], got {radii!r}")
-        a, b = (_number(x, f"{where}.radii", positive=True) for x in radii)
+        a, b = (number(x, f"{where}.radii", positive=True) for x in radii)
         if not a < b:
             raise ConfigError(f"{where}.radii: expected inner < outer, got {radii!r}")
-        h = _number(spec.get("h", (b - a) / 4), f"{where}.h", positive=True)
+        h = number(spec.get("h", (b - a) / 4), f"{where}.h", positive=True)
         if h > b - a:
             raise ConfigError(f"{where}.h: expected at most outer - inner = {b - a:g}, got {h:g}")
         msh, ring_groups = _ring(comm, (a, b), h)
@@ -349,9 +349,9 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         n = spec.get("n")
         if not (isinstance(n, list) and len(n) == rm.dim and all(isinstance(k, int) and k >= 1 for k in n)):
             raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {n!r}")
-        from fe2ml.config import _number
+        from fe2ml.config import number
 
-        eps = _number(spec.get("eps", 1.0 / max(n)), f"{where}.eps", positive=True)
+        eps = number(spec.get("eps", 1.0 / max(n)), f"{where}.eps", positive=True)
         if comm.rank == 0:
             X, C, ph = _tile(rm, n, eps)
         else:

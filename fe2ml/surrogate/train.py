@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import _check_keys, _number, load_yaml
+from fe2ml.config import check_keys, load_yaml, number
 from fe2ml.errors import ConfigError
 
 __all__ = ["FORMAT_VERSION", "TrainConfig", "check_checkpoint", "load_checkpoint", "load_train_config", "train"]
@@ -57,7 +57,7 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    _check_keys(raw, ("data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output"), f)
+    check_keys(raw, ("data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output"), f)
     data = raw.get("data")
     if isinstance(data, str):
         data = [data]
@@ -68,7 +68,7 @@ def load_train_config(path, *, output=None) -> TrainConfig:
         if not d.exists():
             raise ConfigError(f"{f}: data: {d} not found")
     model = dict(raw.get("model", {}) or {})
-    _check_keys(model, ("kind", "hidden", "features", "convex"), f"{f}: model")
+    check_keys(model, ("kind", "hidden", "features", "convex"), f"{f}: model")
     model.setdefault("kind", "potential")
     if model["kind"] not in ("potential", "plain", "localization"):
         raise ConfigError(f"{f}: model.kind: expected potential, plain or localization, got {model['kind']!r}")
@@ -87,23 +87,23 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if model["kind"] == "localization" and raw.get("loss") is not None:
         raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
     loss = dict(raw.get("loss", {}) or {})
-    _check_keys(loss, ("stress", "tangent", "relative"), f"{f}: loss")
+    check_keys(loss, ("stress", "tangent", "relative"), f"{f}: loss")
     rel = loss.get("relative", False)
     if not isinstance(rel, bool):
         raise ConfigError(f"{f}: loss.relative: expected true or false, got {rel!r}")
-    loss = {"stress": _number(loss.get("stress", 1.0), f"{f}: loss.stress"),
-            "tangent": _number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel}
+    loss = {"stress": number(loss.get("stress", 1.0), f"{f}: loss.stress"),
+            "tangent": number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel}
     if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
         raise ConfigError(f"{f}: loss: weights must be >= 0 and not both 0")
     split = dict(raw.get("split", {}) or {})
-    _check_keys(split, ("validation", "test", "seed"), f"{f}: split")
-    split = {"validation": _number(split.get("validation", 0.15), f"{f}: split.validation"),
-             "test": _number(split.get("test", 0.15), f"{f}: split.test"), "seed": int(split.get("seed", 0))}
+    check_keys(split, ("validation", "test", "seed"), f"{f}: split")
+    split = {"validation": number(split.get("validation", 0.15), f"{f}: split.validation"),
+             "test": number(split.get("test", 0.15), f"{f}: split.test"), "seed": int(split.get("seed", 0))}
     if not (0 < split["validation"] < 1 and 0 <= split["test"] < 1 and split["validation"] + split["test"] < 0.9):
         raise ConfigError(f"{f}: split: validation in (0, 1), test in [0, 1), together < 0.9")
     tr = dict(raw.get("train", {}) or {})
-    _check_keys(tr, ("epochs", "lr", "patience", "seed"), f"{f}: train")
-    tr = {"epochs": tr.get("epochs", 3000), "lr": _number(tr.get("lr", 0.01), f"{f}: train.lr", positive=True),
+    check_keys(tr, ("epochs", "lr", "patience", "seed"), f"{f}: train")
+    tr = {"epochs": tr.get("epochs", 3000), "lr": number(tr.get("lr", 0.01), f"{f}: train.lr", positive=True),
           "patience": tr.get("patience", 300), "seed": tr.get("seed", 0)}
     for k in ("epochs", "patience", "seed"):
         if not isinstance(tr[k], int) or isinstance(tr[k], bool) or tr[k] < 0:

@@ -20,7 +20,7 @@ Materials:
 - :class:`UFLEnergy`: any Python callable ``W(F) -> UFL scalar``.
 
 Nearly incompressible phases (K/mu of 100–1000) should be solved with the mixed formulation of
-:class:`fe2ml.micro.hyper.HyperelasticRVE` (``formulation="mixed"``: P2 displacement, P0 pressure).
+:class:`fe2ml.micro.finite.HyperelasticRVE` (``formulation="mixed"``: P2 displacement, P0 pressure).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fe2ml.errors import MaterialError
+from fe2ml.expr import evaluate, parse_expression
 
 __all__ = [
     "ExpressionEnergy",
@@ -195,57 +196,19 @@ def parse_energy(expr: str, params: dict[str, float], *, n_fibres: int = 0, name
 
     Allowed: numbers, parameter names, invariants (I1, I2, I3, J, I1b, I2b; I4/I4b with one
     fibre family, I6/I6b with two), + − * / ** and unary minus, functions exp, log (= ln), sqrt.
+    The checks are those of :func:`fe2ml.expr.parse_expression` with this vocabulary.
 
     Raises:
         MaterialError: syntax error or a disallowed construct, naming it.
     """
     if not isinstance(expr, str) or not expr.strip():
         raise MaterialError(f"{name}: energy must be a non-empty string expression")
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError as e:
-        raise MaterialError(f"{name}: energy expression has a syntax error at column {e.offset}: {expr!r}") from None
     allowed_names = set(params) | {"I1", "I2", "I3", "J", "I1b", "I2b"}
     if n_fibres >= 1:
         allowed_names |= {"I4", "I4b"}
     if n_fibres >= 2:
         allowed_names |= {"I6", "I6b"}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Expression | ast.Load | ast.operator | ast.unaryop):
-            if isinstance(node, ast.operator) and not isinstance(node, ast.Add | ast.Sub | ast.Mult | ast.Div
-                                                                     | ast.Pow):
-                raise MaterialError(f"{name}: operator {type(node).__name__} not allowed in energy {expr!r}")
-            if isinstance(node, ast.unaryop) and not isinstance(node, ast.USub | ast.UAdd):
-                raise MaterialError(f"{name}: operator {type(node).__name__} not allowed in energy {expr!r}")
-            continue
-        if isinstance(node, ast.BinOp | ast.UnaryOp):
-            continue
-        if isinstance(node, ast.Constant):
-            if isinstance(node.value, bool) or not isinstance(node.value, int | float):
-                raise MaterialError(f"{name}: constant {node.value!r} not allowed in energy {expr!r}")
-            continue
-        if isinstance(node, ast.Name):
-            if node.id in _FUNCS:
-                continue
-            if node.id not in allowed_names:
-                raise MaterialError(
-                    f"{name}: unknown name {node.id!r} in energy {expr!r}; allowed: parameters "
-                    f"{sorted(params)}, invariants {sorted(allowed_names - set(params))}, functions {sorted(_FUNCS)}"
-                )
-            continue
-        if isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in _FUNCS or node.keywords \
-                    or len(node.args) != 1:
-                raise MaterialError(f"{name}: only exp(x), log(x), ln(x), sqrt(x) calls are allowed in {expr!r}")
-            continue
-        raise MaterialError(f"{name}: construct {type(node).__name__} not allowed in energy {expr!r}")
-    return tree
-
-
-def _eval_ast(node, env, funcs):
-    from fe2ml.expr import evaluate
-
-    return evaluate(node, env, funcs)
+    return parse_expression(expr, allowed_names, where=f"{name}: energy", error=MaterialError, funcs=_FUNCS)
 
 
 @dataclass(frozen=True)
@@ -280,7 +243,7 @@ class ExpressionEnergy(HyperelasticMaterial):
                "I4b": 1.0, "I6b": 1.0, **{k: float(v) for k, v in self.params.items()}}
         try:
             with np.errstate(all="raise"):
-                W0 = _eval_ast(self._tree, env, {"exp": np.exp, "log": np.log, "ln": np.log, "sqrt": np.sqrt})
+                W0 = evaluate(self._tree, env, {"exp": np.exp, "log": np.log, "ln": np.log, "sqrt": np.sqrt})
         except (FloatingPointError, ZeroDivisionError, OverflowError) as e:
             raise MaterialError(f"{self.name}: energy cannot be evaluated at F = I ({e})") from None
         if abs(W0) > 1e-12 * (1 + max([abs(float(v)) for v in self.params.values()] or [1.0])):
@@ -291,7 +254,7 @@ class ExpressionEnergy(HyperelasticMaterial):
         import ufl
 
         env = {**invariants(F, self.fibres), **{k: float(v) for k, v in self.params.items()}}
-        return _eval_ast(self._tree, env, {"exp": ufl.exp, "log": ufl.ln, "ln": ufl.ln, "sqrt": ufl.sqrt})
+        return evaluate(self._tree, env, {"exp": ufl.exp, "log": ufl.ln, "ln": ufl.ln, "sqrt": ufl.sqrt})
 
 
 @dataclass(frozen=True)
