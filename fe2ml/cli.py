@@ -63,9 +63,8 @@ def _output_file(out: Path, what: str, comm) -> Path:
 
 def cmd_homogenize(args, comm) -> int:
     """Run ``fe2ml homogenize``."""
-    from fe2ml.config import load_homogenize_config, load_rve_mesh
     from fe2ml.materials import VOIGT_ORDER
-    from fe2ml.micro.rve import LinearRVE
+    from fe2ml.micro.config import build_rve, load_homogenize_config, load_rve_mesh
 
     rank = comm.rank
     t0 = time.perf_counter()
@@ -81,7 +80,7 @@ def cmd_homogenize(args, comm) -> int:
     t_mesh = time.perf_counter() - t0
     if cfg.kinematics == "finite":
         return _homogenize_finite(args, cfg, mesh, comm, t0)
-    rve = LinearRVE(mesh, cfg.materials, bc=cfg.bc, degree=cfg.degree, tol=cfg.tol)
+    rve = build_rve(cfg, mesh)
     res = rve.homogenize()
     # every rank has its own RVE on COMM_SELF; macro strains are split across ranks
     mine = list(range(rank, len(cfg.strains), comm.size))
@@ -156,7 +155,7 @@ def _collective(comm, fn):
 
 def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
     """Finite-strain branch of ``fe2ml homogenize``: P̄, Ā and cell quantities per F̄."""
-    from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
+    from fe2ml.micro.config import build_rve
 
     rank, size = comm.rank, comm.size
     n = len(cfg.F)
@@ -164,8 +163,7 @@ def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
     mine = chunks[rank]
 
     def build():
-        return HyperelasticRVE(mesh, cfg.materials, bc=cfg.bc, formulation=cfg.formulation, degree=cfg.degree,
-                               tol=cfg.tol, newton=NewtonOptions(**cfg.newton))
+        return build_rve(cfg, mesh)
 
     rve = _collective(comm, build)
     if rank == 0:

@@ -86,7 +86,7 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
         run_campaign(comm, scfg, quiet=True)
     t_sample = time.perf_counter() - t0
     if rank0:
-        from fe2ml.config import load_rve_mesh
+        from fe2ml.micro.config import load_rve_mesh
         from fe2ml.plotting import plot_rve
 
         plot_rve(load_rve_mesh(scfg.rve), out / "rve.png", title="tissue RVE: cells (colours) in matrix (grey)")

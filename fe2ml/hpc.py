@@ -47,12 +47,12 @@ def check_config(path, comm=None) -> str:
 
         cfg = load_run_config(path)
         if cfg.rve is not None:
-            from fe2ml.config import load_rve_mesh
+            from fe2ml.micro.config import load_rve_mesh
 
             load_rve_mesh(cfg.rve, comm=comm)
     elif kind == "sample":
-        from fe2ml.config import load_rve_mesh
         from fe2ml.data.sampling import load_sample_config
+        from fe2ml.micro.config import load_rve_mesh
 
         load_rve_mesh(load_sample_config(path).rve, comm=comm)
     elif kind == "train":
@@ -63,7 +63,7 @@ def check_config(path, comm=None) -> str:
 
         read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, fields=["F"])
     else:
-        from fe2ml.config import load_homogenize_config, load_rve_mesh
+        from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
 
         load_rve_mesh(load_homogenize_config(path), comm=comm)
     return kind

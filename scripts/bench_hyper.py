@@ -28,8 +28,8 @@ from petsc4py import PETSc
 import dolfinx.fem.petsc
 # isort: on
 from fe2ml.materials import NeoHookean
+from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import generate_mesh
-from fe2ml.micro.hyper import HyperelasticRVE
 from fe2ml.micro.mesh import read_mesh
 
 
@@ -37,7 +37,7 @@ def bare_iteration(rve, reps=5):
     """assemble K + PᵀKP + MUMPS factor + one solve, on the RVE's compiled Jacobian form."""
     K = dolfinx.fem.petsc.assemble_matrix(rve.K_form)
     K.assemble()
-    Kr = K.PtAP(rve.P)
+    Kr = K.PtAP(rve.T)
     ksp = PETSc.KSP().create(PETSc.COMM_SELF)
     ksp.setType("preonly")
     ksp.getPC().setType("cholesky")
@@ -50,7 +50,7 @@ def bare_iteration(rve, reps=5):
         K.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(K, rve.K_form)
         K.assemble()
-        K.PtAP(rve.P, result=Kr)
+        K.PtAP(rve.T, result=Kr)
         Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         ksp.setOperators(Kr)
         ksp.setUp()

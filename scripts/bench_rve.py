@@ -27,8 +27,8 @@ import dolfinx.fem.petsc
 # isort: on
 from fe2ml.materials import LinearElastic
 from fe2ml.micro.geometry import generate_mesh
+from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import read_mesh
-from fe2ml.micro.rve import LinearRVE
 
 
 def rss_mb():
@@ -53,7 +53,7 @@ def bare(rve, reps):
         K.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(K, rve.a_form)
         K.assemble()
-        Kr = K.PtAP(rve.P) if Kr is None else K.PtAP(rve.P, result=Kr)
+        Kr = K.PtAP(rve.T) if Kr is None else K.PtAP(rve.T, result=Kr)
         Kr.setOption(PETSc.Mat.Option.SPD, True)
         ksp.setOperators(Kr)
         ksp.setUp()

@@ -24,8 +24,8 @@ from fe2ml.macro.laws import RVELaw
 from fe2ml.macro.mesh import create_macro_mesh
 from fe2ml.macro.problem import DirichletSpec, MacroProblem
 from fe2ml.materials import NeoHookean
+from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import generate_mesh
-from fe2ml.micro.hyper import HyperelasticRVE
 from fe2ml.micro.mesh import read_mesh
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -288,7 +288,7 @@ def test_design_spaces_are_valid():
         lam = np.sort(np.sqrt(np.linalg.eigvalsh(np.einsum("nki,nkj->nij", F, F))), axis=1)
         assert lam[:, 0].min() < 0.97 and lam[:, -1].max() > 1.12  # far from identity, yet near-isochoric
     # named paths, pure_shear: F11 = 1 + s, F22 = 1/(1 + s), isochoric
-    from fe2ml.config import load_path
+    from fe2ml.micro.config import load_path
 
     P = np.array(load_path("pure_shear", 0.2, 4, 3))
     assert np.allclose(np.linalg.det(P), 1.0) and np.allclose(P[:, 0, 0], [1.05, 1.1, 1.15, 1.2])

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 from helpers import box_mesh
 
+from fe2ml.config import NewtonOptions
 from fe2ml.errors import ConfigError, MaterialError, SolverError
 from fe2ml.materials import ExpressionEnergy, HolzapfelGasserOgden, LinearElastic, NeoHookean, UFLEnergy
+from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import generate_mesh
-from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
+from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import make_rve_mesh, read_mesh
-from fe2ml.micro.rve import LinearRVE
 
 COMM = MPI.COMM_WORLD
 

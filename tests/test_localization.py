@@ -51,9 +51,9 @@ CLAMPED = """\
 
 
 def test_homogeneous_macro_state_equals_standalone_rve(tmp_path):
-    from fe2ml.config import parse_homogenize
     from fe2ml.data.sampling import build_rve
     from fe2ml.localization import read_quadrature
+    from fe2ml.micro.config import parse_homogenize
 
     run = _run(tmp_path, "hom", HOMOGENEOUS)
     r = _localize(run)

@@ -8,8 +8,8 @@ from helpers import box_mesh, laminate_exact
 
 from fe2ml.materials import LinearElastic, TransverselyIsotropic, to_voigt
 from fe2ml.micro.geometry import generate_mesh
+from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import make_rve_mesh, read_mesh
-from fe2ml.micro.rve import LinearRVE
 
 COMM = MPI.COMM_WORLD
 MANDEL = {2: np.array([1, 1, np.sqrt(2)]), 3: np.array([1, 1, 1, np.sqrt(2), np.sqrt(2), np.sqrt(2)])}

@@ -202,7 +202,7 @@ class LogWriter:
             x: (n, 3) or (n, d) coordinates (nan if None).
             rank: MPI rank (scalar or (n,)).
             newton_its: RVE Newton iterations (scalar or (n,)).
-            cells: list of n :class:`~fe2ml.micro.hyper.CellQuantities` (or None).
+            cells: list of n :class:`~fe2ml.micro.finite.CellQuantities` (or None).
         """
         F = np.asarray(F, dtype=np.float64)
         n = len(F)

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import LOAD_PATHS, check_keys, load_path, load_yaml, number, parse_rve_ref
+from fe2ml.config import check_keys, load_yaml, number
 from fe2ml.errors import ConfigError
+from fe2ml.micro.config import LOAD_PATHS, load_path, load_rve_mesh, parse_rve_ref
+from fe2ml.micro.config import build_rve as build_rve_from_config
 
 __all__ = ["SampleConfig", "design_points", "load_sample_config", "run_campaign"]
 
@@ -225,15 +227,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
 
 def build_rve(rcfg, comm):
     """This rank's RVE object (COMM_SELF) for an RVE config (rank 0 generates the mesh)."""
-    from fe2ml.config import load_rve_mesh
-    from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
-    from fe2ml.micro.rve import LinearRVE
-
-    mesh = load_rve_mesh(rcfg, comm=comm)
-    if rcfg.kinematics == "finite":
-        return HyperelasticRVE(mesh, rcfg.materials, bc=rcfg.bc, formulation=rcfg.formulation, degree=rcfg.degree,
-                               tol=rcfg.tol, newton=NewtonOptions(**rcfg.newton))
-    return LinearRVE(mesh, rcfg.materials, bc=rcfg.bc, degree=rcfg.degree, tol=rcfg.tol)
+    return build_rve_from_config(rcfg, load_rve_mesh(rcfg, comm=comm))
 
 
 def done_point_ids(folder: Path, campaign_id: str) -> set:

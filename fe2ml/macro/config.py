@@ -31,16 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fe2ml.config import (
-    build_material,
-    check_keys,
-    load_yaml,
-    number,
-    parse_newton,
-    parse_rve_ref,
-    require_dim_mesh,
-)
+from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
 from fe2ml.errors import ConfigError
+from fe2ml.materials import build_material
+from fe2ml.micro.config import parse_rve_ref
 
 __all__ = ["RunConfig", "load_run_config"]
 
@@ -64,7 +58,7 @@ class RunConfig:
     bcs: list
     tractions: list
     steps: int
-    newton: dict
+    newton: NewtonOptions
     warm_start: bool
     output: Path
     raw: dict = field(default_factory=dict)
@@ -244,7 +238,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         prs.append(PressureSpec(boundary=str(b["boundary"]), value=b["value"]))
     if not bcs:
         raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
-    newton = parse_newton(raw.get("newton"), f)
+    newton = parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON)
     ws = raw.get("warm_start", True)
     if not isinstance(ws, bool):
         raise ConfigError(f"{f}: warm_start: expected true or false, got {ws!r}")

@@ -5,9 +5,9 @@ and the consistent tangent Ā = ∂P̄/∂F̄ (n, d, d, d, d), float64. Laws wit
 starts) keep a trial state per point during a load step and expose ``commit()`` (step converged)
 and ``rollback()`` (step rejected). ``stats`` accumulates evaluation counts and wall time.
 
-- :class:`RVELaw`: nested FE², one :class:`~fe2ml.micro.hyper.HyperelasticRVE` per rank (COMM_SELF)
+- :class:`RVELaw`: nested FE², one :class:`~fe2ml.micro.finite.HyperelasticRVE` per rank (COMM_SELF)
   reused for every point of the rank.
-- :class:`LinearRVELaw`: small strain, P̄ = C̄ : sym(F̄ − I), Ā = C̄ from a :class:`~fe2ml.micro.rve.LinearRVE`.
+- :class:`LinearRVELaw`: small strain, P̄ = C̄ : sym(F̄ − I), Ā = C̄ from a :class:`~fe2ml.micro.linear.LinearRVE`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class LinearRVELaw:
     """Small-strain law from a linear RVE: C̄ computed once.
 
     Args:
-        rve: a :class:`fe2ml.micro.rve.LinearRVE`.
+        rve: a :class:`fe2ml.micro.linear.LinearRVE`.
     """
 
     kinematics = "small"
@@ -95,7 +95,7 @@ class RVELaw:
     """Nested FE² law: every point is a finite-strain RVE solve on this rank's RVE.
 
     Args:
-        rve: a :class:`fe2ml.micro.hyper.HyperelasticRVE` (built once on COMM_SELF).
+        rve: a :class:`fe2ml.micro.finite.HyperelasticRVE` (built once on COMM_SELF).
         warm_start: start each RVE solve from the point's last state (trial state within a load
             step, committed state at the start of a step) instead of F̄ = I.
         recorder: optional callable ``recorder(F, P, A, cells)`` called with every evaluated batch.
@@ -167,7 +167,7 @@ class RVELaw:
 
     def load_state_arrays(self, a: dict) -> None:
         """Restore committed states saved by :meth:`state_arrays`."""
-        from fe2ml.micro.hyper import RVEState
+        from fe2ml.micro.finite import RVEState
 
         it = iter(range(len(a["z"])))
         self.committed = []

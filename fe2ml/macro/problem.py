@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
 
-__all__ = ["DirichletSpec", "MacroNewton", "MacroProblem", "TractionSpec"]
+__all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "TractionSpec"]
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,6 @@ class PressureSpec:
     value: object
 
 
-@dataclass(frozen=True)
-class MacroNewton:
-    """Macro Newton and load-stepping settings."""
-
-    rtol: float = 1e-9
-    atol: float = 1e-12
-    max_it: int = 20
-    max_cuts: int = 6
-
-
 @dataclass
 class StepRecord:
     """History of one converged load step."""
@@ -101,12 +92,12 @@ class MacroProblem:
         pressures: list of :class:`PressureSpec`.
         orientation: 2D, with a law: angle in degrees (number or expression of x, y, z, pi) of the RVE's
             frame at each point; the law sees Qᵀ F̄ Q and returns Q P̄ Qᵀ (and Ā rotated alike).
-        newton: :class:`MacroNewton`.
+        newton: :class:`fe2ml.config.NewtonOptions` (default ``MACRO_NEWTON``).
     """
 
     def __init__(self, comm, mmesh, *, law=None, analytic=None, kinematics="finite", degree=1,
                  quadrature_degree=None, dirichlet=(), tractions=(), pressures=(), orientation=None,
-                 newton: MacroNewton | None = None):
+                 newton: NewtonOptions | None = None):
         from petsc4py import PETSc
 
         import basix
@@ -124,7 +115,7 @@ class MacroProblem:
         self.d = d = msh.geometry.dim
         self.law = law
         self.kinematics = kinematics
-        self.newton = newton or MacroNewton()
+        self.newton = newton or MACRO_NEWTON
         if (law is None) == (analytic is None):
             raise ConfigError("give exactly one of a quadrature-point law or analytic materials")
         if law is not None and law.dim != d:

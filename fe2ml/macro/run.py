@@ -30,19 +30,16 @@ def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
     Returns:
         (law, rve_mesh)
     """
-    from fe2ml.config import load_rve_mesh
     from fe2ml.macro.laws import LinearRVELaw, RVELaw
-    from fe2ml.micro.hyper import HyperelasticRVE, NewtonOptions
-    from fe2ml.micro.rve import LinearRVE
+    from fe2ml.micro.config import build_rve, load_rve_mesh
 
     mesh = _collective(comm, lambda: load_rve_mesh(rcfg, comm=comm))
 
     def make():
+        rve = build_rve(rcfg, mesh)
         if rcfg.kinematics == "finite":
-            rve = HyperelasticRVE(mesh, rcfg.materials, bc=rcfg.bc, formulation=rcfg.formulation,
-                                  degree=rcfg.degree, tol=rcfg.tol, newton=NewtonOptions(**rcfg.newton))
             return RVELaw(rve, warm_start=warm_start, recorder=recorder, cells=cells)
-        return LinearRVELaw(LinearRVE(mesh, rcfg.materials, bc=rcfg.bc, degree=rcfg.degree, tol=rcfg.tol))
+        return LinearRVELaw(rve)
 
     return _collective(comm, make), mesh
 
@@ -121,7 +118,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
     import json
 
     from fe2ml.macro.mesh import create_macro_mesh
-    from fe2ml.macro.problem import MacroNewton, MacroProblem, RunWriter, progress_line
+    from fe2ml.macro.problem import MacroProblem, RunWriter, progress_line
 
     t0 = time.perf_counter()
     out = Path(cfg.output)
@@ -156,7 +153,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
         if rank0:
             print(f"  {cfg.kind} law from {cfg.surrogate['checkpoint']}", flush=True)
     def tile_loader():  # the RVE that tiled_rve repeats: mesh.rve (direct numerical simulation), else the law's
-        from fe2ml.config import load_rve_mesh
+        from fe2ml.micro.config import load_rve_mesh
 
         return load_rve_mesh(cfg.mesh_rve, comm=comm) if cfg.mesh_rve is not None else rve_mesh
 
@@ -168,7 +165,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
             return MacroProblem(comm, mm, law=law, analytic=cfg.analytic, kinematics=cfg.kinematics,
                                 degree=cfg.degree, quadrature_degree=cfg.quadrature_degree, dirichlet=cfg.bcs,
                                 tractions=cfg.tractions, pressures=cfg.pressures,
-                                orientation=cfg.orientation, newton=MacroNewton(**cfg.newton))
+                                orientation=cfg.orientation, newton=cfg.newton)
         except ConfigError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
 

@@ -79,7 +79,7 @@ class HybridLaw(SurrogateLaw):
 
     Args:
         checkpoint: path of the checkpoint.
-        rve: :class:`fe2ml.micro.hyper.HyperelasticRVE` of this rank (its fingerprint must match).
+        rve: :class:`fe2ml.micro.finite.HyperelasticRVE` of this rank (its fingerprint must match).
         spread: spread threshold; distance: out-of-bounds threshold.
         writer: optional log writer for the fallback records.
     """

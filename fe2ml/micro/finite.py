@@ -1,7 +1,7 @@
 """Finite-strain RVE: hyperelastic phases, Newton with substepping, P̄ and consistent tangent Ā.
 
 Kinematics: u = (F̄ − I)·y + w on the box Y (y measured from the box centre), F = I + ∇u. The
-boundary conditions on w are those of :mod:`fe2ml.micro.rve` (periodic master/slave reduction,
+boundary conditions on w are those of :mod:`fe2ml.micro.reduction` (periodic master/slave reduction,
 affine w = 0 on ∂Y, minimal kinematic ∫∇w = 0 with d² multipliers). Plane strain (d = 2) embeds F
 in 3D with F33 = 1; energies, stresses and cell quantities are 3D.
 
@@ -15,10 +15,10 @@ Formulations:
   (neo-Hookean, HGO).
 
 Homogenized quantities from the converged state, with U the dof vectors of the d² affine fields
-u = (e_i⊗e_j)·y (exact in the FE space) and P the reduction:
+u = (e_i⊗e_j)·y (exact in the FE space) and T the reduction:
 
     P̄_ij = (1/|Y|) U_(ij) · R(u)        (R = ∂Π/∂u: the volume average of the first Piola stress)
-    |Y| Ā = UᵀKU − (PᵀKU)ᵀ (PᵀKP)⁻¹ (PᵀKU)   (static condensation, d² right-hand sides)
+    |Y| Ā = UᵀKU − (TᵀKU)ᵀ (TᵀKT)⁻¹ (TᵀKU)   (static condensation, d² right-hand sides)
 
 with K the Jacobian at the converged state and one factorisation reused for all d² solves.
 Forms are compiled once per RVE; :meth:`HyperelasticRVE.evaluate` loops over a batch of F̄ without
@@ -32,47 +32,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fe2ml.config import NewtonOptions
 from fe2ml.errors import ConfigError, MaterialError, SolverError
 from fe2ml.micro.mesh import RVEMesh
-from fe2ml.micro.rve import (
+from fe2ml.micro.quantities import NQ, CellQuantities, summaries
+from fe2ml.micro.reduction import (
     BCS,
-    _mat_from_scipy,
     build_reduction,
     check_materials,
     destroy_petsc,
+    mat_from_scipy,
     mean_gradient_constraints,
     set_box,
     to_dolfinx,
 )
 
 __all__ = ["CellQuantities", "EvalResult", "HyperelasticRVE", "NewtonOptions", "RVEState"]
-
-# packed per-element quantities: F (9), E (9), J, W, sigma (9), 1
-_NQ = 30
-
-
-@dataclass(frozen=True)
-class NewtonOptions:
-    """Newton solver settings of the RVE.
-
-    Attributes:
-        rtol: relative tolerance on the reduced residual norm (w.r.t. the step's first residual).
-        atol: absolute tolerance, relative to the residual of a unit affine strain at F = I.
-        max_it: Newton iterations per (sub)step.
-        max_cuts: how many times a step may be halved before giving up.
-        divergence: a residual this many times the step's first residual counts as divergence.
-    """
-
-    rtol: float = 1e-10
-    atol: float = 1e-12
-    max_it: int = 25
-    max_cuts: int = 8
-    divergence: float = 1e8
-
-    def __post_init__(self):
-        if not (0 < self.rtol < 1 and 0 < self.atol < 1 and self.max_it >= 1 and self.max_cuts >= 0):
-            raise ConfigError(f"newton options out of range: {self}")
-
 
 @dataclass
 class RVEState:
@@ -87,41 +62,6 @@ class RVEState:
     F: np.ndarray
     z: np.ndarray
     lam: np.ndarray
-
-
-@dataclass
-class CellQuantities:
-    """What each biological cell and each phase feels: volume averages (reference configuration).
-
-    Per cell (arrays indexed by cell id 0..n-1) and per phase (indexed like ``phase_tags``):
-
-    - ``volume``: reference volume; ``phase``: phase tag of each cell;
-    - ``F`` (…, 3, 3): average deformation gradient; ``E`` (…, 3, 3): average Green–Lagrange strain;
-    - ``stretch`` (…, 3): principal stretches of the average F, descending;
-    - ``J``: average volume ratio; ``W``: average strain energy density;
-    - ``sigma`` (…, 3, 3): average Cauchy stress; ``von_mises`` and ``sigma_max``: von Mises and
-      maximum principal value of that average stress.
-
-    ``peak_E`` and ``peak_von_mises`` (indexed like ``phase_tags``): maximum over the elements of a
-    phase of the element-average maximum principal Green–Lagrange strain and von Mises stress
-    (e.g. peak matrix strain near cells). Plane strain: 3D tensors with F33 = 1.
-    """
-
-    cell_ids: np.ndarray
-    cell: dict
-    phase_tags: np.ndarray
-    phase: dict
-    peak_E: np.ndarray
-    peak_von_mises: np.ndarray
-
-    def to_dict(self) -> dict:
-        """JSON-friendly nested lists."""
-        def conv(d):
-            return {k: np.asarray(v).tolist() for k, v in d.items()}
-
-        return {"cell_ids": self.cell_ids.tolist(), "cell": conv(self.cell),
-                "phase_tags": self.phase_tags.tolist(), "phase": conv(self.phase),
-                "peak_E": self.peak_E.tolist(), "peak_von_mises": self.peak_von_mises.tolist()}
 
 
 @dataclass
@@ -145,25 +85,6 @@ class EvalResult:
     cells: list
     states: list
     time_s: np.ndarray
-
-
-def _summaries(Q: np.ndarray):
-    """From summed packed integrals (m, 30) to averaged quantities."""
-    vol = Q[:, 29]
-    safe = np.where(vol > 0, vol, 1.0)
-    F = Q[:, 0:9].reshape(-1, 3, 3) / safe[:, None, None]
-    E = Q[:, 9:18].reshape(-1, 3, 3) / safe[:, None, None]
-    J = Q[:, 18] / safe
-    W = Q[:, 19] / safe
-    S = Q[:, 20:29].reshape(-1, 3, 3) / safe[:, None, None]
-    S = 0.5 * (S + S.transpose(0, 2, 1))
-    C = np.einsum("nki,nkj->nij", F, F)
-    stretch = np.sqrt(np.clip(np.linalg.eigvalsh(C), 0, None))[:, ::-1]
-    dev = S - np.trace(S, axis1=1, axis2=2)[:, None, None] / 3 * np.eye(3)
-    vm = np.sqrt(1.5 * np.einsum("nij,nij->n", dev, dev))
-    smax = np.linalg.eigvalsh(S)[:, -1]
-    return {"volume": vol, "F": F, "E": E, "stretch": stretch, "J": J, "W": W, "sigma": S, "von_mises": vm,
-            "sigma_max": smax}
 
 
 class HyperelasticRVE:
@@ -251,11 +172,11 @@ class HyperelasticRVE:
             for j in range(d):
                 self.U[umap[np.arange(nb) * d + i], i * d + j] = Y[:, j]
 
-        # reduction P: displacement blocks by BC, pressures kept
-        self.P_sp, self.n_w, _ = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source, n=n, umap=umap,
+        # reduction T: displacement blocks by BC, pressures kept
+        self.T_sp, self.n_w, _ = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source, n=n, umap=umap,
                                                  pmap=pmap)
-        self.n_reduced = self.P_sp.shape[1]
-        self.P = _mat_from_scipy(self.P_sp)
+        self.n_reduced = self.T_sp.shape[1]
+        self.T = mat_from_scipy(self.T_sp)
 
         # forms
         self.z = dolfinx.fem.Function(self.W, name="state")
@@ -310,7 +231,7 @@ class HyperelasticRVE:
             self.K_form = dolfinx.fem.form(Kf)
         except Exception as e:
             raise MaterialError(f"energy failed to compile ({str(e).splitlines()[0] if str(e) else e!r})") from None
-        self.Q = dolfinx.fem.functionspace(msh, ("DG", 0, (_NQ,)))
+        self.Q = dolfinx.fem.functionspace(msh, ("DG", 0, (NQ,)))
         q = ufl.TestFunction(self.Q)
         self.Q_form = dolfinx.fem.form(sum(ufl.inner(q, Qexpr[t]) * dx(t) for t in mesh.tags))
         self._qdofs = self.Q.dofmap.list[:, 0]
@@ -320,7 +241,7 @@ class HyperelasticRVE:
             import scipy.sparse as sp
 
             vu = ufl.split(v)[0] if formulation == "mixed" else v
-            self.G_r = sp.csr_matrix(self.P_sp.T @ mean_gradient_constraints(self.W, vu, d))
+            self.G_r = sp.csr_matrix(self.T_sp.T @ mean_gradient_constraints(self.W, vu, d))
         else:
             self.G_r = None
         self.nlam = d * d if bc == "traction" else 0
@@ -356,7 +277,7 @@ class HyperelasticRVE:
 
     # ---------------------------------------------------------------------------------------
     def _set_state(self, H: np.ndarray, z: np.ndarray):
-        self.z.x.array[:] = self.U @ H.ravel() + self.P_sp @ z
+        self.z.x.array[:] = self.U @ H.ravel() + self.T_sp @ z
 
     def _residual(self, lam) -> np.ndarray:
         import dolfinx.fem.petsc
@@ -380,9 +301,9 @@ class HyperelasticRVE:
         self.K.assemble()
         t1 = time.perf_counter()
         if self._Kr_base is None:
-            self._Kr_base = self.K.PtAP(self.P)
+            self._Kr_base = self.K.PtAP(self.T)
         else:
-            self.K.PtAP(self.P, result=self._Kr_base)
+            self.K.PtAP(self.T, result=self._Kr_base)
         if self.bc == "traction":
             import scipy.sparse as sp
 
@@ -392,7 +313,7 @@ class HyperelasticRVE:
             Aug = sp.bmat([[Ks, self.G_r], [self.G_r.T, None]], format="csr")
             if self._Kr is not None:
                 self._Kr.destroy()
-            self._Kr = _mat_from_scipy(Aug)
+            self._Kr = mat_from_scipy(Aug)
         else:
             self._Kr = self._Kr_base
         self._Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
@@ -430,7 +351,7 @@ class HyperelasticRVE:
         for it in range(opts.max_it + 1):
             self._set_state(H, z)
             R = self._residual(lam)
-            r = self.P_sp.T @ R
+            r = self.T_sp.T @ R
             if self.nlam:
                 r = np.concatenate([r + self.G_r @ lam, self.G_r.T @ z])
             nr = float(np.linalg.norm(r))
@@ -530,7 +451,7 @@ class HyperelasticRVE:
             KU[:, a] = out.array
         u.destroy()
         out.destroy()
-        B = self.P_sp.T @ KU
+        B = self.T_sp.T @ KU
         if self.nlam:
             B = np.vstack([B, np.zeros((self.nlam, d * d))])
         X = np.zeros_like(B)
@@ -547,26 +468,26 @@ class HyperelasticRVE:
         import dolfinx.fem.petsc
 
         vec = dolfinx.fem.petsc.assemble_vector(self.Q_form)
-        Qe = vec.array.reshape(-1, _NQ)[self._qdofs]
+        Qe = vec.array.reshape(-1, NQ)[self._qdofs]
         vec.destroy()
         ids = self.cell_ids
         nc = int(ids.max() + 1) if len(ids) and ids.max() >= 0 else 0
-        Qc = np.zeros((nc, _NQ))
+        Qc = np.zeros((nc, NQ))
         sel = ids >= 0
         np.add.at(Qc, ids[sel], Qe[sel])
         tags = np.array(self.rve_mesh.tags)
-        Qp = np.zeros((len(tags), _NQ))
+        Qp = np.zeros((len(tags), NQ))
         for k, t in enumerate(tags):
             Qp[k] = Qe[self.elem_phase == t].sum(axis=0)
-        cell = _summaries(Qc)
+        cell = summaries(Qc)
         cphase = np.zeros(nc, dtype=np.int64)
         cphase[ids[sel]] = self.elem_phase[sel]
         cell["phase"] = cphase
-        elem = _summaries(Qe)
+        elem = summaries(Qe)
         Emax = np.linalg.eigvalsh(elem["E"])[:, -1]
         peak_E = np.array([Emax[self.elem_phase == t].max() for t in tags])
         peak_vm = np.array([elem["von_mises"][self.elem_phase == t].max() for t in tags])
-        return CellQuantities(cell_ids=np.arange(nc), cell=cell, phase_tags=tags, phase=_summaries(Qp),
+        return CellQuantities(cell_ids=np.arange(nc), cell=cell, phase_tags=tags, phase=summaries(Qp),
                               peak_E=peak_E, peak_von_mises=peak_vm)
 
     def evaluate(self, F, *, states: list | None = None, cells: bool = True, warm_start: bool = False,
@@ -634,15 +555,15 @@ class HyperelasticRVE:
         H = state.F - np.eye(self.d)
         self._set_state(H, state.z)
         vec = dolfinx.fem.petsc.assemble_vector(self.Q_form)
-        Qe = vec.array.reshape(-1, _NQ)[self._qdofs]
+        Qe = vec.array.reshape(-1, NQ)[self._qdofs]
         vec.destroy()
-        s = _summaries(Qe)
+        s = summaries(Qe)
         msh = self.msh
         V1 = dolfinx.fem.functionspace(msh, ("Lagrange", 1, (self.d,)))
         uf = dolfinx.fem.Function(self.Vu)
         wf = dolfinx.fem.Function(self.Vu)
         uf.x.array[:] = self.z.x.array[self.umap]
-        wf.x.array[:] = (self.P_sp @ state.z)[self.umap]
+        wf.x.array[:] = (self.T_sp @ state.z)[self.umap]
         u1 = dolfinx.fem.Function(V1, name="u")
         w1 = dolfinx.fem.Function(V1, name="w")
         u1.interpolate(uf)
@@ -668,7 +589,7 @@ class HyperelasticRVE:
 
     def close(self) -> None:
         """Free PETSc objects."""
-        destroy_petsc(self, ("ksp", "K", "P", "Rvec"))
+        destroy_petsc(self, ("ksp", "K", "T", "Rvec"))
 
     def __del__(self):
         try:

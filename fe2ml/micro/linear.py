@@ -3,9 +3,9 @@
 Kinematics: u = (F̄ - I)·y + w, y = x - x_c (box centre); in the small-strain setting the macro
 strain is ε̄ = sym(F̄ - I). Boundary conditions on the fluctuation w:
 
-- ``periodic``: w periodic, one node fixed. Master/slave reduction: w = P w_r with a prolongation
+- ``periodic``: w periodic, one node fixed. Master/slave reduction: w = T w_r with a prolongation
   matrix P that maps every node to its periodic representative (upper faces -> lower faces,
-  corners -> one corner) and drops the fixed node.
+  corners -> one corner) and drops the fixed node (:mod:`fe2ml.micro.reduction`).
 - ``affine``: w = 0 on the whole boundary (P selects interior dofs).
 - ``traction`` (minimal kinematic): ∫_Y ∇w dx = 0 enforced by d² Lagrange multipliers, one node
   fixed (translation).
@@ -14,7 +14,7 @@ The affine part is an exact member of the displacement space (degree >= 1), so w
 stiffness K and the dof vectors U of the affine fields of the unit strains E_a, the effective
 stiffness of the reduced problem is the Schur complement
 
-    |Y| Ĉ_ab = U_a·K U_b - (Pᵀ K U_a)·K_r⁻¹ (Pᵀ K U_b),   K_r = Pᵀ K P,
+    |Y| Ĉ_ab = U_a·K U_b - (Tᵀ K U_a)·K_r⁻¹ (Tᵀ K U_b),   K_r = Tᵀ K T,
 
 with one factorisation (MUMPS Cholesky, LU for the saddle-point traction system) and one solve
 per unit strain (3 in 2D, 6 in 3D). Forms are compiled once per RVE; nothing is rebuilt per
@@ -28,13 +28,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fe2ml.errors import ConfigError, MeshError, SolverError
-from fe2ml.materials import VOIGT_ORDER, LinearMaterial
-from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
+from fe2ml.errors import ConfigError, SolverError
+from fe2ml.materials import VOIGT_ORDER, LinearMaterial, to_voigt
+from fe2ml.micro.mesh import RVEMesh
+from fe2ml.micro.reduction import (
+    BCS,
+    build_reduction,
+    check_materials,
+    destroy_petsc,
+    mat_from_scipy,
+    mean_gradient_constraints,
+    set_box,
+    to_dolfinx,
+)
 
-__all__ = ["BCS", "HomogenizationResult", "LinearRVE", "sym_basis"]
-
-BCS = ("periodic", "affine", "traction")
+__all__ = ["HomogenizationResult", "LinearRVE", "sym_basis"]
 
 
 def sym_basis(d: int) -> np.ndarray:
@@ -72,160 +80,7 @@ class HomogenizationResult:
     @property
     def voigt(self) -> np.ndarray:
         """Voigt matrix, ordering ``VOIGT_ORDER[d]``."""
-        from fe2ml.materials import to_voigt
-
         return to_voigt(self.C)
-
-
-def to_dolfinx(comm, rm: RVEMesh):
-    """Create a dolfinx mesh and phase/cell-id meshtags from an :class:`RVEMesh`.
-
-    Args:
-        comm: communicator (``MPI.COMM_SELF`` for RVEs).
-        rm: the RVE mesh.
-
-    Returns:
-        Tuple ``(mesh, phase_tags, cell_ids)``: dolfinx mesh, MeshTags of phases, and an array of
-        biological-cell ids indexed by local dolfinx cell.
-    """
-    import basix.ufl
-    import dolfinx
-    import ufl
-
-    d, name, perm = CELL_TYPES[rm.cell_type]
-    cells = rm.cells if perm is None else rm.cells[:, perm]
-    el = basix.ufl.element("Lagrange", name, 1, shape=(rm.dim,))
-    msh = dolfinx.mesh.create_mesh(comm, np.ascontiguousarray(cells, dtype=np.int64), ufl.Mesh(el),
-                                   np.ascontiguousarray(rm.points))
-    tdim = msh.topology.dim
-    nloc = msh.topology.index_map(tdim).size_local
-    orig = np.asarray(msh.topology.original_cell_index)[:nloc]
-    ph = rm.phases[orig].astype(np.int32)
-    tags = dolfinx.mesh.meshtags(msh, tdim, np.arange(nloc, dtype=np.int32), ph)
-    return msh, tags, rm.cell_ids[orig]
-
-
-def _mat_from_scipy(S):
-    from petsc4py import PETSc
-
-    S = S.tocsr()
-    S.sort_indices()
-    M = PETSc.Mat().createAIJ(size=S.shape, csr=(S.indptr.astype(PETSc.IntType), S.indices.astype(PETSc.IntType),
-                                                 S.data), comm=PETSc.COMM_SELF)
-    M.assemble()
-    return M
-
-
-def check_materials(mesh: RVEMesh, materials: dict) -> None:
-    """Every phase tag of the mesh needs a material."""
-    missing = [t for t in mesh.tags if t not in materials]
-    if missing:
-        raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
-                        f"(materials given for {sorted(materials)})")
-
-
-def set_box(rve, mesh: RVEMesh, materials: dict, *, bc: str, degree: int, tol: float) -> None:
-    """Attributes shared by the RVE solvers (mesh, BC, degree, box volume and centre); checks periodicity."""
-    rve.rve_mesh = mesh
-    rve.bc = bc
-    rve.degree = degree
-    rve.d = mesh.dim
-    rve.materials = dict(materials)
-    lo, hi = mesh.box
-    rve.volume = float(np.prod(hi - lo))
-    rve.centre = 0.5 * (lo + hi)
-    if bc == "periodic":
-        periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
-
-
-def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap=None, pmap=None):
-    """Reduction matrix P (n x n_r) of the fluctuation for a BC, on dof blocks at coordinates X.
-
-    Periodic: every block maps to its periodic representative, the block nearest the lower corner is
-    fixed. Affine: boundary blocks are removed. Traction: the block nearest the lower corner is fixed
-    (the multipliers are added by the caller). Extra dofs ``pmap`` (pressures) are kept as they are.
-
-    Args:
-        X: coordinates of the displacement dof blocks (nb, d).
-        lo: lower box corner.
-        hi: upper box corner.
-        bc: periodic | affine | traction.
-        tol: relative matching tolerance.
-        source: mesh description for messages.
-        n: size of the full dof vector.
-        umap: full-vector index of displacement dof (block b, component i) at b*d + i (default identity).
-        pmap: full-vector indices of extra dofs kept unreduced.
-
-    Returns:
-        (P as scipy CSR, number of reduced displacement dofs, fixed block or None).
-    """
-    import scipy.sparse as sp
-
-    nb, d = X.shape
-    umap = np.arange(nb * d) if umap is None else umap
-    pmap = np.zeros(0, dtype=np.int64) if pmap is None else pmap
-    fixed = None
-    if bc == "periodic":
-        rep, _ = periodic_node_map(X, tol=tol, strict=True, source=source)
-        masters = np.unique(rep)
-        fixed = int(masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))])
-        keep = masters[masters != fixed]
-    else:
-        rep = np.arange(nb)
-        scale = (hi - lo).max()
-        on_bnd = np.zeros(nb, dtype=bool)
-        for i in range(d):
-            on_bnd |= (np.abs(X[:, i] - lo[i]) < tol * scale) | (np.abs(X[:, i] - hi[i]) < tol * scale)
-        if bc == "affine":
-            keep = np.where(~on_bnd)[0]
-        else:
-            fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
-            keep = np.delete(np.arange(nb), fixed)
-    col_of = -np.ones(nb, dtype=np.int64)
-    col_of[keep] = np.arange(len(keep))
-    c = col_of[rep]
-    ok = c >= 0
-    rows = [umap[np.arange(nb)[ok] * d + i] for i in range(d)] + [pmap]
-    nu_r = len(keep) * d
-    cols = [c[ok] * d + i for i in range(d)] + [nu_r + np.arange(len(pmap))]
-    rows, cols = np.concatenate(rows), np.concatenate(cols)
-    P = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, nu_r + len(pmap)))
-    return P, nu_r, fixed
-
-
-def mean_gradient_constraints(V, v, d: int) -> np.ndarray:
-    """G (n, d²) with G[:, (i,j)] = ∫ ∂_j v_i dx: the constraint ∫ ∇w = 0 of minimal kinematic BCs."""
-    import dolfinx
-    import dolfinx.fem.petsc
-    import ufl
-
-    msh = V.mesh
-    Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
-    form = dolfinx.fem.form(ufl.inner(ufl.grad(v), Eij) * ufl.dx(domain=msh))
-    n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
-    G = np.zeros((n, d * d))
-    for i in range(d):
-        for j in range(d):
-            Eij.value[:] = 0.0
-            Eij.value[i, j] = 1.0
-            vec = dolfinx.fem.petsc.assemble_vector(form)
-            G[:, i * d + j] = vec.array
-            vec.destroy()
-    return G
-
-
-def destroy_petsc(obj, names) -> None:
-    """Destroy PETSc attributes of an RVE object (K, P, KSP, reduced operators)."""
-    for name in names:
-        o = getattr(obj, name, None)
-        if o is not None:
-            o.destroy()
-            setattr(obj, name, None)
-    if getattr(obj, "_Kr", None) is not None and obj._Kr is not getattr(obj, "_Kr_base", None):
-        obj._Kr.destroy()
-    if getattr(obj, "_Kr_base", None) is not None:
-        obj._Kr_base.destroy()
-    obj._Kr = obj._Kr_base = None
 
 
 class LinearRVE:
@@ -297,11 +152,11 @@ class LinearRVE:
             self.U[:, a_idx] = (Y @ E.T).ravel()  # u_i = E_ij y_j at block b -> dof b*d+i
 
         # prolongation P (n x n_r) and, for traction, the constraint matrix G (n_r x d²)
-        self.P_sp, self.n_reduced, self._fixed_block = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source,
+        self.T_sp, self.n_reduced, self._fixed_block = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source,
                                                                        n=self.ndofs)
-        self.P = _mat_from_scipy(self.P_sp)
+        self.T = mat_from_scipy(self.T_sp)
         if bc == "traction":
-            self.G_r = np.asarray(self.P_sp.T @ mean_gradient_constraints(V, v, d))
+            self.G_r = np.asarray(self.T_sp.T @ mean_gradient_constraints(V, v, d))
         # matrices and solver, created once
         self.K = dolfinx.fem.petsc.assemble_matrix(self.a_form)
         self.K.assemble()
@@ -333,9 +188,9 @@ class LinearRVE:
         dolfinx.fem.petsc.assemble_matrix(self.K, self.a_form)
         self.K.assemble()
         if self._Kr_base is None:
-            self._Kr_base = self.K.PtAP(self.P)
+            self._Kr_base = self.K.PtAP(self.T)
         else:
-            self.K.PtAP(self.P, result=self._Kr_base)
+            self.K.PtAP(self.T, result=self._Kr_base)
         Kr = self._Kr_base
         if self.bc == "traction":
             import scipy.sparse as sp
@@ -347,7 +202,7 @@ class LinearRVE:
             Aug = sp.bmat([[Ks, Gs], [Gs.T, None]], format="csr")
             if self._Kr is not None:
                 self._Kr.destroy()
-            self._Kr = _mat_from_scipy(Aug)
+            self._Kr = mat_from_scipy(Aug)
         else:
             self._Kr = Kr
             Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
@@ -372,7 +227,7 @@ class LinearRVE:
         self._reduced_operator()
         m = self.U.shape[1]
         nr = self._Kr.getSize()[0]
-        K, P = self.K, self.P
+        K, T = self.K, self.T
         u = K.createVecRight()
         Ku = K.createVecLeft()
         r = self._Kr.createVecLeft()
@@ -380,12 +235,12 @@ class LinearRVE:
         KU = np.zeros((self.ndofs, m))
         R = np.zeros((nr, m))
         X = np.zeros((nr, m))
-        rtmp = P.createVecRight()
+        rtmp = T.createVecRight()
         for a in range(m):
             u.array[:] = self.U[:, a]
             K.mult(u, Ku)
             KU[:, a] = Ku.array
-            P.multTranspose(Ku, rtmp)
+            T.multTranspose(Ku, rtmp)
             r.array[: self.n_reduced] = -rtmp.array
             if nr > self.n_reduced:
                 r.array[self.n_reduced:] = 0.0
@@ -441,14 +296,14 @@ class LinearRVE:
             self.homogenize()
         coef = np.array([eps[i, j] * (1 if i == j else 2) for i, j in VOIGT_ORDER[self.d]])
         w = dolfinx.fem.Function(self.V, name="w")
-        w.x.array[:] = self.P_sp @ (self._X @ coef)
+        w.x.array[:] = self.T_sp @ (self._X @ coef)
         u = dolfinx.fem.Function(self.V, name="u")
         u.x.array[:] = w.x.array + self.U @ coef
         return w, u
 
     def close(self) -> None:
         """Free the PETSc objects (also done when the object is garbage collected)."""
-        destroy_petsc(self, ("ksp", "K", "P"))
+        destroy_petsc(self, ("ksp", "K", "T"))
 
     def __del__(self):
         try:

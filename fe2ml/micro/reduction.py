@@ -1,0 +1,178 @@
+"""What every RVE solver shares: the dolfinx mesh, the fluctuation's reduction, the mean-gradient constraints.
+
+The mesh of an RVE, the reduction of the fluctuation for a boundary condition, the mean-gradient constraints of
+minimal kinematic BCs, and PETSc bookkeeping.
+
+The fluctuation w of u = (F̄ − I)·y + w is reduced to independent unknowns by a matrix T (n x n_r), w = T w_r:
+
+- ``periodic``: every node maps to its periodic representative (upper faces -> lower faces, corners -> one
+  corner); the node nearest the lower corner is fixed;
+- ``affine``: boundary nodes are removed (w = 0 on ∂Y);
+- ``traction`` (minimal kinematic): one node is fixed; ∫_Y ∇w dx = 0 is added by the solver with d² multipliers.
+
+The reduced operator is ``K.PtAP(T)`` (T is called the reduction, not P, which is the Piola stress).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fe2ml.errors import MeshError
+from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
+
+__all__ = ["BCS", "build_reduction", "check_materials", "destroy_petsc", "mat_from_scipy",
+           "mean_gradient_constraints", "set_box", "to_dolfinx"]
+
+BCS = ("periodic", "affine", "traction")
+
+
+def to_dolfinx(comm, rm: RVEMesh):
+    """Create a dolfinx mesh and phase/cell-id meshtags from an :class:`RVEMesh`.
+
+    Args:
+        comm: communicator (``MPI.COMM_SELF`` for RVEs).
+        rm: the RVE mesh.
+
+    Returns:
+        Tuple ``(mesh, phase_tags, cell_ids)``: dolfinx mesh, MeshTags of phases, and an array of
+        biological-cell ids indexed by local dolfinx cell.
+    """
+    import basix.ufl
+    import dolfinx
+    import ufl
+
+    d, name, perm = CELL_TYPES[rm.cell_type]
+    cells = rm.cells if perm is None else rm.cells[:, perm]
+    el = basix.ufl.element("Lagrange", name, 1, shape=(rm.dim,))
+    msh = dolfinx.mesh.create_mesh(comm, np.ascontiguousarray(cells, dtype=np.int64), ufl.Mesh(el),
+                                   np.ascontiguousarray(rm.points))
+    tdim = msh.topology.dim
+    nloc = msh.topology.index_map(tdim).size_local
+    orig = np.asarray(msh.topology.original_cell_index)[:nloc]
+    ph = rm.phases[orig].astype(np.int32)
+    tags = dolfinx.mesh.meshtags(msh, tdim, np.arange(nloc, dtype=np.int32), ph)
+    return msh, tags, rm.cell_ids[orig]
+
+
+def mat_from_scipy(S):
+    """A sequential PETSc AIJ matrix from a scipy sparse matrix."""
+    from petsc4py import PETSc
+
+    S = S.tocsr()
+    S.sort_indices()
+    M = PETSc.Mat().createAIJ(size=S.shape, csr=(S.indptr.astype(PETSc.IntType), S.indices.astype(PETSc.IntType),
+                                                 S.data), comm=PETSc.COMM_SELF)
+    M.assemble()
+    return M
+
+
+def check_materials(mesh: RVEMesh, materials: dict) -> None:
+    """Every phase tag of the mesh needs a material."""
+    missing = [t for t in mesh.tags if t not in materials]
+    if missing:
+        raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
+                        f"(materials given for {sorted(materials)})")
+
+
+def set_box(rve, mesh: RVEMesh, materials: dict, *, bc: str, degree: int, tol: float) -> None:
+    """Attributes shared by the RVE solvers (mesh, BC, degree, box volume and centre); checks periodicity."""
+    rve.rve_mesh = mesh
+    rve.bc = bc
+    rve.degree = degree
+    rve.d = mesh.dim
+    rve.materials = dict(materials)
+    lo, hi = mesh.box
+    rve.volume = float(np.prod(hi - lo))
+    rve.centre = 0.5 * (lo + hi)
+    if bc == "periodic":
+        periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
+
+
+def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap=None, pmap=None):
+    """Reduction matrix T (n x n_r) of the fluctuation for a BC, on dof blocks at coordinates X.
+
+    Periodic: every block maps to its periodic representative, the block nearest the lower corner is
+    fixed. Affine: boundary blocks are removed. Traction: the block nearest the lower corner is fixed
+    (the multipliers are added by the caller). Extra dofs ``pmap`` (pressures) are kept as they are.
+
+    Args:
+        X: coordinates of the displacement dof blocks (nb, d).
+        lo: lower box corner.
+        hi: upper box corner.
+        bc: periodic | affine | traction.
+        tol: relative matching tolerance.
+        source: mesh description for messages.
+        n: size of the full dof vector.
+        umap: full-vector index of displacement dof (block b, component i) at b*d + i (default identity).
+        pmap: full-vector indices of extra dofs kept unreduced.
+
+    Returns:
+        (T as scipy CSR, number of reduced displacement dofs, fixed block or None).
+    """
+    import scipy.sparse as sp
+
+    nb, d = X.shape
+    umap = np.arange(nb * d) if umap is None else umap
+    pmap = np.zeros(0, dtype=np.int64) if pmap is None else pmap
+    fixed = None
+    if bc == "periodic":
+        rep, _ = periodic_node_map(X, tol=tol, strict=True, source=source)
+        masters = np.unique(rep)
+        fixed = int(masters[np.argmin(np.linalg.norm(X[masters] - lo, axis=1))])
+        keep = masters[masters != fixed]
+    else:
+        rep = np.arange(nb)
+        scale = (hi - lo).max()
+        on_bnd = np.zeros(nb, dtype=bool)
+        for i in range(d):
+            on_bnd |= (np.abs(X[:, i] - lo[i]) < tol * scale) | (np.abs(X[:, i] - hi[i]) < tol * scale)
+        if bc == "affine":
+            keep = np.where(~on_bnd)[0]
+        else:
+            fixed = int(np.argmin(np.linalg.norm(X - lo, axis=1)))
+            keep = np.delete(np.arange(nb), fixed)
+    col_of = -np.ones(nb, dtype=np.int64)
+    col_of[keep] = np.arange(len(keep))
+    c = col_of[rep]
+    ok = c >= 0
+    rows = [umap[np.arange(nb)[ok] * d + i] for i in range(d)] + [pmap]
+    nu_r = len(keep) * d
+    cols = [c[ok] * d + i for i in range(d)] + [nu_r + np.arange(len(pmap))]
+    rows, cols = np.concatenate(rows), np.concatenate(cols)
+    T = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, nu_r + len(pmap)))
+    return T, nu_r, fixed
+
+
+def mean_gradient_constraints(V, v, d: int) -> np.ndarray:
+    """G (n, d²) with G[:, (i,j)] = ∫ ∂_j v_i dx: the constraint ∫ ∇w = 0 of minimal kinematic BCs."""
+    import dolfinx
+    import dolfinx.fem.petsc
+    import ufl
+
+    msh = V.mesh
+    Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
+    form = dolfinx.fem.form(ufl.inner(ufl.grad(v), Eij) * ufl.dx(domain=msh))
+    n = V.dofmap.index_map.size_local * V.dofmap.index_map_bs
+    G = np.zeros((n, d * d))
+    for i in range(d):
+        for j in range(d):
+            Eij.value[:] = 0.0
+            Eij.value[i, j] = 1.0
+            vec = dolfinx.fem.petsc.assemble_vector(form)
+            G[:, i * d + j] = vec.array
+            vec.destroy()
+    return G
+
+
+def destroy_petsc(obj, names) -> None:
+    """Destroy PETSc attributes of an RVE object (K, T, KSP, reduced operators)."""
+    for name in names:
+        o = getattr(obj, name, None)
+        if o is not None:
+            o.destroy()
+            setattr(obj, name, None)
+    if getattr(obj, "_Kr", None) is not None and obj._Kr is not getattr(obj, "_Kr_base", None):
+        obj._Kr.destroy()
+    if getattr(obj, "_Kr_base", None) is not None:
+        obj._Kr_base.destroy()
+    obj._Kr = obj._Kr_base = None
