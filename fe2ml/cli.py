@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.errors import Fe2mlError
+from fe2ml.parallel import collective
 
 __all__ = ["main"]
 
@@ -139,19 +140,6 @@ def cmd_homogenize(args, comm) -> int:
     return 0
 
 
-def _collective(comm, fn):
-    """Run fn() on every rank; if any rank fails, raise the first message on all ranks."""
-    err, out = None, None
-    try:
-        out = fn()
-    except Fe2mlError as e:
-        err = str(e)
-    errs = comm.allgather(err)
-    first = next((e for e in errs if e is not None), None)
-    if first is not None:
-        raise Fe2mlError(first)
-    return out
-
 
 def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
     """Finite-strain branch of ``fe2ml homogenize``: P̄, Ā and cell quantities per F̄."""
@@ -165,7 +153,7 @@ def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
     def build():
         return build_rve(cfg, mesh)
 
-    rve = _collective(comm, build)
+    rve = collective(comm, build)
     if rank == 0:
         print(f"  {rve.ndofs} dofs ({rve.formulation} formulation, degree {rve.degree}), {n} points on {size} "
               f"rank(s)", flush=True)
@@ -185,7 +173,7 @@ def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
                 rve.write_fields(folder / f"fields_point{k}.xdmf", res.states[list(mine).index(k)])
         return res
 
-    res = _collective(comm, run)
+    res = collective(comm, run)
     local = None
     if res is not None:
         local = dict(idx=mine.tolist(), P=res.P, A=res.A, its=res.iterations, steps=res.substeps, t=res.time_s,
@@ -265,7 +253,8 @@ def cmd_run(args, comm) -> int:
 
 def cmd_sample(args, comm) -> int:
     """Run ``fe2ml sample``."""
-    from fe2ml.data.sampling import load_sample_config, run_campaign
+    from fe2ml.data.campaign import run_campaign
+    from fe2ml.data.config import load_sample_config
 
     cfg = load_sample_config(args.config, output=args.output)
     if not (args.parts >= 1 and 0 <= args.part < args.parts):
@@ -282,11 +271,11 @@ def cmd_inspect(args, comm) -> int:
         return 0
     parts = find_parts(args.paths)
 
-    from fe2ml.data.reader import _open
+    from fe2ml.data.schema import open_part
 
     fps: dict = {}
     for p in parts:
-        with _open(p) as f:
+        with open_part(p) as f:
             fps.setdefault(str(f.attrs.get("fingerprint", "?")), []).append(p)
     fp_list = [args.fingerprint] if args.fingerprint else sorted(fps)
     for fp in fp_list:

@@ -45,7 +45,8 @@ def _yaml(comm, path: Path, data) -> Path:
 
 def run_demo(comm, out, *, quick: bool = False) -> dict:
     """Run the demo; returns the summary (rank 0)."""
-    from fe2ml.data.sampling import load_sample_config, run_campaign
+    from fe2ml.data.campaign import run_campaign
+    from fe2ml.data.config import load_sample_config
     from fe2ml.localization import localize
     from fe2ml.macro.config import load_run_config
     from fe2ml.macro.run import run

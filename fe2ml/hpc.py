@@ -51,7 +51,7 @@ def check_config(path, comm=None) -> str:
 
             load_rve_mesh(cfg.rve, comm=comm)
     elif kind == "sample":
-        from fe2ml.data.sampling import load_sample_config
+        from fe2ml.data.config import load_sample_config
         from fe2ml.micro.config import load_rve_mesh
 
         load_rve_mesh(load_sample_config(path).rve, comm=comm)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.errors import ConfigError
+from fe2ml.parallel import collective
 
 __all__ = ["LocalizationModel", "localize", "read_quadrature"]
 
@@ -121,7 +122,7 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
         method = "learned"
         per_point = t_eval / max(len(sel), 1)
     else:
-        from fe2ml.macro.run import _collective, build_law
+        from fe2ml.macro.run import build_law
 
         law, _ = build_law(comm, cfg.rve)
         rve = law.rve
@@ -143,7 +144,7 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
             return outl
 
         t1 = time.perf_counter()
-        res_local = _collective(comm, work)
+        res_local = collective(comm, work)
         t_eval = time.perf_counter() - t1
         allres = comm.gather(res_local, root=0)
         times = comm.gather(t_eval, root=0)

@@ -49,7 +49,8 @@ def rss_mb():
 
 
 def overhead(n, tmp):
-    from fe2ml.data.sampling import load_sample_config, run_campaign
+    from fe2ml.data.campaign import run_campaign
+    from fe2ml.data.config import load_sample_config
 
     cfg = tmp / "nh.yaml"
     cfg.write_text(RVE.format(m1=NH[0], m2=NH[1], n=n))

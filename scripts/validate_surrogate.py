@@ -58,7 +58,8 @@ def main():
     args = ap.parse_args()
     comm = MPI.COMM_SELF
     OUT.mkdir(parents=True, exist_ok=True)
-    from fe2ml.data.sampling import build_rve, load_sample_config, run_campaign
+    from fe2ml.data.campaign import build_rve, run_campaign
+    from fe2ml.data.config import load_sample_config
     from fe2ml.surrogate.law import SurrogateLaw
     from fe2ml.surrogate.train import load_train_config, train
 

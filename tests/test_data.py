@@ -271,7 +271,7 @@ def test_sample_into_folder_of_other_rve_refused(tmp_path):
 
 
 def test_design_spaces_are_valid():
-    from fe2ml.data.sampling import design_points
+    from fe2ml.data.design import design_points
 
     base = {"method": "lhs", "n": 50, "seed": 1, "space": "stretch", "bounds": [-0.1, 0.1], "symmetric": False,
             "stretch": [0.8, 1.2], "rotation": [-20.0, 20.0], "paths": []}
@@ -298,6 +298,6 @@ def test_design_spaces_are_valid():
     F, _ = design_points({**base, "space": "gradient", "symmetric": True}, 3)
     assert np.allclose(F, F.transpose(0, 2, 1)) and np.abs(F - np.eye(3)).max() <= 0.1
     with pytest.raises(ConfigError):
-        from fe2ml.data.sampling import load_sample_config
+        from fe2ml.data.config import load_sample_config
 
         load_sample_config("/nonexistent.yaml")

@@ -51,7 +51,7 @@ CLAMPED = """\
 
 
 def test_homogeneous_macro_state_equals_standalone_rve(tmp_path):
-    from fe2ml.data.sampling import build_rve
+    from fe2ml.data.campaign import build_rve
     from fe2ml.localization import read_quadrature
     from fe2ml.micro.config import parse_homogenize
 
@@ -98,7 +98,8 @@ def test_localize_reproduces_run_records_and_averages(tmp_path):
 
 
 def test_learned_localization_and_bad_input(tmp_path):
-    from fe2ml.data.sampling import load_sample_config, run_campaign
+    from fe2ml.data.campaign import run_campaign
+    from fe2ml.data.config import load_sample_config
     from fe2ml.surrogate.train import load_train_config, train
 
     (tmp_path / "s.yaml").write_text("rve:\n  dim: 2\n" + textwrap.indent(textwrap.dedent(RVE), "  ")

@@ -30,7 +30,7 @@ def _blocks():
 
 
 def test_yaml_blocks_use_real_keys():
-    from fe2ml.data.sampling import SampleConfig  # noqa: F401
+    from fe2ml.data.config import SampleConfig  # noqa: F401
     from fe2ml.macro.config import RUN_KEYS
 
     homogenize = {"dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation", "F",

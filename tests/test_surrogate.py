@@ -210,9 +210,10 @@ def test_surrogate_bad_inputs(tmp_path):
 
 @pytest.mark.serial
 def test_hybrid_falls_back_outside_the_training_data(tmp_path):
+    from fe2ml.data.campaign import build_rve, run_campaign
+    from fe2ml.data.config import load_sample_config
     from fe2ml.data.log import LogWriter as LW
     from fe2ml.data.reader import read_logs
-    from fe2ml.data.sampling import build_rve, load_sample_config, run_campaign
     from fe2ml.surrogate.law import HybridLaw
     from fe2ml.surrogate.train import load_train_config, train
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.errors import ConfigError, Fe2mlError
+from fe2ml.data.schema import BASE_FIELDS, SCHEMA_VERSION, LogError, open_part, part_files, versions
+from fe2ml.errors import ConfigError
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -47,48 +48,12 @@ __all__ = [
     "versions",
 ]
 
-SCHEMA_VERSION = 1
-BASE_FIELDS = {
-    "point_id": ((), np.int64),
-    "step": ((), np.int32),
-    "iteration": ((), np.int32),
-    "converged": ((), np.int8),
-    "x": ((3,), np.float64),
-    "rank": ((), np.int32),
-    "newton_its": ((), np.int32),
-}
-
-
-class LogError(Fe2mlError):
-    """A log file is unreadable, of another schema, or incompatible with the data being written."""
-
-
-def versions() -> dict:
-    """Versions of fe2ml and its main dependencies."""
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("fe2ml", "fenics-dolfinx", "dolfinx-solver-real", "petsc4py", "mpi4py", "numpy", "h5py", "torch",
-                "gmsh"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
-
-
-def _part_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.h5")) if folder.is_dir() else []
-
-
 def folder_fingerprints(folder: Path) -> dict[str, str]:
     """Fingerprint of every readable part in a folder: {file name: fingerprint}."""
     out = {}
-    from fe2ml.data.reader import _open
-
-    for p in _part_files(Path(folder)):
+    for p in part_files(Path(folder)):
         try:
-            with _open(p) as f:
+            with open_part(p) as f:
                 out[p.name] = str(f.attrs.get("fingerprint", ""))
         except LogError:
             out[p.name] = "<unreadable>"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.data.log import SCHEMA_VERSION, LogError
+from fe2ml.data.schema import LogError, open_part
 
 __all__ = ["LogData", "find_parts", "read_logs"]
 
@@ -34,32 +34,6 @@ def find_parts(paths) -> list[Path]:
         else:
             raise LogError(f"{p}: no such log file or folder")
     return out
-
-
-def _open(path):
-    import h5py
-
-    try:
-        # plain read first: fails fast on damaged files (an SWMR reader retries checksums for a long time)
-        f = h5py.File(path, "r", locking=False)
-    except OSError as e:
-        if "already open for" not in str(e) and "write" not in str(e).lower():
-            raise LogError(f"{path}: not a readable HDF5 log ({str(e).splitlines()[0]}); the file is corrupt or "
-                           "truncated") from None
-        try:  # a part still being written, or left by a killed writer: SWMR read
-            f = h5py.File(path, "r", swmr=True, locking=False)
-        except OSError as e2:
-            raise LogError(f"{path}: not a readable HDF5 log ({str(e2).splitlines()[0]}); the file is corrupt or "
-                           "truncated") from None
-    ver = f.attrs.get("schema_version")
-    if ver is None or "fingerprint" not in f.attrs:
-        f.close()
-        raise LogError(f"{path}: not an fe2ml log (no schema_version/fingerprint attributes)")
-    if int(ver) != SCHEMA_VERSION:
-        f.close()
-        raise LogError(f"{path}: schema version {int(ver)} is not supported (this fe2ml reads version "
-                       f"{SCHEMA_VERSION})")
-    return f
 
 
 @dataclass
@@ -114,7 +88,7 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
     parts = find_parts(paths)
     metas = []
     for p in parts:
-        with _open(p) as f:
+        with open_part(p) as f:
             metas.append((p, {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}))
     fps = sorted({str(m["fingerprint"]) for _, m in metas})
     if fingerprint is None:
@@ -131,7 +105,7 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
     srcs = []
     names = None
     for p, m in sel:
-        with _open(p) as f:
+        with open_part(p) as f:
             if names is None:
                 names = fields or [k for k in _walk(f)]
             try:
@@ -187,7 +161,7 @@ class RVEDataset:
         self.fields = list(fields)
         sizes = []
         for p in self.parts:
-            with _open(p) as f:
+            with open_part(p) as f:
                 sizes.append(f["F"].shape[0])
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._files: dict = {}
@@ -203,7 +177,7 @@ class RVEDataset:
             self._files = {}
             self._pid = os.getpid()
         if k not in self._files:
-            self._files[k] = _open(self.parts[k])
+            self._files[k] = open_part(self.parts[k])
         return self._files[k]
 
     def __getitem__(self, i):

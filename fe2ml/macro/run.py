@@ -7,21 +7,10 @@ import time
 from pathlib import Path
 
 from fe2ml.errors import ConfigError, Fe2mlError
+from fe2ml.parallel import collective
 
 __all__ = ["build_law", "run"]
 
-
-def _collective(comm, fn):
-    err, out = None, None
-    try:
-        out = fn()
-    except Fe2mlError as e:
-        err = e
-    errs = comm.allgather(None if err is None else (type(err), str(err)))
-    first = next((e for e in errs if e is not None), None)
-    if first is not None:
-        raise first[0](first[1])
-    return out
 
 
 def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
@@ -33,7 +22,7 @@ def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
     from fe2ml.macro.laws import LinearRVELaw, RVELaw
     from fe2ml.micro.config import build_rve, load_rve_mesh
 
-    mesh = _collective(comm, lambda: load_rve_mesh(rcfg, comm=comm))
+    mesh = collective(comm, lambda: load_rve_mesh(rcfg, comm=comm))
 
     def make():
         rve = build_rve(rcfg, mesh)
@@ -41,7 +30,7 @@ def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
             return RVELaw(rve, warm_start=warm_start, recorder=recorder, cells=cells)
         return LinearRVELaw(rve)
 
-    return _collective(comm, make), mesh
+    return collective(comm, make), mesh
 
 
 def _build_surrogate_law(comm, cfg):
@@ -74,7 +63,7 @@ def _build_surrogate_law(comm, cfg):
                                flush_every=16)
         return HybridLaw(s["checkpoint"], rve, spread=s["spread"], distance=s["distance"], writer=writer)
 
-    return _collective(comm, make), rve_mesh
+    return collective(comm, make), rve_mesh
 
 
 def _setup_logging(comm, out: Path):
@@ -134,7 +123,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
                 raise ConfigError(f"output: cannot write to {out} ({e.strerror})") from None
         return None
 
-    _collective(comm, mkout)
+    collective(comm, mkout)
     log = _setup_logging(comm, out)
     rank0 = comm.rank == 0 and not quiet
     if rank0:
@@ -157,7 +146,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
 
         return load_rve_mesh(cfg.mesh_rve, comm=comm) if cfg.mesh_rve is not None else rve_mesh
 
-    mm = _collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh", base=cfg.path.parent,
+    mm = collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh", base=cfg.path.parent,
                                                      rve_mesh_loader=tile_loader))
 
     def mkprob():
@@ -169,21 +158,21 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
         except ConfigError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
 
-    prob = _collective(comm, mkprob)
+    prob = collective(comm, mkprob)
     logger = None
     if cfg.log is not None:
         from fe2ml.data.fingerprint import rve_fingerprint
         from fe2ml.data.log import check_fingerprint, check_folder_writable
-        from fe2ml.data.macro_log import make_macro_logger
+        from fe2ml.data.recorder import make_macro_logger
 
         def check():
             if comm.rank == 0:  # before any rank creates its part
                 check_folder_writable(cfg.log["folder"])
                 check_fingerprint(cfg.log["folder"], rve_fingerprint(law.rve))
 
-        _collective(comm, check)
+        collective(comm, check)
         run_id = comm.bcast(__import__("uuid").uuid4().hex[:8] if comm.rank == 0 else None, root=0)
-        logger = _collective(comm, lambda: make_macro_logger(
+        logger = collective(comm, lambda: make_macro_logger(
             comm, law, law.rve, cfg.log["folder"], run_id=run_id, config_text=cfg.path.read_text(),
             all_iterations=cfg.log["all_iterations"], cells=cfg.log["cells"]))
         ids, x = prob.quadrature_point_ids()
@@ -195,7 +184,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
               f"{cfg.steps} load steps", flush=True)
     start = 0
     if restart:
-        meta = _collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
+        meta = collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
         start = meta["steps"]
         if rank0:
             print(f"  restarting after step {start} (t = {prob.t:.4g})", flush=True)
