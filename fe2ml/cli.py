@@ -311,7 +311,8 @@ def cmd_inspect(args, comm) -> int:
 
 def cmd_train(args, comm) -> int:
     """Run ``fe2ml train``."""
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
 
     cfg = load_train_config(args.config, output=args.output)
     train(comm, cfg, resume=args.resume)

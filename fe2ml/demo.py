@@ -50,7 +50,8 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
     from fe2ml.localization import localize
     from fe2ml.macro.config import load_run_config
     from fe2ml.macro.run import run
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
 
     t_all = time.perf_counter()
     out = Path(out).resolve()

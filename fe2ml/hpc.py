@@ -56,7 +56,7 @@ def check_config(path, comm=None) -> str:
 
         load_rve_mesh(load_sample_config(path).rve, comm=comm)
     elif kind == "train":
-        from fe2ml.surrogate.train import load_train_config
+        from fe2ml.surrogate.config import load_train_config
 
         cfg = load_train_config(path)
         from fe2ml.data.reader import read_logs

@@ -71,7 +71,7 @@ class LocalizationModel:
     """A trained localization checkpoint: F̄ -> per-cell largest principal stretch and J."""
 
     def __init__(self, path, *, dim: int, fingerprint: str | None = None):
-        from fe2ml.surrogate.train import build_localization_model, check_checkpoint, load_checkpoint
+        from fe2ml.surrogate.checkpoint import build_localization_model, check_checkpoint, load_checkpoint
 
         ck = load_checkpoint(path)
         if ck["model"]["kind"] != "localization":

@@ -35,7 +35,7 @@ def main():
         for cmd in (["sample", "sample_tissue.yaml"], ["train", "train_localization.yaml"]):
             subprocess.run([str(BIN / "fe2ml"), *cmd], check=True, cwd=ROOT / "examples", env=env,
                            stdout=subprocess.DEVNULL)
-    from fe2ml.surrogate.train import build_localization_model, load_checkpoint
+    from fe2ml.surrogate.checkpoint import build_localization_model, load_checkpoint
 
     m = build_localization_model(load_checkpoint(ck))
     F = np.eye(2) + np.random.default_rng(0).uniform(-0.1, 0.1, (100_000, 2, 2))

@@ -100,7 +100,8 @@ def test_localize_reproduces_run_records_and_averages(tmp_path):
 def test_learned_localization_and_bad_input(tmp_path):
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
 
     (tmp_path / "s.yaml").write_text("rve:\n  dim: 2\n" + textwrap.indent(textwrap.dedent(RVE), "  ")
                                      + "design: {method: sobol, n: 96, seed: 0, space: stretch, stretch: [0.85, 1.2]}\n"

@@ -122,8 +122,9 @@ TRAIN = """\
 
 @pytest.mark.serial
 def test_training_accuracy_reproducibility_and_resume(tmp_path):
+    from fe2ml.surrogate.config import load_train_config
     from fe2ml.surrogate.law import SurrogateLaw
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.train import train
 
     _synthetic_log(tmp_path / "log", nan_rows=3)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN))
@@ -148,9 +149,10 @@ def test_training_accuracy_reproducibility_and_resume(tmp_path):
 
 @pytest.mark.serial
 def test_torchscript_export_matches(tmp_path):
+    from fe2ml.surrogate.config import load_train_config
     from fe2ml.surrogate.export import export_checkpoint
     from fe2ml.surrogate.law import SurrogateLaw
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.train import train
 
     _synthetic_log(tmp_path / "log", n=60)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 30"))
@@ -172,8 +174,9 @@ def test_torchscript_export_matches(tmp_path):
 
 @pytest.mark.serial
 def test_surrogate_bad_inputs(tmp_path):
+    from fe2ml.surrogate.config import load_train_config
     from fe2ml.surrogate.law import SurrogateLaw
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.train import train
 
     with pytest.raises(ConfigError, match="checkpoint not found"):
         SurrogateLaw(tmp_path / "none.pt", dim=2)
@@ -214,8 +217,9 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path):
     from fe2ml.data.config import load_sample_config
     from fe2ml.data.log import LogWriter as LW
     from fe2ml.data.reader import read_logs
+    from fe2ml.surrogate.config import load_train_config
     from fe2ml.surrogate.law import HybridLaw
-    from fe2ml.surrogate.train import load_train_config, train
+    from fe2ml.surrogate.train import train
 
     (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
         rve:

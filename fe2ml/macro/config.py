@@ -178,7 +178,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
     if kind in ("surrogate", "hybrid"):
-        from fe2ml.surrogate.train import load_checkpoint
+        from fe2ml.surrogate.checkpoint import load_checkpoint
 
         ck = load_checkpoint(surrogate["checkpoint"])
         kin_default = ck["kinematics"]

@@ -93,8 +93,8 @@ def export_checkpoint(checkpoint, out, *, member: int = 0):
     """
     import warnings
 
+    from fe2ml.surrogate.checkpoint import load_checkpoint
     from fe2ml.surrogate.models import MLP, build_model
-    from fe2ml.surrogate.train import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     margs = {k: v for k, v in ck["model"].items() if k != "kind"}

@@ -24,7 +24,7 @@ class SurrogateLaw:
     def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None):
         import torch
 
-        from fe2ml.surrogate.train import EnsembleModel, check_checkpoint, load_checkpoint
+        from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint
 
         torch.set_num_threads(1)  # one thread per rank
         ck = load_checkpoint(checkpoint)
@@ -42,7 +42,7 @@ class SurrogateLaw:
     def evaluate(self, F):
         """Mean ensemble prediction."""
         t0 = time.perf_counter()
-        fast = self.model._np[0] if len(self.model.members) == 1 else None
+        fast = self.model.fast_evaluator()
         if fast is not None and len(F) <= 1024:
             P, A = fast(F)  # one member, one chunk: no ensemble bookkeeping
         else:

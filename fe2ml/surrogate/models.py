@@ -90,6 +90,10 @@ class _Base(nn.Module):
         """P (n,d,d) and A (n,d,d,d,d) for F (n,d,d)."""
         raise NotImplementedError
 
+    def numpy_evaluator(self):
+        """A numpy closed form F (n,d,d) -> (P, A), or None: this model has none (torch path)."""
+        return None
+
     def evaluate(self, F, *, batch: int = 1024):
         """Numpy in/out contract evaluation (no graph)."""
         import numpy as np

@@ -1,119 +1,28 @@
-"""Training surrogates on fe2ml logs: ``fe2ml train CONFIG.yaml [--resume CKPT]``.
+"""Fitting surrogates on fe2ml logs: ``fe2ml train CONFIG.yaml [--resume CKPT]``.
 
-Config keys::
-
-    data: [PATH, ...]                 log files or folders (relative to the YAML)
-    fingerprint: HEX                  RVE fingerprint (needed when the logs hold several)
-    source: ID                        only records of this source id / kind (optional)
-    model: {kind: potential | plain, hidden: [16, 16], features: general | isotropic, convex: false}
-    loss: {stress: 1.0, tangent: 0.1} Sobolev loss weights (tangent > 0 needs tangents in the log)
-    split: {validation: 0.15, test: 0.15, seed: 0}
-    train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0}
-    ensemble: 1                       K members (seeds seed..seed+K-1), spread over the MPI ranks
-    output: PATH                      folder for checkpoint.pt, metrics.json, loss.png, parity plots
-
-Checkpoint (``torch.save`` dict, ``format_version`` 1): model kind and arguments, the members' weights,
-normalisation buffers, dim, kinematics, RVE fingerprint, training-data fingerprint, metrics, bounds of
-the training data (feature box, principal stretch and J ranges) and the prediction spread of the
-ensemble on the validation set.
+The config is :mod:`fe2ml.surrogate.config`; the checkpoint it writes and everything needed to use it is
+:mod:`fe2ml.surrogate.checkpoint`. This module only fits: data loading and splitting, the Sobolev loss, the
+ensemble spread over ranks, metrics and plots.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
+import torch
 
-from fe2ml.config import check_keys, load_yaml, number
+from fe2ml.data.reader import read_logs
 from fe2ml.errors import ConfigError
+from fe2ml.plotting import plot_lines, plot_parity
+from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint
+from fe2ml.surrogate.config import TrainConfig
+from fe2ml.surrogate.models import build_model
 
-__all__ = ["FORMAT_VERSION", "TrainConfig", "check_checkpoint", "load_checkpoint", "load_train_config", "train"]
-
-FORMAT_VERSION = 1
-
-
-@dataclass
-class TrainConfig:
-    """Validated training configuration."""
-
-    path: Path
-    data: list
-    fingerprint: str | None
-    source: str | None
-    model: dict
-    loss: dict
-    split: dict
-    train: dict
-    ensemble: int
-    output: Path
-
-
-def load_train_config(path, *, output=None) -> TrainConfig:
-    """Load and validate a training YAML (errors name the file and key)."""
-    p = Path(path)
-    raw = load_yaml(p)
-    f = str(p)
-    check_keys(raw, ("data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output"), f)
-    data = raw.get("data")
-    if isinstance(data, str):
-        data = [data]
-    if not isinstance(data, list) or not data:
-        raise ConfigError(f"{f}: data: expected a list of log files or folders")
-    data = [p.parent / str(d) for d in data]
-    for d in data:
-        if not d.exists():
-            raise ConfigError(f"{f}: data: {d} not found")
-    model = dict(raw.get("model", {}) or {})
-    check_keys(model, ("kind", "hidden", "features", "convex"), f"{f}: model")
-    model.setdefault("kind", "potential")
-    if model["kind"] not in ("potential", "plain", "localization"):
-        raise ConfigError(f"{f}: model.kind: expected potential, plain or localization, got {model['kind']!r}")
-    hid = model.setdefault("hidden", [16, 16])
-    if not isinstance(hid, list) or not hid or not all(isinstance(h, int) and h > 0 for h in hid):
-        raise ConfigError(f"{f}: model.hidden: expected a list of positive layer widths, got {hid!r}")
-    if model["kind"] == "potential":
-        model.setdefault("features", "general")
-        model.setdefault("convex", False)
-        if model["features"] not in ("general", "isotropic"):
-            raise ConfigError(f"{f}: model.features: expected general or isotropic, got {model['features']!r}")
-        if not isinstance(model["convex"], bool):
-            raise ConfigError(f"{f}: model.convex: expected true or false")
-    elif "features" in model or "convex" in model:
-        raise ConfigError(f"{f}: model: features/convex apply to kind potential only")
-    if model["kind"] == "localization" and raw.get("loss") is not None:
-        raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
-    loss = dict(raw.get("loss", {}) or {})
-    check_keys(loss, ("stress", "tangent", "relative"), f"{f}: loss")
-    rel = loss.get("relative", False)
-    if not isinstance(rel, bool):
-        raise ConfigError(f"{f}: loss.relative: expected true or false, got {rel!r}")
-    loss = {"stress": number(loss.get("stress", 1.0), f"{f}: loss.stress"),
-            "tangent": number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel}
-    if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
-        raise ConfigError(f"{f}: loss: weights must be >= 0 and not both 0")
-    split = dict(raw.get("split", {}) or {})
-    check_keys(split, ("validation", "test", "seed"), f"{f}: split")
-    split = {"validation": number(split.get("validation", 0.15), f"{f}: split.validation"),
-             "test": number(split.get("test", 0.15), f"{f}: split.test"), "seed": int(split.get("seed", 0))}
-    if not (0 < split["validation"] < 1 and 0 <= split["test"] < 1 and split["validation"] + split["test"] < 0.9):
-        raise ConfigError(f"{f}: split: validation in (0, 1), test in [0, 1), together < 0.9")
-    tr = dict(raw.get("train", {}) or {})
-    check_keys(tr, ("epochs", "lr", "patience", "seed"), f"{f}: train")
-    tr = {"epochs": tr.get("epochs", 3000), "lr": number(tr.get("lr", 0.01), f"{f}: train.lr", positive=True),
-          "patience": tr.get("patience", 300), "seed": tr.get("seed", 0)}
-    for k in ("epochs", "patience", "seed"):
-        if not isinstance(tr[k], int) or isinstance(tr[k], bool) or tr[k] < 0:
-            raise ConfigError(f"{f}: train.{k}: expected a non-negative integer, got {tr[k]!r}")
-    ens = raw.get("ensemble", 1)
-    if not isinstance(ens, int) or isinstance(ens, bool) or not 1 <= ens <= 64:
-        raise ConfigError(f"{f}: ensemble: expected an integer 1..64, got {ens!r}")
-    out = Path(output) if output is not None else p.parent / str(raw.get("output", f"results/{p.stem}"))
-    return TrainConfig(path=p, data=data, fingerprint=raw.get("fingerprint"), source=raw.get("source"), model=model,
-                       loss=loss, split=split, train=tr, ensemble=ens, output=out)
+__all__ = ["load_data", "train", "train_localization"]
 
 
 def _rel(a, b):
@@ -122,8 +31,6 @@ def _rel(a, b):
 
 def load_data(cfg: TrainConfig):
     """Records for training: (F, P, A, info) with NaN/inf records removed (counted)."""
-    from fe2ml.data.reader import read_logs
-
     data = read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, converged_only=True,
                      fields=["F", "P", "A", "converged"])
     F, P, A = data["F"], data["P"], data["A"]
@@ -152,8 +59,6 @@ def _split(n, split):
 
 
 def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=None, reinit=True):
-    import torch
-
     torch.manual_seed(seed)
     if reinit:
         for prm in model.parameters():  # initialise reproducibly
@@ -204,8 +109,6 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
 
 
 def _bounds(model, F):
-    import torch
-
     x = model.features_of(torch.as_tensor(F)).detach().numpy()
     lam = np.sqrt(np.clip(np.linalg.eigvalsh(np.einsum("nki,nkj->nij", F, F)), 0, None))
     return {"feature_min": x.min(axis=0).tolist(), "feature_max": x.max(axis=0).tolist(),
@@ -225,10 +128,6 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     Returns:
         The metrics dict (rank 0).
     """
-    import torch
-
-    from fe2ml.surrogate.models import build_model
-
     torch.set_default_dtype(torch.float64)
     if cfg.model["kind"] == "localization":
         return train_localization(comm, cfg, quiet=quiet)
@@ -310,15 +209,11 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
             "validation_spread": spread, "records": info["records"], "skipped": info["skipped"],
             "rve": info["rve"], "config": cfg.path.read_text(), "resumed_from": str(resume) if resume else None,
             "train_s": time.perf_counter() - t0}
-    import os
-
     tmp = cfg.output / "checkpoint.pt.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve")}
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
-    from fe2ml.plotting import plot_lines, plot_parity
-
     plot_lines({f"member {k} {s}": (np.arange(len(h[s])), h[s]) for k, h in allh.items()
                 for s in ("train", "validation")}, cfg.output / "loss.png", xlabel="epoch", ylabel="loss",
                title="training", logy=True, markers=False)
@@ -336,142 +231,8 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     return report
 
 
-class EnsembleModel:
-    """K members of one architecture: mean prediction and spread."""
-
-    def __init__(self, members):
-        self.members = members
-        self.dim = members[0].dim
-        self.kinematics = members[0].kinematics
-
-    @classmethod
-    def from_states(cls, kind, dim, kinematics, margs, states):
-        """Build members from state dicts."""
-        from fe2ml.surrogate.models import build_model
-
-        ms = []
-        for st in states:
-            m = build_model(kind, dim, kinematics, **margs)
-            m.load_state_dict(st)
-            m.eval()
-            ms.append(m)
-        return cls(ms)
-
-    def evaluate_members(self, F):
-        """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""
-        if not hasattr(self, "_np"):
-            self._np = [getattr(m, "numpy_evaluator", lambda: None)() for m in self.members]
-        out = []
-        for m, f in zip(self.members, self._np, strict=True):
-            if f is None:
-                out.append(m.evaluate(F))
-            else:  # numpy closed form in chunks (cache friendly, no torch overhead for small batches)
-                F = np.asarray(F, dtype=np.float64)
-                parts = [f(F[i:i + 1024]) for i in range(0, len(F), 1024)]
-                out.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
-        return [o[0] for o in out], [o[1] for o in out]
-
-    def evaluate(self, F):
-        """Mean P (n,d,d) and A (n,d,d,d,d)."""
-        Ps, As = self.evaluate_members(F)
-        return np.mean(Ps, axis=0), np.mean(As, axis=0)
-
-    def spread(self, F) -> float:
-        """Median relative spread (std over members / RMS stress) on the given points (0 for K = 1)."""
-        if len(self.members) < 2 or len(F) == 0:
-            return 0.0
-        Ps, _ = self.evaluate_members(F)
-        Ps = np.array(Ps)
-        scale = np.sqrt(np.mean(Ps**2))
-        return float(np.median(Ps.std(axis=0).reshape(len(F), -1).max(axis=1)) / max(scale, 1e-300))
-
-
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint with clear errors (missing, unreadable, wrong format)."""
-    import torch
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: checkpoint not found")
-    try:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{p}: not a readable checkpoint ({msg})") from None
-    if not isinstance(ck, dict) or ck.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
-    return ck
-
-
-def check_checkpoint(ck: dict, path, *, dim: int, kinematics: str | None = None,
-                     fingerprint: str | None = None) -> None:
-    """Refuse a checkpoint of another dimension, kinematics (when given) or RVE fingerprint (when given)."""
-    if ck["dim"] != dim:
-        raise ConfigError(f"{path}: checkpoint is for {ck['dim']}D, the run is {dim}D")
-    if kinematics is not None and ck["kinematics"] != kinematics:
-        raise ConfigError(f"{path}: checkpoint is for {ck['kinematics']} strain, the run is {kinematics}")
-    if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
-        raise ConfigError(f"{path}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
-                          f"{fingerprint}")
-
-
-class _LocNet:
-    """Localization network: strain features of F̄ -> (largest principal stretch − 1, J − 1) per cell."""
-
-    def __init__(self, dim, n_cells, hidden, kinematics="finite"):
-        from fe2ml.surrogate.models import MLP, PotentialModel
-
-        self.feat = PotentialModel(dim, kinematics, hidden=(2,))  # only for its objective strain features
-        self.n_in = len(self.feat.idx)
-        self.net = MLP(self.n_in, list(hidden), 2 * n_cells).double()
-        self.n_cells = n_cells
-        import torch
-
-        self.x_scale = torch.ones(self.n_in)
-        self.y_mean = torch.zeros(2 * n_cells)
-        self.y_scale = torch.ones(2 * n_cells)
-
-    def features(self, F):
-        import torch
-
-        return self.feat.features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach()
-
-    def forward(self, F):
-        return self.net(self.features(F) / self.x_scale) * self.y_scale + self.y_mean
-
-    def predict(self, F) -> dict:
-        """{"stretch": (n, c), "J": (n, c)}."""
-        import torch
-
-        with torch.no_grad():
-            out = []
-            for i in range(0, len(F), 65536):
-                out.append(self.forward(F[i:i + 65536]).numpy())
-            y = np.concatenate(out) if out else np.zeros((0, 2 * self.n_cells))
-        c = self.n_cells
-        return {"stretch": 1.0 + y[:, :c], "J": 1.0 + y[:, c:]}
-
-
-def build_localization_model(ck) -> _LocNet:
-    """Rebuild a localization network from its checkpoint."""
-    import torch
-
-    m = _LocNet(ck["dim"], ck["n_cells"], ck["model"]["hidden"], ck["kinematics"])
-    m.net.load_state_dict(ck["members"][0])
-    m.x_scale = torch.as_tensor(ck["x_scale"])
-    m.y_mean = torch.as_tensor(ck["y_mean"])
-    m.y_scale = torch.as_tensor(ck["y_scale"])
-    return m
-
-
 def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
     """Fit the per-cell largest principal stretch and J as functions of F̄ (rank 0)."""
-    import os
-
-    import torch
-
-    from fe2ml.data.reader import read_logs
-
     t0 = time.perf_counter()
     if comm.rank != 0:
         return {}
@@ -489,7 +250,7 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
     Y = np.concatenate([lam - 1.0, J - 1.0], axis=1)
     tr, va, te = _split(len(F), cfg.split)
     torch.manual_seed(cfg.train["seed"])
-    m = _LocNet(data.dim, nc, cfg.model["hidden"], data.kinematics)
+    m = LocalizationNet(data.dim, nc, cfg.model["hidden"], data.kinematics)
     for prm in m.net.parameters():
         if prm.dim() > 1:
             torch.nn.init.xavier_uniform_(prm)
@@ -545,8 +306,6 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
     os.replace(tmp, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ck.items() if k not in ("members", "config", "x_scale", "y_mean", "y_scale")}
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
-    from fe2ml.plotting import plot_lines, plot_parity
-
     plot_lines({s: (np.arange(len(h)), h) for s, h in hist.items()}, cfg.output / "loss.png", xlabel="epoch",
                ylabel="loss", title="localization training", logy=True, markers=False)
     idx = te if len(te) else va

@@ -1,0 +1,146 @@
+"""Using a trained surrogate: loading and checking checkpoints, the ensemble evaluator, the localization network.
+
+Deploying a model (a macro run, localization, export) imports this module and never the trainer.
+
+Checkpoint (``torch.save`` dict, ``format_version`` 1): model kind and arguments, the members' weights,
+normalisation buffers, dim, kinematics, RVE fingerprint, training-data fingerprint, metrics, bounds of
+the training data (feature box, principal stretch and J ranges) and the prediction spread of the
+ensemble on the validation set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fe2ml.errors import ConfigError
+from fe2ml.surrogate.models import MLP, PotentialModel, build_model
+
+__all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
+           "load_checkpoint"]
+
+FORMAT_VERSION = 1
+
+
+class EnsembleModel:
+    """K members of one architecture: mean prediction and spread."""
+
+    def __init__(self, members):
+        self.members = members
+        self.dim = members[0].dim
+        self.kinematics = members[0].kinematics
+        self._np = [m.numpy_evaluator() for m in members]  # closed forms in numpy (None: torch path)
+
+    def fast_evaluator(self):
+        """The single member's numpy closed form F (n,d,d) -> (P, A), or None (several members or no closed form).
+
+        The fast path of a one-member surrogate law: no ensemble bookkeeping, no torch per-call overhead.
+        """
+        return self._np[0] if len(self.members) == 1 else None
+
+    @classmethod
+    def from_states(cls, kind, dim, kinematics, margs, states):
+        """Build members from state dicts."""
+        ms = []
+        for st in states:
+            m = build_model(kind, dim, kinematics, **margs)
+            m.load_state_dict(st)
+            m.eval()
+            ms.append(m)
+        return cls(ms)
+
+    def evaluate_members(self, F):
+        """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""
+        out = []
+        for m, f in zip(self.members, self._np, strict=True):
+            if f is None:
+                out.append(m.evaluate(F))
+            else:  # numpy closed form in chunks (cache friendly, no torch overhead for small batches)
+                F = np.asarray(F, dtype=np.float64)
+                parts = [f(F[i:i + 1024]) for i in range(0, len(F), 1024)]
+                out.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+        return [o[0] for o in out], [o[1] for o in out]
+
+    def evaluate(self, F):
+        """Mean P (n,d,d) and A (n,d,d,d,d)."""
+        Ps, As = self.evaluate_members(F)
+        return np.mean(Ps, axis=0), np.mean(As, axis=0)
+
+    def spread(self, F) -> float:
+        """Median relative spread (std over members / RMS stress) on the given points (0 for K = 1)."""
+        if len(self.members) < 2 or len(F) == 0:
+            return 0.0
+        Ps, _ = self.evaluate_members(F)
+        Ps = np.array(Ps)
+        scale = np.sqrt(np.mean(Ps**2))
+        return float(np.median(Ps.std(axis=0).reshape(len(F), -1).max(axis=1)) / max(scale, 1e-300))
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint with clear errors (missing, unreadable, wrong format)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: checkpoint not found")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{p}: not a readable checkpoint ({msg})") from None
+    if not isinstance(ck, dict) or ck.get("format_version") != FORMAT_VERSION:
+        raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
+    return ck
+
+
+def check_checkpoint(ck: dict, path, *, dim: int, kinematics: str | None = None,
+                     fingerprint: str | None = None) -> None:
+    """Refuse a checkpoint of another dimension, kinematics (when given) or RVE fingerprint (when given)."""
+    if ck["dim"] != dim:
+        raise ConfigError(f"{path}: checkpoint is for {ck['dim']}D, the run is {dim}D")
+    if kinematics is not None and ck["kinematics"] != kinematics:
+        raise ConfigError(f"{path}: checkpoint is for {ck['kinematics']} strain, the run is {kinematics}")
+    if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
+        raise ConfigError(f"{path}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
+                          f"{fingerprint}")
+
+
+class LocalizationNet:
+    """Localization network: strain features of F̄ -> (largest principal stretch − 1, J − 1) per cell."""
+
+    def __init__(self, dim, n_cells, hidden, kinematics="finite"):
+        self.feat = PotentialModel(dim, kinematics, hidden=(2,))  # only for its objective strain features
+        self.n_in = len(self.feat.idx)
+        self.net = MLP(self.n_in, list(hidden), 2 * n_cells).double()
+        self.n_cells = n_cells
+        self.x_scale = torch.ones(self.n_in)
+        self.y_mean = torch.zeros(2 * n_cells)
+        self.y_scale = torch.ones(2 * n_cells)
+
+    def features(self, F):
+        """Objective strain features of F̄ (n, d, d) as a tensor (n, n_in)."""
+        return self.feat.features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach()
+
+    def forward(self, F):
+        """Network output (n, 2 c): largest principal stretch − 1 and J − 1 of every cell."""
+        return self.net(self.features(F) / self.x_scale) * self.y_scale + self.y_mean
+
+    def predict(self, F) -> dict:
+        """{"stretch": (n, c), "J": (n, c)}."""
+        with torch.no_grad():
+            out = []
+            for i in range(0, len(F), 65536):
+                out.append(self.forward(F[i:i + 65536]).numpy())
+            y = np.concatenate(out) if out else np.zeros((0, 2 * self.n_cells))
+        c = self.n_cells
+        return {"stretch": 1.0 + y[:, :c], "J": 1.0 + y[:, c:]}
+
+
+def build_localization_model(ck) -> LocalizationNet:
+    """Rebuild a localization network from its checkpoint."""
+    m = LocalizationNet(ck["dim"], ck["n_cells"], ck["model"]["hidden"], ck["kinematics"])
+    m.net.load_state_dict(ck["members"][0])
+    m.x_scale = torch.as_tensor(ck["x_scale"])
+    m.y_mean = torch.as_tensor(ck["y_mean"])
+    m.y_scale = torch.as_tensor(ck["y_scale"])
+    return m
