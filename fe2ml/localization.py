@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fe2ml.data.fingerprint import rve_fingerprint
 from fe2ml.errors import ConfigError
+from fe2ml.laws.rve import build_rank_rve
 from fe2ml.parallel import collective
 
 __all__ = ["LocalizationModel", "localize", "read_quadrature"]
@@ -108,11 +110,8 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
         out.mkdir(exist_ok=True)
     res_local = {}
     if model is not None:
-        from fe2ml.data.fingerprint import rve_fingerprint
-        from fe2ml.macro.run import build_law
-
-        law, _ = build_law(comm, cfg.rve)
-        lm = LocalizationModel(model, dim=cfg.dim, fingerprint=rve_fingerprint(law.rve))
+        rve, _ = build_rank_rve(comm, cfg.rve)
+        lm = LocalizationModel(model, dim=cfg.dim, fingerprint=rve_fingerprint(rve))
         t1 = time.perf_counter()
         pred = lm.predict(F[sel]) if rank == 0 else None
         t_eval = time.perf_counter() - t1
@@ -122,10 +121,7 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
         method = "learned"
         per_point = t_eval / max(len(sel), 1)
     else:
-        from fe2ml.macro.run import build_law
-
-        law, _ = build_law(comm, cfg.rve)
-        rve = law.rve
+        rve, _ = build_rank_rve(comm, cfg.rve)
         chunks = np.array_split(sel, comm.size)
         mine = chunks[rank]
 

@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 
 
 def inside_vs_standalone():
-    from fe2ml.macro.laws import RVELaw
+    from fe2ml.laws.rve import RVELaw
     from fe2ml.macro.mesh import create_macro_mesh
     from fe2ml.macro.problem import DirichletSpec, MacroProblem
     from fe2ml.materials import NeoHookean

@@ -55,11 +55,10 @@ def main():
 
         s = localize(MPI.COMM_WORLD, tmp / "run", quiet=True)
         _, _, _, Fq, _ = read_quadrature(tmp / "run", None)
+        from fe2ml.laws.rve import build_rank_rve
         from fe2ml.localization import _rve_config
-        from fe2ml.macro.run import build_law
 
-        law, _ = build_law(MPI.COMM_WORLD, _rve_config(tmp / "run").rve)
-        rve = law.rve
+        rve, _ = build_rank_rve(MPI.COMM_WORLD, _rve_config(tmp / "run").rve)
         rve.evaluate(Fq[:1], cells=True)  # same warm-up as inside localize (forms compiled at build)
         t0 = time.perf_counter()
         rve.evaluate(Fq, cells=True, warm_start=True)

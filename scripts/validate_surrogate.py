@@ -60,8 +60,8 @@ def main():
     OUT.mkdir(parents=True, exist_ok=True)
     from fe2ml.data.campaign import build_rve, run_campaign
     from fe2ml.data.config import load_sample_config
+    from fe2ml.laws.surrogate import SurrogateLaw
     from fe2ml.surrogate.config import load_train_config
-    from fe2ml.surrogate.law import SurrogateLaw
     from fe2ml.surrogate.train import train
 
     (OUT / "sample.yaml").write_text(SAMPLE.format(n=args.n))

@@ -20,7 +20,8 @@ from pathlib import Path
 from mpi4py import MPI
 
 import fe2ml  # noqa: F401
-from fe2ml.macro.laws import RVELaw
+from fe2ml.laws.analytic import AnalyticLaw
+from fe2ml.laws.rve import RVELaw
 from fe2ml.macro.mesh import create_macro_mesh
 from fe2ml.macro.problem import DirichletSpec, MacroProblem
 from fe2ml.materials import NeoHookean
@@ -79,7 +80,7 @@ def main():
     for N in args.tiles:
         mm = create_macro_mesh(comm, {"generate": "tiled_rve", "n": [2 * N, N], "eps": 1.0 / N},
                                rve_mesh_loader=lambda: rm)
-        dns = MacroProblem(comm, mm, analytic=MATS, dirichlet=BCS)
+        dns = MacroProblem(comm, mm, law=AnalyticLaw(MATS, dim=2), dirichlet=BCS)
         add_top(dns)
         ndofs = dns.V.dofmap.index_map.size_global * 2
         R, uy, t = solve(dns, f"DNS eps=1/{N} ({ndofs} dofs)", comm)

@@ -16,7 +16,8 @@ import pytest
 
 from fe2ml.config import MACRO_NEWTON
 from fe2ml.errors import ConfigError
-from fe2ml.macro.laws import RVELaw
+from fe2ml.laws.analytic import AnalyticLaw
+from fe2ml.laws.rve import RVELaw
 from fe2ml.macro.mesh import create_macro_mesh
 from fe2ml.macro.problem import DirichletSpec, MacroProblem, TractionSpec
 from fe2ml.materials import NeoHookean
@@ -49,7 +50,8 @@ def test_homogeneous_rve_fe2_equals_analytic(rve_mesh):
     trac = [TractionSpec("top", (0.0, "-0.05*t"))]
     law = RVELaw(HyperelasticRVE(rve_mesh, {1: mat, 2: mat}))
     fe2 = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law, dirichlet=BCS, tractions=trac), 3)
-    ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), analytic={0: mat}, dirichlet=BCS, tractions=trac), 3)
+    ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=AnalyticLaw({0: mat}, dim=2), dirichlet=BCS,
+                            tractions=trac), 3)
     u1, u2 = fe2.u.x.array, ana.u.x.array
     scale = np.abs(u2).max()
     assert scale > 0.1
@@ -89,7 +91,7 @@ def test_analytic_small_strain_patch_exact():
         specs.append(DirichletSpec(b, (1,), f"({H[1, 0]}*x + {H[1, 1]}*y)*t"))
     del bcs
     mm = create_macro_mesh(COMM, {"generate": "rectangle", "size": [1.0, 1.0], "n": [3, 3]})
-    prob = _run(MacroProblem(COMM, mm, analytic={0: LinearElastic(E=2.0, nu=0.3)}, kinematics="small",
+    prob = _run(MacroProblem(COMM, mm, law=AnalyticLaw({0: LinearElastic(E=2.0, nu=0.3)}, dim=2), kinematics="small",
                              dirichlet=specs), 1)
     F, P = prob.cell_averages()
     assert np.abs(F - (np.eye(2) + H)).max() < 1e-12
@@ -101,11 +103,11 @@ def test_bad_problem_inputs(rve_mesh):
     mat = NeoHookean(mu=1.0, K=4.0)
     mm = create_macro_mesh(COMM, {"generate": "rectangle", "size": [2.0, 1.0], "n": [2, 2]})
     with pytest.raises(ConfigError, match="unknown boundary 'lefty'"):
-        MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=[DirichletSpec("lefty", (0,), 0.0)])
+        MacroProblem(COMM, mm, law=AnalyticLaw({0: mat}, dim=2), dirichlet=[DirichletSpec("lefty", (0,), 0.0)])
     with pytest.raises(ConfigError, match="component 2 does not exist in 2D"):
-        MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=[DirichletSpec("left", (2,), 0.0)])
+        MacroProblem(COMM, mm, law=AnalyticLaw({0: mat}, dim=2), dirichlet=[DirichletSpec("left", (2,), 0.0)])
     with pytest.raises(ConfigError, match="empty"):
-        MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=[DirichletSpec("hole", (0,), 0.0)])
+        MacroProblem(COMM, mm, law=AnalyticLaw({0: mat}, dim=2), dirichlet=[DirichletSpec("hole", (0,), 0.0)])
     mesh3 = create_macro_mesh(COMM, {"generate": "box", "size": [1.0, 1.0, 1.0], "n": [1, 1, 1]})
     with pytest.raises(ConfigError, match="RVE is 2D but the macro mesh is 3D"):
         MacroProblem(COMM, mesh3, law=RVELaw(HyperelasticRVE(rve_mesh, {1: mat, 2: mat})),
@@ -354,7 +356,7 @@ def test_pressure_follows_the_deformation():
 
     for loads, lam in (({"pressures": [PressureSpec("right", f"{p}*t")]}, follower),
                        ({"tractions": [TractionSpec("right", (f"{-p}*t", 0.0))]}, dead)):
-        prob = _run(MacroProblem(COMM, mm, analytic={0: mat}, dirichlet=rollers, **loads), 4)
+        prob = _run(MacroProblem(COMM, mm, law=AnalyticLaw({0: mat}, dim=2), dirichlet=rollers, **loads), 4)
         assert abs(prob.mean_displacements()["right"][0] - (lam[0] - 1)) < 1e-9
         F, _ = prob.cell_averages()
         assert np.abs(F - np.diag(lam)).max() < 1e-9
@@ -370,7 +372,8 @@ def test_ring_pressure_lame():
     a, b, E, nu, p = 1.0, 1.5, 1.0, 0.3, 0.01
     mm = create_macro_mesh(COMM, {"generate": "ring", "radii": [a, b], "h": 0.08})
     assert {"inner", "outer", "left", "bottom"} <= set(mm.boundaries)
-    prob = _run(MacroProblem(COMM, mm, analytic={0: LinearElastic(E=E, nu=nu)}, kinematics="small", degree=2,
+    prob = _run(MacroProblem(COMM, mm, law=AnalyticLaw({0: LinearElastic(E=E, nu=nu)}, dim=2), kinematics="small",
+                             degree=2,
                              dirichlet=[DirichletSpec("left", (0,), 0.0), DirichletSpec("bottom", (1,), 0.0)],
                              pressures=[PressureSpec("inner", f"{p}*t")]), 1)
     # the pressure's resultant on the quarter arc is p a along each axis, carried by the symmetry planes
@@ -400,9 +403,9 @@ def test_orientation_rotates_the_rve_frame(rve_mesh):
     law = RVELaw(HyperelasticRVE(rve_mesh, {1: hgo(0), 2: hgo(0)}))
     fe2 = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law, dirichlet=bcs, tractions=trac,
                             orientation="30"), 2)
-    ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), analytic={0: hgo(30)}, dirichlet=bcs,
+    ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=AnalyticLaw({0: hgo(30)}, dim=2), dirichlet=bcs,
                             tractions=trac), 2)
-    ref = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), analytic={0: hgo(0)}, dirichlet=bcs,
+    ref = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=AnalyticLaw({0: hgo(0)}, dim=2), dirichlet=bcs,
                             tractions=trac), 2)
     u1, u2, u0 = fe2.u.x.array, ana.u.x.array, ref.u.x.array
     scale = np.abs(u2).max()

@@ -298,7 +298,7 @@ def check_run_surrogate(ws, r):
 
 def check_run_hybrid(ws, r):
     from fe2ml.data.reader import read_logs
-    from fe2ml.surrogate.law import SurrogateLaw
+    from fe2ml.laws.surrogate import SurrogateLaw
 
     s, R = _check_completed_run(ws / "results" / "strip_hybrid", 3)
     # within the training data (10 %, 20 % stretch) the surrogate answers; at 30 % the RVEs take over
@@ -312,7 +312,7 @@ def check_run_hybrid(ws, r):
 def check_export(ws, r):
     import torch
 
-    from fe2ml.surrogate.law import SurrogateLaw
+    from fe2ml.laws.surrogate import SurrogateLaw
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit deprecation notice
@@ -524,7 +524,7 @@ def test_readme_yaml_run(tmp_path):
 @pytest.mark.serial
 def test_readme_yaml_sample_and_train(tmp_path):
     from fe2ml.data.reader import read_logs
-    from fe2ml.surrogate.law import SurrogateLaw
+    from fe2ml.laws.surrogate import SurrogateLaw
 
     cfg = _readme_yaml("rve")[0]
     assert cfg["rve"]["mesh"] == {"...": None}  # the placeholder, filled in here

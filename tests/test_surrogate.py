@@ -122,8 +122,8 @@ TRAIN = """\
 
 @pytest.mark.serial
 def test_training_accuracy_reproducibility_and_resume(tmp_path):
+    from fe2ml.laws.surrogate import SurrogateLaw
     from fe2ml.surrogate.config import load_train_config
-    from fe2ml.surrogate.law import SurrogateLaw
     from fe2ml.surrogate.train import train
 
     _synthetic_log(tmp_path / "log", nan_rows=3)
@@ -149,9 +149,9 @@ def test_training_accuracy_reproducibility_and_resume(tmp_path):
 
 @pytest.mark.serial
 def test_torchscript_export_matches(tmp_path):
+    from fe2ml.laws.surrogate import SurrogateLaw
     from fe2ml.surrogate.config import load_train_config
     from fe2ml.surrogate.export import export_checkpoint
-    from fe2ml.surrogate.law import SurrogateLaw
     from fe2ml.surrogate.train import train
 
     _synthetic_log(tmp_path / "log", n=60)
@@ -174,8 +174,8 @@ def test_torchscript_export_matches(tmp_path):
 
 @pytest.mark.serial
 def test_surrogate_bad_inputs(tmp_path):
+    from fe2ml.laws.surrogate import SurrogateLaw
     from fe2ml.surrogate.config import load_train_config
-    from fe2ml.surrogate.law import SurrogateLaw
     from fe2ml.surrogate.train import train
 
     with pytest.raises(ConfigError, match="checkpoint not found"):
@@ -217,8 +217,8 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path):
     from fe2ml.data.config import load_sample_config
     from fe2ml.data.log import LogWriter as LW
     from fe2ml.data.reader import read_logs
+    from fe2ml.laws.surrogate import HybridLaw
     from fe2ml.surrogate.config import load_train_config
-    from fe2ml.surrogate.law import HybridLaw
     from fe2ml.surrogate.train import train
 
     (tmp_path / "s.yaml").write_text(textwrap.dedent("""\

@@ -14,6 +14,9 @@ import json
 
 import numpy as np
 
+from fe2ml.micro.finite import HyperelasticRVE
+from fe2ml.micro.linear import LinearRVE
+
 __all__ = ["material_description", "rve_description", "rve_fingerprint"]
 
 
@@ -38,7 +41,7 @@ def material_description(m) -> dict:
     return json.loads(json.dumps(out, default=lambda o: np.asarray(o).tolist() if hasattr(o, "__len__") else str(o)))
 
 
-def rve_description(rve) -> dict:
+def rve_description(rve: LinearRVE | HyperelasticRVE) -> dict:
     """JSON-able description of an RVE object (LinearRVE or HyperelasticRVE)."""
     mesh = rve.rve_mesh
     h = hashlib.sha256()
@@ -56,13 +59,13 @@ def rve_description(rve) -> dict:
         "dim": int(rve.d),
         "materials": {str(t): material_description(m) for t, m in sorted(rve.materials.items())},
         "bc": rve.bc,
-        "kinematics": "finite" if hasattr(rve, "formulation") else "small",
-        "formulation": getattr(rve, "formulation", "displacement"),
+        "kinematics": "finite" if isinstance(rve, HyperelasticRVE) else "small",
+        "formulation": rve.formulation if isinstance(rve, HyperelasticRVE) else "displacement",
         "degree": int(rve.degree),
     }
 
 
-def rve_fingerprint(rve) -> str:
+def rve_fingerprint(rve: LinearRVE | HyperelasticRVE) -> str:
     """SHA-256 (first 16 hex digits) of :func:`rve_description` without the mesh source path."""
     desc = rve_description(rve)
     desc.pop("mesh_source")

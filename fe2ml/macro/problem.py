@@ -4,12 +4,13 @@ The displacement lives on the caller's communicator; load steps are cut collecti
 
 Constitutive paths:
 
-- a quadrature-point law (the contract of :mod:`fe2ml.macro.laws`: RVE/FE², later surrogates):
+- a quadrature-point law (the contract of :mod:`fe2ml.laws.base`: RVE/FE², surrogate, hybrid):
   F̄ = I + ∇u is evaluated at the quadrature points of the cells each rank owns, the law returns P̄
   and Ā, which fill quadrature functions; the residual is ∫ P̄ : ∇v dx − ∫ T·v ds and the Jacobian
   ∫ (Ā : ∇du) : ∇v dx, both with the same quadrature rule;
-- ``analytic``: the same hyperelastic or linear materials written directly in UFL (per macro phase
-  tag), for single-scale and direct numerical simulation runs.
+- a form law (:class:`fe2ml.laws.base.FormLaw`, e.g. :class:`fe2ml.laws.analytic.AnalyticLaw`): hyperelastic or
+  linear materials written directly in UFL (per macro phase tag), integrated exactly, for single-scale and direct
+  numerical simulation runs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
+from fe2ml.laws.base import ConstitutiveLaw, FormLaw
 
 __all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "TractionSpec"]
 
@@ -81,10 +83,9 @@ class MacroProblem:
     Args:
         comm: communicator of the macro mesh.
         mmesh: :class:`fe2ml.macro.mesh.MacroMesh`.
-        law: quadrature-point constitutive law (contract of :mod:`fe2ml.macro.laws`), or None.
-        analytic: phase tag -> material (hyperelastic for finite strain, linear for small strain),
-            or ``{0: material}`` for one material everywhere; used when ``law`` is None.
-        kinematics: ``finite`` or ``small``.
+        law: the constitutive law: a quadrature-point :class:`~fe2ml.laws.base.ConstitutiveLaw` or a
+            :class:`~fe2ml.laws.base.FormLaw` (integrated in UFL).
+        kinematics: ``finite`` or ``small``; must be the law's (default: the law's).
         degree: Lagrange degree of the displacement (1 or 2).
         quadrature_degree: quadrature degree (default 1 for P1, 2 for P2).
         dirichlet: list of :class:`DirichletSpec`.
@@ -95,7 +96,7 @@ class MacroProblem:
         newton: :class:`fe2ml.config.NewtonOptions` (default ``MACRO_NEWTON``).
     """
 
-    def __init__(self, comm, mmesh, *, law=None, analytic=None, kinematics="finite", degree=1,
+    def __init__(self, comm, mmesh, *, law: ConstitutiveLaw | FormLaw, kinematics: str | None = None, degree=1,
                  quadrature_degree=None, dirichlet=(), tractions=(), pressures=(), orientation=None,
                  newton: NewtonOptions | None = None):
         from petsc4py import PETSc
@@ -114,12 +115,15 @@ class MacroProblem:
         self.msh = msh
         self.d = d = msh.geometry.dim
         self.law = law
+        if kinematics is not None and kinematics != law.kinematics:
+            raise ConfigError(f"kinematics {kinematics} does not fit the law ({law.kinematics} strain)")
+        kinematics = law.kinematics
         self.kinematics = kinematics
         self.newton = newton or MACRO_NEWTON
-        if (law is None) == (analytic is None):
-            raise ConfigError("give exactly one of a quadrature-point law or analytic materials")
-        if law is not None and law.dim != d:
+        if law.dim != d:
             raise ConfigError(f"the RVE is {law.dim}D but the macro mesh is {d}D")
+        form_law = law if isinstance(law, FormLaw) else None
+        self.form_law = form_law
         self.degree = degree
         q = quadrature_degree if quadrature_degree is not None else (1 if degree == 1 else 2)
         self.qdeg = q
@@ -230,7 +234,7 @@ class MacroProblem:
 
         # constitutive path
         dxq = ufl.dx(domain=msh, metadata=md)
-        if law is not None:
+        if form_law is None:
             QP = basix.ufl.quadrature_element(cellname, value_shape=(d, d), degree=q)
             QA = basix.ufl.quadrature_element(cellname, value_shape=(d, d, d, d), degree=q)
             self.Pq = dolfinx.fem.Function(dolfinx.fem.functionspace(msh, QP))
@@ -243,12 +247,12 @@ class MacroProblem:
             self.P_expr = None
         else:
             tags = mmesh.cell_tags
-            keys = sorted(analytic)
+            keys = list(form_law.phases)
             if keys != [0]:
                 if tags is None:
                     raise ConfigError(f"analytic materials for phases {keys} need a macro mesh with phase tags")
                 have = sorted(set().union(*comm.allgather(set(np.unique(tags.values).tolist()))))
-                miss = [t for t in have if t not in analytic]
+                miss = [t for t in have if t not in keys]
                 if miss:
                     raise ConfigError(f"macro mesh phase tag(s) {miss} have no analytic material")
             dxp = ufl.Measure("dx", domain=msh, subdomain_data=tags, metadata=md)
@@ -257,21 +261,11 @@ class MacroProblem:
             Fv = ufl.variable(F)
             Pexprs = {}
             for t in keys:
-                mat = analytic[t]
                 meas = dxq if t == 0 else dxp(t)
+                Pt = form_law.stress_form(Fv, t)
                 if kinematics == "finite":
-                    if d == 2:
-                        F3 = ufl.as_matrix([[Fv[0, 0], Fv[0, 1], 0], [Fv[1, 0], Fv[1, 1], 0], [0, 0, 1]])
-                    else:
-                        F3 = Fv
-                    W = mat.energy(F3)
-                    Pt = ufl.diff(W, Fv)
-                    Pi = Pi + W * meas
+                    Pi = Pi + form_law.energy_form(Fv, t) * meas
                 else:
-                    C = dolfinx.fem.Constant(msh, np.asarray(mat.stiffness(d), dtype=np.float64))
-                    eps = ufl.sym(ufl.grad(self.u))
-                    i, j, k_, l_ = ufl.indices(4)
-                    Pt = ufl.as_tensor(C[i, j, k_, l_] * eps[k_, l_], (i, j))
                     Rint = Rint + ufl.inner(Pt, ufl.grad(v)) * meas
                 Pexprs[t] = Pt
             if kinematics == "finite":
@@ -306,7 +300,7 @@ class MacroProblem:
         if orientation is not None:
             from fe2ml.expr import evaluate, numpy_funcs
 
-            if law is None or d != 2:
+            if form_law is not None or d != 2:
                 raise ConfigError("material.orientation: needs an RVE, surrogate or hybrid law in 2D")
             tree = parse_expression(orientation, {"x", "y", "z", "pi"}, where="material.orientation")
             X = self.quadrature_points()
@@ -335,7 +329,7 @@ class MacroProblem:
 
     def _update_constitutive(self) -> str | None:
         """Evaluate the law at every owned quadrature point; returns an error message or None (collective)."""
-        if self.law is None:
+        if self.form_law is not None:
             return None
         d = self.d
         t0 = time.perf_counter()
@@ -475,8 +469,7 @@ class MacroProblem:
         X = self.V.tabulate_dof_coordinates()[: imap.size_local]
         data = {"u": self.u.x.array[: imap.size_local * bs].copy(), "t": self.t,
                 "global_range": np.array(imap.local_range), "dof_coords": X}
-        if self.law is not None and hasattr(self.law, "state_arrays"):
-            for k, v in self.law.state_arrays().items():
+        for k, v in self.law.state_arrays().items():
                 data[f"law_{k}"] = v
         tmp = folder / f"rank{r}.tmp.npz"
         np.savez(tmp, **data)
@@ -515,8 +508,7 @@ class MacroProblem:
         self.u.x.array[: imap.size_local * bs] = d["u"]
         self.u.x.scatter_forward()
         self.t = float(d["t"])
-        if self.law is not None and hasattr(self.law, "load_state_arrays") and "law_have" in d:
-            self.law.load_state_arrays({k[4:]: d[k] for k in d.files if k.startswith("law_")})
+        self.law.load_state_arrays({k[4:]: d[k] for k in d.files if k.startswith("law_")})
         self.history = [StepRecord(t=h["t"], iterations=h["iterations"], residuals=h["residuals"], cuts=h["cuts"])
                         for h in meta["history"]]
         self._rref = meta.get("rref", 0.0)
@@ -541,8 +533,7 @@ class MacroProblem:
             u_save = self.u.x.array.copy()
             ok, res, msg = self._newton(target)
             if ok:
-                if self.law is not None:
-                    self.law.commit()
+                self.law.commit()
                 residuals.append(res)
                 its_total += len(res) - 1
                 t = target
@@ -550,8 +541,7 @@ class MacroProblem:
             last_msg = msg
             self.u.x.array[:] = u_save
             self.u.x.scatter_forward()
-            if self.law is not None:
-                self.law.rollback()
+            self.law.rollback()
             cuts += 1
             if cuts > self.newton.max_cuts:
                 self.u.x.array[:] = u_old if t == t_old else self.u.x.array
@@ -598,7 +588,7 @@ class MacroProblem:
         d = self.d
         w = self.qweights / self.qweights.sum()
         F = self._F_qp().reshape(self.n_owned, self.nqp, d, d)
-        if self.law is not None:
+        if self.form_law is None:
             P = self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()].reshape(self.n_owned, self.nqp, d, d)
         else:
             P = np.zeros((self.n_owned, self.nqp, d, d))
@@ -733,7 +723,7 @@ class RunWriter:
         ids, x = p.quadrature_point_ids()
         F = p._F_qp()
         Frve = p.rve_frame(F) if p.Q is not None else None
-        cells = getattr(p.law, "last_cells", None) if p.law is not None else None
+        cells = p.law.cell_quantities() if p.form_law is None else None
         cq = None
         if cells:
             keys = ("stretch", "J", "E", "sigma", "von_mises", "volume")
@@ -764,7 +754,7 @@ class RunWriter:
     def write_summary(self, status, message=""):
         """Rewrite summary.json (collective: gathers law timings)."""
         p = self.p
-        stats = dict(p.law.stats) if p.law is not None else {}
+        stats = dict(p.law.stats)
         all_stats = self.comm.gather(stats, root=0)
         timers = self.comm.gather(dict(p.timers), root=0)
         if not self.rank0:

@@ -6,64 +6,48 @@ import shutil
 import time
 from pathlib import Path
 
+from fe2ml.data.fingerprint import rve_fingerprint
+from fe2ml.data.recorder import MacroLogger, Recorder
 from fe2ml.errors import ConfigError, Fe2mlError
+from fe2ml.laws.analytic import AnalyticLaw
+from fe2ml.laws.base import ConstitutiveLaw
+from fe2ml.laws.rve import build_rank_rve, rve_law
+from fe2ml.macro.config import RunConfig
+from fe2ml.micro.finite import HyperelasticRVE
+from fe2ml.micro.linear import LinearRVE
 from fe2ml.parallel import collective
 
 __all__ = ["build_law", "run"]
 
 
 
-def build_law(comm, rcfg, *, warm_start=True, recorder=None, cells=False):
-    """Build this rank's RVE (on COMM_SELF) and its constitutive law from the ``material.rve`` config.
+def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
+              rve: LinearRVE | HyperelasticRVE | None = None) -> ConstitutiveLaw | AnalyticLaw:
+    """This rank's constitutive law for a run config (collective).
 
-    Returns:
-        (law, rve_mesh)
+    Args:
+        comm: the macro communicator.
+        cfg: the validated run config.
+        recorder: recorder of the RVE evaluations (``material.kind: rve``).
+        rve: this rank's RVE (:func:`fe2ml.laws.rve.build_rank_rve`) for kinds rve and hybrid, and for surrogate
+            when the config gives one (its fingerprint is checked against the checkpoint's).
     """
-    from fe2ml.macro.laws import LinearRVELaw, RVELaw
-    from fe2ml.micro.config import build_rve, load_rve_mesh
+    def make() -> ConstitutiveLaw | AnalyticLaw:
+        if cfg.kind == "analytic":
+            return AnalyticLaw(cfg.analytic, dim=cfg.dim)
+        if cfg.kind == "rve":
+            return rve_law(rve, warm_start=cfg.warm_start, recorder=recorder,
+                           cells=cfg.localize or (recorder is not None and recorder.cells))
+        from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw, fallback_writer
 
-    mesh = collective(comm, lambda: load_rve_mesh(rcfg, comm=comm))
-
-    def make():
-        rve = build_rve(rcfg, mesh)
-        if rcfg.kinematics == "finite":
-            return RVELaw(rve, warm_start=warm_start, recorder=recorder, cells=cells)
-        return LinearRVELaw(rve)
-
-    return collective(comm, make), mesh
-
-
-def _build_surrogate_law(comm, cfg):
-    """Surrogate or hybrid law of this rank (the RVE, when given, fixes the fingerprint to check)."""
-    from fe2ml.surrogate.law import HybridLaw, SurrogateLaw
-
-    s = cfg.surrogate
-    rve = None
-    rve_mesh = None
-    if cfg.rve is not None:
-        law0, rve_mesh = build_law(comm, cfg.rve, warm_start=True)
-        rve = getattr(law0, "rve", None)
-
-    def make():
+        s = cfg.surrogate
         if cfg.kind == "surrogate":
-            from fe2ml.data.fingerprint import rve_fingerprint
-
             return SurrogateLaw(s["checkpoint"], dim=cfg.dim, kinematics=cfg.kinematics,
                                 fingerprint=rve_fingerprint(rve) if rve is not None else None)
-        writer = None
-        if s["log"] is not None:
-            import uuid
-
-            from fe2ml.data.fingerprint import rve_description, rve_fingerprint
-            from fe2ml.data.log import LogWriter
-
-            writer = LogWriter(s["log"], f"hybrid{uuid.uuid4().hex[:6]}", comm.rank, fingerprint=rve_fingerprint(rve),
-                               attrs={"source_kind": "hybrid_fallback", "source_id": "hybrid", "kinematics": "finite",
-                                      "rve": __import__("json").dumps(rve_description(rve))}, dim=cfg.dim,
-                               flush_every=16)
+        writer = fallback_writer(comm, s["log"], rve, dim=cfg.dim) if s["log"] is not None else None
         return HybridLaw(s["checkpoint"], rve, spread=s["spread"], distance=s["distance"], writer=writer)
 
-    return collective(comm, make), rve_mesh
+    return collective(comm, make)
 
 
 def _setup_logging(comm, out: Path):
@@ -129,18 +113,34 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
     if rank0:
         print(f"fe2ml run: {cfg.path} -> {out} ({cfg.dim}D, {cfg.kinematics} strain, material {cfg.kind}, "
               f"{comm.size} rank(s))", flush=True)
-    law = None
-    rve_mesh = None
-    if cfg.kind == "rve":
-        law, rve_mesh = build_law(comm, cfg.rve, warm_start=cfg.warm_start, cells=cfg.localize)
+    rve = rve_mesh = None
+    if cfg.rve is not None:
+        rve, rve_mesh = build_rank_rve(comm, cfg.rve)
         if rank0:
-            nd = getattr(getattr(law, "rve", None), "ndofs", None)
+            nd = rve.ndofs if isinstance(rve, HyperelasticRVE) else None
             print(f"  RVE: {len(rve_mesh.cells)} elements, {rve_mesh.n_cells} cells" +
                   (f", {nd} dofs per solve" if nd else " (linear: C̄ once)"), flush=True)
-    if cfg.kind in ("surrogate", "hybrid"):
-        law, rve_mesh = _build_surrogate_law(comm, cfg)
+    logger: MacroLogger | None = None
+    if cfg.log is not None:
+        from fe2ml.data.log import check_fingerprint, check_folder_writable
+        from fe2ml.data.recorder import make_macro_logger
+
+        def check():
+            if comm.rank == 0:  # before any rank creates its part
+                check_folder_writable(cfg.log["folder"])
+                check_fingerprint(cfg.log["folder"], rve_fingerprint(rve))
+
+        collective(comm, check)
+        run_id = comm.bcast(__import__("uuid").uuid4().hex[:8] if comm.rank == 0 else None, root=0)
+        logger = collective(comm, lambda: make_macro_logger(
+            comm, rve, cfg.log["folder"], run_id=run_id, config_text=cfg.path.read_text(),
+            all_iterations=cfg.log["all_iterations"], cells=cfg.log["cells"]))
         if rank0:
-            print(f"  {cfg.kind} law from {cfg.surrogate['checkpoint']}", flush=True)
+            print(f"  logging RVE evaluations to {cfg.log['folder']} (run {run_id})", flush=True)
+    law = build_law(comm, cfg, recorder=logger, rve=rve)
+    if rank0 and cfg.kind in ("surrogate", "hybrid"):
+        print(f"  {cfg.kind} law from {cfg.surrogate['checkpoint']}", flush=True)
+
     def tile_loader():  # the RVE that tiled_rve repeats: mesh.rve (direct numerical simulation), else the law's
         from fe2ml.micro.config import load_rve_mesh
 
@@ -151,7 +151,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
 
     def mkprob():
         try:
-            return MacroProblem(comm, mm, law=law, analytic=cfg.analytic, kinematics=cfg.kinematics,
+            return MacroProblem(comm, mm, law=law, kinematics=cfg.kinematics,
                                 degree=cfg.degree, quadrature_degree=cfg.quadrature_degree, dirichlet=cfg.bcs,
                                 tractions=cfg.tractions, pressures=cfg.pressures,
                                 orientation=cfg.orientation, newton=cfg.newton)
@@ -159,26 +159,9 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
             raise ConfigError(f"{cfg.path}: {e}") from None
 
     prob = collective(comm, mkprob)
-    logger = None
-    if cfg.log is not None:
-        from fe2ml.data.fingerprint import rve_fingerprint
-        from fe2ml.data.log import check_fingerprint, check_folder_writable
-        from fe2ml.data.recorder import make_macro_logger
-
-        def check():
-            if comm.rank == 0:  # before any rank creates its part
-                check_folder_writable(cfg.log["folder"])
-                check_fingerprint(cfg.log["folder"], rve_fingerprint(law.rve))
-
-        collective(comm, check)
-        run_id = comm.bcast(__import__("uuid").uuid4().hex[:8] if comm.rank == 0 else None, root=0)
-        logger = collective(comm, lambda: make_macro_logger(
-            comm, law, law.rve, cfg.log["folder"], run_id=run_id, config_text=cfg.path.read_text(),
-            all_iterations=cfg.log["all_iterations"], cells=cfg.log["cells"]))
+    if logger is not None:
         ids, x = prob.quadrature_point_ids()
         logger.set_points(ids, x)
-        if rank0:
-            print(f"  logging RVE evaluations to {cfg.log['folder']} (run {run_id})", flush=True)
     if rank0:
         print(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
               f"{cfg.steps} load steps", flush=True)
@@ -242,9 +225,7 @@ def run(comm, cfg, *, quiet: bool = False, restart: bool = False) -> dict:
         signal.signal(signal.SIGTERM, old)
         if logger is not None:
             logger.close()
-        w = getattr(law, "writer", None)
-        if w is not None:
-            w.close()
+        law.close()
     writer.write_summary(status, message)
     writer.close()
     summary = {}

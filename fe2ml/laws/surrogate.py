@@ -1,15 +1,35 @@
-"""Surrogate and hybrid constitutive laws for the macro solver (same contract as the RVE laws)."""
+"""Surrogate and hybrid constitutive laws for the macro solver (the contract of :mod:`fe2ml.laws.base`).
+
+A trained checkpoint (:mod:`fe2ml.surrogate.checkpoint`) answers every point of a rank in one batch; the hybrid law
+sends the points where the ensemble is unsure, or that leave the training box, to this rank's RVE.
+"""
 
 from __future__ import annotations
 
+import json
 import time
+import uuid
 
 import numpy as np
+import torch
 
-__all__ = ["HybridLaw", "SurrogateLaw"]
+from fe2ml.data.fingerprint import rve_description, rve_fingerprint
+from fe2ml.data.log import LogWriter
+from fe2ml.laws.base import ConstitutiveLaw
+from fe2ml.micro.finite import HyperelasticRVE, RVEState
+from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint
+
+__all__ = ["HybridLaw", "SurrogateLaw", "fallback_writer"]
 
 
-class SurrogateLaw:
+def fallback_writer(comm, folder, rve: HyperelasticRVE, *, dim: int) -> LogWriter:
+    """This rank's log part for a hybrid law's fallback records (source kind ``hybrid_fallback``)."""
+    return LogWriter(folder, f"hybrid{uuid.uuid4().hex[:6]}", comm.rank, fingerprint=rve_fingerprint(rve),
+                     attrs={"source_kind": "hybrid_fallback", "source_id": "hybrid", "kinematics": "finite",
+                            "rve": json.dumps(rve_description(rve))}, dim=dim, flush_every=16)
+
+
+class SurrogateLaw(ConstitutiveLaw):
     """A trained checkpoint as a constitutive law: batched over the points of a rank.
 
     Args:
@@ -22,24 +42,17 @@ class SurrogateLaw:
     """
 
     def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None):
-        import torch
-
-        from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint
-
+        super().__init__(dim, kinematics)
         torch.set_num_threads(1)  # one thread per rank
         ck = load_checkpoint(checkpoint)
         check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
         margs = {k: v for k, v in ck["model"].items() if k != "kind"}
         self.ck = ck
         self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"])
-        self.dim = dim
-        self.kinematics = kinematics
         self.bounds = ck["bounds"]
-        self.stats = {"evaluations": 0, "rve_solves": 0, "time_s": 0.0, "surrogate_s": 0.0, "fallbacks": 0,
-                      "max_point_s": 0.0}
         self.model.evaluate_members(np.eye(dim)[None])  # set-up (numpy weights), like an RVE's form compilation
 
-    def evaluate(self, F):
+    def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean ensemble prediction."""
         t0 = time.perf_counter()
         fast = self.model.fast_evaluator()
@@ -55,18 +68,10 @@ class SurrogateLaw:
 
     def distance(self, F) -> np.ndarray:
         """Largest relative excursion of each point's features outside the training box (0 inside)."""
-        import torch
-
         x = self.model.members[0].features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach().numpy()
         lo, hi = np.array(self.bounds["feature_min"]), np.array(self.bounds["feature_max"])
         w = np.maximum(hi - lo, 1e-12)
         return np.max(np.maximum(0.0, np.maximum(lo - x, x - hi)) / w, axis=1)
-
-    def commit(self):
-        """No state."""
-
-    def rollback(self):
-        """No state."""
 
 
 class HybridLaw(SurrogateLaw):
@@ -84,20 +89,19 @@ class HybridLaw(SurrogateLaw):
         writer: optional log writer for the fallback records.
     """
 
-    def __init__(self, checkpoint, rve, *, spread: float = 0.02, distance: float = 0.0, writer=None):
-        from fe2ml.data.fingerprint import rve_fingerprint
-
+    def __init__(self, checkpoint, rve: HyperelasticRVE, *, spread: float = 0.02, distance: float = 0.0,
+                 writer: LogWriter | None = None):
         super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve))
         self.rve = rve
         self.spread_tol = spread
         self.distance_tol = distance
         self.writer = writer
-        self.states: dict = {}
-        self.trial: dict = {}
+        self.states: dict[int, RVEState] = {}
+        self.trial: dict[int, RVEState] = {}
         self.pending: list = []
         self.flags_last = np.zeros(0, dtype=bool)
 
-    def evaluate(self, F):
+    def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Surrogate for all points, RVE for the flagged ones."""
         t0 = time.perf_counter()
         Ps, As = self.model.evaluate_members(F)
@@ -122,17 +126,22 @@ class HybridLaw(SurrogateLaw):
         self.stats["time_s"] += time.perf_counter() - t0
         return P, A
 
-    def commit(self):
+    def commit(self) -> None:
         """Keep the RVE states of this step; log its fallback records; count the fallback points."""
         self.states.update(self.trial)
         self.stats["fallbacks"] += int(self.flags_last.sum())
-        self.stats.setdefault("fallbacks_per_step", []).append(int(self.flags_last.sum()))
+        self.stats["fallbacks_per_step"].append(int(self.flags_last.sum()))
         if self.writer is not None and self.pending and len(self.pending[0][0]):
             F, P, A, idx = self.pending[0]
             self.writer.add(F, P, A, point_id=idx, converged=1)
         self.pending = []
 
-    def rollback(self):
+    def rollback(self) -> None:
         """Discard the trial states."""
         self.trial = {}
         self.pending = []
+
+    def close(self) -> None:
+        """Flush and close the fallback log part."""
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,172 @@
+"""The constitutive contract, checked on every law: shapes, consistent tangent, commit/rollback, objectivity.
+
+Every law of :mod:`fe2ml.laws` maps F̄ (n, d, d) to P̄ (n, d, d) and Ā = ∂P̄/∂F̄ (n, d, d, d, d). The references are
+independent of each law: Ā against a central difference of the law's own P̄, and frame indifference
+P̄(QF̄) = Q P̄(F̄) at finite strain (small strain: a superposed infinitesimal rotation changes nothing).
+"""
+
+import numpy as np
+import pytest
+import torch
+from helpers import box_mesh
+
+from fe2ml.data.fingerprint import rve_fingerprint
+from fe2ml.laws.analytic import AnalyticLaw
+from fe2ml.laws.base import ConstitutiveLaw, FormLaw
+from fe2ml.laws.rve import LinearRVELaw, RVELaw
+from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw
+from fe2ml.materials import LinearElastic, NeoHookean
+from fe2ml.micro.finite import HyperelasticRVE
+from fe2ml.micro.linear import LinearRVE
+from fe2ml.micro.mesh import make_rve_mesh
+from fe2ml.surrogate.checkpoint import FORMAT_VERSION
+from fe2ml.surrogate.models import PotentialModel
+
+D = 2
+HYPER = {1: NeoHookean(mu=1.0, K=4.0), 2: NeoHookean(mu=6.0, K=20.0)}
+LINEAR = {1: LinearElastic(E=1.0, nu=0.3), 2: LinearElastic(E=8.0, nu=0.25)}
+F_POINTS = np.array([[[1.08, 0.03], [-0.02, 0.97]], [[0.95, 0.06], [0.04, 1.04]], [[1.0, 0.0], [0.0, 1.0]]])
+
+
+def _rve_mesh():
+    X, cells, ct, ph = box_mesh(D, 4, phase_fn=lambda c: 1 + (np.linalg.norm(c - 0.5, axis=1) < 0.3))
+    return make_rve_mesh(X, cells, ct, ph, source="test box")
+
+
+def _checkpoint(path, rve, members):
+    """A checkpoint of ``members`` random potential networks (objective features, P(I) = 0 by construction)."""
+    states = []
+    for k in range(members):
+        torch.manual_seed(k)
+        m = PotentialModel(D, "finite", hidden=(8, 8)).double()
+        for prm in m.parameters():
+            if prm.dim() > 1:
+                torch.nn.init.normal_(prm, std=0.5)
+        states.append(m.state_dict())
+    x = PotentialModel(D, "finite", hidden=(8, 8)).features_of(torch.as_tensor(F_POINTS)).detach().numpy()
+    ck = {"format_version": FORMAT_VERSION, "model": {"kind": "potential", "hidden": (8, 8)}, "members": states,
+          "dim": D, "kinematics": "finite", "rve_fingerprint": rve_fingerprint(rve),
+          "bounds": {"feature_min": (x.min(0) - 1).tolist(), "feature_max": (x.max(0) + 1).tolist()}}
+    torch.save(ck, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def laws(tmp_path_factory):
+    """name -> factory of a fresh law (every law of fe2ml, on a small two-phase RVE)."""
+    mesh = _rve_mesh()
+    tmp = tmp_path_factory.mktemp("laws")
+    hyper_rve = HyperelasticRVE(mesh, HYPER)
+    ck1 = _checkpoint(tmp / "one.pt", hyper_rve, 1)
+    ck2 = _checkpoint(tmp / "two.pt", hyper_rve, 2)
+    return {
+        "rve": lambda: RVELaw(HyperelasticRVE(mesh, HYPER)),
+        "linear_rve": lambda: LinearRVELaw(LinearRVE(mesh, LINEAR)),
+        "surrogate": lambda: SurrogateLaw(ck1, dim=D),
+        "hybrid_surrogate": lambda: HybridLaw(ck2, HyperelasticRVE(mesh, HYPER), spread=1e9, distance=1e9),
+        "hybrid_fallback": lambda: HybridLaw(ck2, HyperelasticRVE(mesh, HYPER), spread=0.0, distance=0.0),
+        "analytic": lambda: AnalyticLaw({0: HYPER[1]}, dim=D),
+        "analytic_small": lambda: AnalyticLaw({0: LINEAR[1]}, dim=D),
+    }
+
+
+NAMES = ["rve", "linear_rve", "surrogate", "hybrid_surrogate", "hybrid_fallback", "analytic", "analytic_small"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_law_returns_float64_stress_and_tangent_of_the_contract_shapes(laws, name):
+    law = laws[name]()
+    assert isinstance(law, ConstitutiveLaw)
+    assert law.dim == D and law.kinematics in ("finite", "small")
+    P, A = law.evaluate(F_POINTS)
+    assert P.shape == (3, D, D) and A.shape == (3, D, D, D, D)
+    assert P.dtype == np.float64 and A.dtype == np.float64
+    assert np.all(np.isfinite(P)) and np.all(np.isfinite(A))
+    assert np.abs(P[2]).max() < 1e-8 * max(np.abs(A[2]).max(), 1.0)  # stress-free reference state
+    assert law.stats["evaluations"] == 3
+    assert set(law.stats) >= {"evaluations", "rve_solves", "time_s", "fallbacks", "fallbacks_per_step"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tangent_equals_a_central_difference_of_the_stress(laws, name):
+    law = laws[name]()
+    F0 = F_POINTS[:2]
+    _, A = law.evaluate(F0)
+    h = 1e-5
+    A_fd = np.zeros_like(A)
+    for k in range(D):
+        for m in range(D):
+            dF = np.zeros((D, D))
+            dF[k, m] = h
+            Pp, _ = law.evaluate(F0 + dF)
+            Pm, _ = law.evaluate(F0 - dF)
+            A_fd[:, :, :, k, m] = (Pp - Pm) / (2 * h)
+    assert np.abs(A - A_fd).max() < 1e-5 * np.abs(A).max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_rollback_returns_to_the_committed_state_and_commit_keeps_the_trial_one(laws, name):
+    law = laws[name]()
+    F1 = F_POINTS[:2]
+    F2 = F1 + np.array([[0.15, -0.05], [0.05, 0.1]])
+    P1, A1 = law.evaluate(F1)
+    law.commit()
+    committed = law.state_arrays()
+    law.evaluate(F2)  # trial states at F2, not committed
+    after_trial = law.state_arrays()
+    assert set(after_trial) == set(committed)
+    for key in committed:
+        assert np.array_equal(after_trial[key], committed[key]), key
+    law.rollback()
+    P1b, A1b = law.evaluate(F1)
+    scale = np.abs(A1).max()
+    assert np.abs(P1b - P1).max() < 1e-8 * scale and np.abs(A1b - A1).max() < 1e-6 * scale
+    if isinstance(law, RVELaw):  # the committed warm starts are those of F1, restorable into a fresh law
+        assert np.allclose(committed["F"], F1)
+        fresh = laws[name]()
+        fresh.load_state_arrays(committed)
+        assert np.allclose(fresh.state_arrays()["F"], F1)
+        assert np.abs(fresh.evaluate(F1)[0] - P1).max() < 1e-8 * scale
+    law.evaluate(F2)
+    law.commit()
+    if isinstance(law, RVELaw):
+        assert np.allclose(law.state_arrays()["F"], F2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_rotation_leaves_the_material_unchanged(laws, name):
+    law = laws[name]()
+    F = F_POINTS[:2]
+    P, A = law.evaluate(F)
+    scale = np.abs(A).max()
+    if law.kinematics == "finite":
+        t = 0.7
+        Q = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+        PQ, AQ = law.evaluate(np.einsum("ij,njk->nik", Q, F))
+        assert np.abs(PQ - np.einsum("ij,njk->nik", Q, P)).max() < 1e-7 * scale
+        assert np.abs(AQ - np.einsum("ia,kc,najcl->nijkl", Q, Q, A)).max() < 1e-5 * scale
+    else:  # P̄ = C̄ : sym(F̄ − I): a superposed infinitesimal rotation (skew) changes nothing
+        W = np.array([[0.0, 0.01], [-0.01, 0.0]])
+        PW, AW = law.evaluate(F + W)
+        assert np.abs(PW - P).max() < 1e-12 * scale and np.abs(AW - A).max() < 1e-12 * scale
+
+
+def test_the_hybrid_law_answers_with_the_rve_where_it_falls_back(laws):
+    fallback, rve, surrogate = laws["hybrid_fallback"](), laws["rve"](), laws["hybrid_surrogate"]()
+    P_fb, A_fb = fallback.evaluate(F_POINTS)
+    P_rve, A_rve = rve.evaluate(F_POINTS)
+    P_s, _ = surrogate.evaluate(F_POINTS)
+    assert fallback.stats["rve_solves"] == 3 and surrogate.stats["rve_solves"] == 0
+    assert np.abs(P_fb - P_rve).max() < 1e-8 * np.abs(A_rve).max()
+    assert np.abs(P_s - P_rve).max() > 1e-3 * np.abs(P_rve).max()  # the random networks are not the RVE
+    fallback.commit()
+    assert fallback.stats["fallbacks_per_step"] == [3]
+
+
+def test_the_analytic_law_is_a_form_law_and_refuses_pointwise_evaluation_of_several_phases():
+    law = AnalyticLaw(HYPER, dim=D)
+    assert isinstance(law, FormLaw) and law.phases == (1, 2)
+    with pytest.raises(Exception, match="pointwise evaluation needs one material"):
+        law.evaluate(F_POINTS)
+    with pytest.raises(Exception, match="mix of hyperelastic and linear"):
+        AnalyticLaw({1: HYPER[1], 2: LINEAR[2]}, dim=D)
