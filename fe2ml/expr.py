@@ -11,7 +11,7 @@ import ast
 
 from fe2ml.errors import ConfigError
 
-__all__ = ["evaluate", "parse_expression"]
+__all__ = ["compile_expression", "evaluate", "numpy_funcs", "parse_expression"]
 
 FUNCS_1 = {"exp", "log", "ln", "sqrt", "sin", "cos", "tanh", "abs"}
 FUNCS_2 = {"min", "max", "atan2"}
@@ -105,3 +105,18 @@ def numpy_funcs():
 
     return {"exp": np.exp, "log": np.log, "ln": np.log, "sqrt": np.sqrt, "sin": np.sin, "cos": np.cos,
             "tanh": np.tanh, "abs": np.abs, "min": np.minimum, "max": np.maximum, "atan2": np.arctan2}
+
+
+def compile_expression(text, names, *, where: str = "expression", error=ConfigError):
+    """Parse and check an expression once; returns a function of keyword arguments ``f(**{name: value})``.
+
+    The values may be numbers or numpy arrays (the numpy backend of :func:`numpy_funcs`).
+    """
+    tree = parse_expression(text, names, where=where, error=error)
+    funcs = numpy_funcs()
+
+    def f(**env):
+        return evaluate(tree, env, funcs)
+
+    return f
+

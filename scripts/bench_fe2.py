@@ -31,8 +31,9 @@ BIN = Path(sys.executable).parent
 
 def inside_vs_standalone():
     from fe2ml.laws.rve import RVELaw
+    from fe2ml.macro.loads import DirichletSpec
     from fe2ml.macro.mesh import create_macro_mesh
-    from fe2ml.macro.problem import DirichletSpec, MacroProblem
+    from fe2ml.macro.problem import MacroProblem
     from fe2ml.materials import NeoHookean
     from fe2ml.micro.finite import HyperelasticRVE
     from fe2ml.micro.geometry import generate_mesh
@@ -45,11 +46,18 @@ def inside_vs_standalone():
     calls = []
 
     class Recorder:
-        def __call__(self, F, P, A, cells):
+        def record(self, F, P, A, cells, newton_its):
             calls.append((F.copy(), time.perf_counter()))
 
+        def commit(self):
+            pass
+
+        def rollback(self):
+            pass
+
     law = RVELaw(HyperelasticRVE(rm, mats), recorder=Recorder())
-    bcs = [DirichletSpec("left", (0,), 0.0), DirichletSpec("bottom", (1,), 0.0), DirichletSpec("right", (0,), "0.6*t")]
+    bcs = [DirichletSpec("left", (0,), 0.0), DirichletSpec("bottom", (1,), 0.0),
+           DirichletSpec("right", (0,), lambda x, t: 0.6 * t)]
     prob = MacroProblem(comm, create_macro_mesh(comm, {"generate": "rectangle", "size": [4.0, 1.0], "n": [8, 2]}),
                         law=law, dirichlet=bcs)
     prob.step(0.5)

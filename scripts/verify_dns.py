@@ -22,8 +22,9 @@ from mpi4py import MPI
 import fe2ml  # noqa: F401
 from fe2ml.laws.analytic import AnalyticLaw
 from fe2ml.laws.rve import RVELaw
+from fe2ml.macro.loads import DirichletSpec
 from fe2ml.macro.mesh import create_macro_mesh
-from fe2ml.macro.problem import DirichletSpec, MacroProblem
+from fe2ml.macro.problem import MacroProblem
 from fe2ml.materials import NeoHookean
 from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import generate_mesh
@@ -31,7 +32,8 @@ from fe2ml.micro.mesh import read_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 MATS = {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=0.2, K=0.6)}
-BCS = [DirichletSpec("left", (0, 1), 0.0), DirichletSpec("right", (0,), "0.2*t"), DirichletSpec("right", (1,), 0.0)]
+BCS = [DirichletSpec("left", (0, 1), 0.0), DirichletSpec("right", (0,), lambda x, t: 0.2 * t),
+       DirichletSpec("right", (1,), 0.0)]
 STEPS = 4
 
 
@@ -67,12 +69,9 @@ def main():
     spec = {"generate": "rectangle", "size": [2.0, 1.0], "n": list(args.macro)}
     prob = MacroProblem(comm, create_macro_mesh(comm, spec), law=law, dirichlet=BCS, degree=args.degree)
     import dolfinx
-    import ufl
 
     def add_top(p):
-        ds = ufl.Measure("ds", domain=p.msh, subdomain_data=p.ftags)
-        k = p.bnames.index("top") + 1
-        p._umean_forms["top"] = [dolfinx.fem.form(p.u[c] * ds(k)) for c in range(2)]
+        p._umean_forms["top"] = [dolfinx.fem.form(p.u[c] * p.bnd.ds(p.bnd.ids["top"])) for c in range(2)]
 
     add_top(prob)
     R_fe2, uy_fe2, t_fe2 = solve(prob, "FE²", comm)

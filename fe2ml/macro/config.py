@@ -28,35 +28,40 @@ Keys::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
 from fe2ml.errors import ConfigError
+from fe2ml.expr import compile_expression
+from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec
 from fe2ml.materials import build_material
-from fe2ml.micro.config import parse_rve_ref
+from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
 
-__all__ = ["RunConfig", "load_run_config"]
+__all__ = ["RunConfig", "check_boundaries", "load_run_config"]
 
 RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "pressures",
             "steps", "newton", "warm_start", "output", "log", "localize")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Validated ``fe2ml run`` configuration."""
+    """Validated ``fe2ml run`` configuration: typed values, expressions already turned into callables."""
 
     path: Path
     dim: int
     mesh: dict
     kind: str
-    rve: object | None
+    rve: HomogenizeConfig | None
     analytic: dict | None
     kinematics: str
     degree: int
     quadrature_degree: int | None
-    bcs: list
-    tractions: list
+    bcs: list[DirichletSpec]
+    tractions: list[TractionSpec]
     steps: int
     newton: NewtonOptions
     warm_start: bool
@@ -65,9 +70,9 @@ class RunConfig:
     log: dict | None = None
     surrogate: dict | None = None
     localize: bool = False
-    mesh_rve: object | None = None  # mesh.rve of a tiled_rve mesh
-    pressures: list = field(default_factory=list)
-    orientation: object | None = None  # material.orientation: angle (degrees) of the RVE frame, EXPR(x, y, z)
+    mesh_rve: HomogenizeConfig | None = None  # mesh.rve of a tiled_rve mesh
+    pressures: list[PressureSpec] = field(default_factory=list)
+    orientation: Callable[[np.ndarray], np.ndarray] | None = None  # angle (degrees) of the RVE frame at x (n, 3)
 
 
 def load_run_config(path, *, output: str | None = None) -> RunConfig:
@@ -80,8 +85,6 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     Returns:
         :class:`RunConfig`.
     """
-    from fe2ml.macro.problem import DirichletSpec, PressureSpec, TractionSpec
-
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
@@ -173,7 +176,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if orientation is not None:
         if dim != 2:
             raise ConfigError(f"{f}: material.orientation: only in 2D (an angle about z); 3D frames are not supported")
-        _check_expr(orientation, {"x", "y", "z", "pi"}, f"{f}: material.orientation")
+        orientation = _orientation(orientation, f"{f}: material.orientation")
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
@@ -212,8 +215,8 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         if bad:
             raise ConfigError(f"{w}.components: component(s) {bad} do not exist in {dim}D (allowed 0..{dim - 1})")
         val = b.get("value", 0.0)
-        _check_expr(val, {"x", "y", "z", "t"}, f"{w}.value")
-        bcs.append(DirichletSpec(boundary=str(b["boundary"]), components=tuple(comps), value=val))
+        bcs.append(DirichletSpec(boundary=str(b["boundary"]), components=tuple(comps),
+                                 value=_field(val, f"{w}.value")))
     trs = []
     for k, b in enumerate(raw.get("tractions", []) or []):
         w = f"{f}: tractions[{k}]"
@@ -223,9 +226,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         val = b.get("value")
         if not isinstance(val, list) or len(val) != dim:
             raise ConfigError(f"{w}.value: expected a list of {dim} numbers or expressions of t, got {val!r}")
-        for v in val:
-            _check_expr(v, {"t"}, f"{w}.value")
-        trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(val)))
+        trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(_of_t(v, f"{w}.value") for v in val)))
     prs = []
     for k, b in enumerate(raw.get("pressures", []) or []):
         w = f"{f}: pressures[{k}]"
@@ -234,8 +235,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         check_keys(b, ("boundary", "value"), w)
         if "boundary" not in b or "value" not in b:
             raise ConfigError(f"{w}: needs boundary and value")
-        _check_expr(b["value"], {"t"}, f"{w}.value")
-        prs.append(PressureSpec(boundary=str(b["boundary"]), value=b["value"]))
+        prs.append(PressureSpec(boundary=str(b["boundary"]), value=_of_t(b["value"], f"{w}.value")))
     if not bcs:
         raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
     newton = parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON)
@@ -269,9 +269,39 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
                      mesh_rve=mesh_rve, pressures=prs, orientation=orientation)
 
 
-def _check_expr(v, names, where):
-    from fe2ml.expr import parse_expression
-
+def _compiled(v, names, where):
     if isinstance(v, str) and not v.strip():
         raise ConfigError(f"{where}: empty expression")
-    parse_expression(v, names, where=where)
+    return compile_expression(v, names, where=where)
+
+
+def _field(v, where) -> Callable[[np.ndarray, float], np.ndarray]:
+    """A Dirichlet value EXPR(x, y, z, t) as ``value(x, t)``, x the coordinates (3, n)."""
+    f = _compiled(v, {"x", "y", "z", "t"}, where)
+    return lambda x, t: f(x=x[0], y=x[1], z=x[2], t=t)
+
+
+def _of_t(v, where) -> Callable[[float], float]:
+    """A load value EXPR(t) as ``value(t)``."""
+    f = _compiled(v, {"t"}, where)
+    return lambda t: float(f(t=t))
+
+
+def _orientation(v, where) -> Callable[[np.ndarray], np.ndarray]:
+    """``material.orientation`` EXPR(x, y, z, pi) as the angle (degrees) at points X (n, d)."""
+    f = _compiled(v, {"x", "y", "z", "pi"}, where)
+
+    def angle(X):
+        z = X[:, 2] if X.shape[1] > 2 else np.zeros(len(X))
+        return f(x=X[:, 0], y=X[:, 1], z=z, pi=np.pi)
+
+    return angle
+
+
+def check_boundaries(cfg: RunConfig, names) -> None:
+    """Every boundary a condition names exists on the macro mesh (errors name the file and the key)."""
+    for key, specs in (("bcs", cfg.bcs), ("tractions", cfg.tractions), ("pressures", cfg.pressures)):
+        for k, spec in enumerate(specs):
+            if spec.boundary not in names:
+                raise ConfigError(f"{cfg.path}: {key}[{k}].boundary: unknown boundary {spec.boundary!r}; "
+                                  f"available: {', '.join(names)}")

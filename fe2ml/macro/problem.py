@@ -15,56 +15,29 @@ Constitutive paths:
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mpi4py import MPI
+from petsc4py import PETSc
+
+import basix
+import basix.ufl
+import dolfinx
+import dolfinx.fem.petsc
 import numpy as np
+import ufl
 
 from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
+from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, build_loads, mark_boundaries
 
-__all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "TractionSpec"]
-
-
-@dataclass(frozen=True)
-class DirichletSpec:
-    """Prescribed displacement component(s) on a named boundary.
-
-    Attributes:
-        boundary: boundary name.
-        components: displacement components (0..d-1).
-        value: number or expression of x, y, z, t (safe expression).
-    """
-
-    boundary: str
-    components: tuple
-    value: object = 0.0
-
-
-@dataclass(frozen=True)
-class TractionSpec:
-    """Nominal (reference) traction on a named boundary: a vector of numbers or expressions of t."""
-
-    boundary: str
-    value: tuple
-
-
-@dataclass(frozen=True)
-class PressureSpec:
-    """Pressure on a named boundary (number or expression of t).
-
-    Force per current area against the outward normal; at finite strain it follows the deformation
-    (Nanson: t da = -p J F^-T N dA).
-    """
-
-    boundary: str
-    value: object
+__all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "RunInterrupted", "StepRecord", "TractionSpec"]
 
 
 @dataclass
@@ -96,19 +69,11 @@ class MacroProblem:
         newton: :class:`fe2ml.config.NewtonOptions` (default ``MACRO_NEWTON``).
     """
 
-    def __init__(self, comm, mmesh, *, law: ConstitutiveLaw | FormLaw, kinematics: str | None = None, degree=1,
-                 quadrature_degree=None, dirichlet=(), tractions=(), pressures=(), orientation=None,
+    def __init__(self, comm, mmesh, *, law: ConstitutiveLaw | FormLaw, kinematics: str | None = None,
+                 degree: int = 1, quadrature_degree: int | None = None, dirichlet: Sequence[DirichletSpec] = (),
+                 tractions: Sequence[TractionSpec] = (), pressures: Sequence[PressureSpec] = (),
+                 orientation: Callable[[np.ndarray], np.ndarray] | None = None,
                  newton: NewtonOptions | None = None):
-        from petsc4py import PETSc
-
-        import basix
-        import basix.ufl
-        import dolfinx
-        import dolfinx.fem.petsc  # noqa: F401
-        import ufl
-
-        from fe2ml.expr import parse_expression
-
         self.comm = comm
         self.mm = mmesh
         msh = mmesh.mesh
@@ -117,168 +82,49 @@ class MacroProblem:
         self.law = law
         if kinematics is not None and kinematics != law.kinematics:
             raise ConfigError(f"kinematics {kinematics} does not fit the law ({law.kinematics} strain)")
-        kinematics = law.kinematics
-        self.kinematics = kinematics
+        self.kinematics = kinematics = law.kinematics
         self.newton = newton or MACRO_NEWTON
         if law.dim != d:
             raise ConfigError(f"the RVE is {law.dim}D but the macro mesh is {d}D")
-        form_law = law if isinstance(law, FormLaw) else None
-        self.form_law = form_law
+        self.form_law = law if isinstance(law, FormLaw) else None
+        if orientation is not None and (self.form_law is not None or d != 2):
+            raise ConfigError("orientation: needs an RVE, surrogate or hybrid law in 2D")
         self.degree = degree
         q = quadrature_degree if quadrature_degree is not None else (1 if degree == 1 else 2)
         self.qdeg = q
         self.V = V = dolfinx.fem.functionspace(msh, ("Lagrange", degree, (d,)))
         self.u = dolfinx.fem.Function(V, name="u")
-        v, du = ufl.TestFunction(V), ufl.TrialFunction(V)
-        md = {"quadrature_degree": q, "quadrature_scheme": "default"}
-        tdim = msh.topology.dim
-        self.n_owned = msh.topology.index_map(tdim).size_local
+        v = ufl.TestFunction(V)
+        self.md = {"quadrature_degree": q, "quadrature_scheme": "default"}
+        self.n_owned = msh.topology.index_map(msh.topology.dim).size_local
         self.cells = np.arange(self.n_owned, dtype=np.int32)
-        cellname = msh.basix_cell()
-        self.qpoints, self.qweights = basix.make_quadrature(cellname, q)
+        self.qpoints, self.qweights = basix.make_quadrature(msh.basix_cell(), q)
         self.nqp = len(self.qweights)
         F = ufl.Identity(d) + ufl.grad(self.u)
         self.F_expr = dolfinx.fem.Expression(F, self.qpoints)
         self.x_expr = dolfinx.fem.Expression(ufl.SpatialCoordinate(msh), self.qpoints)
 
-        # boundaries: facet tags with one id per name
-        fdim = tdim - 1
-        self.bnames = list(mmesh.boundaries)
-        if len(self.bnames) > 62:
-            raise ConfigError(f"mesh: {len(self.bnames)} named boundaries; at most 62 are supported")
-        # a facet may belong to several names (a box face and a named curve of the mesh file): one tag per
-        # combination of names, the same on every rank; name k integrates over the tags of its combinations
-        imap = msh.topology.index_map(fdim)
-        masks = np.zeros(imap.size_local + imap.num_ghosts, dtype=np.int64)
-        for k, name in enumerate(self.bnames):
-            masks[np.asarray(mmesh.boundaries[name], dtype=np.int32)] |= np.int64(1) << k
-        ent = np.flatnonzero(masks).astype(np.int32)
-        combos = sorted(set().union(*comm.allgather(set(np.unique(masks[ent]).tolist()))))
-        cid = {c: i + 1 for i, c in enumerate(combos)}
-        self.ftags = dolfinx.mesh.meshtags(msh, fdim, ent, np.array([cid[int(m)] for m in masks[ent]],
-                                                                    dtype=np.int32))
-        ds = ufl.Measure("ds", domain=msh, subdomain_data=self.ftags)
-        self._bids = {name: tuple(cid[c] for c in combos if c >> k & 1) for k, name in enumerate(self.bnames)}
-        self._bsize = {}
-        for name in self.bnames:
-            ids = self._bids[name]
-            self._bsize[name] = comm.allreduce(dolfinx.fem.assemble_scalar(dolfinx.fem.form(
-                dolfinx.fem.Constant(msh, 1.0) * ds(ids)))) if ids else 0.0
-
-        def bid(name, where):
-            if name not in self.bnames:
-                raise ConfigError(f"{where}: unknown boundary {name!r}; available: {', '.join(self.bnames)}")
-            if self._bsize[name] <= 0:
-                raise ConfigError(f"{where}: boundary {name!r} is empty on this mesh")
-            return self._bids[name]
-
-        # Dirichlet conditions
-        self.bcs, self._bc_updates = [], []
-        self.reaction_dofs: dict[str, list] = {}
-        names = {"x", "y", "z", "t"}
-        for k, spec in enumerate(dirichlet):
-            where = f"bcs[{k}]"
-            bid(spec.boundary, where)
-            facets = mmesh.boundaries[spec.boundary]
-            tree = parse_expression(spec.value, names, where=f"{where}.value")
-            for c in spec.components:
-                if not isinstance(c, int) or not 0 <= c < d:
-                    raise ConfigError(f"{where}.components: component {c!r} does not exist in {d}D "
-                                      f"(allowed 0..{d - 1})")
-                Vc, _ = V.sub(c).collapse()
-                dofs = dolfinx.fem.locate_dofs_topological((V.sub(c), Vc), fdim, facets)
-                g = dolfinx.fem.Function(Vc)
-                self.bcs.append(dolfinx.fem.dirichletbc(g, dofs, V.sub(c)))
-                self._bc_updates.append((g, tree))
-            self.reaction_dofs.setdefault(spec.boundary, [])
-        bs = V.dofmap.index_map_bs
-        nown = V.dofmap.index_map.size_local * bs
-        for name in list(self.reaction_dofs):
-            per_c = []
-            for c in range(d):
-                Vc, _ = V.sub(c).collapse()
-                dofs = dolfinx.fem.locate_dofs_topological((V.sub(c), Vc), fdim, mmesh.boundaries[name])[0]
-                per_c.append(dofs[dofs < nown])
-            self.reaction_dofs[name] = per_c
-        # tractions
-        self._tractions = []
-        Lext = 0
-        for k, spec in enumerate(tractions):
-            where = f"tractions[{k}]"
-            i = bid(spec.boundary, where)
-            if len(spec.value) != d:
-                raise ConfigError(f"{where}.value: expected {d} components, got {len(spec.value)}")
-            trees = [parse_expression(vv, {"t"}, where=f"{where}.value") for vv in spec.value]
-            T = dolfinx.fem.Constant(msh, np.zeros(d))
-            self._tractions.append((T, trees))
-            Lext = Lext + ufl.inner(T, v) * ds(i)
-        # pressures: follower loads at finite strain (their derivative enters the Jacobian)
-        self._pressures = []
-        Lp = 0
-        Nref = ufl.FacetNormal(msh)
-        for k, spec in enumerate(pressures):
-            where = f"pressures[{k}]"
-            i = bid(spec.boundary, where)
-            tree = parse_expression(spec.value, {"t"}, where=f"{where}.value")
-            pc = dolfinx.fem.Constant(msh, 0.0)
-            self._pressures.append((pc, tree))
-            if kinematics == "finite":  # Nanson: -p J F^-T N on the reference boundary
-                Lp = Lp - pc * ufl.det(F) * ufl.inner(ufl.dot(ufl.inv(F).T, Nref), v) * ds(i)
-            else:
-                Lp = Lp - pc * ufl.inner(Nref, v) * ds(i)
-        Lext = Lext + Lp
+        # boundaries and loads (:mod:`fe2ml.macro.loads`)
+        self.bnd = mark_boundaries(comm, msh, mmesh.boundaries)
+        self.loads = build_loads(V, v, F, self.bnd, dirichlet=dirichlet, tractions=tractions, pressures=pressures,
+                                 finite=kinematics == "finite")
+        self.bcs = self.loads.bcs
+        self.reaction_dofs = self.loads.reaction_dofs
         self.report_boundaries = list(dict.fromkeys([s.boundary for s in dirichlet] + [s.boundary for s in tractions]
                                                     + [s.boundary for s in pressures]))
-        self._umean_forms = {name: [dolfinx.fem.form(self.u[c] * ds(self._bids[name])) for c in range(d)]
+        ds = self.bnd.ds
+        self._umean_forms = {name: [dolfinx.fem.form(self.u[c] * ds(self.bnd.ids[name])) for c in range(d)]
                              for name in self.report_boundaries}
 
-        # constitutive path
-        dxq = ufl.dx(domain=msh, metadata=md)
-        if form_law is None:
-            QP = basix.ufl.quadrature_element(cellname, value_shape=(d, d), degree=q)
-            QA = basix.ufl.quadrature_element(cellname, value_shape=(d, d, d, d), degree=q)
-            self.Pq = dolfinx.fem.Function(dolfinx.fem.functionspace(msh, QP))
-            self.Aq = dolfinx.fem.Function(dolfinx.fem.functionspace(msh, QA))
-            self._qdofs_P = self.Pq.function_space.dofmap.list[: self.n_owned]
-            self._qdofs_A = self.Aq.function_space.dofmap.list[: self.n_owned]
-            i, j, k_, l_ = ufl.indices(4)
-            Rint = ufl.inner(self.Pq, ufl.grad(v)) * dxq
-            Jac = ufl.inner(ufl.as_tensor(self.Aq[i, j, k_, l_] * ufl.grad(du)[k_, l_], (i, j)), ufl.grad(v)) * dxq
-            self.P_expr = None
-        else:
-            tags = mmesh.cell_tags
-            keys = list(form_law.phases)
-            if keys != [0]:
-                if tags is None:
-                    raise ConfigError(f"analytic materials for phases {keys} need a macro mesh with phase tags")
-                have = sorted(set().union(*comm.allgather(set(np.unique(tags.values).tolist()))))
-                miss = [t for t in have if t not in keys]
-                if miss:
-                    raise ConfigError(f"macro mesh phase tag(s) {miss} have no analytic material")
-            dxp = ufl.Measure("dx", domain=msh, subdomain_data=tags, metadata=md)
-            Pi = 0
-            Rint = 0
-            Fv = ufl.variable(F)
-            Pexprs = {}
-            for t in keys:
-                meas = dxq if t == 0 else dxp(t)
-                Pt = form_law.stress_form(Fv, t)
-                if kinematics == "finite":
-                    Pi = Pi + form_law.energy_form(Fv, t) * meas
-                else:
-                    Rint = Rint + ufl.inner(Pt, ufl.grad(v)) * meas
-                Pexprs[t] = Pt
-            if kinematics == "finite":
-                Rint = ufl.derivative(Pi, self.u, v)
-            Jac = ufl.derivative(Rint, self.u, du)
-            # for output: P at quadrature points (per-phase expressions selected by tag per cell)
-            self.P_exprs = {t: dolfinx.fem.Expression(e, self.qpoints) for t, e in Pexprs.items()}
-            self.cell_phase = (np.zeros(self.n_owned, dtype=np.int32) if keys == [0] else
-                               _cell_values(tags, self.n_owned))
+        # constitutive terms, the residual and the Jacobian
+        Rint = self._law_terms(F, v) if self.form_law is None else self._form_law_terms(F, v)
+        du = ufl.TrialFunction(V)
+        Jac = ufl.derivative(Rint, self.u, du) if self.form_law is not None else self._Jq
         self.Rint_form = dolfinx.fem.form(Rint)
-        self.R_form = dolfinx.fem.form(Rint - Lext) if self._tractions or self._pressures else self.Rint_form
-        if self._pressures and kinematics == "finite":
-            Jac = Jac - ufl.derivative(Lp, self.u, du)
+        ext = self.loads.external
+        self.R_form = dolfinx.fem.form(Rint - ext) if not isinstance(ext, int) else self.Rint_form
+        if not isinstance(self.loads.follower, int) and kinematics == "finite":
+            Jac = Jac - ufl.derivative(self.loads.follower, self.u, du)
         self.J_form = dolfinx.fem.form(Jac)
         self.A = dolfinx.fem.petsc.create_matrix(self.J_form)
         self.b = dolfinx.fem.petsc.create_vector(V)
@@ -292,22 +138,62 @@ class MacroProblem:
         self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
         self.history: list[StepRecord] = []
         self.t = 0.0
-        self.stop_requested = None  # callable -> bool (e.g. SIGTERM seen); checked collectively per iteration
+        self._rref = 0.0
+        self.stop_requested: Callable[[], bool] | None = None  # e.g. SIGTERM seen; checked collectively
         self.n_qp_local = self.n_owned * self.nqp
         self.n_qp_global = comm.allreduce(self.n_qp_local)
         # material frames: the RVE's x axis at angle theta(x) (2D)
         self.Q = None
         if orientation is not None:
-            from fe2ml.expr import evaluate, numpy_funcs
-
-            if form_law is not None or d != 2:
-                raise ConfigError("material.orientation: needs an RVE, surrogate or hybrid law in 2D")
-            tree = parse_expression(orientation, {"x", "y", "z", "pi"}, where="material.orientation")
             X = self.quadrature_points()
-            env = {"x": X[:, 0], "y": X[:, 1], "z": X[:, 2] if X.shape[1] > 2 else np.zeros(len(X)), "pi": np.pi}
-            th = np.radians(np.broadcast_to(np.asarray(evaluate(tree, env, numpy_funcs()), dtype=float), len(X)))
+            th = np.radians(np.broadcast_to(np.asarray(orientation(X), dtype=float), len(X)))
             c, s_ = np.cos(th), np.sin(th)
             self.Q = np.stack([np.stack([c, -s_], -1), np.stack([s_, c], -1)], -2)  # columns: RVE axes
+
+    def _law_terms(self, F, v):
+        """Residual ∫ P̄ : ∇v dx of a quadrature-point law; P̄ and Ā live in quadrature functions."""
+        d, q = self.d, self.qdeg
+        cellname = self.msh.basix_cell()
+        QP = basix.ufl.quadrature_element(cellname, value_shape=(d, d), degree=q)
+        QA = basix.ufl.quadrature_element(cellname, value_shape=(d, d, d, d), degree=q)
+        self.Pq = dolfinx.fem.Function(dolfinx.fem.functionspace(self.msh, QP))
+        self.Aq = dolfinx.fem.Function(dolfinx.fem.functionspace(self.msh, QA))
+        self._qdofs_P = self.Pq.function_space.dofmap.list[: self.n_owned]
+        self._qdofs_A = self.Aq.function_space.dofmap.list[: self.n_owned]
+        dxq = ufl.dx(domain=self.msh, metadata=self.md)
+        du = ufl.TrialFunction(self.V)
+        i, j, k, l_ = ufl.indices(4)
+        self._Jq = ufl.inner(ufl.as_tensor(self.Aq[i, j, k, l_] * ufl.grad(du)[k, l_], (i, j)), ufl.grad(v)) * dxq
+        return ufl.inner(self.Pq, ufl.grad(v)) * dxq
+
+    def _form_law_terms(self, F, v):
+        """Residual of a form law, exact in UFL: δΠ for energies (finite strain), ∫ P : ∇v dx at small strain."""
+        law, msh, comm = self.form_law, self.msh, self.comm
+        tags = self.mm.cell_tags
+        keys = list(law.phases)
+        if keys != [0]:
+            if tags is None:
+                raise ConfigError(f"analytic materials for phases {keys} need a macro mesh with phase tags")
+            have = sorted(set().union(*comm.allgather(set(np.unique(tags.values).tolist()))))
+            miss = [t for t in have if t not in keys]
+            if miss:
+                raise ConfigError(f"macro mesh phase tag(s) {miss} have no analytic material")
+        dxq = ufl.dx(domain=msh, metadata=self.md)
+        dxp = ufl.Measure("dx", domain=msh, subdomain_data=tags, metadata=self.md)
+        Fv = ufl.variable(F)
+        Pi, Rint, Pexprs = 0, 0, {}
+        for t in keys:
+            meas = dxq if t == 0 else dxp(t)
+            Pexprs[t] = law.stress_form(Fv, t)
+            if self.kinematics == "finite":
+                Pi = Pi + law.energy_form(Fv, t) * meas
+            else:
+                Rint = Rint + ufl.inner(Pexprs[t], ufl.grad(v)) * meas
+        # for output: P at quadrature points (per-phase expressions selected by tag per cell)
+        self.P_exprs = {t: dolfinx.fem.Expression(e, self.qpoints) for t, e in Pexprs.items()}
+        self.cell_phase = (np.zeros(self.n_owned, dtype=np.int32) if keys == [0] else
+                           _cell_values(tags, self.n_owned))
+        return ufl.derivative(Pi, self.u, v) if self.kinematics == "finite" else Rint
 
     # ------------------------------------------------------------------------------------------
     def quadrature_points(self) -> np.ndarray:
@@ -369,25 +255,9 @@ class MacroProblem:
         return next((m for m in msgs if m is not None), None)
 
     def _set_loads(self, t: float) -> None:
-
-        from fe2ml.expr import evaluate, numpy_funcs
-
-        fn = numpy_funcs()
-        for g, tree in self._bc_updates:
-            def f(x, tree=tree):
-                val = evaluate(tree, {"x": x[0], "y": x[1], "z": x[2], "t": t}, fn)
-                return np.broadcast_to(np.asarray(val, dtype=float), x.shape[1:]).copy()
-
-            g.interpolate(f)
-        for T, trees in self._tractions:
-            T.value[:] = [float(evaluate(tr, {"t": t}, fn)) for tr in trees]
-        for pc, tree in self._pressures:
-            pc.value = float(evaluate(tree, {"t": t}, fn))
+        self.loads.set(t)
 
     def _residual(self) -> float:
-        from petsc4py import PETSc
-
-        import dolfinx.fem.petsc
 
         t0 = time.perf_counter()
         with self.b.localForm() as loc:
@@ -402,9 +272,6 @@ class MacroProblem:
         return self.b.norm()
 
     def _solve_increment(self) -> bool:
-        from petsc4py import PETSc
-
-        import dolfinx.fem.petsc
 
         t0 = time.perf_counter()
         self.A.zeroEntries()
@@ -445,7 +312,7 @@ class MacroProblem:
                 return False, res, "non-finite macro residual"
             if r0 is None:
                 r0 = r
-                self._rref = max(getattr(self, "_rref", 0.0), r0)
+                self._rref = max(self._rref, r0)
             if r <= max(opts.rtol * max(r0, self._rref), opts.atol):
                 return True, res, None
             if len(res) > opts.max_it:
@@ -478,7 +345,7 @@ class MacroProblem:
         if r == 0:
             meta = {"t": self.t, "steps": len(self.history), "ranks": self.comm.size,
                     "history": [{"t": h.t, "iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
-                                for h in self.history], "rref": getattr(self, "_rref", 0.0)}
+                                for h in self.history], "rref": self._rref}
             tmpm = folder / "meta.json.tmp"
             tmpm.write_text(json.dumps(meta))
             os.replace(tmpm, folder / "meta.json")
@@ -562,10 +429,6 @@ class MacroProblem:
         The sum over the boundary's dofs of internal minus external nodal forces: what the support carries,
         including loads applied directly at constrained dofs (e.g. a pressure next to a symmetry plane).
         """
-        from petsc4py import PETSc
-
-        import dolfinx.fem.petsc
-
         f = dolfinx.fem.petsc.assemble_vector(self.R_form)
         f.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         out = {}
@@ -578,10 +441,8 @@ class MacroProblem:
 
     def mean_displacements(self) -> dict:
         """Mean displacement over each reported boundary, {name: (d,)} (collective)."""
-        import dolfinx
-
         return {name: np.array([self.comm.allreduce(dolfinx.fem.assemble_scalar(f)) for f in forms])
-                / self._bsize[name] for name, forms in self._umean_forms.items()}
+                / self.bnd.size[name] for name, forms in self._umean_forms.items()}
 
     def cell_averages(self) -> tuple[np.ndarray, np.ndarray]:
         """Cell averages (quadrature-weighted) of F̄ and P̄ over owned cells, each (n_owned, d, d)."""
@@ -616,14 +477,10 @@ def _cell_values(tags, n_owned):
 
 
 def _land():
-    from mpi4py import MPI
-
     return MPI.LAND
 
 
 def _lor():
-    from mpi4py import MPI
-
     return MPI.LOR
 
 
@@ -631,181 +488,3 @@ class RunInterrupted(Fe2mlError):
     """The run was asked to stop (SIGTERM); the last converged step is checkpointed."""
 
 
-class RunWriter:
-    """Writes a run's outputs after every converged step (rank 0 writes text files).
-
-    Files in ``out``: ``fields.xdmf`` (u, F̄ and P̄ cell averages per step), ``reactions.csv``,
-    ``summary.json`` (rewritten after every step, so a crash leaves the last converged step),
-    ``reactions.png`` at the end.
-    """
-
-    def __init__(self, problem: MacroProblem, out: Path, *, config_path: str = "", restart_step: int = 0):
-        import dolfinx
-
-        self.p = problem
-        self.out = Path(out)
-        self.comm = problem.comm
-        self.rank0 = self.comm.rank == 0
-        d = problem.d
-        msh = problem.msh
-        name = "fields.xdmf" if restart_step == 0 else f"fields_from_step{restart_step + 1}.xdmf"
-        self.xdmf = dolfinx.io.XDMFFile(self.comm, str(self.out / name), "w")
-        self.xdmf.write_mesh(msh)
-        self.V1 = dolfinx.fem.functionspace(msh, ("Lagrange", 1, (d,)))
-        self.u1 = dolfinx.fem.Function(self.V1, name="u")
-        T = dolfinx.fem.functionspace(msh, ("DG", 0, (d, d)))
-        self.Fc = dolfinx.fem.Function(T, name="F")
-        self.Pc = dolfinx.fem.Function(T, name="P")
-        self._tdofs = T.dofmap.list[: problem.n_owned, 0]
-        self.rows: list = []
-        self.config_path = config_path
-        self.t_start = time.perf_counter()
-        self.csv_header = ["t"]
-        for name in problem.report_boundaries:
-            if name in problem.reaction_dofs:
-                self.csv_header += [f"{name}_R{c + 1}" for c in range(d)]
-            self.csv_header += [f"{name}_u{c + 1}_mean" for c in range(d)]
-        if self.rank0 and restart_step == 0:
-            with open(self.out / "reactions.csv", "w", newline="") as f:
-                csv.writer(f).writerow(self.csv_header)
-            (self.out / "quadrature.h5").unlink(missing_ok=True)
-        elif self.rank0:  # keep the rows and quadrature data of the checkpointed steps only
-            with open(self.out / "reactions.csv", newline="") as f:
-                rows = list(csv.reader(f))
-            self.rows = [[float(v) for v in r] for r in rows[1:restart_step + 1]]
-            with open(self.out / "reactions.csv", "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(self.csv_header)
-                for r in rows[1:restart_step + 1]:
-                    w.writerow(r)
-            import h5py
-
-            if (self.out / "quadrature.h5").exists():
-                with h5py.File(self.out / "quadrature.h5", "a") as f:
-                    for g in [g for g in f if int(g.split("_")[1]) > restart_step]:
-                        del f[g]
-                    f.attrs["steps"] = restart_step
-
-    def write_step(self, status="running", message=""):
-        """Append the current (converged) state to all outputs (collective)."""
-        t0 = time.perf_counter()
-        p = self.p
-        d = p.d
-        self.u1.interpolate(p.u)
-        Fc, Pc = p.cell_averages()
-        self.Fc.x.array.reshape(-1, d * d)[self._tdofs] = Fc.reshape(-1, d * d)
-        self.Pc.x.array.reshape(-1, d * d)[self._tdofs] = Pc.reshape(-1, d * d)
-        self.Fc.x.scatter_forward()
-        self.Pc.x.scatter_forward()
-        for f in (self.u1, self.Fc, self.Pc):
-            self.xdmf.write_function(f, p.t)
-        self._write_quadrature()
-        R = p.reactions()
-        U = p.mean_displacements()
-        row = [p.t]
-        for name in p.report_boundaries:
-            if name in p.reaction_dofs:
-                row += R[name].tolist()
-            row += U[name].tolist()
-        self.rows.append(row)
-        if self.rank0:
-            with open(self.out / "reactions.csv", "a", newline="") as f:
-                csv.writer(f).writerow([f"{v:.12e}" for v in row])
-        p.timers["output_s"] += time.perf_counter() - t0
-        self.write_summary(status, message)
-
-    def _write_quadrature(self):
-        """Append F̄ (and cell quantities, when the law computes them) of this step to ``quadrature.h5``.
-
-        Gathered to rank 0, ordered by coordinates (rank independent): the input of ``fe2ml localize``.
-        """
-        p = self.p
-        ids, x = p.quadrature_point_ids()
-        F = p._F_qp()
-        Frve = p.rve_frame(F) if p.Q is not None else None
-        cells = p.law.cell_quantities() if p.form_law is None else None
-        cq = None
-        if cells:
-            keys = ("stretch", "J", "E", "sigma", "von_mises", "volume")
-            cq = {k: np.array([c.cell[k] for c in cells]) for k in keys}
-            cq["phase_F"] = np.array([c.phase["F"] for c in cells])
-            cq["phase_volume"] = np.array([c.phase["volume"] for c in cells])
-        parts = self.comm.gather((ids, x, F, cq, Frve), root=0)
-        if not self.rank0:
-            return
-        import h5py
-
-        ids = np.concatenate([q[0] for q in parts])
-        order = np.lexsort(np.concatenate([q[1] for q in parts]).T[::-1])  # by coordinates: rank-independent
-        k = len(p.history)
-        with h5py.File(self.out / "quadrature.h5", "a") as f:
-            g = f.create_group(f"step_{k}")
-            g.attrs["t"] = p.t
-            g["x"] = np.concatenate([q[1] for q in parts])[order]
-            g["F"] = np.concatenate([q[2] for q in parts])[order]
-            g["point_id"] = ids[order]
-            if parts[0][4] is not None:  # the F̄ the RVEs saw (material.orientation)
-                g["F_rve"] = np.concatenate([q[4] for q in parts])[order]
-            if all(q[3] is not None for q in parts):
-                for key in parts[0][3]:
-                    g[f"cells/{key}"] = np.concatenate([q[3][key] for q in parts])[order]
-            f.attrs["steps"] = k
-
-    def write_summary(self, status, message=""):
-        """Rewrite summary.json (collective: gathers law timings)."""
-        p = self.p
-        stats = dict(p.law.stats)
-        all_stats = self.comm.gather(stats, root=0)
-        timers = self.comm.gather(dict(p.timers), root=0)
-        if not self.rank0:
-            return
-        cons = [t["constitutive_s"] for t in timers]
-        summary = {
-            "status": status,
-            "message": message,
-            "config": self.config_path,
-            "t": p.t,
-            "ranks": self.comm.size,
-            "quadrature_points": p.n_qp_global,
-            "dofs": p.V.dofmap.index_map.size_global * p.V.dofmap.index_map_bs,
-            "wall_s": time.perf_counter() - self.t_start,
-            "time_split_s": {
-                "rve_or_constitutive": float(np.max(cons)),
-                "macro_assembly": float(np.max([t["assembly_s"] for t in timers])),
-                "macro_solve": float(np.max([t["solve_s"] for t in timers])),
-                "output": float(np.max([t["output_s"] for t in timers])),
-            },
-            "constitutive_time_per_rank_s": cons,
-            "law_s": float(max(st.get("time_s", 0.0) for st in all_stats)) if all_stats else 0.0,
-            "load_balance_max_over_mean": float(np.max(cons) / np.mean(cons)) if np.mean(cons) > 0 else 1.0,
-            "rve_solves": int(sum(s.get("rve_solves", 0) for s in all_stats)),
-            "surrogate_s": float(max(s.get("surrogate_s", 0.0) for s in all_stats)) if all_stats else 0.0,
-            "fallbacks": int(sum(s.get("fallbacks", 0) for s in all_stats)),
-            "fallbacks_per_step": [int(sum(v)) for v in zip(*[s.get("fallbacks_per_step", []) for s in all_stats],
-                                                             strict=False)],
-            "rve_newton_iterations": int(sum(s.get("newton_its", 0) for s in all_stats)),
-            "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
-                      for h in p.history],
-        }
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, self.out / "summary.json")
-
-    def close(self):
-        """Close the XDMF file and draw the reaction curve (collective)."""
-        self.xdmf.close()
-        if self.rank0 and self.rows:
-            from fe2ml.plotting import plot_reactions
-
-            plot_reactions(self.csv_header, np.array(self.rows), self.out / "reactions.png")
-
-
-def progress_line(k, n, t, rec, comm, width=24):
-    """Progress bar on rank 0."""
-    if comm.rank != 0:
-        return
-    done = int(width * k / n)
-    r = rec.residuals[-1][-1] if rec.residuals and rec.residuals[-1] else float("nan")
-    cut = f", {rec.cuts} cut(s)" if rec.cuts else ""
-    print(f"  [{'#' * done}{'.' * (width - done)}] step {k}/{n} t={t:.3f} Newton its {rec.iterations} "
-          f"|r|={r:.2e}{cut}", file=sys.stdout, flush=True)
