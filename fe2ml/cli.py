@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.errors import Fe2mlError
-from fe2ml.parallel import collective
+from fe2ml.parallel import collective, install_console_logging
 
 __all__ = ["main"]
 
@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     import fe2ml  # noqa: F401  (dolfinx_solver before mpi4py/petsc4py)
 
     comm = MPI.COMM_WORLD
+    install_console_logging(comm)  # rank 0's progress on stdout, every rank's warnings on stderr
     err = None
     code = 1
     try:

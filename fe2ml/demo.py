@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["run_demo"]
+
+log = logging.getLogger(__name__)
 
 RVE = {"dim": 2, "mesh": {"generate": "cells_2d", "n_cells": 5, "volume_fraction": 0.3, "aspect": 1.3, "seed": 2,
                           "h": 0.07},
@@ -62,7 +65,7 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
 
     def say(msg):
         if rank0:
-            print(f"[demo] {msg}", flush=True)
+            log.info(f"[demo] {msg}")
 
     rve = json.loads(json.dumps(RVE))
     if quick:
@@ -160,15 +163,15 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
                                         str(out / "run_surrogate" / f"localization_step{loc['step']}" /
                                             "points.xdmf")]}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("[demo] 6/6 summary")
-    print(f"  surrogate accuracy: held-out stress {100 * m['stress_rel_l2']:.2f} %, tangent "
+    log.info("[demo] 6/6 summary")
+    log.info(f"  surrogate accuracy: held-out stress {100 * m['stress_rel_l2']:.2f} %, tangent "
           f"{100 * m['tangent_rel_l2']:.2f} %; reaction curve vs FE² within {100 * dev:.2f} %")
-    print(f"  speed: constitutive time FE² {cs:.2f} s vs surrogate {cu:.4f} s ({cs / cu:.0f}x); whole runs "
+    log.info(f"  speed: constitutive time FE² {cs:.2f} s vs surrogate {cu:.4f} s ({cs / cu:.0f}x); whole runs "
           f"{runs['rve']['process_s']:.1f} s vs {runs['surrogate']['process_s']:.1f} s")
-    print(f"  most stretched cell: {loc['max_cell_stretch']:.3f} at x = {np.round(loc['at_x'], 3).tolist()} (the "
+    log.info(f"  most stretched cell: {loc['max_cell_stretch']:.3f} at x = {np.round(loc['at_x'], 3).tolist()} (the "
           f"hole is at x = (2, 1)); mean cell stretch {loc['mean_cell_stretch']:.3f}")
-    print("  figures: " + ", ".join(str(Path(v).relative_to(out)) for k, v in summary["outputs"].items()
+    log.info("  figures: " + ", ".join(str(Path(v).relative_to(out)) for k, v in summary["outputs"].items()
                                     if k != "paraview"))
-    print("  ParaView: " + ", ".join(str(Path(v).relative_to(out)) for v in summary["outputs"]["paraview"]))
-    print(f"  all in {out} ({summary['total_s']:.0f} s)")
+    log.info("  ParaView: " + ", ".join(str(Path(v).relative_to(out)) for v in summary["outputs"]["paraview"]))
+    log.info(f"  all in {out} ({summary['total_s']:.0f} s)")
     return summary

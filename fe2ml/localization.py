@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -28,9 +29,13 @@ import numpy as np
 from fe2ml.data.fingerprint import rve_fingerprint
 from fe2ml.errors import ConfigError
 from fe2ml.laws.rve import build_rank_rve
+from fe2ml.macro.config import load_run_config
 from fe2ml.parallel import collective
+from fe2ml.plotting import plot_cell_map
 
 __all__ = ["LocalizationModel", "localize", "read_quadrature"]
+
+log = logging.getLogger(__name__)
 
 
 def read_quadrature(run_dir: Path, step: int | None):
@@ -55,8 +60,6 @@ def read_quadrature(run_dir: Path, step: int | None):
 
 
 def _rve_config(run_dir: Path):
-    from fe2ml.macro.config import load_run_config
-
     s = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     cand = [Path(s["config"])] if s.get("config") else []
     cand.append(run_dir / "config.yaml")
@@ -176,8 +179,6 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
                                                   "cell_J_mean": J.mean(axis=1),
                                                   "cell_von_mises_max": np.nanmax(vm, axis=1) if method == "exact"
                                                   else np.zeros(len(sel))})
-    from fe2ml.plotting import plot_cell_map
-
     plot_cell_map(xs, stretch.max(axis=1), stretch.ravel(), out, label="largest principal cell stretch",
                   title=f"cell stretch at t = {t:.3g} ({method})")
     a, c = np.unravel_index(np.argmax(stretch), stretch.shape)
@@ -190,11 +191,11 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
         summary["max_abs_diff_to_recorded_stretch"] = float(np.abs(rs - stretch).max())
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     if not quiet:
-        print(f"fe2ml localize: {run_dir} step {k} (t = {t:.3g}), {len(sel)} points x {stretch.shape[1]} cells, "
+        log.info(f"fe2ml localize: {run_dir} step {k} (t = {t:.3g}), {len(sel)} points x {stretch.shape[1]} cells, "
               f"{method}: {per_point * 1e3:.3f} ms per point")
-        print(f"  most stretched cell: {summary['max_cell_stretch']:.4f} (cell {c}) at x = "
+        log.info(f"  most stretched cell: {summary['max_cell_stretch']:.4f} (cell {c}) at x = "
               f"{np.round(xs[a], 4).tolist()}; mean cell stretch {summary['mean_cell_stretch']:.4f}")
-        print(f"  wrote {out}/cells.csv, points.xdmf, map_stretch.png, hist_stretch.png, summary.json")
+        log.info(f"  wrote {out}/cells.csv, points.xdmf, map_stretch.png, hist_stretch.png, summary.json")
     return summary
 
 

@@ -1,16 +1,64 @@
-"""Collective error handling: a failure on one rank never leaves the others hanging.
+"""Collective error handling and rank-aware console logging.
 
 Every rank runs the same code path; where a step can fail on some ranks only (reading a file, building an RVE,
-a user's bad input that only one rank sees), the ranks agree on success first and then raise everywhere.
+a user's bad input that only one rank sees), the ranks agree on success first and then raise everywhere
+(:func:`collective`).
+
+Library modules log through module loggers (``logging.getLogger(__name__)``, all under ``fe2ml``) and never print;
+:func:`install_console_logging`, called once by the CLI (or a script), shows rank 0's progress on stdout and
+every rank's warnings on stderr.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable
+from typing import Any
 
 from fe2ml.errors import Fe2mlError
 
-__all__ = ["collective"]
+__all__ = ["collective", "install_console_logging"]
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """The console handler of :func:`install_console_logging` (replaced, never stacked).
+
+    It writes to whatever ``sys.stdout``/``sys.stderr`` is at the time of the message (redirections and captures
+    made after the installation are honoured).
+    """
+
+    def __init__(self, name: str):
+        super().__init__(getattr(sys, name))
+        self._name = name
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = getattr(sys, self._name)
+        super().emit(record)
+
+
+def install_console_logging(comm, *, level: int = logging.INFO) -> None:
+    """Show fe2ml's progress messages of rank 0 on stdout and warnings of every rank on stderr.
+
+    Args:
+        comm: the communicator whose rank 0 reports progress.
+        level: the level shown on rank 0 (other ranks show warnings and errors only).
+    """
+    log = logging.getLogger("fe2ml")
+    for h in [h for h in log.handlers if isinstance(h, _ConsoleHandler)]:
+        log.removeHandler(h)
+    if comm.rank == 0:
+        out = _ConsoleHandler("stdout")
+        out.setLevel(level)
+        out.addFilter(lambda r: r.levelno < logging.WARNING)
+        out.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(out)
+    err = _ConsoleHandler("stderr")
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter(f"[rank {comm.rank}] %(levelname)s %(message)s"))
+    log.addHandler(err)
+    log.setLevel(min(level, logging.WARNING))
+    log.propagate = False
 
 def collective[T](comm, fn: Callable[[], T]) -> T:
     """Run ``fn()`` on every rank; if it raises a :class:`Fe2mlError` on any rank, raise it on all ranks.
@@ -25,7 +73,8 @@ def collective[T](comm, fn: Callable[[], T]) -> T:
     Returns:
         What ``fn`` returned on this rank.
     """
-    err, out = None, None
+    err: Fe2mlError | None = None
+    out: Any = None
     try:
         out = fn()
     except Fe2mlError as e:

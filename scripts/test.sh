@@ -8,6 +8,8 @@ export OMP_NUM_THREADS=1
 cd "$ROOT"
 echo "== fe2ml lint: ruff"
 "$ROOT/.venv/bin/ruff" check fe2ml tests scripts
+echo "== fe2ml types: mypy (the contract, laws, RVE solvers and configs; files listed in pyproject.toml)"
+"$ROOT/.venv/bin/mypy"
 echo "== fe2ml tests: mpiexec -n 2 (rank 0 shown; other ranks' output shown if they fail)"
 LOGDIR="$(mktemp -d)"
 set +e

@@ -56,3 +56,11 @@ def mesh_dir():
     comm.barrier()
     if comm.rank == 0:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tissue_rve():
+    """The small tissue RVE of the tests as YAML text: ``tissue_rve(indent, **generator_args)`` (see helpers)."""
+    from helpers import tissue_rve_yaml
+
+    return tissue_rve_yaml

@@ -99,3 +99,22 @@ def laminate_exact(C_list, fractions, n, d):
                 sig += fractions[p] * np.einsum("ijkl,kl->ij", C, eps)
             Cbar[:, :, k, l] = sig
     return Cbar
+
+
+def tissue_rve_yaml(indent=0, *, dim=None, n_cells=2, volume_fraction=0.25, seed=3, h=0.12, soft=(0.2, 1.0)):
+    """The small tissue RVE of the tests as homogenize keys (YAML text): stiff matrix, soft cells.
+
+    Args:
+        indent: spaces in front of every line (to nest it under ``rve:``).
+        dim: write a ``dim`` key when given.
+        n_cells, volume_fraction, seed, h: the ``cells_2d`` generator's arguments.
+        soft: (mu, K) of the cells (phase 2); the matrix (phase 1) has mu = 1, K = 3.
+    """
+    import textwrap
+
+    text = (f"dim: {dim}\n" if dim is not None else "") + (
+        f"mesh: {{generate: cells_2d, n_cells: {n_cells}, volume_fraction: {volume_fraction}, seed: {seed}, h: {h}}}\n"
+        "phases:\n"
+        "  1: {material: neo_hookean, mu: 1.0, K: 3.0}\n"
+        f"  2: {{material: neo_hookean, mu: {soft[0]}, K: {soft[1]}}}\n")
+    return textwrap.indent(text, " " * indent)

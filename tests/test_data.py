@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+from helpers import tissue_rve_yaml
 
 from fe2ml.data.log import SCHEMA_VERSION, LogError, LogWriter
 from fe2ml.data.reader import RVEDataset, read_logs
@@ -158,11 +159,7 @@ def test_torch_dataset_lazy(mpi_tmp_path):
 
 SAMPLE = """\
     rve:
-      dim: 2
-      mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.2, seed: 4, h: 0.12}
-      phases:
-        1: {material: neo_hookean, mu: 1.0, K: 3.0}
-        2: {material: neo_hookean, mu: 0.2, K: 1.0}
+""" + tissue_rve_yaml(6, dim=2, volume_fraction=0.2, seed=4) + """\
     design:
       method: sobol
       n: 16

@@ -11,16 +11,12 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+from helpers import tissue_rve_yaml
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.serial
 
-RVE = """\
-    mesh: {generate: cells_2d, n_cells: 3, volume_fraction: 0.25, seed: 2, h: 0.12}
-    phases:
-      1: {material: neo_hookean, mu: 1.0, K: 3.0}
-      2: {material: neo_hookean, mu: 0.2, K: 1.0}
-"""
+RVE = tissue_rve_yaml(4, n_cells=3, seed=2)
 
 
 def _run(tmp_path, name, bcs, localize=True):

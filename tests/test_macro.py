@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
+from helpers import tissue_rve_yaml
 
 from fe2ml.config import MACRO_NEWTON
 from fe2ml.errors import ConfigError
@@ -118,10 +119,7 @@ RUN = """\
     material:
       kind: rve
       rve:
-        mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.25, seed: 3, h: 0.12}
-        phases:
-          1: {material: neo_hookean, mu: 1.0, K: 3.0}
-          2: {material: neo_hookean, mu: 0.2, K: 1.0}
+""" + tissue_rve_yaml(8) + """\
     bcs:
       - {boundary: left, components: [0, 1], value: 0.0}
       - {boundary: right, components: [0], value: "0.3*t"}

@@ -212,7 +212,7 @@ def test_surrogate_bad_inputs(tmp_path):
 
 
 @pytest.mark.serial
-def test_hybrid_falls_back_outside_the_training_data(tmp_path):
+def test_hybrid_falls_back_outside_the_training_data(tmp_path, tissue_rve):
     from fe2ml.data.campaign import build_rve, run_campaign
     from fe2ml.data.config import load_sample_config
     from fe2ml.data.log import LogWriter as LW
@@ -223,11 +223,7 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path):
 
     (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
         rve:
-          dim: 2
-          mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.2, seed: 4, h: 0.15}
-          phases:
-            1: {material: neo_hookean, mu: 1.0, K: 3.0}
-            2: {material: neo_hookean, mu: 0.3, K: 1.0}
+""" + tissue_rve(10, dim=2, volume_fraction=0.2, seed=4, h=0.15, soft=(0.3, 1.0)) + """\
         design: {method: sobol, n: 64, seed: 0, space: gradient, bounds: [-0.1, 0.1]}
         output: log
     """))

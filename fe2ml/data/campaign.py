@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -27,6 +28,8 @@ from fe2ml.micro.config import load_rve_mesh
 from fe2ml.parallel import collective
 
 __all__ = ["build_rve", "done_point_ids", "run_campaign"]
+
+log = logging.getLogger(__name__)
 
 
 def build_rve(rcfg, comm):
@@ -72,8 +75,8 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
     finite = cfg.rve.kinematics == "finite"
     run_id = comm.bcast(uuid.uuid4().hex[:8] + (f"p{part}" if parts > 1 else "") if rank == 0 else None, root=0)
     if not quiet and rank == 0:
-        print(f"fe2ml sample: {cfg.path} -> {cfg.output}: campaign {campaign_id}, RVE {fp}, {n} design points, "
-              f"{len(done)} already logged, {len(todo)} to do on {size} rank(s)", flush=True)
+        log.info(f"fe2ml sample: {cfg.path} -> {cfg.output}: campaign {campaign_id}, RVE {fp}, {n} design points, "
+              f"{len(done)} already logged, {len(todo)} to do on {size} rank(s)")
     attrs = {"source_kind": "campaign", "source_id": campaign_id, "design": json.dumps(cfg.design),
              "config": cfg.text, "rve": json.dumps(rve_description(rve)), "kinematics": cfg.rve.kinematics,
              "run_id": run_id, "n_designed": n}
@@ -120,8 +123,7 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
             t_log += t3 - t2
             if not quiet and rank == 0 and (time.perf_counter() - last > log_every or c + 1 == len(mine)):
                 last = time.perf_counter()
-                print(f"  rank 0: {c + 1}/{len(mine)} points ({(c + 1) / (last - t0):.1f} points/s per rank)",
-                      flush=True)
+                log.info(f"  rank 0: {c + 1}/{len(mine)} points ({(c + 1) / (last - t0):.1f} points/s per rank)")
     except Exception as e:  # noqa: BLE001 - collected and re-raised collectively below
         err = e
     finally:
@@ -142,6 +144,6 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
         out = {"campaign_id": campaign_id, "fingerprint": fp, "designed": n, "skipped": len(done), "new": len(todo),
                "wall_s": wall, "eval_s": [s["eval"] for s in stats], "log_s": [s["log"] for s in stats]}
         if not quiet:
-            print(f"  done: {len(todo)} new records in {wall:.1f} s ({len(todo) / max(wall, 1e-9):.1f} records/s), "
-                  f"log writing {max(out['log_s']):.3f} s of {wall:.1f} s", flush=True)
+            log.info(f"  done: {len(todo)} new records in {wall:.1f} s ({len(todo) / max(wall, 1e-9):.1f} records/s), "
+                  f"log writing {max(out['log_s']):.3f} s of {wall:.1f} s")
     return out

@@ -59,8 +59,8 @@ class MacroLogger:
         self.all_iterations = all_iterations
         self.pending: list = []
         self.step = 0
-        self.point_ids = None
-        self.x = None
+        self.point_ids: np.ndarray | None = None
+        self.x: np.ndarray | None = None
 
     def set_points(self, point_ids: np.ndarray, x: np.ndarray) -> None:
         """Global ids and coordinates of this rank's quadrature points."""

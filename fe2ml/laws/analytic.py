@@ -66,7 +66,10 @@ class AnalyticLaw(FormLaw, ConstitutiveLaw):
         if self.kinematics == "finite":
             Fv = ufl.variable(F)
             return ufl.diff(self.energy_form(Fv, tag), Fv)
-        C = ufl.as_tensor(np.asarray(self.materials[tag].stiffness(self.dim), dtype=np.float64).tolist())
+        mat = self.materials[tag]
+        if isinstance(mat, HyperelasticMaterial):
+            raise ConfigError(f"analytic law: phase {tag} is hyperelastic; small strain needs a linear material")
+        C = ufl.as_tensor(np.asarray(mat.stiffness(self.dim), dtype=np.float64).tolist())
         eps = ufl.sym(F - ufl.Identity(self.dim))
         i, j, k, l_ = ufl.indices(4)
         return ufl.as_tensor(C[i, j, k, l_] * eps[k, l_], (i, j))
@@ -85,7 +88,7 @@ class AnalyticLaw(FormLaw, ConstitutiveLaw):
         n, d = len(F), self.dim
         mat = self.materials[self.phases[0]]
         self.stats["evaluations"] += n
-        if self.kinematics == "small":
+        if self.kinematics == "small" and not isinstance(mat, HyperelasticMaterial):
             C = np.asarray(mat.stiffness(d), dtype=np.float64)
             H = F - np.eye(d)
             P = np.einsum("ijkl,nkl->nij", C, 0.5 * (H + H.transpose(0, 2, 1)))

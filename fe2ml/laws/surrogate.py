@@ -112,10 +112,10 @@ class HybridLaw(SurrogateLaw):
         flags = (spread > self.spread_tol) | (self.distance(F) > self.distance_tol)
         self.stats["surrogate_s"] += time.perf_counter() - t0
         idx = np.where(flags)[0]
-        for k in idx:
+        for k in map(int, idx):
             t1 = time.perf_counter()
             start = self.trial.get(k, self.states.get(k))
-            state, its, _, R = self.rve.solve(F[k], start, point=int(k))
+            state, its, _, R = self.rve.solve(F[k], start, point=k)
             P[k], A[k] = self.rve.homogenized(R)
             self.trial[k] = state
             self.stats["max_point_s"] = max(self.stats["max_point_s"], time.perf_counter() - t1)

@@ -120,20 +120,21 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if kind not in ("rve", "analytic", "surrogate", "hybrid"):
         raise ConfigError(f"{f}: material.kind: expected rve, analytic, surrogate or hybrid, got {kind!r}")
     rve = analytic = None
-    surrogate = None
+    surrogate: dict | None = None
+    s_ckp = Path()
     if kind in ("surrogate", "hybrid"):
         check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log", "orientation"), f"{f}: material")
         ck = mat.get("checkpoint")
         if not isinstance(ck, str):
             raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt")
-        ckp = base / ck
-        if not ckp.is_file():
-            raise ConfigError(f"{f}: material.checkpoint: {ckp} not found")
+        s_ckp = base / ck
+        if not s_ckp.is_file():
+            raise ConfigError(f"{f}: material.checkpoint: {s_ckp} not found")
         th = mat.get("threshold", {}) or {}
         if not isinstance(th, dict):
             raise ConfigError(f"{f}: material.threshold: expected {{spread: 0.02, distance: 0.0}}")
         check_keys(th, ("spread", "distance"), f"{f}: material.threshold")
-        surrogate = {"checkpoint": ckp, "spread": number(th.get("spread", 0.02), f"{f}: material.threshold.spread"),
+        surrogate = {"checkpoint": s_ckp, "spread": number(th.get("spread", 0.02), f"{f}: material.threshold.spread"),
                      "distance": number(th.get("distance", 0.0), f"{f}: material.threshold.distance"),
                      "log": (base / str(mat["log"])) if mat.get("log") else None}
         if kind == "hybrid" and "rve" not in mat:
@@ -183,7 +184,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if kind in ("surrogate", "hybrid"):
         from fe2ml.surrogate.checkpoint import load_checkpoint
 
-        ck = load_checkpoint(surrogate["checkpoint"])
+        ck = load_checkpoint(s_ckp)
         kin_default = ck["kinematics"]
         if ck["dim"] != dim:
             raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
@@ -246,16 +247,16 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     if not isinstance(out, str):
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
     out_p = (base / out) if output is None else Path(out)
-    log = raw.get("log")
+    log: dict | None = raw.get("log")
     if log is not None:
         if not isinstance(log, dict) or "folder" not in log:
             raise ConfigError(f"{f}: log: expected a mapping {{folder: PATH, all_iterations: false, cells: true}}")
         check_keys(log, ("folder", "all_iterations", "cells"), f"{f}: log")
         if kind != "rve":
             raise ConfigError(f"{f}: log: logging needs material.kind rve (there are no RVE evaluations to log)")
-        for k in ("all_iterations", "cells"):
-            if k in log and not isinstance(log[k], bool):
-                raise ConfigError(f"{f}: log.{k}: expected true or false, got {log[k]!r}")
+        for flag in ("all_iterations", "cells"):
+            if flag in log and not isinstance(log[flag], bool):
+                raise ConfigError(f"{f}: log.{flag}: expected true or false, got {log[flag]!r}")
         log = {"folder": base / str(log["folder"]), "all_iterations": log.get("all_iterations", False),
                "cells": log.get("cells", True)}
     loc = raw.get("localize", False)
@@ -300,8 +301,10 @@ def _orientation(v, where) -> Callable[[np.ndarray], np.ndarray]:
 
 def check_boundaries(cfg: RunConfig, names) -> None:
     """Every boundary a condition names exists on the macro mesh (errors name the file and the key)."""
-    for key, specs in (("bcs", cfg.bcs), ("tractions", cfg.tractions), ("pressures", cfg.pressures)):
-        for k, spec in enumerate(specs):
-            if spec.boundary not in names:
-                raise ConfigError(f"{cfg.path}: {key}[{k}].boundary: unknown boundary {spec.boundary!r}; "
+    keyed = [("bcs", [s.boundary for s in cfg.bcs]), ("tractions", [s.boundary for s in cfg.tractions]),
+             ("pressures", [s.boundary for s in cfg.pressures])]
+    for key, boundaries in keyed:
+        for k, name in enumerate(boundaries):
+            if name not in names:
+                raise ConfigError(f"{cfg.path}: {key}[{k}].boundary: unknown boundary {name!r}; "
                                   f"available: {', '.join(names)}")

@@ -226,12 +226,12 @@ def build_loads(V, v, F, bnd: Boundaries, *, dirichlet: Sequence[DirichletSpec],
     """All load terms of a problem: Dirichlet conditions, tractions and pressures."""
     bcs, reaction_dofs, updates = dirichlet_conditions(V, bnd, dirichlet)
     external, follower = 0, 0
-    for spec in tractions:
-        form, update = traction_term(v, bnd, spec)
+    for tspec in tractions:
+        form, update = traction_term(v, bnd, tspec)
         external = external + form
         updates.append(update)
-    for spec in pressures:
-        form, update = pressure_term(v, F, bnd, spec, finite=finite)
+    for pspec in pressures:
+        form, update = pressure_term(v, F, bnd, pspec, finite=finite)
         external = external + form
         follower = follower + form
         updates.append(update)

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fe2ml.config import number
 from fe2ml.errors import ConfigError, MeshError
+from fe2ml.micro.geometry import _gmsh_start
+from fe2ml.micro.mesh import CELL_TYPES, TAG_KEYS, read_mesh, read_meshio
 
 __all__ = ["MacroMesh", "create_macro_mesh"]
 
@@ -74,8 +77,6 @@ def _facet_groups(m, dim: int) -> dict:
 
     Names come from gmsh physical names (``field_data``); unnamed tags are called ``tag_N``.
     """
-    from fe2ml.micro.mesh import TAG_KEYS
-
     ftypes = {2: ("line",), 3: ("triangle", "quad")}[dim]
     names = {int(v[0]): str(k) for k, v in (m.field_data or {}).items()
              if len(np.atleast_1d(v)) >= 2 and int(np.atleast_1d(v)[1]) == dim - 1}
@@ -146,7 +147,6 @@ def _from_arrays(comm, points, cells, cell_type, phases):
     import dolfinx
     import ufl
 
-    from fe2ml.micro.mesh import CELL_TYPES
 
     gdim, name, perm = CELL_TYPES[cell_type]
     if comm.rank == 0:
@@ -207,8 +207,6 @@ def _plate_with_hole(comm, size, radius, h, h_hole):
     import dolfinx.io.gmsh as dgmsh
     import gmsh
 
-    from fe2ml.micro.geometry import _gmsh_start
-
     Lx, Ly = size
     if not 0 < radius < min(Lx, Ly) / 2:
         raise ConfigError(f"mesh.radius: expected 0 < radius < {min(Lx, Ly) / 2}, got {radius}")
@@ -256,8 +254,6 @@ def _ring(comm, radii, h):
     """
     import dolfinx.io.gmsh as dgmsh
     import gmsh
-
-    from fe2ml.micro.geometry import _gmsh_start
 
     a, b = radii
     if comm.rank == 0:
@@ -328,8 +324,6 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         h = float(spec.get("h", 0.25))
         msh, tags = _plate_with_hole(comm, size, r, h, float(spec.get("h_hole", h / 4)))
     elif gen == "ring":
-        from fe2ml.config import number
-
         radii = spec.get("radii", [1.0, 1.5])
         if not (isinstance(radii, list) and len(radii) == 2):
             raise ConfigError(f"{where}.radii: expected [inner, outer], got {radii!r}")
@@ -349,8 +343,6 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         n = spec.get("n")
         if not (isinstance(n, list) and len(n) == rm.dim and all(isinstance(k, int) and k >= 1 for k in n)):
             raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {n!r}")
-        from fe2ml.config import number
-
         eps = number(spec.get("eps", 1.0 / max(n)), f"{where}.eps", positive=True)
         if comm.rank == 0:
             X, C, ph = _tile(rm, n, eps)
@@ -359,7 +351,6 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         msh, tags = _from_arrays(comm, X, C if C is not None else np.zeros((0, rm.cells.shape[1]), dtype=np.int64),
                                  rm.cell_type, ph)
     elif "file" in spec:
-        from fe2ml.micro.mesh import read_mesh, read_meshio
 
         path = Path(base or ".") / spec["file"]
         if not path.is_file():

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +21,8 @@ from fe2ml.macro.problem import MacroProblem
 from fe2ml.plotting import plot_reactions
 
 __all__ = ["RunWriter", "progress_line"]
+
+log = logging.getLogger(__name__)
 
 
 class RunWriter:
@@ -191,5 +193,5 @@ def progress_line(k, n, t, rec, comm, width=24):
     done = int(width * k / n)
     r = rec.residuals[-1][-1] if rec.residuals and rec.residuals[-1] else float("nan")
     cut = f", {rec.cuts} cut(s)" if rec.cuts else ""
-    print(f"  [{'#' * done}{'.' * (width - done)}] step {k}/{n} t={t:.3f} Newton its {rec.iterations} "
-          f"|r|={r:.2e}{cut}", file=sys.stdout, flush=True)
+    log.info(f"  [{'#' * done}{'.' * (width - done)}] step {k}/{n} t={t:.3f} Newton its {rec.iterations} "
+          f"|r|={r:.2e}{cut}")

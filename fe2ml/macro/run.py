@@ -37,6 +37,8 @@ from fe2ml.parallel import collective
 
 __all__ = ["Run", "build", "build_law", "finish", "loop", "run"]
 
+log = logging.getLogger(__name__)
+
 
 
 def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
@@ -68,24 +70,23 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
     return collective(comm, make)
 
 
-def _setup_logging(comm, out: Path):
-    """Rank-aware logging: rank 0 writes INFO and above to ``run.log``; every rank sends warnings to stderr."""
-    log = logging.getLogger("fe2ml")
-    log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        log.removeHandler(h)
+class _RunLogHandler(logging.FileHandler):
+    """The ``run.log`` handler of a run (replaced by the next run in the same process)."""
+
+
+def _run_log(comm, out: Path) -> logging.Logger:
+    """The run's record in ``out/run.log`` (rank 0, appended across restarts): steps, restarts, failures."""
+    runlog = logging.getLogger("fe2ml.runlog")
+    for h in [h for h in runlog.handlers if isinstance(h, _RunLogHandler)]:
+        runlog.removeHandler(h)
         h.close()
-    fmt = logging.Formatter(f"%(asctime)s [rank {comm.rank}] %(levelname)s %(message)s")
     if comm.rank == 0:
-        fh = logging.FileHandler(out / "run.log", mode="a")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
-    sh = logging.StreamHandler()
-    sh.setLevel(logging.WARNING)
-    sh.setFormatter(fmt)
-    log.addHandler(sh)
-    log.propagate = False
-    return log
+        fh = _RunLogHandler(out / "run.log", mode="a")
+        fh.setFormatter(logging.Formatter(f"%(asctime)s [rank {comm.rank}] %(levelname)s %(message)s"))
+        runlog.addHandler(fh)
+    runlog.setLevel(logging.INFO)
+    runlog.propagate = False  # the console shows progress lines, not this record
+    return runlog
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Run:
     law: ConstitutiveLaw | AnalyticLaw
     writer: RunWriter
     logger: MacroLogger | None
-    log: logging.Logger
+    runlog: logging.Logger
     start: int
     quiet: bool
 
@@ -152,12 +153,11 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -
     """
     out = Path(cfg.output)
     _prepare_output(comm, out)
-    log = _setup_logging(comm, out)
-    rank0 = comm.rank == 0 and not quiet
+    runlog = _run_log(comm, out)
 
     def say(msg):
-        if rank0:
-            print(msg, flush=True)
+        if not quiet:
+            log.info(msg)
 
     say(f"fe2ml run: {cfg.path} -> {out} ({cfg.dim}D, {cfg.kinematics} strain, material {cfg.kind}, "
         f"{comm.size} rank(s))")
@@ -197,12 +197,12 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -
         meta = collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
         start = meta["steps"]
         say(f"  restarting after step {start} (t = {prob.t:.4g})")
-        log.info("restart after step %d (t = %.6g)", start, prob.t)
+        runlog.info("restart after step %d (t = %.6g)", start, prob.t)
     elif comm.rank == 0 and Path(cfg.path).resolve() != (out / "config.yaml").resolve():
         shutil.copyfile(cfg.path, out / "config.yaml")
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
-    return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, log=log, start=start,
-               quiet=quiet)
+    return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
+               start=start, quiet=quiet)
 
 
 def loop(r: Run) -> None:
@@ -232,7 +232,7 @@ def loop(r: Run) -> None:
             rec = prob.step(k / cfg.steps)
             r.writer.write_step()
             prob.save_checkpoint(r.out / "checkpoint")
-            r.log.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
+            r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not r.quiet:
                 progress_line(k, cfg.steps, prob.t, rec, comm)
             if k < cfg.steps and comm.allreduce(stop["flag"], op=MPI.LOR):
@@ -250,11 +250,11 @@ def finish(r: Run, t0: float) -> dict:
         summary = json.loads((r.out / "summary.json").read_text())
         if not r.quiet:
             ts = summary["time_split_s"]
-            print(f"  done in {time.perf_counter() - t0:.1f} s: constitutive/RVE {ts['rve_or_constitutive']:.2f} s, "
+            log.info(f"  done in {time.perf_counter() - t0:.1f} s: constitutive/RVE {ts['rve_or_constitutive']:.2f} s, "
                   f"macro assembly {ts['macro_assembly']:.2f} s, macro solve {ts['macro_solve']:.2f} s; "
                   f"{summary['rve_solves']} RVE solves; load balance max/mean "
                   f"{summary['load_balance_max_over_mean']:.2f}")
-            print(f"  outputs: {r.out}/fields.xdmf, reactions.csv, reactions.png, summary.json")
+            log.info(f"  outputs: {r.out}/fields.xdmf, reactions.csv, reactions.png, summary.json")
     return summary
 
 
@@ -283,12 +283,13 @@ def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -> 
     except RunInterrupted:
         message = (f"terminated by SIGTERM; checkpoint at step {len(r.prob.history)} (t = {r.prob.t:.6g}); "
                    f"continue with: fe2ml run --restart {r.out}")
-        r.log.warning(message)
+        r.runlog.warning(message)
+        log.warning(message)
         r.writer.write_summary("terminated", message)
         r.close()
         raise RunInterrupted(message) from None
     except Fe2mlError as e:
-        r.log.error(str(e))
+        r.runlog.error(str(e))
         r.writer.write_summary("failed", str(e))
         r.close()
         raise

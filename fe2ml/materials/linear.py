@@ -101,7 +101,10 @@ def _check_tensor(C3: np.ndarray, name: str) -> None:
 class LinearMaterial(Protocol):
     """Anything that provides a linear elastic stiffness in dimension d."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Label for messages."""
+        ...
 
     def stiffness(self, d: int) -> np.ndarray:
         """Stiffness tensor of shape (d, d, d, d) (plane strain restriction for d = 2)."""

@@ -45,7 +45,7 @@ __all__ = [
 LOAD_PATHS = ("uniaxial", "biaxial", "shear", "pure_shear")
 
 
-def parse_rve_ref(r, p: Path, f: str, base: Path, dim: int) -> HomogenizeConfig:
+def parse_rve_ref(r, p: Path, f: str, base: Path, dim: int | None) -> HomogenizeConfig:
     """``material.rve`` / ``rve``: a mapping of homogenize keys, or the path of a homogenize YAML."""
     if isinstance(r, str):
         rp = base / r
@@ -171,15 +171,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     strains = raw.get("strains", [])
     if not isinstance(strains, list):
         raise ConfigError(f"{f}: strains: expected a list of {dim}x{dim} matrices, got {strains!r}")
-    out = []
-    for k, s in enumerate(strains):
-        try:
-            a = np.asarray(s, dtype=float)
-        except (TypeError, ValueError):
-            a = np.zeros(0)
-        if a.shape != (dim, dim) or not np.all(np.isfinite(a)):
-            raise ConfigError(f"{f}: strains[{k}]: expected a {dim}x{dim} list of numbers, got {s!r}")
-        out.append(a)
+    out = [_matrix(s, dim, f"{f}: strains[{k}]") for k, s in enumerate(strains)]
     names = {str(spec.get("material")) for spec in phases.values()}
     hyper = names & set(HYPERELASTIC)
     kin = raw.get("kinematics", "finite" if hyper else "small")
@@ -204,12 +196,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if not isinstance(Fraw, list):
         raise ConfigError(f"{f}: F: expected a list of {dim}x{dim} deformation gradients, got {Fraw!r}")
     for k, s_ in enumerate(Fraw):
-        try:
-            a = np.asarray(s_, dtype=float)
-        except (TypeError, ValueError):
-            a = np.zeros(0)
-        if a.shape != (dim, dim) or not np.all(np.isfinite(a)):
-            raise ConfigError(f"{f}: F[{k}]: expected a {dim}x{dim} list of numbers, got {s_!r}")
+        a = _matrix(s_, dim, f"{f}: F[{k}]")
         if np.linalg.det(a) <= 0:
             raise ConfigError(f"{f}: F[{k}]: det F = {np.linalg.det(a):.4g} <= 0; a deformation gradient must "
                               "have positive determinant")
@@ -244,6 +231,17 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
                             generator_out=gout, cell_phases=cell_phases, materials=materials, bc=bc,
                             degree=degree, strains=out, tol=tol, kinematics=kin, formulation=formulation,
                             F=Fs, load_path=lp, newton=newton, fields_points=fpts)
+
+
+def _matrix(v, dim: int, where: str) -> np.ndarray:
+    """A finite dim x dim matrix from YAML (a list of lists of numbers)."""
+    try:
+        a = np.asarray(v, dtype=float)
+    except (TypeError, ValueError):
+        a = np.zeros(0)
+    if a.shape != (dim, dim) or not np.all(np.isfinite(a)):
+        raise ConfigError(f"{where}: expected a {dim}x{dim} list of numbers, got {v!r}")
+    return a
 
 
 def load_path(kind: str, maximum: float, steps: int, dim: int) -> list[np.ndarray]:
@@ -291,10 +289,8 @@ def load_rve_mesh(cfg: HomogenizeConfig, *, comm=None) -> RVEMesh:
         The :class:`fe2ml.micro.mesh.RVEMesh`.
     """
     f = str(cfg.path)
-    if cfg.generator is not None:
-        path = generate_mesh(cfg.generator, cfg.generator_params, cfg.generator_out, comm=comm)
-    else:
-        path = cfg.mesh_file
+    path = (generate_mesh(cfg.generator, cfg.generator_params, cfg.generator_out, comm=comm)
+            if cfg.generator is not None else Path(str(cfg.mesh_file)))
     mesh = read_mesh(path, cell_phases=cfg.cell_phases, tol=cfg.tol)
     if mesh.dim != cfg.dim:
         raise MeshError(f"{f}: mesh {path} is {mesh.dim}D but dim is {cfg.dim}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,12 +39,12 @@ from fe2ml.micro.mesh import RVEMesh
 from fe2ml.micro.quantities import NQ, CellQuantities, summaries
 from fe2ml.micro.reduction import (
     BCS,
+    RVEBox,
     build_reduction,
     check_materials,
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
-    set_box,
     to_dolfinx,
 )
 
@@ -87,7 +88,7 @@ class EvalResult:
     time_s: np.ndarray
 
 
-class HyperelasticRVE:
+class HyperelasticRVE(RVEBox):
     """A finite-strain RVE on ``MPI.COMM_SELF``: build once, evaluate batches of F̄.
 
     Args:
@@ -139,7 +140,7 @@ class HyperelasticRVE:
                                     "have none (use neo_hookean/hgo or formulation: displacement)")
         self.formulation = formulation
         self.newton = newton or NewtonOptions()
-        set_box(self, mesh, materials, bc=bc, degree=degree, tol=tol)
+        self._set_box(mesh, materials, bc=bc, degree=degree, tol=tol)
         d = self.d
         lo, hi = mesh.box
         self.msh, self.phase_tags, self.cell_ids = to_dolfinx(MPI.COMM_SELF, mesh)
@@ -148,19 +149,19 @@ class HyperelasticRVE:
         Pu = basix.ufl.element("Lagrange", cellname, degree, shape=(d,))
         if formulation == "mixed":
             Pp = basix.ufl.element("DG", cellname, 0)
-            self.W = dolfinx.fem.functionspace(msh, basix.ufl.mixed_element([Pu, Pp]))
-            Vu, mu_ = self.W.sub(0).collapse()
-            _, mp_ = self.W.sub(1).collapse()
+            self.Z = dolfinx.fem.functionspace(msh, basix.ufl.mixed_element([Pu, Pp]))
+            Vu, mu_ = self.Z.sub(0).collapse()
+            _, mp_ = self.Z.sub(1).collapse()
             umap = np.asarray(mu_).reshape(-1)
             pmap = np.asarray(mp_).reshape(-1)
         else:
-            self.W = dolfinx.fem.functionspace(msh, Pu)
-            Vu = self.W
-            umap = np.arange(self.W.dofmap.index_map.size_local * d)
+            self.Z = dolfinx.fem.functionspace(msh, Pu)
+            Vu = self.Z
+            umap = np.arange(self.Z.dofmap.index_map.size_local * d)
             pmap = np.zeros(0, dtype=np.int64)
         self.Vu = Vu
         self.umap, self.pmap = umap, pmap
-        n = self.W.dofmap.index_map.size_local * self.W.dofmap.index_map_bs
+        n = self.Z.dofmap.index_map.size_local * self.Z.dofmap.index_map_bs
         self.n = n
         X = Vu.tabulate_dof_coordinates()[:, :d]
         nb = X.shape[0]
@@ -179,7 +180,7 @@ class HyperelasticRVE:
         self.T = mat_from_scipy(self.T_sp)
 
         # forms
-        self.z = dolfinx.fem.Function(self.W, name="state")
+        self.z = dolfinx.fem.Function(self.Z, name="state")
         if formulation == "mixed":
             u, p = ufl.split(self.z)
         else:
@@ -222,37 +223,37 @@ class HyperelasticRVE:
             Qexpr[tag] = ufl.as_vector([F3[i, j] for i in range(3) for j in range(3)]
                                        + [Egl[i, j] for i in range(3) for j in range(3)]
                                        + [J, Wphys] + [sig[i, j] for i in range(3) for j in range(3)] + [1.0])
-        v = ufl.TestFunction(self.W)
-        dz = ufl.TrialFunction(self.W)
+        v = ufl.TestFunction(self.Z)
+        dz = ufl.TrialFunction(self.Z)
         R = ufl.derivative(Pi, self.z, v)
         Kf = ufl.derivative(R, self.z, dz)
         try:
             self.R_form = dolfinx.fem.form(R)
-            self.K_form = dolfinx.fem.form(Kf)
+            self.Kt_form = dolfinx.fem.form(Kf)
         except Exception as e:
             raise MaterialError(f"energy failed to compile ({str(e).splitlines()[0] if str(e) else e!r})") from None
-        self.Q = dolfinx.fem.functionspace(msh, ("DG", 0, (NQ,)))
-        q = ufl.TestFunction(self.Q)
+        self.Vq = dolfinx.fem.functionspace(msh, ("DG", 0, (NQ,)))
+        q = ufl.TestFunction(self.Vq)
         self.Q_form = dolfinx.fem.form(sum(ufl.inner(q, Qexpr[t]) * dx(t) for t in mesh.tags))
-        self._qdofs = self.Q.dofmap.list[:, 0]
+        self._qdofs = self.Vq.dofmap.list[:, 0]
         self.elem_phase = np.asarray(self.phase_tags.values)
 
         if bc == "traction":
             import scipy.sparse as sp
 
             vu = ufl.split(v)[0] if formulation == "mixed" else v
-            self.G_r = sp.csr_matrix(self.T_sp.T @ mean_gradient_constraints(self.W, vu, d))
+            self.G_r = sp.csr_matrix(self.T_sp.T @ mean_gradient_constraints(self.Z, vu, d))
         else:
             self.G_r = None
         self.nlam = d * d if bc == "traction" else 0
 
-        self.K = dolfinx.fem.petsc.assemble_matrix(self.K_form)
-        self.K.assemble()
+        self.Kt = dolfinx.fem.petsc.assemble_matrix(self.Kt_form)
+        self.Kt.assemble()
         self.Rvec = dolfinx.fem.petsc.assemble_vector(self.R_form)
-        self._Kr_base = None
-        self._Kr = None
+        self._Kr_base: Any = None
+        self._Kr: Any = None
         HyperelasticRVE._count += 1
-        self.ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+        self.ksp: Any = PETSc.KSP().create(PETSc.COMM_SELF)
         self.ksp.setOptionsPrefix(f"fe2ml_hrve{HyperelasticRVE._count}_")
         self.ksp.setType("preonly")
         self.ksp.getPC().setType("cholesky")  # MUMPS LDLᵀ: symmetric, indefinite allowed
@@ -264,10 +265,10 @@ class HyperelasticRVE:
         KU = np.zeros(n)
         E = np.zeros((d, d))
         E[0, 0] = 1.0
-        u0 = self.K.createVecRight()
+        u0 = self.Kt.createVecRight()
         u0.array[:] = self.U @ E.ravel()
-        out = self.K.createVecLeft()
-        self.K.mult(u0, out)
+        out = self.Kt.createVecLeft()
+        self.Kt.mult(u0, out)
         KU[:] = out.array
         u0.destroy()
         out.destroy()
@@ -296,14 +297,14 @@ class HyperelasticRVE:
         import dolfinx.fem.petsc
 
         t0 = time.perf_counter()
-        self.K.zeroEntries()
-        dolfinx.fem.petsc.assemble_matrix(self.K, self.K_form)
-        self.K.assemble()
+        self.Kt.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(self.Kt, self.Kt_form)
+        self.Kt.assemble()
         t1 = time.perf_counter()
         if self._Kr_base is None:
-            self._Kr_base = self.K.PtAP(self.T)
+            self._Kr_base = self.Kt.PtAP(self.T)
         else:
-            self.K.PtAP(self.T, result=self._Kr_base)
+            self.Kt.PtAP(self.T, result=self._Kr_base)
         if self.bc == "traction":
             import scipy.sparse as sp
 
@@ -443,11 +444,11 @@ class HyperelasticRVE:
         if not self._factor():
             raise SolverError("factorisation of the converged RVE Jacobian failed")
         KU = np.zeros((self.n, d * d))
-        u = self.K.createVecRight()
-        out = self.K.createVecLeft()
+        u = self.Kt.createVecRight()
+        out = self.Kt.createVecLeft()
         for a in range(d * d):
             u.array[:] = self.U[:, a]
-            self.K.mult(u, out)
+            self.Kt.mult(u, out)
             KU[:, a] = out.array
         u.destroy()
         out.destroy()
@@ -523,7 +524,8 @@ class HyperelasticRVE:
         its = np.zeros(n, dtype=np.int64)
         steps = np.zeros(n, dtype=np.int64)
         tt = np.zeros(n)
-        out_cells, out_states = [], []
+        out_cells: list[CellQuantities | None] = []
+        out_states: list[RVEState] = []
         for k in range(n):
             t0 = time.perf_counter()
             st = states[k] if states is not None else (out_states[-1] if warm_start and out_states else None)
@@ -589,7 +591,7 @@ class HyperelasticRVE:
 
     def close(self) -> None:
         """Free PETSc objects."""
-        destroy_petsc(self, ("ksp", "K", "T", "Rvec"))
+        destroy_petsc(self, ("ksp", "Kt", "T", "Rvec"))
 
     def __del__(self):
         try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -33,12 +34,12 @@ from fe2ml.materials import VOIGT_ORDER, LinearMaterial, to_voigt
 from fe2ml.micro.mesh import RVEMesh
 from fe2ml.micro.reduction import (
     BCS,
+    RVEBox,
     build_reduction,
     check_materials,
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
-    set_box,
     to_dolfinx,
 )
 
@@ -83,7 +84,7 @@ class HomogenizationResult:
         return to_voigt(self.C)
 
 
-class LinearRVE:
+class LinearRVE(RVEBox):
     """A linear elastic RVE on ``MPI.COMM_SELF``: build once, homogenize many times.
 
     Args:
@@ -115,7 +116,7 @@ class LinearRVE:
         if degree not in (1, 2):
             raise ConfigError(f"degree: expected 1 or 2, got {degree!r}")
         check_materials(mesh, materials)
-        set_box(self, mesh, materials, bc=bc, degree=degree, tol=tol)
+        self._set_box(mesh, materials, bc=bc, degree=degree, tol=tol)
         d = self.d
         lo, hi = mesh.box
 
@@ -158,19 +159,19 @@ class LinearRVE:
         if bc == "traction":
             self.G_r = np.asarray(self.T_sp.T @ mean_gradient_constraints(V, v, d))
         # matrices and solver, created once
-        self.K = dolfinx.fem.petsc.assemble_matrix(self.a_form)
-        self.K.assemble()
-        self._Kr = None
-        self._Kr_base = None
+        self.Kt = dolfinx.fem.petsc.assemble_matrix(self.a_form)
+        self.Kt.assemble()
+        self._Kr: Any = None
+        self._Kr_base: Any = None
         LinearRVE._count += 1
         self._prefix = f"fe2ml_rve{LinearRVE._count}_"
-        self.ksp = PETSc.KSP().create(PETSc.COMM_SELF)
+        self.ksp: Any = PETSc.KSP().create(PETSc.COMM_SELF)
         self.ksp.setOptionsPrefix(self._prefix)
         self.ksp.setType("preonly")
         pc = self.ksp.getPC()
         pc.setType("lu" if bc == "traction" else "cholesky")
         pc.setFactorSolverType("mumps")
-        opts = PETSc.Options()
+        opts: Any = PETSc.Options()
         for k_, v_ in (petsc_options or {}).items():
             opts[self._prefix + k_] = v_
         self.ksp.setFromOptions()
@@ -184,13 +185,13 @@ class LinearRVE:
 
         import dolfinx.fem.petsc
 
-        self.K.zeroEntries()
-        dolfinx.fem.petsc.assemble_matrix(self.K, self.a_form)
-        self.K.assemble()
+        self.Kt.zeroEntries()
+        dolfinx.fem.petsc.assemble_matrix(self.Kt, self.a_form)
+        self.Kt.assemble()
         if self._Kr_base is None:
-            self._Kr_base = self.K.PtAP(self.T)
+            self._Kr_base = self.Kt.PtAP(self.T)
         else:
-            self.K.PtAP(self.T, result=self._Kr_base)
+            self.Kt.PtAP(self.T, result=self._Kr_base)
         Kr = self._Kr_base
         if self.bc == "traction":
             import scipy.sparse as sp
@@ -227,7 +228,7 @@ class LinearRVE:
         self._reduced_operator()
         m = self.U.shape[1]
         nr = self._Kr.getSize()[0]
-        K, T = self.K, self.T
+        K, T = self.Kt, self.T
         u = K.createVecRight()
         Ku = K.createVecLeft()
         r = self._Kr.createVecLeft()
@@ -276,9 +277,8 @@ class LinearRVE:
     def stress(self, H) -> np.ndarray:
         """Macro stress σ̄ = C̄ : sym(H) for a displacement gradient H = F̄ - I, shape (d, d)."""
         eps = self._strain(H)
-        if self._result is None:
-            self.homogenize()
-        return np.einsum("ijkl,kl->ij", self._result.C, eps)
+        res = self._result if self._result is not None else self.homogenize()
+        return np.einsum("ijkl,kl->ij", res.C, eps)
 
     def fluctuation(self, H):
         """Fluctuation field w (dolfinx Function) and total u for the macro strain sym(H).
@@ -303,7 +303,7 @@ class LinearRVE:
 
     def close(self) -> None:
         """Free the PETSc objects (also done when the object is garbage collected)."""
-        destroy_petsc(self, ("ksp", "K", "T"))
+        destroy_petsc(self, ("ksp", "Kt", "T"))
 
     def __del__(self):
         try:

@@ -20,8 +20,8 @@ import numpy as np
 from fe2ml.errors import MeshError
 from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
 
-__all__ = ["BCS", "build_reduction", "check_materials", "destroy_petsc", "mat_from_scipy",
-           "mean_gradient_constraints", "set_box", "to_dolfinx"]
+__all__ = ["BCS", "RVEBox", "build_reduction", "check_materials", "destroy_petsc", "mat_from_scipy",
+           "mean_gradient_constraints", "to_dolfinx"]
 
 BCS = ("periodic", "affine", "traction")
 
@@ -74,18 +74,39 @@ def check_materials(mesh: RVEMesh, materials: dict) -> None:
                         f"(materials given for {sorted(materials)})")
 
 
-def set_box(rve, mesh: RVEMesh, materials: dict, *, bc: str, degree: int, tol: float) -> None:
-    """Attributes shared by the RVE solvers (mesh, BC, degree, box volume and centre); checks periodicity."""
-    rve.rve_mesh = mesh
-    rve.bc = bc
-    rve.degree = degree
-    rve.d = mesh.dim
-    rve.materials = dict(materials)
-    lo, hi = mesh.box
-    rve.volume = float(np.prod(hi - lo))
-    rve.centre = 0.5 * (lo + hi)
-    if bc == "periodic":
-        periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
+class RVEBox:
+    """What every RVE solver knows of its box: mesh, BC, degree, dimension, materials, volume and centre.
+
+    Attributes:
+        rve_mesh: the RVE mesh.
+        bc: periodic, affine or traction.
+        degree: displacement degree.
+        d: dimension.
+        materials: phase tag -> material.
+        volume: box volume |Y|.
+        centre: box centre (d,), the origin of y in u = (F̄ − I)·y + w.
+    """
+
+    rve_mesh: RVEMesh
+    bc: str
+    degree: int
+    d: int
+    materials: dict
+    volume: float
+    centre: np.ndarray
+
+    def _set_box(self, mesh: RVEMesh, materials: dict, *, bc: str, degree: int, tol: float) -> None:
+        """Set the box attributes; checks periodicity of the mesh for periodic BCs."""
+        self.rve_mesh = mesh
+        self.bc = bc
+        self.degree = degree
+        self.d = mesh.dim
+        self.materials = dict(materials)
+        lo, hi = mesh.box
+        self.volume = float(np.prod(hi - lo))
+        self.centre = 0.5 * (lo + hi)
+        if bc == "periodic":
+            periodic_node_map(mesh.points, tol=tol, strict=True, source=mesh.source)
 
 
 def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap=None, pmap=None):

@@ -12,6 +12,8 @@ from torch import nn
 from torch.nn import functional as Fn
 
 from fe2ml.errors import ConfigError
+from fe2ml.surrogate.checkpoint import load_checkpoint
+from fe2ml.surrogate.models import MLP, build_model
 
 __all__ = ["ExportedPotential", "export_checkpoint"]
 
@@ -92,9 +94,6 @@ def export_checkpoint(checkpoint, out, *, member: int = 0):
         ConfigError: the checkpoint cannot be exported (plain or invariant models, missing file).
     """
     import warnings
-
-    from fe2ml.surrogate.checkpoint import load_checkpoint
-    from fe2ml.surrogate.models import MLP, build_model
 
     ck = load_checkpoint(checkpoint)
     margs = {k: v for k, v in ck["model"].items() if k != "kind"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 
@@ -23,6 +24,8 @@ from fe2ml.surrogate.config import TrainConfig
 from fe2ml.surrogate.models import build_model
 
 __all__ = ["load_data", "train", "train_localization"]
+
+log = logging.getLogger(__name__)
 
 
 def _rel(a, b):
@@ -157,10 +160,10 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     else:
         margs["hidden"] = tuple(margs["hidden"])
     if not quiet and comm.rank == 0:
-        print(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE "
+        log.info(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE "
               f"{info['fingerprint']}, "
               f"{info['dim']}D {info['kinematics']}; split {len(tr)}/{len(va)}/{len(te)}; {cfg.model['kind']} model "
-              f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s)", flush=True)
+              f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s)")
     members = {}
     hists = {}
     for k in range(cfg.ensemble):
@@ -173,7 +176,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
 
         def prog(ep, lt, lv, k=k):
             if not quiet and comm.rank == 0:
-                print(f"  member {k}: epoch {ep:5d} train loss {lt:.3e} validation loss {lv:.3e}", flush=True)
+                log.info(f"  member {k}: epoch {ep:5d} train loss {lt:.3e} validation loss {lv:.3e}")
 
         tcfg = dict(cfg.train)
         seed = cfg.train["seed"] + k
@@ -224,10 +227,10 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
                 cfg.output / "parity_A.png", title=f"Ā parity ({name})", symbol="A")
     if not quiet:
         for s, m in metrics.items():
-            print(f"  {s:>10}: stress rel. L2 {100 * m['stress_rel_l2']:.3f} %, tangent rel. L2 "
+            log.info(f"  {s:>10}: stress rel. L2 {100 * m['stress_rel_l2']:.3f} %, tangent rel. L2 "
                   f"{100 * m['tangent_rel_l2']:.3f} % ({m['n']} records)")
-        print(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_P.png, parity_A.png "
-              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        log.info(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_P.png, parity_A.png "
+              f"({time.perf_counter() - t0:.1f} s)")
     return report
 
 
@@ -283,7 +286,7 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
         elif ep - best[2] > cfg.train["patience"]:
             break
         if not quiet and ep % 500 == 0:
-            print(f"  epoch {ep:5d} train loss {float(lt.detach()):.3e} validation loss {lv:.3e}", flush=True)
+            log.info(f"  epoch {ep:5d} train loss {float(lt.detach()):.3e} validation loss {lv:.3e}")
     m.net.load_state_dict(best[1])
     metrics = {}
     for name, idx in (("train", tr), ("validation", va), ("test", te)):
@@ -314,8 +317,8 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
                 symbol="cell")
     if not quiet:
         for s_, mm in metrics.items():
-            print(f"  {s_:>10}: cell stretch rel. error {100 * mm['stretch_rel']:.3f} % (of λ−1: "
+            log.info(f"  {s_:>10}: cell stretch rel. error {100 * mm['stretch_rel']:.3f} % (of λ−1: "
                   f"{100 * mm['stretch_minus_1_rel_l2']:.2f} %), J {100 * mm['J_rel']:.3f} % (of J−1: "
                   f"{100 * mm['J_minus_1_rel_l2']:.2f} %)")
-        print(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_stretch.png", flush=True)
+        log.info(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_stretch.png")
     return report
