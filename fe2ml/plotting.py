@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 __all__ = [
+    "plot_calibration",
     "plot_cell_map",
     "plot_lines",
     "plot_parity",
@@ -284,3 +285,30 @@ def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out,
     fig.tight_layout()
     fig.savefig(out / "hist_stretch.png", dpi=130)
     plt.close(fig)
+
+
+def plot_calibration(predicted: np.ndarray, true: np.ndarray, path, *, title: str = "") -> None:
+    """Predicted (calibrated spread) against true per-point error, log-log, with the lines y = x and y = 2x.
+
+    Args:
+        predicted: predicted errors (n,).
+        true: true errors (n,).
+        path: PNG file.
+        title: figure title.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    p = np.maximum(np.asarray(predicted), 1e-12)
+    t = np.maximum(np.asarray(true), 1e-12)
+    lo, hi = min(p.min(), t.min()), max(p.max(), t.max())
+    ax.loglog([lo, hi], [lo, hi], "k:", lw=0.8, label="true = predicted")
+    ax.loglog([lo, hi], [2 * lo, 2 * hi], "k--", lw=0.8, label="true = 2 x predicted")
+    ax.scatter(p, t, s=5, alpha=0.7)
+    ax.set_xlabel("predicted error (calibrated spread)")
+    ax.set_ylabel("true relative error")
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+

@@ -20,6 +20,7 @@ from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import make_rve_mesh
 from fe2ml.surrogate.checkpoint import FORMAT_VERSION
+from fe2ml.surrogate.gate import Thresholds, relative_spread
 from fe2ml.surrogate.models import PotentialModel
 
 D = 2
@@ -44,9 +45,11 @@ def _checkpoint(path, rve, members):
                 torch.nn.init.normal_(prm, std=0.5)
         states.append(m.state_dict())
     x = PotentialModel(D, "finite", hidden=(8, 8)).features_of(torch.as_tensor(F_POINTS)).detach().numpy()
+    # an empty training box far away: the box criterion flags every point when its threshold is 0, none at inf
     ck = {"format_version": FORMAT_VERSION, "model": {"kind": "potential", "hidden": (8, 8)}, "members": states,
           "dim": D, "kinematics": "finite", "rve_fingerprint": rve_fingerprint(rve),
-          "bounds": {"feature_min": (x.min(0) - 1).tolist(), "feature_max": (x.max(0) + 1).tolist()}}
+          "bounds": {"feature_min": (x.max(0) + 10).tolist(), "feature_max": (x.max(0) + 10).tolist()},
+          "stress_floor": 0.05, "density": {"points": x, "x_scale": np.ones(x.shape[1]), "scale": 1.0}}
     torch.save(ck, path)
     return path
 
@@ -63,8 +66,10 @@ def laws(tmp_path_factory):
         "rve": lambda: RVELaw(HyperelasticRVE(mesh, HYPER)),
         "linear_rve": lambda: LinearRVELaw(LinearRVE(mesh, LINEAR)),
         "surrogate": lambda: SurrogateLaw(ck1, dim=D),
-        "hybrid_surrogate": lambda: HybridLaw(ck2, HyperelasticRVE(mesh, HYPER), spread=1e9, distance=1e9),
-        "hybrid_fallback": lambda: HybridLaw(ck2, HyperelasticRVE(mesh, HYPER), spread=0.0, distance=0.0),
+        "hybrid_surrogate": lambda: HybridLaw(ck2, HyperelasticRVE(mesh, HYPER),
+                                              thresholds=Thresholds(spread=1e9, distance=np.inf, density=1e9)),
+        "hybrid_fallback": lambda: HybridLaw(ck2, HyperelasticRVE(mesh, HYPER),
+                                             thresholds=Thresholds(distance=0.0, density=1e9)),
         "analytic": lambda: AnalyticLaw({0: HYPER[1]}, dim=D),
         "analytic_small": lambda: AnalyticLaw({0: LINEAR[1]}, dim=D),
     }
@@ -170,3 +175,55 @@ def test_the_analytic_law_is_a_form_law_and_refuses_pointwise_evaluation_of_seve
         law.evaluate(F_POINTS)
     with pytest.raises(Exception, match="mix of hyperelastic and linear"):
         AnalyticLaw({1: HYPER[1], 2: LINEAR[2]}, dim=D)
+
+
+def _F_of_E(E):
+    """F = sqrt(I + 2E): the stretch with Green–Lagrange strain E."""
+    w, V = np.linalg.eigh(np.eye(D) + 2 * np.asarray(E))
+    return V @ np.diag(np.sqrt(w)) @ V.T
+
+
+def test_the_gate_is_per_point_refuses_what_it_cannot_evaluate_and_sees_empty_corners_of_the_box(tmp_path):
+    from fe2ml.errors import ConfigError
+
+    rve = HyperelasticRVE(_rve_mesh(), HYPER)
+    # training records along the diagonal E11 = E22 = e, E12 = 0: the box spans [-0.1, 0.1] in E11, E22, but its
+    # corner (0.1, -0.1) lies far from every record
+    E = [np.diag([e, e]) for e in np.linspace(-0.1, 0.1, 41)]
+    m = PotentialModel(D, "finite", hidden=(8, 8))
+    x = m.features_of(torch.as_tensor(np.array([_F_of_E(e) for e in E]))).detach().numpy()
+    nn = np.min([np.linalg.norm(x[i] - np.delete(x, i, 0), axis=1).min() for i in range(len(x))])
+    ck = torch.load(_checkpoint(tmp_path / "two.pt", rve, 2), weights_only=False)
+    ck["bounds"] = {"feature_min": x.min(0).tolist(), "feature_max": x.max(0).tolist()}
+    ck["density"] = {"points": x, "x_scale": np.ones(x.shape[1]), "scale": float(nn)}
+    torch.save(ck, tmp_path / "line.pt")
+    law = HybridLaw(tmp_path / "line.pt", rve, thresholds=Thresholds(distance=0.0, density=2.0))
+    on_line, corner = _F_of_E(np.diag([0.05, 0.05])), _F_of_E(np.diag([0.1, -0.1]) * 0.99)
+    F = np.array([on_line, corner])
+    assert law.distance(F).max() == 0.0  # both inside the box
+    assert law.density_distance(F)[0] < 1.0 < 2.0 < law.density_distance(F)[1]
+    law.evaluate(F)
+    assert list(law.flags_last) == [False, True] and list(law.reasons_last["density"]) == [False, True]
+    # per point: a point's flag does not depend on the other points of the batch (threshold between the spreads)
+    G = np.array([on_line, corner, np.diag([1.2, 0.9]), np.eye(D) + 0.01])
+    Ps, _ = law.model.evaluate_members(G)
+    cut = float(np.median(relative_spread(np.array(Ps), law.gate.floor)))
+    spread_law = HybridLaw(tmp_path / "line.pt", rve, thresholds=Thresholds(spread=cut, distance=np.inf,
+                                                                            density=np.inf))
+    spread_law.evaluate(G)
+    together = list(spread_law.flags_last)
+    alone = []
+    for k in range(len(G)):
+        spread_law.evaluate(G[k:k + 1])
+        alone.append(bool(spread_law.flags_last[0]))
+    assert together == alone and 0 < sum(together) < len(G)
+    # a non-finite prediction always falls back
+    Ps, As = law.model.evaluate_members(F)
+    Ps, As = np.array(Ps), np.array(As)
+    Ps[1, 0, 0, 0] = np.nan
+    assert list(law.flags(F, Ps, As)["nonfinite"]) == [True, False]
+    # criteria the checkpoint cannot evaluate are refused
+    with pytest.raises(ConfigError, match="spread: needs an ensemble of 2 or more members; the checkpoint has 1"):
+        HybridLaw(_checkpoint(tmp_path / "one.pt", rve, 1), rve, thresholds=Thresholds(spread=0.02))
+    with pytest.raises(ConfigError, match="error: the checkpoint has no calibration"):
+        HybridLaw(tmp_path / "line.pt", rve, thresholds=Thresholds(error=0.01))

@@ -61,6 +61,47 @@ def test_potential_physics_for_random_weights(d, features, convex, kin):
         assert (PQ - Q @ P).abs().max() < 1e-11 * P.abs().max()  # objectivity
 
 
+def _min_rank_one_curvature(m, d, seed, n=200):
+    """min over random F (det > 0) and unit a, b of d²W/ds² at s = 0 along F + s a⊗b, relative to |A|."""
+    g = torch.Generator().manual_seed(seed)
+    F = torch.eye(d) + 0.35 * torch.randn(n, d, d, generator=g, dtype=torch.float64)
+    F = F[torch.linalg.det(F) > 0.2]
+    a = torch.nn.functional.normalize(torch.randn(len(F), d, generator=g, dtype=torch.float64), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(len(F), d, generator=g, dtype=torch.float64), dim=1)
+    _, A = m.stress_tangent(F)
+    curv = torch.einsum("ni,nj,nijkl,nk,nl->n", a, b, A, a, b)
+    return float(curv.min() / A.abs().max())
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_convex_isotropic_potential_is_rank_one_convex_and_the_unconstrained_one_is_not(d):
+    # polyconvex construction: d²W/ds² >= 0 along every F + s a⊗b, for random weights (scaled up to make the
+    # networks strongly nonlinear); the same network without the monotonicity in I1, I2 (or not input-convex)
+    # loses rank-one convexity somewhere
+    worst = {}
+    for name, convex, monotone in (("polyconvex", True, True), ("icnn_free_inputs", True, False),
+                                   ("plain", False, False)):
+        lows = []
+        for seed in range(6):
+            torch.manual_seed(seed)
+            m = PotentialModel(d, "finite", hidden=(12, 10), features="isotropic", convex=convex)
+            if not monotone and convex:
+                m.net.monotone = ()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.copy_(2.0 * torch.randn_like(p))
+                m.x_scale[:] = 0.5 + torch.rand_like(m.x_scale)
+            lows.append(_min_rank_one_curvature(m, d, seed))
+            if name == "polyconvex":  # objective too
+                F = torch.eye(d) + 0.2 * torch.randn(5, d, d, dtype=torch.float64)
+                P, _ = m.stress_tangent(F)
+                Q = rot(d, 0.4)
+                assert (m.stress_tangent(Q @ F)[0] - Q @ P).abs().max() < 1e-11 * P.abs().max()
+        worst[name] = min(lows)
+    assert worst["polyconvex"] >= -1e-10, worst
+    assert worst["icnn_free_inputs"] < -1e-4 and worst["plain"] < -1e-4, worst
+
+
 def test_closed_form_tangent_equals_autograd():
     for d in (2, 3):
         for kin in ("finite", "small"):
@@ -209,6 +250,45 @@ def test_surrogate_bad_inputs(tmp_path):
     (tmp_path / "bad.yaml").write_text(textwrap.dedent(TRAIN).replace("kind: potential", "kind: oracle"))
     with pytest.raises(ConfigError, match="model.kind: expected potential, plain or localization"):
         load_train_config(tmp_path / "bad.yaml")
+    # gate and audit options the checkpoint cannot serve: `fe2ml check` and `fe2ml run` stop with one line, exit 2,
+    # nothing written
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = textwrap.dedent("""\
+        dim: 2
+        mesh: {generate: rectangle, size: [1.0, 1.0], n: [2, 2]}
+        material:
+          kind: KIND
+          checkpoint: out/checkpoint.pt
+          rve:
+            mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.2, seed: 4, h: 0.2}
+            phases:
+              1: {material: neo_hookean, mu: 1.0, K: 3.0}
+              2: {material: neo_hookean, mu: 0.3, K: 1.0}
+          EXTRA
+        bcs: [{boundary: left, components: [0, 1], value: 0.0}]
+        output: run_out
+    """)
+    bad = {"spread_one_member": ("hybrid", "threshold: {spread: 0.02}",
+                                 "material.threshold.spread: needs an ensemble of 2 or more members"),
+           "error_one_member": ("hybrid", "threshold: {error: 0.01}", "material.threshold.error: needs an ensemble"),
+           "unknown_threshold_key": ("hybrid", "threshold: {sprad: 0.02}", "unknown key(s) sprad"),
+           "threshold_on_surrogate": ("surrogate", "threshold: {distance: 0.0}", "unknown key(s) threshold"),
+           "audit_zero": ("surrogate", "audit: {fraction: 0.0}",
+                          "material.audit.fraction: expected a number in (0, 1]"),
+           "audit_above_one": ("hybrid", "audit: {fraction: 1.5}", "material.audit.fraction")}
+    bin_ = Path(sys.executable).parent
+    for name, (kind, extra, msg) in bad.items():
+        cfg_path = tmp_path / f"{name}.yaml"
+        cfg_path.write_text(run.replace("KIND", kind).replace("EXTRA", extra))
+        for cmd in (["check", str(cfg_path)], ["run", str(cfg_path)]):
+            r = subprocess.run([str(bin_ / "fe2ml"), *cmd], capture_output=True, text=True, cwd=tmp_path)
+            err = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and len(err) == 1 and err[0].startswith("fe2ml: error:") and msg in err[0], \
+                (name, cmd, r.stderr)
+        assert not (tmp_path / "run_out").exists()
 
 
 @pytest.mark.serial
@@ -217,8 +297,9 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path, tissue_rve):
     from fe2ml.data.config import load_sample_config
     from fe2ml.data.log import LogWriter as LW
     from fe2ml.data.reader import read_logs
-    from fe2ml.laws.surrogate import HybridLaw
+    from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw
     from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.gate import Thresholds
     from fe2ml.surrogate.train import train
 
     (tmp_path / "s.yaml").write_text(textwrap.dedent("""\
@@ -231,10 +312,32 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path, tissue_rve):
     run_campaign(MPI.COMM_SELF, cfg, quiet=True)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 300") + "ensemble: 2\n")
     train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    # calibration: factors fitted on the validation split, coverage measured on the test split; recomputed here
+    # from the log and the trained ensemble
+    from fe2ml.surrogate.gate import relative_error, relative_spread
+
+    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    cal = ck["calibration"]
+    assert cal["split"] == "test" and 0 < cal["factor50"] <= cal["factor90"]
+    assert (tmp_path / "out" / "calibration.png").stat().st_size > 1000
+    data = read_logs(tmp_path / "log", converged_only=True)
+    n = len(data["F"])
+    perm = np.random.default_rng(0).permutation(n)  # split: validation 0.15, test 0.15, seed 0 (the defaults)
+    n_val, n_test = max(1, round(0.15 * n)), round(0.15 * n)
+    te = perm[n_val:n_val + n_test]
+    sl = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2)
+    Ps, _ = sl.model.evaluate_members(data["F"][te])
+    spread = relative_spread(np.array(Ps), ck["stress_floor"])
+    err = relative_error(np.mean(Ps, axis=0), data["P"][te], ck["stress_floor"])
+    assert cal["n"] == len(te)
+    for k, cov in zip((1, 2, 3), cal["coverage"], strict=True):
+        assert cov == pytest.approx(np.mean(err <= k * cal["factor50"] * spread))
+    assert cal["coverage"][0] <= cal["coverage"][1] <= cal["coverage"][2]
     rve = build_rve(cfg.rve, MPI.COMM_SELF)
     fp = __import__("fe2ml.data.fingerprint", fromlist=["x"]).rve_fingerprint(rve)
     writer = LW(tmp_path / "fallback", "h", 0, fingerprint=fp, attrs={"source_id": "hybrid"}, dim=2)
-    law = HybridLaw(tmp_path / "out" / "checkpoint.pt", rve, spread=10.0, distance=0.0, writer=writer)
+    law = HybridLaw(tmp_path / "out" / "checkpoint.pt", rve, thresholds=Thresholds(spread=10.0, distance=0.0),
+                    writer=writer)
     F = np.array([np.eye(2) + 0.03, np.diag([1.4, 1.0]), np.eye(2) - 0.02, np.array([[1.0, 0.5], [0.0, 1.0]])])
     P, A = law.evaluate(F)
     law.commit()

@@ -102,6 +102,10 @@ class ConstitutiveLaw(ABC):
         """Cell-level quantities of every point of the last evaluation, or None when the law computes none."""
         return None
 
+    def surrogate_mask(self) -> np.ndarray | None:
+        """Which points of the last evaluation a surrogate answered (True) or an RVE (False); None: no surrogate."""
+        return None
+
     def close(self) -> None:
         """Flush and release what the law holds open (log parts). Default: nothing."""
         return None

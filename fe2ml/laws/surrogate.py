@@ -1,25 +1,42 @@
 """Surrogate and hybrid constitutive laws for the macro solver (the contract of :mod:`fe2ml.laws.base`).
 
 A trained checkpoint (:mod:`fe2ml.surrogate.checkpoint`) answers every point of a rank in one batch; the hybrid law
-sends the points where the ensemble is unsure, or that leave the training box, to this rank's RVE.
+sends the points the surrogate cannot be trusted with to this rank's RVE. Its gate (:class:`Thresholds`) is per
+point, so a point's answer never depends on which other points share its rank:
+
+- a non-finite prediction always falls back;
+- ``spread``: the ensemble spread |std P̄|/(|P̄| + floor) exceeds it (needs 2 or more members);
+- ``error``: the calibrated predicted error (factor90 x spread, fitted on held-out data) exceeds it;
+- ``distance``: the features leave the training box by more than this fraction of its width;
+- ``density``: the nearest training record is farther than this many data-density scales (empty corners of the
+  box count as outside).
+
+:class:`Audit` checks the surrogate during a run: at a random, partition-independent sample of the points it
+answered, it solves the true RVE and measures the error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
+
+from mpi4py import MPI
 
 import numpy as np
 import torch
 
 from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter
-from fe2ml.laws.base import ConstitutiveLaw
+from fe2ml.laws.base import ConstitutiveLaw, PointFailure
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
 from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint
+from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds, point_uniform, relative_error, relative_spread
 
-__all__ = ["HybridLaw", "SurrogateLaw", "fallback_writer"]
+__all__ = ["Audit", "HybridLaw", "SurrogateLaw", "fallback_writer"]
+
+log = logging.getLogger(__name__)
 
 
 def fallback_writer(comm, folder, rve: HyperelasticRVE, *, dim: int) -> LogWriter:
@@ -37,6 +54,11 @@ class SurrogateLaw(ConstitutiveLaw):
         dim: dimension of the run; kinematics: of the run.
         fingerprint: RVE fingerprint of the run (checked when given).
 
+    Attributes:
+        gate: the checkpoint's per-point trust criteria (:class:`fe2ml.surrogate.checkpoint.Gate`).
+        last_F, last_P: the points and stresses of the last evaluation (what an :class:`Audit` checks).
+        answered: which points of the last evaluation the surrogate answered.
+
     Raises:
         ConfigError: missing/unreadable checkpoint, or one of another dimension, kinematics or RVE.
     """
@@ -49,57 +71,103 @@ class SurrogateLaw(ConstitutiveLaw):
         margs = {k: v for k, v in ck["model"].items() if k != "kind"}
         self.ck = ck
         self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"])
+        self.gate = Gate(ck)
         self.bounds = ck["bounds"]
+        self.last_F = np.zeros((0, dim, dim))
+        self.last_P = np.zeros((0, dim, dim))
+        self.answered = np.zeros(0, dtype=bool)
         self.model.evaluate_members(np.eye(dim)[None])  # set-up (numpy weights), like an RVE's form compilation
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean ensemble prediction."""
+        """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
         t0 = time.perf_counter()
         fast = self.model.fast_evaluator()
         if fast is not None and len(F) <= 1024:
             P, A = fast(F)  # one member, one chunk: no ensemble bookkeeping
         else:
             P, A = self.model.evaluate(F)
+        bad = ~_finite(P, A)
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise PointFailure(f"the surrogate predicts a non-finite stress or tangent at F̄ = "
+                               f"{np.round(F[k], 6).tolist()} (use material.kind: hybrid to fall back to the RVE)", k)
         dt = time.perf_counter() - t0
         self.stats["evaluations"] += len(F)
         self.stats["time_s"] += dt
         self.stats["surrogate_s"] += dt
+        self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
         return P, A
+
+    def surrogate_mask(self) -> np.ndarray | None:
+        """Which points of the last evaluation the surrogate answered (the others went to the RVE)."""
+        return self.answered
+
+    def features(self, F) -> np.ndarray:
+        """The network's unscaled input features of each point, (n, m)."""
+        return self.model.members[0].features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach().numpy()
 
     def distance(self, F) -> np.ndarray:
         """Largest relative excursion of each point's features outside the training box (0 inside)."""
-        x = self.model.members[0].features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach().numpy()
-        lo, hi = np.array(self.bounds["feature_min"]), np.array(self.bounds["feature_max"])
-        w = np.maximum(hi - lo, 1e-12)
-        return np.max(np.maximum(0.0, np.maximum(lo - x, x - hi)) / w, axis=1)
+        return self.gate.box_distance(self.features(F))
+
+    def density_distance(self, F) -> np.ndarray:
+        """Distance of each point to the nearest training record, in data-density scales."""
+        return self.gate.density_distance(self.features(F))
+
+
+def _finite(P: np.ndarray, A: np.ndarray) -> np.ndarray:
+    n = len(P)
+    return np.isfinite(P.reshape(n, -1)).all(axis=1) & np.isfinite(A.reshape(n, -1)).all(axis=1)
 
 
 class HybridLaw(SurrogateLaw):
-    """Surrogate where it is sure, true RVE where it is not.
+    """Surrogate where it can be trusted, true RVE where it cannot (:class:`Thresholds`).
 
-    A point falls back to the RVE when the ensemble spread (std of P over members, relative to the
-    RMS of the mean prediction) exceeds ``spread`` or its features leave the training box by more
-    than ``distance`` (relative to the box width). Fallback records are appended to ``writer``
-    (a :class:`fe2ml.data.log.LogWriter`) on commit.
+    Fallback records are appended to ``writer`` (a :class:`fe2ml.data.log.LogWriter`) on commit; ``stats`` counts
+    fallbacks per step and per criterion (``fallback_reasons``; a point may meet several).
 
     Args:
         checkpoint: path of the checkpoint.
         rve: :class:`fe2ml.micro.finite.HyperelasticRVE` of this rank (its fingerprint must match).
-        spread: spread threshold; distance: out-of-bounds threshold.
+        thresholds: the gate.
         writer: optional log writer for the fallback records.
+
+    Raises:
+        ConfigError: a threshold the checkpoint cannot evaluate (see :meth:`Thresholds.check`).
     """
 
-    def __init__(self, checkpoint, rve: HyperelasticRVE, *, spread: float = 0.02, distance: float = 0.0,
+    def __init__(self, checkpoint, rve: HyperelasticRVE, *, thresholds: Thresholds | None = None,
                  writer: LogWriter | None = None):
         super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve))
         self.rve = rve
-        self.spread_tol = spread
-        self.distance_tol = distance
+        self.thresholds = thresholds if thresholds is not None else Thresholds()
+        self.thresholds.check(self.gate)
         self.writer = writer
         self.states: dict[int, RVEState] = {}
         self.trial: dict[int, RVEState] = {}
         self.pending: list = []
         self.flags_last = np.zeros(0, dtype=bool)
+        self.reasons_last: dict[str, np.ndarray] = {}
+        self.stats["fallback_reasons"] = {}
+
+    def flags(self, F: np.ndarray, Ps: np.ndarray, As: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-criterion flags (n,) of the points F̄ with member predictions Ps (K, n, d, d), As (K, n, d, d, d, d)."""
+        th, gate = self.thresholds, self.gate
+        x = self.features(F)
+        n = len(F)
+        reasons = {"nonfinite": ~(np.isfinite(Ps.reshape(-1, n, Ps[0, 0].size)).all(axis=(0, 2))
+                                  & np.isfinite(As.reshape(-1, n, As[0, 0].size)).all(axis=(0, 2))),
+                   "box": gate.box_distance(x) > th.distance}
+        if th.density is not None:
+            reasons["density"] = gate.density_distance(x, bound=th.density) > th.density
+        if th.spread is not None or th.error is not None:
+            with np.errstate(invalid="ignore"):
+                spread = relative_spread(Ps, gate.floor)
+                if th.spread is not None:
+                    reasons["spread"] = spread > th.spread
+                if th.error is not None:
+                    reasons["error"] = gate.predicted_error(spread) > th.error
+        return reasons
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Surrogate for all points, RVE for the flagged ones."""
@@ -107,9 +175,8 @@ class HybridLaw(SurrogateLaw):
         Ps, As = self.model.evaluate_members(F)
         Ps, As = np.array(Ps), np.array(As)
         P, A = Ps.mean(0), As.mean(0)
-        scale = max(float(np.sqrt(np.mean(P**2))), 1e-300)
-        spread = Ps.std(0).reshape(len(F), -1).max(axis=1) / scale if len(Ps) > 1 else np.zeros(len(F))
-        flags = (spread > self.spread_tol) | (self.distance(F) > self.distance_tol)
+        reasons = self.flags(F, Ps, As)
+        flags = np.logical_or.reduce(list(reasons.values()))
         self.stats["surrogate_s"] += time.perf_counter() - t0
         idx = np.where(flags)[0]
         for k in map(int, idx):
@@ -121,6 +188,8 @@ class HybridLaw(SurrogateLaw):
             self.stats["max_point_s"] = max(self.stats["max_point_s"], time.perf_counter() - t1)
         self.pending = [(F[idx].copy(), P[idx].copy(), A[idx].copy(), idx)]
         self.flags_last = flags
+        self.reasons_last = reasons
+        self.last_F, self.last_P, self.answered = np.array(F), P, ~flags
         self.stats["evaluations"] += len(F)
         self.stats["rve_solves"] += len(idx)
         self.stats["time_s"] += time.perf_counter() - t0
@@ -131,6 +200,8 @@ class HybridLaw(SurrogateLaw):
         self.states.update(self.trial)
         self.stats["fallbacks"] += int(self.flags_last.sum())
         self.stats["fallbacks_per_step"].append(int(self.flags_last.sum()))
+        for key, f in self.reasons_last.items():
+            self.stats["fallback_reasons"][key] = self.stats["fallback_reasons"].get(key, 0) + int(f.sum())
         if self.writer is not None and self.pending and len(self.pending[0][0]):
             F, P, A, idx = self.pending[0]
             self.writer.add(F, P, A, point_id=idx, converged=1)
@@ -145,3 +216,72 @@ class HybridLaw(SurrogateLaw):
         """Flush and close the fallback log part."""
         if self.writer is not None:
             self.writer.close()
+
+
+class Audit:
+    """Measures a surrogate's error during a run: true RVE solves at a random sample of the points it answered.
+
+    The sample is drawn per point from its coordinates, the seed and the step (:func:`point_uniform`), so it does
+    not depend on the partition. The error of a point is |P̄_s − P̄_RVE|/(|P̄_RVE| + floor), the floor of the
+    checkpoint. Collective: every rank calls :meth:`check` after every converged step.
+
+    Args:
+        comm: the macro communicator.
+        rve: this rank's RVE.
+        options: :class:`AuditOptions`.
+        floor: the checkpoint's stress floor.
+        writer: a log writer of this rank for the audited records (optional).
+    """
+
+    def __init__(self, comm, rve: HyperelasticRVE, options: AuditOptions, *, floor: float,
+                 writer: LogWriter | None = None):
+        self.comm = comm
+        self.rve = rve
+        self.options = options
+        self.floor = floor
+        self.writer = writer
+        self.errors: list[float] = []  # every audited point so far (all ranks)
+        self.steps: list[dict] = []
+        self.time_s = 0.0
+
+    def check(self, step: int, x: np.ndarray, law: SurrogateLaw) -> dict:
+        """Audit the last evaluation of ``law`` (the converged state of load step ``step``) at points x (n, d).
+
+        Returns:
+            This step's audit over all ranks: points, mean and max relative error.
+        """
+        t0 = time.perf_counter()
+        sel = np.where(law.answered & (point_uniform(x, self.options.seed, step) < self.options.fraction))[0]
+        F = law.last_F[sel]
+        P_true = np.zeros_like(F)
+        A_true = np.zeros(F.shape + F.shape[1:])
+        for j, k in enumerate(map(int, sel)):
+            _, _, _, R = self.rve.solve(F[j], None, point=k)
+            P_true[j], A_true[j] = self.rve.homogenized(R)
+        err = relative_error(law.last_P[sel], P_true, self.floor)
+        if self.writer is not None and len(sel):
+            self.writer.add(F, P_true, A_true, point_id=sel, step=step, converged=1)
+        self.time_s += time.perf_counter() - t0
+        errs = np.concatenate(self.comm.allgather(err))
+        self.errors.extend(errs.tolist())
+        rec = {"step": step, "points": int(len(errs)), "mean_rel_error": float(errs.mean()) if len(errs) else 0.0,
+               "max_rel_error": float(errs.max()) if len(errs) else 0.0}
+        self.steps.append(rec)
+        return rec
+
+    def summary(self) -> dict:
+        """The whole run's audit (collective): points, mean/max error, exceedances of the target and bound95.
+
+        ``bound95`` is the one-sided 95 % (Clopper–Pearson) upper confidence bound on the fraction of the points the
+        surrogate answered whose error exceeds the target; ``exceeded`` is true when any audited point did.
+        """
+        from scipy.stats import beta
+
+        e = np.asarray(self.errors)
+        n, k = len(e), int(np.sum(e > self.options.target))
+        bound = 1.0 if n == 0 or k == n else float(beta.ppf(0.95, k + 1, n - k))
+        t = self.comm.allreduce(self.time_s, op=MPI.MAX)
+        return {"fraction": self.options.fraction, "seed": self.options.seed, "target": self.options.target,
+                "points": n, "mean_rel_error": float(e.mean()) if n else 0.0,
+                "max_rel_error": float(e.max()) if n else 0.0, "exceedances": k, "bound95": bound,
+                "exceeded": bool(k > 0), "audit_s": t, "per_step": self.steps}

@@ -40,6 +40,7 @@ from fe2ml.expr import compile_expression
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec
 from fe2ml.materials import build_material
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
+from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds
 
 __all__ = ["RunConfig", "check_boundaries", "load_run_config"]
 
@@ -123,7 +124,9 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     surrogate: dict | None = None
     s_ckp = Path()
     if kind in ("surrogate", "hybrid"):
-        check_keys(mat, ("kind", "checkpoint", "rve", "threshold", "log", "orientation"), f"{f}: material")
+        allowed = (("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit") if kind == "hybrid" else
+                   ("kind", "checkpoint", "rve", "orientation", "audit"))
+        check_keys(mat, allowed, f"{f}: material")
         ck = mat.get("checkpoint")
         if not isinstance(ck, str):
             raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt")
@@ -132,10 +135,30 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
             raise ConfigError(f"{f}: material.checkpoint: {s_ckp} not found")
         th = mat.get("threshold", {}) or {}
         if not isinstance(th, dict):
-            raise ConfigError(f"{f}: material.threshold: expected {{spread: 0.02, distance: 0.0}}")
-        check_keys(th, ("spread", "distance"), f"{f}: material.threshold")
-        surrogate = {"checkpoint": s_ckp, "spread": number(th.get("spread", 0.02), f"{f}: material.threshold.spread"),
-                     "distance": number(th.get("distance", 0.0), f"{f}: material.threshold.distance"),
+            raise ConfigError(f"{f}: material.threshold: expected a mapping like {{error: 0.01, distance: 0.0, "
+                              "density: 2.0}")
+        check_keys(th, ("spread", "error", "distance", "density"), f"{f}: material.threshold")
+        tw = f"{f}: material.threshold"
+        thresholds = Thresholds(**{k: number(th[k], f"{tw}.{k}") for k in ("spread", "error", "distance", "density")
+                                   if k in th})
+        audit = mat.get("audit")
+        if audit is not None:
+            aw = f"{f}: material.audit"
+            if not isinstance(audit, dict):
+                raise ConfigError(f"{aw}: expected a mapping {{fraction: 0.02, seed: 0, target: 0.01}}")
+            check_keys(audit, ("fraction", "seed", "target"), aw)
+            frac = number(audit.get("fraction", 0.02), f"{aw}.fraction")
+            if not 0 < frac <= 1:
+                raise ConfigError(f"{aw}.fraction: expected a number in (0, 1], got {frac!r}")
+            seed = audit.get("seed", 0)
+            if not isinstance(seed, int) or isinstance(seed, bool):
+                raise ConfigError(f"{aw}.seed: expected an integer, got {seed!r}")
+            target = number(audit.get("target", thresholds.error if thresholds.error is not None else 0.01),
+                            f"{aw}.target", positive=True)
+            if "rve" not in mat:
+                raise ConfigError(f"{aw}: needs material.rve (the audit solves the true RVE)")
+            audit = AuditOptions(fraction=frac, seed=seed, target=target)
+        surrogate = {"checkpoint": s_ckp, "thresholds": thresholds, "audit": audit,
                      "log": (base / str(mat["log"])) if mat.get("log") else None}
         if kind == "hybrid" and "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
@@ -188,6 +211,8 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
         kin_default = ck["kinematics"]
         if ck["dim"] != dim:
             raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
+        if kind == "hybrid" and surrogate is not None:
+            surrogate["thresholds"].check(Gate(ck), f"{f}: material.threshold")
     if kin != kin_default:
         raise ConfigError(f"{f}: kinematics {kin} does not fit the materials (they are {kin_default}-strain laws)")
     degree = raw.get("degree", 1)

@@ -105,13 +105,17 @@ class RunWriter:
         self.write_summary(status, message)
 
     def _write_quadrature(self):
-        """Append F̄ (and cell quantities, when the law computes them) of this step to ``quadrature.h5``.
+        """Append F̄, P̄ (and cell quantities, when the law computes them) of this step to ``quadrature.h5``.
+
+        With a surrogate law, ``surrogate`` marks the points the surrogate answered (1) or the RVE (0).
 
         Gathered to rank 0, ordered by coordinates (rank independent): the input of ``fe2ml localize``.
         """
         p = self.p
         ids, x = p.quadrature_point_ids()
         F = p._F_qp()
+        P = p.stress_qp()
+        mask = p.law.surrogate_mask() if p.form_law is None else None
         Frve = p.rve_frame(F) if p.Q is not None else None
         cells = p.law.cell_quantities() if p.form_law is None else None
         cq = None
@@ -120,7 +124,7 @@ class RunWriter:
             cq = {k: np.array([c.cell[k] for c in cells]) for k in keys}
             cq["phase_F"] = np.array([c.phase["F"] for c in cells])
             cq["phase_volume"] = np.array([c.phase["volume"] for c in cells])
-        parts = self.comm.gather((ids, x, F, cq, Frve), root=0)
+        parts = self.comm.gather((ids, x, F, cq, Frve, P, mask), root=0)
         if not self.rank0:
             return
         ids = np.concatenate([q[0] for q in parts])
@@ -132,6 +136,9 @@ class RunWriter:
             g["x"] = np.concatenate([q[1] for q in parts])[order]
             g["F"] = np.concatenate([q[2] for q in parts])[order]
             g["point_id"] = ids[order]
+            g["P"] = np.concatenate([q[5] for q in parts])[order]
+            if all(q[6] is not None for q in parts):
+                g["surrogate"] = np.concatenate([q[6] for q in parts]).astype(np.int8)[order]
             if parts[0][4] is not None:  # the F̄ the RVEs saw (material.orientation)
                 g["F_rve"] = np.concatenate([q[4] for q in parts])[order]
             if all(q[3] is not None for q in parts):
@@ -139,8 +146,8 @@ class RunWriter:
                     g[f"cells/{key}"] = np.concatenate([q[3][key] for q in parts])[order]
             f.attrs["steps"] = k
 
-    def write_summary(self, status, message=""):
-        """Rewrite summary.json (collective: gathers law timings)."""
+    def write_summary(self, status, message="", *, extra: dict | None = None):
+        """Rewrite summary.json (collective: gathers law timings); ``extra`` (rank 0) adds top-level entries."""
         p = self.p
         stats = dict(p.law.stats)
         all_stats = self.comm.gather(stats, root=0)
@@ -169,12 +176,15 @@ class RunWriter:
             "rve_solves": int(sum(s.get("rve_solves", 0) for s in all_stats)),
             "surrogate_s": float(max(s.get("surrogate_s", 0.0) for s in all_stats)) if all_stats else 0.0,
             "fallbacks": int(sum(s.get("fallbacks", 0) for s in all_stats)),
+            "fallback_reasons": {key: int(sum(s.get("fallback_reasons", {}).get(key, 0) for s in all_stats))
+                                 for key in sorted({k for s in all_stats for k in s.get("fallback_reasons", {})})},
             "fallbacks_per_step": [int(sum(v)) for v in zip(*[s.get("fallbacks_per_step", []) for s in all_stats],
                                                              strict=False)],
             "rve_newton_iterations": int(sum(s.get("newton_its", 0) for s in all_stats)),
             "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
                       for h in p.history],
         }
+        summary.update(extra or {})
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, self.out / "summary.json")

@@ -444,19 +444,24 @@ class MacroProblem:
         return {name: np.array([self.comm.allreduce(dolfinx.fem.assemble_scalar(f)) for f in forms])
                 / self.bnd.size[name] for name, forms in self._umean_forms.items()}
 
+    def stress_qp(self) -> np.ndarray:
+        """P̄ at this rank's quadrature points (macro frame), (n_local, d, d), ordered as :meth:`quadrature_points`."""
+        d = self.d
+        if self.form_law is None:
+            return self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()].reshape(-1, d, d)
+        P = np.zeros((self.n_owned, self.nqp, d, d))
+        for t, ex in self.P_exprs.items():
+            sel = np.where(self.cell_phase == t)[0].astype(np.int32) if t != 0 else self.cells
+            if len(sel):
+                P[sel] = ex.eval(self.msh, sel).reshape(len(sel), self.nqp, d, d)
+        return P.reshape(-1, d, d)
+
     def cell_averages(self) -> tuple[np.ndarray, np.ndarray]:
         """Cell averages (quadrature-weighted) of F̄ and P̄ over owned cells, each (n_owned, d, d)."""
         d = self.d
         w = self.qweights / self.qweights.sum()
         F = self._F_qp().reshape(self.n_owned, self.nqp, d, d)
-        if self.form_law is None:
-            P = self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()].reshape(self.n_owned, self.nqp, d, d)
-        else:
-            P = np.zeros((self.n_owned, self.nqp, d, d))
-            for t, ex in self.P_exprs.items():
-                sel = np.where(self.cell_phase == t)[0].astype(np.int32) if t != 0 else self.cells
-                if len(sel):
-                    P[sel] = ex.eval(self.msh, sel).reshape(len(sel), self.nqp, d, d)
+        P = self.stress_qp().reshape(self.n_owned, self.nqp, d, d)
         return np.einsum("q,cqij->cij", w, F), np.einsum("q,cqij->cij", w, P)
 
     def close(self):

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mpi4py import MPI
 
@@ -34,6 +34,9 @@ from fe2ml.micro.config import load_rve_mesh
 from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.linear import LinearRVE
 from fe2ml.parallel import collective
+
+if TYPE_CHECKING:
+    from fe2ml.laws.surrogate import Audit
 
 __all__ = ["Run", "build", "build_law", "finish", "loop", "run"]
 
@@ -65,7 +68,7 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
             return SurrogateLaw(s["checkpoint"], dim=cfg.dim, kinematics=cfg.kinematics,
                                 fingerprint=rve_fingerprint(rve) if rve is not None else None)
         writer = fallback_writer(comm, s["log"], rve, dim=cfg.dim) if s["log"] is not None else None
-        return HybridLaw(s["checkpoint"], rve, spread=s["spread"], distance=s["distance"], writer=writer)
+        return HybridLaw(s["checkpoint"], rve, thresholds=s["thresholds"], writer=writer)
 
     return collective(comm, make)
 
@@ -103,6 +106,11 @@ class Run:
     runlog: logging.Logger
     start: int
     quiet: bool
+    audit: Audit | None = None
+
+    def extra(self) -> dict:
+        """Entries of summary.json beyond the law's statistics (collective): the audit."""
+        return {"audit": self.audit.summary()} if self.audit is not None else {}
 
     def close(self) -> None:
         """Close the outputs, the logs and the problem (collective)."""
@@ -201,8 +209,18 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -
     elif comm.rank == 0 and Path(cfg.path).resolve() != (out / "config.yaml").resolve():
         shutil.copyfile(cfg.path, out / "config.yaml")
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
+    audit = None
+    if cfg.surrogate is not None and cfg.surrogate["audit"] is not None:
+        from fe2ml.laws.surrogate import Audit, HybridLaw, SurrogateLaw
+
+        if not isinstance(law, SurrogateLaw) or not isinstance(rve, HyperelasticRVE):
+            raise ConfigError(f"{cfg.path}: material.audit needs a surrogate or hybrid law and a finite-strain RVE")
+        audit = Audit(comm, rve, cfg.surrogate["audit"], floor=law.gate.floor,
+                      writer=law.writer if isinstance(law, HybridLaw) else None)
+        say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "
+            f"(target error {audit.options.target:g})")
     return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
-               start=start, quiet=quiet)
+               start=start, quiet=quiet, audit=audit)
 
 
 def loop(r: Run) -> None:
@@ -230,6 +248,10 @@ def loop(r: Run) -> None:
             if fault and fault == f"{comm.rank}:{k}":
                 raise RuntimeError(f"injected fault on rank {comm.rank} at step {k} (FE2ML_FAULT)")
             rec = prob.step(k / cfg.steps)
+            if r.audit is not None:
+                a = r.audit.check(k, prob.quadrature_points(), r.law)
+                r.runlog.info("audit step %d: %d points, mean rel. error %.3g, max %.3g", k, a["points"],
+                              a["mean_rel_error"], a["max_rel_error"])
             r.writer.write_step()
             prob.save_checkpoint(r.out / "checkpoint")
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
@@ -243,7 +265,15 @@ def loop(r: Run) -> None:
 
 def finish(r: Run, t0: float) -> dict:
     """Write the final summary, close everything and report (collective); returns the summary on rank 0."""
-    r.writer.write_summary("completed", "")
+    extra = r.extra()
+    if extra.get("audit", {}).get("exceeded"):
+        a = extra["audit"]
+        msg = (f"audit: {a['exceedances']} of {a['points']} audited points exceed the target error {a['target']:g} "
+               f"(max {a['max_rel_error']:.3g}; 95 % bound on the fraction of points above it: {a['bound95']:.3g})")
+        if r.comm.rank == 0:
+            log.warning(msg)
+        r.runlog.warning(msg)
+    r.writer.write_summary("completed", "", extra=extra)
     r.close()
     summary = {}
     if r.comm.rank == 0:

@@ -2,10 +2,17 @@
 
 Deploying a model (a macro run, localization, export) imports this module and never the trainer.
 
-Checkpoint (``torch.save`` dict, ``format_version`` 1): model kind and arguments, the members' weights,
+Checkpoint (``torch.save`` dict, ``format_version`` 2): model kind and arguments, the members' weights,
 normalisation buffers, dim, kinematics, RVE fingerprint, training-data fingerprint, metrics, bounds of
-the training data (feature box, principal stretch and J ranges) and the prediction spread of the
-ensemble on the validation set.
+the training data (feature box, principal stretch and J ranges), and what the uncertainty gate of a hybrid run
+needs (:class:`Gate`):
+
+- ``stress_floor``: a fixed stress scale (5 % of the RMS of |P̄| over the training records); per-point relative
+  quantities are taken relative to |P̄| + floor, so they do not depend on which other points share a rank;
+- ``density``: the training records in normalised feature space (the points of a KD-tree) and the 99th percentile
+  of their nearest-neighbour distances (the data-density scale);
+- ``calibration`` (ensembles of 2 or more): how the per-point ensemble spread predicts the true per-point error,
+  fitted on the validation split and measured on the test split (coverage for k = 1, 2, 3).
 """
 
 from __future__ import annotations
@@ -21,8 +28,7 @@ from fe2ml.surrogate.models import MLP, PotentialModel, build_model
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
            "load_checkpoint"]
 
-FORMAT_VERSION = 1
-
+FORMAT_VERSION = 2
 
 class EnsembleModel:
     """K members of one architecture: mean prediction and spread."""
@@ -88,7 +94,10 @@ def load_checkpoint(path) -> dict:
     except Exception as e:  # torch raises many types
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{p}: not a readable checkpoint ({msg})") from None
-    if not isinstance(ck, dict) or ck.get("format_version") != FORMAT_VERSION:
+    if isinstance(ck, dict) and ck.get("format_version") in (1,) and ck.get("model", {}).get("kind") != "localization":
+        raise ConfigError(f"{p}: checkpoint of format {ck['format_version']}, without the data this fe2ml needs to "
+                          f"gate the surrogate (format {FORMAT_VERSION}); retrain it with fe2ml train")
+    if not isinstance(ck, dict) or ck.get("format_version") not in (1, FORMAT_VERSION):
         raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
     return ck
 

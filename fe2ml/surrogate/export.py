@@ -15,7 +15,7 @@ from fe2ml.errors import ConfigError
 from fe2ml.surrogate.checkpoint import load_checkpoint
 from fe2ml.surrogate.models import MLP, build_model
 
-__all__ = ["ExportedPotential", "export_checkpoint"]
+__all__ = ["ExportedEnsemble", "ExportedPotential", "export_checkpoint"]
 
 
 class ExportedPotential(nn.Module):
@@ -87,8 +87,35 @@ class ExportedPotential(nn.Module):
         return torch.matmul(F, S), T + eye.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
 
 
-def export_checkpoint(checkpoint, out, *, member: int = 0):
-    """Script one member of a checkpoint and save it.
+class ExportedEnsemble(nn.Module):
+    """The mean of K scripted members: what :class:`~fe2ml.laws.surrogate.SurrogateLaw` evaluates."""
+
+    dim: int
+    fingerprint: str
+
+    def __init__(self, members: list[ExportedPotential], fingerprint: str):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.dim = members[0].dim
+        self.fingerprint = fingerprint
+
+    def forward(self, F: torch.Tensor):
+        """F (n,d,d) -> mean P (n,d,d), mean A (n,d,d,d,d) over the members."""
+        P = torch.zeros(0)
+        A = torch.zeros(0)
+        k = 0
+        for m in self.members:
+            Pm, Am = m(F)
+            if k == 0:
+                P, A = Pm, Am
+            else:
+                P, A = P + Pm, A + Am
+            k += 1
+        return P / k, A / k
+
+
+def export_checkpoint(checkpoint, out):
+    """Script a checkpoint (every ensemble member; the module returns their mean, like the surrogate law) and save it.
 
     Raises:
         ConfigError: the checkpoint cannot be exported (plain or invariant models, missing file).
@@ -97,12 +124,15 @@ def export_checkpoint(checkpoint, out, *, member: int = 0):
 
     ck = load_checkpoint(checkpoint)
     margs = {k: v for k, v in ck["model"].items() if k != "kind"}
-    model = build_model(ck["model"]["kind"], ck["dim"], ck["kinematics"], **margs)
-    model.load_state_dict(ck["members"][member])
-    if ck["model"]["kind"] != "potential" or model.features != "general" or not isinstance(model.net, MLP):
-        raise ConfigError(f"{checkpoint}: only potential models with general (strain) features and a plain MLP "
-                          "can be exported")
-    mod = ExportedPotential(model, ck["rve_fingerprint"])
+    members = []
+    for state in ck["members"]:
+        model = build_model(ck["model"]["kind"], ck["dim"], ck["kinematics"], **margs)
+        model.load_state_dict(state)
+        if ck["model"]["kind"] != "potential" or model.features != "general" or not isinstance(model.net, MLP):
+            raise ConfigError(f"{checkpoint}: only potential models with general (strain) features and a plain MLP "
+                              "can be exported")
+        members.append(ExportedPotential(model, ck["rve_fingerprint"]))
+    mod = members[0] if len(members) == 1 else ExportedEnsemble(members, ck["rve_fingerprint"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit deprecation notice
         scripted = torch.jit.script(mod)

@@ -4,8 +4,11 @@
   (``features: general`` — any anisotropy, objective by construction) or of the isotropic invariants
   (``features: isotropic``: I1, I2, J), normalised so that W(I) = 0 and P(I) = 0; P = ∂W/∂F and
   A = ∂²W/∂F² by automatic differentiation (symmetric tangent, energy consistent).
-  ``convex: true`` makes the network input-convex (non-negative hidden weights, convex non-decreasing
-  activations); with isotropic invariants (I1, I2 convex in F and cof F, ±J) the energy is polyconvex.
+  ``convex: true`` makes the network input-convex (non-negative hidden-to-hidden and output weights, convex
+  non-decreasing activations). With isotropic invariants the energy is polyconvex: I1 = |F|² and
+  I2 = |cof F|² are convex in F and cof F, so the network is also made non-decreasing in them (non-negative
+  weights on those two inputs in every layer), and J enters through J − 1 and 1 − J, affine in J (Linden et
+  al. 2023). With ``general`` strain features the energy is convex in E, which is not polyconvexity.
 - :class:`PlainModel`: a network F − I -> P (the common baseline), A by automatic differentiation.
 - ``kinematics: small``: the features are the small strain ε = sym(F − I) (potential) and
   P = ∂W/∂F = σ.
@@ -22,8 +25,8 @@ from torch.nn import functional as Fn
 __all__ = ["MODEL_KINDS", "PlainModel", "PotentialModel", "build_model"]
 
 
-def _mlp(n_in, hidden, n_out, convex=False):
-    return ICNN(n_in, hidden, n_out) if convex else MLP(n_in, hidden, n_out)
+def _mlp(n_in, hidden, n_out, convex=False, monotone=()):
+    return ICNN(n_in, hidden, n_out, monotone=monotone) if convex else MLP(n_in, hidden, n_out)
 
 
 class MLP(nn.Module):
@@ -42,21 +45,35 @@ class MLP(nn.Module):
 
 
 class ICNN(nn.Module):
-    """Input-convex network: z_{k+1} = softplus(W_k⁺ z_k + V_k x + b_k), output W_out⁺ z + v·x."""
+    """Input-convex network: z_{k+1} = softplus(W_k⁺ z_k + V_k x + b_k), output W_out⁺ z + v·x.
 
-    def __init__(self, n_in, hidden, n_out):
+    W⁺ = softplus(W) ≥ 0. The inputs listed in ``monotone`` enter every layer with non-negative weights too, so
+    the network is also non-decreasing in them (needed to compose it with convex functions of F).
+    """
+
+    def __init__(self, n_in, hidden, n_out, monotone=()):
         super().__init__()
+        self.monotone = tuple(monotone)
         self.Vs = nn.ModuleList([nn.Linear(n_in, h) for h in hidden])
         self.Ws = nn.ParameterList([nn.Parameter(torch.randn(b, a) * 0.1) for a, b in zip(hidden[:-1], hidden[1:],
                                                                                            strict=True)])
         self.W_out = nn.Parameter(torch.randn(n_out, hidden[-1]) * 0.1)
         self.V_out = nn.Linear(n_in, n_out)
 
+    def _input(self, V: nn.Linear, x):
+        """V x + b with non-negative weights on the monotone inputs."""
+        if not self.monotone:
+            return V(x)
+        mask = torch.zeros(V.weight.shape[1], dtype=torch.bool, device=V.weight.device)
+        mask[list(self.monotone)] = True
+        weight = torch.where(mask, Fn.softplus(V.weight), V.weight)
+        return x @ weight.T + V.bias
+
     def forward(self, x):
-        z = Fn.softplus(self.Vs[0](x))
+        z = Fn.softplus(self._input(self.Vs[0], x))
         for W, V in zip(self.Ws, self.Vs[1:], strict=True):
-            z = Fn.softplus(z @ Fn.softplus(W).T + V(x))
-        return z @ Fn.softplus(self.W_out).T + self.V_out(x)
+            z = Fn.softplus(z @ Fn.softplus(W).T + self._input(V, x))
+        return z @ Fn.softplus(self.W_out).T + self._input(self.V_out, x)
 
 
 def _det3(F):
@@ -115,7 +132,7 @@ class PotentialModel(_Base):
         kinematics: ``finite`` or ``small``.
         hidden: hidden layer widths.
         features: ``general`` (components of E or ε) or ``isotropic`` (I1, I2, J; finite strain only).
-        convex: input-convex network (polyconvex with isotropic features).
+        convex: input-convex network (polyconvex with isotropic features: non-decreasing in I1 and I2 too).
     """
 
     def __init__(self, dim: int, kinematics: str = "finite", hidden=(16, 16), features: str = "general",
@@ -130,7 +147,8 @@ class PotentialModel(_Base):
         d = dim
         self.idx = [(i, j) for i in range(d) for j in range(i, d)]
         n_in = len(self.idx) if features == "general" else 4
-        self.net = _mlp(n_in, list(hidden), 1, convex)
+        # polyconvexity: non-decreasing in I1 − 3 and I2 − 3 (inputs 0 and 1), free in J − 1 and 1 − J
+        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=(0, 1) if features == "isotropic" else ())
         self.register_buffer("x_scale", torch.ones(n_in, dtype=torch.float64))
         self.double()
 

@@ -15,12 +15,14 @@ import time
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from fe2ml.data.reader import read_logs
 from fe2ml.errors import ConfigError
-from fe2ml.plotting import plot_lines, plot_parity
+from fe2ml.plotting import plot_calibration, plot_lines, plot_parity
 from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint
 from fe2ml.surrogate.config import TrainConfig
+from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
 from fe2ml.surrogate.models import build_model
 
 __all__ = ["load_data", "train", "train_localization"]
@@ -109,6 +111,38 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
             progress(ep, float(lt.detach()), lv)
     model.load_state_dict(best[1])
     return hist, best[2]
+
+
+def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
+    """How the per-point spread predicts the per-point error: factors fitted on validation, coverage on test.
+
+    factor50 and factor90 are the 50 % and 90 % quantiles of error/spread on the validation split; the calibrated
+    spread is factor50 x spread. Coverage (k = 1, 2, 3): the fraction of test points (validation when there is no
+    test split) whose true error is at most k x the calibrated spread, measured on points the factors never saw.
+    """
+    def spread_error(idx):
+        Ps, _ = ens.evaluate_members(F[idx])
+        return relative_spread(Ps, floor), relative_error(np.mean(Ps, axis=0), P[idx], floor)
+
+    s_va, e_va = spread_error(va)
+    ratio = e_va / np.maximum(s_va, 1e-300)
+    f50, f90 = float(np.quantile(ratio, 0.5)), float(np.quantile(ratio, 0.9))
+    split, idx = ("test", te) if len(te) else ("validation", va)
+    s_te, e_te = spread_error(idx)
+    return {"factor50": f50, "factor90": f90, "split": split, "n": int(len(idx)),
+            "coverage": [float(np.mean(e_te <= k * f50 * s_te)) for k in (1, 2, 3)],
+            "coverage90": float(np.mean(e_te <= f90 * s_te)),
+            "spread": s_te.tolist(), "error": e_te.tolist()}
+
+
+def _density(model, F) -> dict:
+    """Training records in normalised feature space and the 99th percentile of their nearest-neighbour distances."""
+    x_scale = model.x_scale.detach().numpy().copy()
+    X = model.features_of(torch.as_tensor(F)).detach().numpy() / x_scale
+    if len(X) > 20000:  # a fixed subsample keeps the checkpoint small
+        X = X[np.random.default_rng(0).choice(len(X), 20000, replace=False)]
+    d, _ = cKDTree(X).query(X, k=2)
+    return {"points": X.astype(np.float64), "x_scale": x_scale, "scale": float(max(np.quantile(d[:, 1], 0.99), 1e-12))}
 
 
 def _bounds(model, F):
@@ -205,17 +239,25 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         preds[name] = (Pp, Ap)
         metrics[name] = {"stress_rel_l2": _rel(Pp, P[idx]), "tangent_rel_l2": _rel(Ap, A[idx]), "n": int(len(idx))}
     spread = ens.spread(F[va])
+    floor = STRESS_FLOOR * float(np.sqrt(np.mean(np.sum(P[tr].reshape(len(tr), -1) ** 2, axis=1))))
+    calibration = _calibrate(ens, F, P, va, te, floor) if cfg.ensemble >= 2 else None
     dfp = hashlib.sha256(np.ascontiguousarray(F).tobytes() + np.ascontiguousarray(P).tobytes()).hexdigest()[:16]
     ckpt = {"format_version": FORMAT_VERSION, "model": {"kind": cfg.model["kind"], **margs}, "members": states,
             "dim": info["dim"], "kinematics": info["kinematics"], "rve_fingerprint": info["fingerprint"],
             "data_fingerprint": dfp, "metrics": metrics, "bounds": _bounds(ens.members[0], F[tr]),
-            "validation_spread": spread, "records": info["records"], "skipped": info["skipped"],
+            "validation_spread": spread, "stress_floor": floor, "density": _density(ens.members[0], F[tr]),
+            "calibration": calibration, "records": info["records"], "skipped": info["skipped"],
             "rve": info["rve"], "config": cfg.path.read_text(), "resumed_from": str(resume) if resume else None,
             "train_s": time.perf_counter() - t0}
     tmp = cfg.output / "checkpoint.pt.tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, cfg.output / "checkpoint.pt")
-    report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve")}
+    report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
+    if calibration is not None:
+        report["calibration"] = {k: v for k, v in calibration.items() if k not in ("spread", "error")}
+        plot_calibration(calibration["factor50"] * np.asarray(calibration["spread"]), np.asarray(calibration["error"]),
+                         cfg.output / "calibration.png",
+                         title=f"calibration (test split): {100 * calibration['coverage'][1]:.0f} % within 2x")
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_lines({f"member {k} {s}": (np.arange(len(h[s])), h[s]) for k, h in allh.items()
                 for s in ("train", "validation")}, cfg.output / "loss.png", xlabel="epoch", ylabel="loss",
@@ -229,8 +271,14 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         for s, m in metrics.items():
             log.info(f"  {s:>10}: stress rel. L2 {100 * m['stress_rel_l2']:.3f} %, tangent rel. L2 "
                   f"{100 * m['tangent_rel_l2']:.3f} % ({m['n']} records)")
-        log.info(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_P.png, parity_A.png "
-              f"({time.perf_counter() - t0:.1f} s)")
+        if calibration is not None:
+            cov = calibration["coverage"]
+            log.info(f"  calibration ({calibration['split']} split, {calibration['n']} points): true error <= k x "
+                     f"calibrated spread for {100 * cov[0]:.1f} % (k = 1), {100 * cov[1]:.1f} % (k = 2), "
+                     f"{100 * cov[2]:.1f} % (k = 3); error <= factor90 x spread for "
+                     f"{100 * calibration['coverage90']:.1f} %")
+        log.info(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_P.png, parity_A.png"
+                 f"{', calibration.png' if calibration is not None else ''} ({time.perf_counter() - t0:.1f} s)")
     return report
 
 

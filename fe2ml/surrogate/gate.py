@@ -1,0 +1,144 @@
+"""Where a surrogate can be trusted: the per-point criteria of a checkpoint, the hybrid's thresholds, the audit sample.
+
+Torch-free, so that a run's config can be checked without loading the networks.
+
+- :func:`relative_spread`, :func:`relative_error`: per-point quantities relative to |P̄| + floor, where the floor
+  (``STRESS_FLOOR`` x the RMS of |P̄| over the training records) is a fixed property of the checkpoint: a point's
+  value never depends on the other points of its rank;
+- :class:`Gate`: the checkpoint's training box, data density (KD-tree of the training records) and calibration;
+- :class:`Thresholds`: when a hybrid law sends a point to the RVE;
+- :class:`AuditOptions` and :func:`point_uniform`: the run-time audit's partition-independent sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from fe2ml.errors import ConfigError
+
+__all__ = ["STRESS_FLOOR", "AuditOptions", "Gate", "Thresholds", "point_uniform", "relative_error", "relative_spread"]
+
+STRESS_FLOOR = 0.05  # per-point relative quantities are taken relative to |P̄| + STRESS_FLOOR * RMS |P̄|train
+
+
+def relative_spread(Ps: np.ndarray, floor: float) -> np.ndarray:
+    """Per-point ensemble spread: |std over members of P̄|_F / (|mean P̄|_F + floor); Ps (K, n, d, d) -> (n,)."""
+    Ps = np.asarray(Ps)
+    axes = tuple(range(1, Ps.ndim - 1))
+    return np.sqrt(np.sum(Ps.std(axis=0) ** 2, axis=axes)) / (np.sqrt(np.sum(Ps.mean(axis=0) ** 2, axis=axes)) + floor)
+
+
+def relative_error(P: np.ndarray, P_true: np.ndarray, floor: float) -> np.ndarray:
+    """Per-point error |P̄ − P̄_true|_F / (|P̄_true|_F + floor); (n, d, d) -> (n,)."""
+    P, P_true = np.asarray(P), np.asarray(P_true)
+    axes = tuple(range(1, P.ndim))
+    return np.sqrt(np.sum((P - P_true) ** 2, axis=axes)) / (np.sqrt(np.sum(P_true**2, axis=axes)) + floor)
+
+
+class Gate:
+    """The per-point criteria of a checkpoint that tell where its surrogate can be trusted.
+
+    Args:
+        ck: the checkpoint dict.
+
+    Attributes:
+        members: ensemble size.
+        floor: the stress floor of per-point relative quantities.
+        calibration: the calibration dict, or None (one member).
+    """
+
+    def __init__(self, ck: dict):
+        self.members = len(ck["members"])
+        self.floor = float(ck["stress_floor"])
+        self.calibration = ck.get("calibration")
+        self.lo = np.asarray(ck["bounds"]["feature_min"])
+        self.hi = np.asarray(ck["bounds"]["feature_max"])
+        self.x_scale = np.asarray(ck["density"]["x_scale"])
+        self.tree = cKDTree(np.asarray(ck["density"]["points"], dtype=np.float64))
+        self.density_scale = float(ck["density"]["scale"])
+
+    def box_distance(self, x: np.ndarray) -> np.ndarray:
+        """Largest relative excursion of features x (n, m) outside the training box (0 inside)."""
+        w = np.maximum(self.hi - self.lo, 1e-12)
+        return np.max(np.maximum(0.0, np.maximum(self.lo - x, x - self.hi)) / w, axis=1)
+
+    def density_distance(self, x: np.ndarray, *, bound: float | None = None) -> np.ndarray:
+        """Distance of features x (n, m) to the nearest training record, in units of the data-density scale.
+
+        With ``bound`` (in the same units) the search stops there: points farther away get inf (faster).
+        """
+        upper = np.inf if bound is None else bound * self.density_scale
+        d, _ = self.tree.query(x / self.x_scale, k=1, distance_upper_bound=upper)
+        return np.asarray(d) / self.density_scale
+
+    def predicted_error(self, spread: np.ndarray) -> np.ndarray:
+        """The calibrated error bound (90 % quantile of error/spread on the validation split) times the spread."""
+        if self.calibration is None:
+            raise ConfigError("this checkpoint has no calibration (train an ensemble of 2 or more members)")
+        return float(self.calibration["factor90"]) * spread
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a hybrid law sends a point to the RVE (None: the criterion is off).
+
+    Attributes:
+        spread: per-point relative ensemble spread (needs 2 or more members).
+        error: calibrated predicted error, factor90 x spread (needs a calibrated checkpoint).
+        distance: relative excursion outside the training box.
+        density: distance to the nearest training record in data-density scales.
+    """
+
+    spread: float | None = None
+    error: float | None = None
+    distance: float = 0.0
+    density: float = 2.0
+
+    def check(self, gate: Gate, where: str = "threshold") -> None:
+        """Refuse criteria the checkpoint cannot evaluate (one member, no calibration) and negative values."""
+        for key in ("spread", "error", "distance", "density"):
+            v = getattr(self, key)
+            if v is not None and not v >= 0:
+                raise ConfigError(f"{where}.{key}: expected a number >= 0, got {v!r}")
+        for key in ("spread", "error"):
+            if getattr(self, key) is not None and gate.members < 2:
+                raise ConfigError(f"{where}.{key}: needs an ensemble of 2 or more members; the checkpoint has "
+                                  f"{gate.members} (train with ensemble: 2, or leave {key} out)")
+        if self.error is not None and gate.calibration is None:
+            raise ConfigError(f"{where}.error: the checkpoint has no calibration (retrain it with ensemble >= 2)")
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64 arrays (wrapping arithmetic)."""
+    z = z + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def point_uniform(x: np.ndarray, seed: int, step: int) -> np.ndarray:
+    """A number in [0, 1) per point from its coordinates (n, d), a seed and a step: the same on any partition."""
+    q = np.round(np.asarray(x, dtype=np.float64) * 1e8).astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = _mix(np.full(len(q), np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) ^ np.uint64(step), dtype=np.uint64))
+        for j in range(q.shape[1]):
+            h = _mix(h ^ q[:, j])
+    return (h >> np.uint64(11)).astype(np.float64) / float(2**53)
+
+
+@dataclass(frozen=True)
+class AuditOptions:
+    """``material.audit``: the fraction of surrogate-answered points re-solved with the RVE every load step.
+
+    Attributes:
+        fraction: in (0, 1].
+        seed: of the (partition-independent) sample.
+        target: the error a point should stay below (the hybrid's ``threshold.error`` when given).
+    """
+
+    fraction: float
+    seed: int = 0
+    target: float = 0.01

@@ -1,0 +1,254 @@
+"""Surrogate and hybrid against FE² where the macro field is heterogeneous: local P̄, reactions, cell stretch.
+
+The problem is a tissue plate with a hole, pulled along x. The stress concentrates at the hole, so every
+quadrature point sees its own F̄; the strip of `examples/strip_fe2.yaml` cannot show this, because its field is
+uniform. The tissue RVE is an HGO matrix with fibres along x and softer, nearly incompressible cells.
+
+1. Sampling campaign in principal-stretch space (random orientation; fibres make the response anisotropic),
+   with det F̄ in [0.97, 1.09] (the states of the plate: a tissue under tension changes volume little), then a
+   2-member potential ensemble with its calibration.
+2. Three runs on the same mesh: FE² (nested RVEs, cell quantities logged), surrogate, and hybrid with
+   `threshold: {error: 0.01}` and an audit.
+3. Comparisons at every quadrature point of the last step:
+   - P̄: relative L2 over the domain, and the per-point error |ΔP̄|/(|P̄| + floor);
+   - the hybrid's per-point error where the surrogate answered;
+   - the reaction curve;
+   - the largest cell stretch, FE² against the exact localization of the surrogate's macro field.
+
+Printed as a table with the floors; written to `results/verify_surrogate_fields/` as `report.json`,
+`fields.png` (maps of the per-point error) and `reactions.png`.
+
+Usage:
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_surrogate_fields.py [--quick] [--out DIR]
+`--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size.
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from mpi4py import MPI
+
+import h5py  # noqa: F401  (before dolfinx writes files)
+import numpy as np
+
+import fe2ml  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+FLOORS = {"surrogate_P_rel_l2": 0.01, "surrogate_reaction": 0.005, "hybrid_P_max_where_surrogate": 0.01}
+SIZES = {
+    "full": {"rve_h": 0.08, "n": 256, "epochs": 3000, "macro_h": 0.5, "h_hole": 0.15, "steps": 4},
+    "quick": {"rve_h": 0.15, "n": 128, "epochs": 2000, "macro_h": 0.9, "h_hole": 0.35, "steps": 2},
+}
+RVE = """\
+  mesh: {{generate: cells_2d, n_cells: 3, volume_fraction: 0.25, seed: 2, h: {rve_h}}}
+  phases:
+    1: {{material: neo_hookean, mu: 10.0e3, K: 30.0e3}}
+    2: {{material: neo_hookean, mu: 1.0e3, K: 5.0e3}}
+"""
+
+
+def _configs(work: Path, s: dict, members: int) -> dict:
+    rve = RVE.format(**s)
+    nested = "".join("  " + line + "\n" for line in rve.splitlines())
+    (work / "sample.yaml").write_text(
+        f"rve:\n  dim: 2\n{rve}"
+        f"design: {{method: sobol, n: {s['n']}, seed: 0, space: stretch, stretch: [0.92, 1.16], volume: [0.97, 1.09],"
+        " rotation: [-90, 90], paths: [{type: uniaxial, max: 0.12, steps: 6}]}\noutput: log\n")
+    (work / "train.yaml").write_text(
+        "data: [log]\nmodel: {kind: potential, hidden: [16, 16]}\nloss: {stress: 1.0, tangent: 0.1}\n"
+        f"split: {{validation: 0.15, test: 0.15, seed: 0}}\ntrain: {{epochs: {s['epochs']}, lr: 0.01, patience: 400,"
+        f" seed: 0}}\nensemble: {members}\noutput: surrogate\n")
+    head = (f"dim: 2\nmesh: {{generate: plate_with_hole, size: [4.0, 2.0], radius: 0.5, h: {s['macro_h']}, "
+            f"h_hole: {s['h_hole']}}}\n")
+    tail = ("bcs:\n  - {boundary: left, components: [0], value: 0.0}\n"
+            "  - {boundary: bottom, components: [1], value: 0.0}\n"
+            f"  - {{boundary: right, components: [0], value: \"0.24*t\"}}\nsteps: {s['steps']}\n")
+    runs = {
+        "fe2": "material:\n  kind: rve\n  rve:\n" + nested + "localize: true\n",
+        "surrogate": "material:\n  kind: surrogate\n  checkpoint: surrogate/checkpoint.pt\n  rve:\n" + nested,
+        "hybrid": ("material:\n  kind: hybrid\n  checkpoint: surrogate/checkpoint.pt\n  rve:\n" + nested
+                   + "  threshold: {error: 0.01}\n  audit: {fraction: 0.05, seed: 0}\n"),
+    }
+    for name, mat in runs.items():
+        (work / f"{name}.yaml").write_text(head + mat + tail + f"output: {name}\n")
+    return runs
+
+
+def _last_step(run: Path) -> dict:
+    with h5py.File(run / "quadrature.h5", "r") as f:
+        g = f[f"step_{int(f.attrs['steps'])}"]
+        return {k: g[k][()] for k in ("x", "F", "P")} | ({"surrogate": g["surrogate"][()]} if "surrogate" in g
+                                                          else {}) | (
+            {"stretch": g["cells/stretch"][()][..., 0].max(axis=1)} if "cells/stretch" in g else {})
+
+
+def _reactions(run: Path) -> np.ndarray:
+    import csv
+
+    with open(run / "reactions.csv") as f:
+        rows = list(csv.DictReader(f))
+    return np.array([float(r["right_R1"]) for r in rows])
+
+
+def compare(work: Path, floor: float, comm) -> dict:
+    """Errors of the surrogate and hybrid runs against FE², at every quadrature point of the last step."""
+    from fe2ml.laws.rve import build_rank_rve
+    from fe2ml.macro.config import load_run_config
+
+    ref, sur, hyb = (_last_step(work / n) for n in ("fe2", "surrogate", "hybrid"))
+    assert np.allclose(ref["x"], sur["x"]) and np.allclose(ref["x"], hyb["x"])  # same points, same order
+
+    def per_point(P):
+        n = len(P)
+        return (np.sqrt(np.sum((P - ref["P"]).reshape(n, -1) ** 2, axis=1))
+                / (np.sqrt(np.sum(ref["P"].reshape(n, -1) ** 2, axis=1)) + floor))
+
+    def rel_l2(P):
+        return float(np.sqrt(np.sum((P - ref["P"]) ** 2) / np.sum(ref["P"] ** 2)))
+
+    e_sur, e_hyb = per_point(sur["P"]), per_point(hyb["P"])
+    by_sur = hyb["surrogate"].astype(bool)
+    R_ref, R_sur, R_hyb = (_reactions(work / n) for n in ("fe2", "surrogate", "hybrid"))
+    # exact localization of the surrogate's macro field: the RVE solved at its F̄ (cells' largest stretch)
+    rve, _ = build_rank_rve(comm, load_run_config(work / "fe2.yaml").rve)
+    lam = np.array([c.cell["stretch"][:, 0].max() for c in rve.evaluate(sur["F"], warm_start=True).cells])
+    dlam = lam - ref["stretch"]
+    out = {
+        "points": int(len(ref["P"])),
+        "field_heterogeneity": float(np.std(ref["P"][:, 0, 0]) / abs(np.mean(ref["P"][:, 0, 0]))),
+        "surrogate_P_rel_l2": rel_l2(sur["P"]), "surrogate_P_max": float(e_sur.max()),
+        "surrogate_reaction": float(np.max(np.abs(R_sur - R_ref)) / np.max(np.abs(R_ref))),
+        "hybrid_P_rel_l2": rel_l2(hyb["P"]), "hybrid_P_max": float(e_hyb.max()),
+        "hybrid_surrogate_points": int(by_sur.sum()),
+        "hybrid_P_max_where_surrogate": float(e_hyb[by_sur].max()) if by_sur.any() else 0.0,
+        "hybrid_reaction": float(np.max(np.abs(R_hyb - R_ref)) / np.max(np.abs(R_ref))),
+        "cell_stretch_rel_l2_of_lambda_minus_1": float(np.linalg.norm(dlam) / np.linalg.norm(ref["stretch"] - 1)),
+        "cell_stretch_max_abs": float(np.abs(dlam).max()),
+    }
+    return out | {"_maps": (ref["x"], e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI size (the floors apply to the full size)")
+    ap.add_argument("--out", default=str(ROOT / "results" / "verify_surrogate_fields"))
+    ap.add_argument("--members", type=int, default=2, help="ensemble size (2 or more)")
+    args = ap.parse_args()
+    from fe2ml.data.campaign import run_campaign
+    from fe2ml.data.config import load_sample_config
+    from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.run import run
+    from fe2ml.parallel import install_console_logging
+    from fe2ml.plotting import plot_lines
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
+
+    comm = MPI.COMM_SELF
+    install_console_logging(comm, level=logging.WARNING)
+    size = "quick" if args.quick else "full"
+    work = Path(args.out)
+    if (work / "report.json").exists() or (work / "log").exists():  # this script's own earlier output: start afresh
+        import shutil
+
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    _configs(work, SIZES[size], args.members)
+    t0 = time.perf_counter()
+    print(f"[verify] {size}: campaign", flush=True)
+    run_campaign(comm, load_sample_config(work / "sample.yaml"), quiet=True)
+    print(f"[verify] training a {args.members}-member ensemble ({time.perf_counter() - t0:.0f} s)", flush=True)
+    rep = train(comm, load_train_config(work / "train.yaml"), quiet=True)
+    summaries = {}
+    for name in ("fe2", "surrogate", "hybrid"):
+        print(f"[verify] run {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        summaries[name] = run(comm, load_run_config(work / f"{name}.yaml"), quiet=True)
+    import torch
+
+    floor = float(torch.load(work / "surrogate" / "checkpoint.pt", weights_only=False)["stress_floor"])
+    res = compare(work, floor, comm)
+    x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb = res.pop("_maps")
+    res["calibration_coverage_2x"] = rep["calibration"]["coverage"][1]
+    res["audit"] = {k: summaries["hybrid"]["audit"][k] for k in ("points", "mean_rel_error", "max_rel_error",
+                                                                  "bound95", "exceeded")}
+    res["constitutive_s"] = {n: s["time_split_s"]["rve_or_constitutive"] for n, s in summaries.items()}
+    res["hybrid_audit_s"] = summaries["hybrid"]["audit"]["audit_s"]
+    res["size"] = size
+    res["members"] = args.members
+    res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm)
+    (work / "report.json").write_text(json.dumps(res, indent=1))
+    _figures(work, x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb, plot_lines)
+    print(f"\nHeterogeneous plate with a hole ({res['points']} quadrature points; std/mean of P̄11 over the "
+          f"points {res['field_heterogeneity']:.2f}), last step:")
+    rows = [("surrogate: local P̄, relative L2", res["surrogate_P_rel_l2"], FLOORS["surrogate_P_rel_l2"]),
+            ("surrogate: local P̄, max per point", res["surrogate_P_max"], None),
+            ("surrogate: reaction curve, max", res["surrogate_reaction"], FLOORS["surrogate_reaction"]),
+            ("hybrid: local P̄, relative L2", res["hybrid_P_rel_l2"], None),
+            (f"hybrid: max per point where the surrogate answered ({res['hybrid_surrogate_points']} points)",
+             res["hybrid_P_max_where_surrogate"], FLOORS["hybrid_P_max_where_surrogate"]),
+            ("hybrid: reaction curve, max", res["hybrid_reaction"], None),
+            ("cell stretch λ−1 (exact localization), relative L2", res["cell_stretch_rel_l2_of_lambda_minus_1"],
+             None),
+            ("calibration: held-out points within 2x calibrated spread", res["calibration_coverage_2x"], None)]
+    for label, v, fl in rows:
+        ok = "" if fl is None else ("  ok" if v <= fl else f"  ABOVE the floor {100 * fl:g} %")
+        print(f"  {label:<75} {100 * v:8.3f} %{ok}")
+    a = res["audit"]
+    print(f"  hybrid audit: {a['points']} points, mean {100 * a['mean_rel_error']:.3f} %, max "
+          f"{100 * a['max_rel_error']:.3f} %, bound95 {a['bound95']:.3f}; audit RVE time {res['hybrid_audit_s']:.2f} s "
+          f"vs constitutive {res['constitutive_s']['hybrid']:.2f} s")
+    print(f"  gate overhead (per-point spread, calibrated error, box, KD-tree density) on 10^4 points: "
+          f"{100 * res['gate_overhead']:.1f} % of the surrogate's evaluation time (floor 5 %)")
+    print(f"  wrote {work}/report.json, fields.png, reactions.png ({time.perf_counter() - t0:.0f} s)")
+
+
+def _gate_overhead(checkpoint: Path, comm) -> float:
+    """Extra time of the hybrid's gate over the plain surrogate evaluation, with no point sent to the RVE."""
+    from fe2ml.laws.rve import build_rank_rve
+    from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw
+    from fe2ml.macro.config import load_run_config
+    from fe2ml.surrogate.gate import Thresholds
+
+    rve, _ = build_rank_rve(comm, load_run_config(checkpoint.parents[1] / "fe2.yaml").rve)
+    F = np.eye(2) + 0.05 * np.random.default_rng(0).uniform(-1, 1, (10000, 2, 2))
+    plain = SurrogateLaw(checkpoint, dim=2)
+    gated = HybridLaw(checkpoint, rve, thresholds=Thresholds(error=1e30, distance=np.inf, density=1e30))
+    best = {"plain": np.inf, "gated": np.inf}
+    for _ in range(7):  # interleaved, best of 7: robust against other load on the machine
+        for name, law in (("plain", plain), ("gated", gated)):
+            t = time.perf_counter()
+            law.evaluate(F)
+            best[name] = min(best[name], time.perf_counter() - t)
+    if gated.stats["rve_solves"]:
+        raise SystemExit("gate overhead: a point went to the RVE with every threshold off")
+    return best["gated"] / best["plain"] - 1.0
+
+
+def _figures(work, x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb, plot_lines):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    vmax = max(e_sur.max(), e_hyb.max(), 1e-6)
+    for ax, e, title in ((axes[0], e_sur, "surrogate"), (axes[1], e_hyb, "hybrid (x: RVE answered)")):
+        sc = ax.scatter(x[:, 0], x[:, 1], c=100 * e, s=14, cmap="viridis", vmin=0, vmax=100 * vmax)
+        if title.startswith("hybrid"):
+            ax.scatter(x[~by_sur, 0], x[~by_sur, 1], marker="x", c="r", s=10)
+        ax.set_aspect("equal")
+        ax.set_title(f"{title}: |ΔP̄|/(|P̄| + floor) against FE² [%]", fontsize=9)
+        fig.colorbar(sc, ax=ax)
+    fig.tight_layout()
+    fig.savefig(work / "fields.png", dpi=110)
+    plt.close(fig)
+    steps = np.arange(1, len(R_ref) + 1)
+    plot_lines({"FE²": (steps, R_ref), "surrogate": (steps, R_sur), "hybrid": (steps, R_hyb)},
+               work / "reactions.png", xlabel="load step", ylabel="reaction R1 on the right edge",
+               title="plate with a hole: reaction curves")
+
+
+if __name__ == "__main__":
+    main()
