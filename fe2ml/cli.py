@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.errors import Fe2mlError
+from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.parallel import collective, install_console_logging
 
 __all__ = ["main"]
@@ -232,19 +232,24 @@ def cmd_run(args, comm) -> int:
     from fe2ml.macro.config import load_run_config
     from fe2ml.macro.run import run
 
+    if args.allow_changed and not args.restart:
+        raise ConfigError("--allow-changed: only with --restart")
     if args.restart:
-        import json as _json
-
         rd = Path(args.config)
         if not rd.is_dir():
-            raise Fe2mlError(f"--restart {rd}: run folder not found")
+            raise ConfigError(f"--restart {rd}: run folder not found")
+        ident = rd / "identity.json"
         summ = rd / "summary.json"
-        src = Path(_json.loads(summ.read_text()).get("config", "")) if summ.exists() else None
-        path = src if src is not None and src.is_file() else rd / "config.yaml"
-        if not path.is_file():
-            raise Fe2mlError(f"--restart {rd}: cannot find the run's config")
-        cfg = load_run_config(path, output=str(rd))
-        run(comm, cfg, restart=True)
+        orig = Path(json.loads(ident.read_text())["config"] if ident.is_file() else
+                    json.loads(summ.read_text()).get("config", "") if summ.is_file() else "")
+        copy = rd / "config.yaml"
+        if args.allow_changed and orig.is_file():  # continue with the edited original (the change is recorded)
+            cfg = load_run_config(orig, output=str(rd))
+        elif copy.is_file():  # the run's own copy; relative paths as seen from the original's folder
+            cfg = load_run_config(copy, output=str(rd), base=orig.parent if str(orig) else rd)
+        else:
+            raise ConfigError(f"--restart {rd}: cannot find the run's config (config.yaml)")
+        run(comm, cfg, restart=True, allow_changed=args.allow_changed)
         return 0
     cfg = load_run_config(args.config, output=args.output)
     run(comm, cfg)
@@ -387,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="YAML config (keys: dim, mesh, material, bcs, tractions, steps, ...); with "
                    "--restart: the run folder")
     r.add_argument("--restart", action="store_true", help="continue the run in folder CONFIG from its checkpoint")
+    r.add_argument("--allow-changed", action="store_true",
+                   help="with --restart: continue although the config, RVE or checkpoint changed (noted in run.log)")
     r.add_argument("--output", default=None, help="run folder (overrides the config's output)")
     r.set_defaults(func=cmd_run)
     sm = sub.add_parser("sample", help="sampling campaign: RVE over a design of F̄, logged to HDF5 (resumable)")

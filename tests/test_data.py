@@ -298,3 +298,43 @@ def test_design_spaces_are_valid():
         from fe2ml.data.config import load_sample_config
 
         load_sample_config("/nonexistent.yaml")
+
+
+def test_a_torn_flush_is_read_up_to_the_last_complete_record(tmp_path):
+    # a kill between the per-dataset resizes of a flush: some datasets longer than others, rows never written
+    import logging
+
+    import h5py
+
+    from fe2ml.data.log import LogWriter
+    from fe2ml.data.reader import read_logs
+
+    rng = np.random.default_rng(0)
+    F = np.eye(2) + 0.1 * rng.normal(size=(12, 2, 2))
+    P = rng.normal(size=(12, 2, 2))
+    with LogWriter(tmp_path / "log", "t", 0, fingerprint="fp", attrs={}, dim=2, flush_every=100) as w:
+        w.add(F, P, np.ones((12, 2, 2, 2, 2)), point_id=np.arange(12))
+    part = next((tmp_path / "log").glob("*.h5"))
+    with h5py.File(part, "r+") as f:
+        f["F"].resize(16, axis=0)  # allocated, never written: fill values
+        f["P"].resize(15, axis=0)
+        f["point_id"].resize(14, axis=0)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("fe2ml.data.reader")
+    logger.addHandler(handler)
+    try:
+        data = read_logs(tmp_path / "log")
+    finally:
+        logger.removeHandler(handler)
+    assert len(data["F"]) == 12 and len(data["P"]) == 12 and len(data["point_id"]) == 12
+    assert np.array_equal(data["F"], F) and np.array_equal(data["P"], P)  # aligned, no zero or NaN rows
+    assert any(part.name in r.getMessage() and "4 torn record row(s) dropped" in r.getMessage() for r in records)
+    # the reported case: F longer than P (a kill after F's resize): the P extent bounds every field
+    with h5py.File(part, "r+") as f:
+        for k in ("F", "P", "point_id"):
+            f[k].resize(12, axis=0)
+        f["P"].resize(8, axis=0)
+    data = read_logs(tmp_path / "log")
+    assert len(data["F"]) == 8 and np.array_equal(data["F"], F[:8]) and np.array_equal(data["P"], P[:8])

@@ -45,15 +45,20 @@ def _mpirun(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
+def _meta(out):
+    """meta.json of the checkpoint step ``latest`` points to."""
+    step = (out / "checkpoint" / "latest").read_text().strip()
+    return json.loads((out / "checkpoint" / step / "meta.json").read_text())
+
+
 def _wait_steps(out, k, proc, timeout=300):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        m = out / "checkpoint" / "meta.json"
-        if m.exists():
+        if (out / "checkpoint" / "latest").exists():
             try:
-                if json.loads(m.read_text())["steps"] >= k:
+                if _meta(out)["steps"] >= k:
                     return True
-            except (json.JSONDecodeError, KeyError):
+            except (json.JSONDecodeError, KeyError, FileNotFoundError):
                 pass
         if proc.poll() is not None:
             return False
@@ -77,7 +82,7 @@ def test_sigkill_then_restart_identical(tmp_path, reference):
     assert _wait_steps(tmp_path / "out", 3, p)
     os.killpg(p.pid, signal.SIGKILL)
     p.communicate()
-    done = json.loads((tmp_path / "out" / "checkpoint" / "meta.json").read_text())["steps"]
+    done = _meta(tmp_path / "out")["steps"]
     assert 3 <= done < 8
     r = _mpirun(["run", "--restart", tmp_path / "out"])
     out, err = r.communicate(timeout=600)
@@ -96,11 +101,57 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     assert _wait_steps(tmp_path / "out", 2, p)
     os.killpg(p.pid, signal.SIGTERM)
     out, err = p.communicate(timeout=120)
-    assert p.returncode != 0
+    assert p.returncode == 143  # the documented exit status of a terminated run (128 + SIGTERM)
     assert "terminated by SIGTERM" in err and "Traceback" not in err
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
-    meta = json.loads((tmp_path / "out" / "checkpoint" / "meta.json").read_text())
+    meta = _meta(tmp_path / "out")
     assert s["status"] == "terminated" and meta["steps"] == len(s["steps"]) >= 2
+
+
+def test_a_kill_inside_the_checkpoint_write_restarts_from_the_last_complete_step(tmp_path, reference):
+    # rank 0 is killed (SIGKILL) after every rank wrote step 3's files but before the pointer switch: latest stays at
+    # step 2. The restart refuses an edited config and a torn checkpoint, then continues to the uninterrupted
+    # result, and the log holds every converged record exactly once.
+    import shutil
+
+    from fe2ml.data.reader import read_logs
+
+    (tmp_path / "run.yaml").write_text(textwrap.dedent(RUN) + "log: {folder: log, cells: false}\n")
+    p = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "run", str(tmp_path / "run.yaml")],
+                       env=dict(ENV, FE2ML_KILL="0:3:checkpoint"), capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    ck = tmp_path / "out" / "checkpoint"
+    assert (ck / "latest").read_text().strip() == "step-2" and (ck / "step-3" / "rank1.npz").is_file()
+    assert sorted(d.name for d in ck.glob("step-*")) == ["step-1", "step-2", "step-3"]  # older steps pruned
+    # a checkpoint whose rank files belong to different steps is refused, naming the step folder
+    torn = tmp_path / "torn"
+    shutil.copytree(tmp_path / "out", torn)
+    shutil.copy(torn / "checkpoint" / "step-2" / "rank1.npz", torn / "checkpoint" / "step-3" / "rank1.npz")
+    (torn / "checkpoint" / "latest").write_text("step-3\n")
+    r = _mpirun(["run", "--restart", torn])
+    out, err = r.communicate(timeout=300)
+    assert r.returncode == 2 and "torn checkpoint" in err and "step-3" in err
+    # the config edited after the kill: refused (one line, exit 2), then accepted with --allow-changed
+    text = (tmp_path / "run.yaml").read_text()
+    (tmp_path / "run.yaml").write_text(text.replace('"0.3*t"', '"0.35*t"'))
+    r = _mpirun(["run", "--restart", tmp_path / "out"])
+    out, err = r.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "changed since the run started" in lines[0] and "run.yaml" in \
+        lines[0] and "--allow-changed" in lines[0]
+    (tmp_path / "run.yaml").write_text(text)  # restored: the restart continues from step 2
+    r = _mpirun(["run", "--restart", tmp_path / "out"])
+    out, err = r.communicate(timeout=600)
+    assert r.returncode == 0, err
+    assert "restarting after step 2" in out
+    rows = _rows(tmp_path / "out" / "reactions.csv")
+    assert rows.shape == reference.shape and np.abs(rows - reference).max() <= 1e-12 * np.abs(reference).max()
+    log = read_logs([tmp_path / "log"], converged_only=True)
+    n_points = 4 * 2 * 2  # quadrature points of the 4 x 2 mesh (triangles, 1 point each)
+    pairs = set(zip(log["step"].tolist(), log["point_id"].tolist(), strict=True))
+    assert len(log["F"]) == len(pairs)  # no duplicate (step, point) record
+    assert {s for s, _ in pairs} == set(range(1, 9)) and len(pairs) == 8 * n_points
+    assert "dropped" in (tmp_path / "out" / "run.log").read_text()  # step 3's flushed records were removed
 
 
 def test_exception_on_one_rank_ends_the_job(tmp_path):

@@ -165,7 +165,16 @@ def test_the_hybrid_law_answers_with_the_rve_where_it_falls_back(laws):
     assert np.abs(P_fb - P_rve).max() < 1e-8 * np.abs(A_rve).max()
     assert np.abs(P_s - P_rve).max() > 1e-3 * np.abs(P_rve).max()  # the random networks are not the RVE
     fallback.commit()
-    assert fallback.stats["fallbacks_per_step"] == [3]
+    fallback.evaluate(F_POINTS)  # a second sub-step of the same load step
+    fallback.commit()
+    fallback.finish_step()
+    assert fallback.stats["fallbacks_per_step"] == [6] and fallback.stats["fallbacks"] == 6
+    # the hybrid's warm starts and statistics survive a checkpoint round trip
+    fresh = laws["hybrid_fallback"]()
+    fresh.load_state_arrays(fallback.state_arrays())
+    assert sorted(fresh.states) == sorted(fallback.states) and fresh.stats["fallbacks_per_step"] == [6]
+    assert all(np.array_equal(fresh.states[k].z, fallback.states[k].z) for k in fresh.states)
+    assert fresh.stats["fallback_reasons"] == fallback.stats["fallback_reasons"]
 
 
 def test_the_analytic_law_is_a_form_law_and_refuses_pointwise_evaluation_of_several_phases():

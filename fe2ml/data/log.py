@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.data.schema import BASE_FIELDS, SCHEMA_VERSION, LogError, open_part, part_files, versions
+from fe2ml.data.schema import BASE_FIELDS, SCHEMA_VERSION, LogError, fill_value, open_part, part_files, versions
 from fe2ml.errors import ConfigError
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "check_fingerprint",
     "check_folder_writable",
     "folder_fingerprints",
+    "truncate_part",
     "versions",
 ]
 
@@ -81,7 +82,8 @@ class LogWriter:
         attrs: file attributes (dim, kinematics, rve description, source, config, ...).
         n_cells: number of biological cells (0: no cell quantities), n_phases: number of phases.
         flush_every: records buffered before a flush.
-        flush_seconds: a flush also happens when this much time passed since the last one.
+        flush_seconds: a record added this long after the last flush flushes the buffer at once (there is no
+            background timer: the run flushes every writer before each checkpoint, the campaign at its end).
 
     Raises:
         LogError: the folder holds records of another fingerprint, or cannot be written.
@@ -148,7 +150,7 @@ class LogWriter:
             chunk = max(1, min(4096, 65536 // max(per, 1)))
             comp = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if per >= 16 else {}
             self._ds[name] = f.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dt,
-                                              chunks=(chunk, *shape), **comp)
+                                              chunks=(chunk, *shape), fillvalue=fill_value(dt), **comp)
         f.swmr_mode = True
         f.flush()
 
@@ -273,6 +275,41 @@ class LogWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def truncate_part(path, n: int) -> int:
+    """Keep the first ``n`` records of a closed part; returns the number of records dropped.
+
+    A restarted run drops what its dead writer flushed after the checkpoint it restarts from. The part is
+    rewritten to a temporary file and renamed over the old one, so a kill during the repair leaves the old part
+    intact.
+    """
+    import h5py
+
+    path = Path(path)
+    with open_part(path) as src:
+        names = [k for k in _datasets(src)]
+        extent = min(src[k].shape[0] for k in names) if names else 0
+        if extent <= n:
+            return 0
+        tmp = path.with_suffix(".repair.h5")
+        with h5py.File(tmp, "w", libver="latest") as dst:
+            for k, v in src.attrs.items():
+                dst.attrs[k] = v
+            for k in names:
+                ds = src[k]
+                dst.create_dataset(k, data=ds[:n], maxshape=(None, *ds.shape[1:]), chunks=ds.chunks,
+                                   fillvalue=fill_value(ds.dtype))
+    os.replace(tmp, path)
+    return extent - n
+
+
+def _datasets(f) -> list[str]:
+    import h5py
+
+    out: list[str] = []
+    f.visititems(lambda name, obj: out.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return out
 
 
 def check_folder_writable(folder) -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fe2ml.data.schema import LogError, open_part
+from fe2ml.data.schema import LogError, fill_value, open_part
 
 __all__ = ["LogData", "find_parts", "read_logs"]
+
+log = logging.getLogger(__name__)
 
 
 def find_parts(paths) -> list[Path]:
@@ -109,15 +112,16 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
             if names is None:
                 names = fields or [k for k in _walk(f)]
             try:
-                n = f["F"].shape[0]
                 for k in names:
                     if k not in f:
                         raise LogError(f"{p}: field {k} missing (parts of one fingerprint must share their fields)")
-                    arrays.setdefault(k, []).append(f[k][:n])
+                n, keep = _intact_rows(f, p)
+                for k in names:
+                    arrays.setdefault(k, []).append(f[k][:n][keep])
             except (OSError, KeyError) as e:
                 raise LogError(f"{p}: records cannot be read ({str(e).splitlines()[0]}); the file is corrupt or "
                                "truncated") from None
-            srcs.append(np.full(n, str(m.get("source_id", p.stem)), dtype=object))
+            srcs.append(np.full(int(keep.sum()), str(m.get("source_id", p.stem)), dtype=object))
     data = {k: np.concatenate(v) for k, v in arrays.items()}
     src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=object)
     if converged_only and "converged" in data:
@@ -127,6 +131,24 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
     m0 = sel[0][1]
     return LogData(fingerprint=fingerprint, dim=int(m0["dim"]), kinematics=str(m0.get("kinematics", "finite")),
                    arrays=data, source=src, parts=[p for p, _ in sel], attrs=[m for _, m in sel])
+
+
+def _intact_rows(f, p) -> tuple[int, np.ndarray]:
+    """Rows of a part that a complete flush wrote: (extent, mask over it).
+
+    A process killed inside a flush can leave datasets of different lengths (they are resized one by one) and rows
+    that were allocated but never written (they hold the fill values). The extent is the smallest over all
+    datasets; rows whose F or point_id hold the fill value are dropped, with a warning naming the part.
+    """
+    datasets = [f[k] for k in _walk(f)]
+    extents = [ds.shape[0] for ds in datasets]
+    n = min(extents) if extents else 0
+    keep = np.isfinite(f["F"][:n]).all(axis=(1, 2)) & (f["point_id"][:n] != fill_value(np.int64))
+    dropped = (max(extents, default=0) - n) + int((~keep).sum())
+    if dropped:
+        log.warning("%s: %d torn record row(s) dropped (an interrupted flush); %d intact", p, dropped,
+                    int(keep.sum()))
+    return n, keep
 
 
 def _walk(f):
@@ -162,7 +184,8 @@ class RVEDataset:
         sizes = []
         for p in self.parts:
             with open_part(p) as f:
-                sizes.append(f["F"].shape[0])
+                n, keep = _intact_rows(f, p)
+                sizes.append(n if keep.all() else int(np.argmin(keep)))  # the intact leading rows
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._files: dict = {}
         self._pid = None

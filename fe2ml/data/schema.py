@@ -12,7 +12,7 @@ import numpy as np
 
 from fe2ml.errors import Fe2mlError
 
-__all__ = ["BASE_FIELDS", "SCHEMA_VERSION", "LogError", "open_part", "part_files", "versions"]
+__all__ = ["BASE_FIELDS", "SCHEMA_VERSION", "LogError", "fill_value", "open_part", "part_files", "versions"]
 
 SCHEMA_VERSION = 1
 BASE_FIELDS = {
@@ -24,6 +24,15 @@ BASE_FIELDS = {
     "rank": ((), np.int32),
     "newton_its": ((), np.int32),
 }
+
+
+def fill_value(dtype) -> float | int:
+    """The fill value of a dataset of this dtype: NaN for floats, the smallest integer for ints.
+
+    Datasets are created with it, so rows a torn flush allocated but never wrote are recognisable.
+    """
+    dtype = np.dtype(dtype)
+    return float("nan") if dtype.kind == "f" else int(np.iinfo(dtype).min)
 
 
 class LogError(Fe2mlError):

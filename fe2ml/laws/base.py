@@ -102,6 +102,14 @@ class ConstitutiveLaw(ABC):
         """Cell-level quantities of every point of the last evaluation, or None when the law computes none."""
         return None
 
+    def finish_step(self) -> None:
+        """The load step is complete (all its sub-steps committed): close per-step statistics. Default: nothing."""
+        return None
+
+    def log_writers(self) -> list:
+        """The log writers the law appends to (flushed collectively before every run checkpoint). Default: none."""
+        return []
+
     def surrogate_mask(self) -> np.ndarray | None:
         """Which points of the last evaluation a surrogate answered (True) or an RVE (False); None: no surrogate."""
         return None

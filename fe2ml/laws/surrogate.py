@@ -149,6 +149,7 @@ class HybridLaw(SurrogateLaw):
         self.flags_last = np.zeros(0, dtype=bool)
         self.reasons_last: dict[str, np.ndarray] = {}
         self.stats["fallback_reasons"] = {}
+        self._step_fallbacks = 0  # fallbacks of the load step in progress (over its sub-steps)
 
     def flags(self, F: np.ndarray, Ps: np.ndarray, As: np.ndarray) -> dict[str, np.ndarray]:
         """Per-criterion flags (n,) of the points F̄ with member predictions Ps (K, n, d, d), As (K, n, d, d, d, d)."""
@@ -199,7 +200,7 @@ class HybridLaw(SurrogateLaw):
         """Keep the RVE states of this step; log its fallback records; count the fallback points."""
         self.states.update(self.trial)
         self.stats["fallbacks"] += int(self.flags_last.sum())
-        self.stats["fallbacks_per_step"].append(int(self.flags_last.sum()))
+        self._step_fallbacks += int(self.flags_last.sum())
         for key, f in self.reasons_last.items():
             self.stats["fallback_reasons"][key] = self.stats["fallback_reasons"].get(key, 0) + int(f.sum())
         if self.writer is not None and self.pending and len(self.pending[0][0]):
@@ -211,6 +212,43 @@ class HybridLaw(SurrogateLaw):
         """Discard the trial states."""
         self.trial = {}
         self.pending = []
+
+    def finish_step(self) -> None:
+        """Record the load step's fallbacks (summed over its sub-steps)."""
+        self.stats["fallbacks_per_step"].append(self._step_fallbacks)
+        self._step_fallbacks = 0
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The committed RVE warm starts of the fallback points and the fallback statistics, as arrays."""
+        ids = np.array(sorted(self.states), dtype=np.int64)
+        st = [self.states[int(k)] for k in ids]
+        d = self.dim
+        reasons = sorted(self.stats["fallback_reasons"])
+        def stack(key, width):
+            return np.array([getattr(s, key) for s in st]).reshape(len(st), width) if st else np.zeros((0, width))
+
+        return {"ids": ids, "F": stack("F", d * d).reshape(-1, d, d),
+                "z": stack("z", st[0].z.size if st else 0), "lam": stack("lam", st[0].lam.size if st else 0),
+                "fallbacks_per_step": np.array(self.stats["fallbacks_per_step"], dtype=np.int64),
+                "reason_names": np.array(reasons, dtype=str),
+                "reason_counts": np.array([self.stats["fallback_reasons"][k] for k in reasons], dtype=np.int64)}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_arrays` saved (warm starts and statistics)."""
+        if "ids" not in arrays:
+            return
+        self.states = {int(k): RVEState(F=arrays["F"][j].copy(), z=arrays["z"][j].copy(), lam=arrays["lam"][j].copy())
+                       for j, k in enumerate(arrays["ids"])}
+        self.trial = {}
+        per_step = [int(v) for v in arrays["fallbacks_per_step"]]
+        self.stats["fallbacks_per_step"] = per_step
+        self.stats["fallbacks"] = sum(per_step)
+        self.stats["fallback_reasons"] = {str(k): int(v) for k, v in zip(arrays["reason_names"],
+                                                                        arrays["reason_counts"], strict=True)}
+
+    def log_writers(self) -> list:
+        """The fallback log writer, when there is one."""
+        return [self.writer] if self.writer is not None else []
 
     def close(self) -> None:
         """Flush and close the fallback log part."""

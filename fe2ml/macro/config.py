@@ -76,12 +76,14 @@ class RunConfig:
     orientation: Callable[[np.ndarray], np.ndarray] | None = None  # angle (degrees) of the RVE frame at x (n, 3)
 
 
-def load_run_config(path, *, output: str | None = None) -> RunConfig:
+def load_run_config(path, *, output: str | None = None, base: Path | None = None) -> RunConfig:
     """Load and validate a run YAML.
 
     Args:
         path: the YAML file.
         output: override of the output folder.
+        base: the folder relative paths are relative to (default: the config's folder; a restart reads the run
+            folder's copy of the config with the original's folder).
 
     Returns:
         :class:`RunConfig`.
@@ -89,7 +91,7 @@ def load_run_config(path, *, output: str | None = None) -> RunConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    base = p.parent
+    base = p.parent if base is None else Path(base)
     check_keys(raw, RUN_KEYS, f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "material"), f)
     gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -321,51 +323,84 @@ class MacroProblem:
                 return False, res, "macro linear solve failed"
         return False, res, f"macro Newton did not converge in {opts.max_it} iterations (|r| = {res[-1]:.3e})"
 
-    def save_checkpoint(self, folder: Path) -> None:
-        """Atomic per-rank checkpoint of the converged state (collective): u, time, history, law states.
+    def save_checkpoint(self, folder: Path, *, meta_extra: dict | None = None) -> None:
+        """Step-versioned checkpoint of the converged state (collective): u, time, history, law states.
 
-        ``folder/rank{r}.npz`` for every rank, then ``folder/meta.json`` on rank 0 once all are written.
+        Every rank writes ``folder/step-K/rank{r}.npz`` (with K and t), rank 0 writes ``step-K/meta.json``; after a
+        barrier rank 0 switches the pointer ``folder/latest`` to ``step-K`` in one atomic rename and removes all but
+        the last two steps. A kill at any moment leaves ``latest`` at a complete step.
+
+        Args:
+            folder: the checkpoint folder.
+            meta_extra: more entries of meta.json (rank 0), e.g. the record counts of the run's logs.
         """
         folder = Path(folder)
         r = self.comm.rank
+        k = len(self.history)
+        step_dir = folder / f"step-{k}"
         if r == 0:
-            folder.mkdir(parents=True, exist_ok=True)
+            step_dir.mkdir(parents=True, exist_ok=True)
         self.comm.barrier()
         imap = self.V.dofmap.index_map
         bs = self.V.dofmap.index_map_bs
         X = self.V.tabulate_dof_coordinates()[: imap.size_local]
-        data = {"u": self.u.x.array[: imap.size_local * bs].copy(), "t": self.t,
+        data = {"u": self.u.x.array[: imap.size_local * bs].copy(), "t": self.t, "step": k,
                 "global_range": np.array(imap.local_range), "dof_coords": X}
-        for k, v in self.law.state_arrays().items():
-                data[f"law_{k}"] = v
-        tmp = folder / f"rank{r}.tmp.npz"
+        for key, v in self.law.state_arrays().items():
+            data[f"law_{key}"] = v
+        tmp = step_dir / f"rank{r}.tmp.npz"
         np.savez(tmp, **data)
-        os.replace(tmp, folder / f"rank{r}.npz")
-        self.comm.barrier()
+        os.replace(tmp, step_dir / f"rank{r}.npz")
         if r == 0:
-            meta = {"t": self.t, "steps": len(self.history), "ranks": self.comm.size,
+            meta = {"t": self.t, "steps": k, "ranks": self.comm.size,
                     "history": [{"t": h.t, "iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
-                                for h in self.history], "rref": self._rref}
-            tmpm = folder / "meta.json.tmp"
+                                for h in self.history], "rref": self._rref, **(meta_extra or {})}
+            tmpm = step_dir / "meta.json.tmp"
             tmpm.write_text(json.dumps(meta))
-            os.replace(tmpm, folder / "meta.json")
+            os.replace(tmpm, step_dir / "meta.json")
+        self.comm.barrier()  # every rank's file of step k is complete
+        _fault_point(f"{r}:{k}:checkpoint")
+        if r == 0:
+            tmpl = folder / "latest.tmp"
+            tmpl.write_text(f"step-{k}\n")
+            os.replace(tmpl, folder / "latest")
+            for old in folder.glob("step-*"):
+                if old.is_dir() and old.name.split("-")[-1].isdigit() and int(old.name.split("-")[-1]) < k - 1:
+                    shutil.rmtree(old, ignore_errors=True)
         self.comm.barrier()
 
     def load_checkpoint(self, folder: Path) -> dict:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (same mesh, same number of ranks).
+        """Restore the checkpoint ``folder/latest`` points to (same mesh, same number of ranks).
+
+        Every rank checks that its file belongs to the step and time of ``meta.json``; the ranks agree before any
+        state is touched.
 
         Raises:
-            ConfigError: missing/incomplete checkpoint, other rank count, or a different dof layout.
+            ConfigError: missing/incomplete checkpoint, other rank count, files of different steps, or a different
+                dof layout.
         """
         folder = Path(folder)
-        meta_p = folder / "meta.json"
+        pointer = folder / "latest"
+        if pointer.is_file():
+            step_dir = folder / pointer.read_text().strip()
+        elif (folder / "meta.json").is_file():  # the layout of earlier versions: one unversioned step
+            step_dir = folder
+        else:
+            raise ConfigError(f"{folder}: no checkpoint (latest missing): the run has no converged step")
+        meta_p = step_dir / "meta.json"
         if not meta_p.is_file():
-            raise ConfigError(f"{folder}: no checkpoint (meta.json missing): the run has no converged step")
+            raise ConfigError(f"{step_dir}: incomplete checkpoint (meta.json missing)")
         meta = json.loads(meta_p.read_text())
         if meta["ranks"] != self.comm.size:
             raise ConfigError(f"{folder}: checkpoint written by {meta['ranks']} rank(s); restart with "
                               f"mpiexec -n {meta['ranks']}")
-        d = np.load(folder / f"rank{self.comm.rank}.npz")
+        rank_file = step_dir / f"rank{self.comm.rank}.npz"
+        d = np.load(rank_file) if rank_file.is_file() else None
+        mine = None if d is None else (int(d["step"]) if "step" in d.files else meta["steps"], float(d["t"]))
+        every = self.comm.allgather(mine)
+        if any(m is None or m[0] != meta["steps"] or m[1] != meta["t"] for m in every):
+            raise ConfigError(f"{step_dir}: torn checkpoint (rank files of steps/times {every}, meta.json step "
+                              f"{meta['steps']} t = {meta['t']}); remove {pointer} to start over")
         imap = self.V.dofmap.index_map
         bs = self.V.dofmap.index_map_bs
         X = self.V.tabulate_dof_coordinates()[: imap.size_local]
@@ -418,6 +453,7 @@ class MacroProblem:
                                   f"(last converged t = {t:.6g}): {last_msg}")
             dt *= 0.5
         self.t = t_new
+        self.law.finish_step()
         rec = StepRecord(t=t_new, iterations=its_total, residuals=residuals, cuts=cuts)
         self.history.append(rec)
         return rec
@@ -479,6 +515,12 @@ def _cell_values(tags, n_owned):
     keep = idx < n_owned
     vals[idx[keep]] = tags.values[keep]
     return vals
+
+
+def _fault_point(where: str) -> None:
+    """Test hook: ``FE2ML_KILL=rank:step:where`` kills this process with SIGKILL at that point (chaos tests)."""
+    if os.environ.get("FE2ML_KILL") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _land():

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from mpi4py import MPI
 
 from fe2ml.data.fingerprint import rve_fingerprint
-from fe2ml.data.log import check_fingerprint, check_folder_writable
+from fe2ml.data.log import check_fingerprint, check_folder_writable, truncate_part
 from fe2ml.data.recorder import MacroLogger, Recorder, make_macro_logger
 from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.laws.analytic import AnalyticLaw
@@ -42,6 +42,60 @@ __all__ = ["Run", "build", "build_law", "finish", "loop", "run"]
 
 log = logging.getLogger(__name__)
 
+
+
+def identity(cfg: RunConfig, rve) -> dict:
+    """What a run is: its config (path and SHA-256 of the text), its RVE fingerprint, its surrogate checkpoint."""
+    ck = cfg.surrogate["checkpoint"] if cfg.surrogate is not None else None
+    return {"config": str(Path(cfg.path).resolve()), "config_sha256": _sha256(Path(cfg.path).read_bytes()),
+            "rve_fingerprint": rve_fingerprint(rve) if rve is not None else None,
+            "checkpoint": str(ck) if ck is not None else None,
+            "checkpoint_sha256": _sha256(Path(ck).read_bytes()) if ck is not None else None}
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_identity(comm, out: Path, now: dict, allow_changed: bool, runlog: logging.Logger) -> None:
+    """Refuse a restart whose config, RVE or surrogate checkpoint differ from the run's (rank 0 reads, all raise)."""
+    msg = None
+    if comm.rank == 0:
+        p = out / "identity.json"
+        if p.is_file():
+            then = json.loads(p.read_text())
+            what = {"config_sha256": f"the config {then['config']}", "rve_fingerprint": "the RVE (fingerprint "
+                    f"{then['rve_fingerprint']} -> {now['rve_fingerprint']})",
+                    "checkpoint_sha256": f"the surrogate checkpoint {then['checkpoint']}"}
+            changed = [text for key, text in what.items() if then.get(key) != now.get(key)]
+            orig = Path(then["config"])
+            if orig.is_file() and _sha256(orig.read_bytes()) != then["config_sha256"] and not any(
+                    t.startswith("the config") for t in changed):
+                changed.insert(0, f"the config {orig}")
+            if changed and not allow_changed:
+                msg = (f"--restart {out}: {', '.join(changed)} changed since the run started; restore it, or give "
+                       "--allow-changed to continue with the change (recorded in run.log)")
+            elif changed:
+                runlog.warning("restart with changes (--allow-changed): %s", ", ".join(changed))
+                tmp = out / "identity.json.tmp"
+                tmp.write_text(json.dumps(now, indent=1))
+                os.replace(tmp, p)
+    msg = comm.bcast(msg, root=0)
+    if msg is not None:
+        raise ConfigError(msg)
+
+
+def _repair_logs(comm, counts: dict, runlog: logging.Logger) -> None:
+    """Drop the records a killed run flushed after the checkpoint the restart continues from (rank 0)."""
+    if comm.rank == 0:
+        for path, n in counts.items():
+            if Path(path).is_file():
+                dropped = truncate_part(path, int(n))
+                if dropped:
+                    runlog.info("restart: dropped %d record(s) of steps after the checkpoint from %s", dropped, path)
+    comm.barrier()
 
 
 def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
@@ -112,6 +166,22 @@ class Run:
         """Entries of summary.json beyond the law's statistics (collective): the audit."""
         return {"audit": self.audit.summary()} if self.audit is not None else {}
 
+    def flush_logs(self) -> dict[str, int]:
+        """Flush every log writer of the run (collective); returns {part file: records written} over all ranks.
+
+        Called before every checkpoint: the records of the checkpointed steps are on disk, and the counts let a
+        restart drop what a killed run flushed after its last checkpoint.
+        """
+        writers = ([self.logger.writer] if self.logger is not None else []) + self.law.log_writers()
+        counts = {}
+        for w in writers:
+            w.flush()
+            counts[str(w.path)] = w.n_written
+        merged: dict[str, int] = {}
+        for c in self.comm.allgather(counts):
+            merged.update(c)
+        return merged
+
     def close(self) -> None:
         """Close the outputs, the logs and the problem (collective)."""
         self.writer.close()
@@ -154,10 +224,12 @@ def _recorder(comm, cfg: RunConfig, rve, say) -> MacroLogger | None:
     return logger
 
 
-def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -> Run:
+def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, allow_changed: bool = False) -> Run:
     """Everything a run needs, built collectively: output folder, RVE, recorder, law, macro mesh and problem.
 
-    With ``restart`` the problem continues from the checkpoint in ``cfg.output`` (same number of ranks).
+    With ``restart`` the problem continues from the checkpoint in ``cfg.output`` (same number of ranks), after
+    checking that the config, the RVE and the surrogate checkpoint are those the run started with (refused unless
+    ``allow_changed``; then the change is recorded in run.log).
     """
     out = Path(cfg.output)
     _prepare_output(comm, out)
@@ -201,13 +273,20 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -
     say(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
         f"{cfg.steps} load steps")
     start = 0
+    ident = identity(cfg, rve)
     if restart:
+        collective(comm, lambda: _check_identity(comm, out, ident, allow_changed, runlog))
         meta = collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
         start = meta["steps"]
+        collective(comm, lambda: _repair_logs(comm, meta.get("logs", {}), runlog))
         say(f"  restarting after step {start} (t = {prob.t:.4g})")
         runlog.info("restart after step %d (t = %.6g)", start, prob.t)
-    elif comm.rank == 0 and Path(cfg.path).resolve() != (out / "config.yaml").resolve():
-        shutil.copyfile(cfg.path, out / "config.yaml")
+    elif comm.rank == 0:
+        if Path(cfg.path).resolve() != (out / "config.yaml").resolve():
+            shutil.copyfile(cfg.path, out / "config.yaml")
+        tmp = out / "identity.json.tmp"
+        tmp.write_text(json.dumps(ident, indent=1))
+        os.replace(tmp, out / "identity.json")
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
     audit = None
     if cfg.surrogate is not None and cfg.surrogate["audit"] is not None:
@@ -253,7 +332,7 @@ def loop(r: Run) -> None:
                 r.runlog.info("audit step %d: %d points, mean rel. error %.3g, max %.3g", k, a["points"],
                               a["mean_rel_error"], a["max_rel_error"])
             r.writer.write_step()
-            prob.save_checkpoint(r.out / "checkpoint")
+            prob.save_checkpoint(r.out / "checkpoint", meta_extra={"logs": r.flush_logs()})
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not r.quiet:
                 progress_line(k, cfg.steps, prob.t, rec, comm)
@@ -288,7 +367,7 @@ def finish(r: Run, t0: float) -> dict:
     return summary
 
 
-def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -> dict:
+def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, allow_changed: bool = False) -> dict:
     """Run a macro problem (FE², surrogate, hybrid or analytic) and write its outputs to ``cfg.output``.
 
     :func:`build` → :func:`loop` → :func:`finish`.
@@ -298,6 +377,7 @@ def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -> 
         cfg: :class:`fe2ml.macro.config.RunConfig`.
         quiet: no progress output.
         restart: continue from the checkpoint in ``cfg.output`` (same number of ranks).
+        allow_changed: with ``restart``, accept a config, RVE or checkpoint that changed (recorded in run.log).
 
     Returns:
         The summary dict (rank 0; other ranks get an empty dict).
@@ -307,7 +387,7 @@ def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False) -> 
             the last converged step are kept).
     """
     t0 = time.perf_counter()
-    r = build(comm, cfg, quiet=quiet, restart=restart)
+    r = build(comm, cfg, quiet=quiet, restart=restart, allow_changed=allow_changed)
     try:
         loop(r)
     except RunInterrupted:
