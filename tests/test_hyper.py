@@ -279,3 +279,86 @@ def test_bad_inputs(cells_mesh):
                                newton=NewtonOptions(max_it=1, max_cuts=1))
     with pytest.raises(SolverError, match=r"point 0: RVE Newton did not converge at F̄ = .* after 1 step halvings"):
         stubborn.evaluate(np.diag([2.0, 0.6]))
+
+
+def _fd_tangent(rve, F, h=1e-6):
+    res = rve.evaluate(F, cells=False)
+    d = F.shape[0]
+    Afd = np.zeros((d, d, d, d))
+    for k in range(d):
+        for l in range(d):
+            E = np.zeros((d, d))
+            E[k, l] = h
+            Pp = rve.evaluate(F + E, states=res.states, cells=False).P[0]
+            Pm = rve.evaluate(F - E, states=res.states, cells=False).P[0]
+            Afd[:, :, k, l] = (Pp - Pm) / (2 * h)
+    return res.A[0], Afd
+
+
+@pytest.mark.parametrize("dim,bc", [(2, "periodic"), (2, "affine"), (3, "periodic"), (3, "affine")])
+def test_mixed_formulation_tangent_equals_finite_difference(mesh_dir, dim, bc):
+    # the u–p formulation at a heterogeneous state (stiff nearly incompressible matrix, soft cells): Ā against a
+    # central difference of P̄, and major symmetry
+    if dim == 2:
+        m = read_mesh(generate_mesh("cells_2d", dict(n_cells=3, volume_fraction=0.2, seed=1, h=0.12), mesh_dir,
+                                    comm=COMM))
+        F = np.array([[1.15, 0.08], [-0.03, 0.9]])
+    else:
+        m = read_mesh(generate_mesh("centred_cell", dict(dim=3, volume_fraction=0.1, h=0.4), mesh_dir, comm=COMM))
+        F = np.array([[1.1, 0.05, 0.0], [0.0, 0.95, 0.04], [0.02, 0.0, 0.98]])
+    rve = HyperelasticRVE(m, {1: NeoHookean(mu=1.0, K=200.0), 2: NeoHookean(mu=0.2, K=2.0)}, bc=bc,
+                          formulation="mixed")
+    A, Afd = _fd_tangent(rve, F)
+    assert np.abs(A - Afd).max() < 2e-5 * np.abs(A).max()
+    assert np.abs(A - A.transpose(2, 3, 0, 1)).max() < 1e-9 * np.abs(A).max()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_quadrilateral_and_hexahedral_rves_are_solved_and_periodic(dim):
+    # structured quad/hex meshes with a stiff inclusion: Ā equals a central difference of P̄, the phase-averaged F
+    # equals F̄ (periodic fluctuation), and the homogenized response sits between the phases
+    X, cells, ct, ph = box_mesh(dim, 4, cell_type="quad" if dim == 2 else "hexahedron",
+                                phase_fn=lambda c: 1 + (np.linalg.norm(c - 0.5, axis=1) < 0.3))
+    m = make_rve_mesh(X, cells, ct, ph, source=f"box {ct}")
+    rve = HyperelasticRVE(m, {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=8.0, K=20.0)})
+    F = np.eye(dim)
+    F[0, 0], F[0, 1] = 1.12, 0.06
+    A, Afd = _fd_tangent(rve, F)
+    assert np.abs(A - Afd).max() < 1e-5 * np.abs(A).max()
+    c = rve.evaluate(F).cells[0]
+    vol = c.phase["volume"]
+    Favg = np.einsum("p,pij->ij", vol, c.phase["F"]) / vol.sum()
+    assert np.abs(Favg[:dim, :dim] - F).max() < 1e-10
+    soft = HyperelasticRVE(m, {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=1.0, K=3.0)}).evaluate(F, cells=False)
+    stiff = HyperelasticRVE(m, {1: NeoHookean(mu=8.0, K=20.0), 2: NeoHookean(mu=8.0, K=20.0)}).evaluate(F,
+                                                                                                     cells=False)
+    P = rve.evaluate(F, cells=False).P[0]
+    assert soft.P[0][0, 0] < P[0, 0] < stiff.P[0][0, 0]
+
+
+def test_3d_heterogeneous_fluctuation_is_periodic_and_averages_to_the_macro_gradient(mesh_dir):
+    m = read_mesh(generate_mesh("centred_cell", dict(dim=3, volume_fraction=0.15, h=0.3), mesh_dir, comm=COMM))
+    rve = HyperelasticRVE(m, {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=6.0, K=15.0)})
+    F = np.array([[1.15, 0.05, 0.0], [0.0, 0.95, 0.08], [0.03, 0.0, 1.04]])
+    res = rve.evaluate(F)
+    c = res.cells[0]
+    vol = c.phase["volume"]
+    assert np.abs(np.einsum("p,pij->ij", vol, c.phase["F"]) / vol.sum() - F).max() < 1e-10  # ⟨F⟩ = F̄
+    # the fluctuation w = u − (F̄ − I)·y takes equal values at periodic node pairs on opposite faces
+    w = (rve.T_sp @ res.states[0].z)[rve.umap].reshape(-1, 3)
+    X = rve.Z.sub(0).collapse()[0].tabulate_dof_coordinates() if rve.formulation == "mixed" else \
+        rve.Z.tabulate_dof_coordinates()
+    lo, hi = m.box
+    for axis in range(3):
+        on_lo = np.where(np.abs(X[:, axis] - lo[axis]) < 1e-9)[0]
+        on_hi = np.where(np.abs(X[:, axis] - hi[axis]) < 1e-9)[0]
+        shift = np.zeros(3)
+        shift[axis] = hi[axis] - lo[axis]
+        pairs = 0
+        for i in on_lo:
+            j = on_hi[np.argmin(np.linalg.norm(X[on_hi] - (X[i] + shift), axis=1))]
+            if np.linalg.norm(X[j] - X[i] - shift) < 1e-9:
+                assert np.abs(w[i] - w[j]).max() < 1e-10 * max(np.abs(w).max(), 1e-12)
+                pairs += 1
+        assert pairs > 10
+    assert np.abs(w).max() > 1e-3  # a real fluctuation (heterogeneous)

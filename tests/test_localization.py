@@ -108,6 +108,14 @@ def test_learned_localization_and_bad_input(tmp_path):
     rep = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
     m = rep["metrics"]["test"]
     assert m["stretch_rel"] < 0.03 and m["J_rel"] < 0.03  # held-out relative error <= 3 %
+    # measured on what varies (λ − 1, J − 1): a constant model, the mean of the data, must fail these bounds
+    from fe2ml.data.reader import read_logs
+
+    data = read_logs(tmp_path / "log", converged_only=True)
+    lam1, J1 = data["cells/stretch"][..., 0] - 1, data["cells/J"] - 1
+    const = {k: float(np.linalg.norm(v - v.mean()) / np.linalg.norm(v)) for k, v in (("lam", lam1), ("J", J1))}
+    assert min(const.values()) > 0.3, const
+    assert m["stretch_minus_1_rel_l2"] < 0.15 and m["J_minus_1_rel_l2"] < 0.15, m
     run = _run(tmp_path, "clamped", CLAMPED, localize=False)
     r = _localize(run, "--model", tmp_path / "loc" / "checkpoint.pt")
     assert r.returncode == 0, r.stderr
@@ -115,6 +123,7 @@ def test_learned_localization_and_bad_input(tmp_path):
     r = _localize(run)
     exact = np.load(run / "localization_step2" / "stretch.npy")
     assert np.abs(learned - exact).max() / exact.max() < 0.03
+    assert np.linalg.norm(learned - exact) / np.linalg.norm(exact - 1) < 0.15  # on λ − 1
     for args, msg in (((tmp_path / "nope",), "run folder not found"), ((run, "--step", 7), "converged steps 1..2"),
                       ((run, "--points", 99), "--points: indices must be in 0..11"),
                       ((run, "--model", tmp_path / "none.pt"), "checkpoint not found")):

@@ -162,6 +162,26 @@ def test_run_cli_one_and_two_ranks_identical(tmp_path):
     assert "step 3/3" in r1.stdout  # progress
 
 
+@pytest.mark.serial
+def test_warm_start_changes_only_the_cost_and_quadrature_degree_the_rule(tmp_path):
+    # warm_start: false starts every RVE solve from F̄ = I: the same converged answers (to the RVE tolerance), more
+    # RVE Newton iterations; quadrature_degree: 2 evaluates the law at 3 points per triangle instead of 1
+    from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.run import run
+
+    results = {}
+    for name, extra in (("warm", ""), ("cold", "warm_start: false\n"), ("q2", "quadrature_degree: 2\n")):
+        (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(RUN) + extra)
+        results[name] = run(MPI.COMM_SELF, load_run_config(tmp_path / f"{name}.yaml", output=str(tmp_path / name)),
+                            quiet=True)
+        results[name]["rows"] = _rows(tmp_path / name / "reactions.csv")[1]
+    w, c, q = results["warm"], results["cold"], results["q2"]
+    assert np.abs(w["rows"] - c["rows"]).max() <= 1e-8 * np.abs(w["rows"]).max()
+    assert c["rve_newton_iterations"] > w["rve_newton_iterations"]
+    assert q["quadrature_points"] == 3 * w["quadrature_points"]
+    assert np.abs(q["rows"] - w["rows"]).max() <= 0.05 * np.abs(w["rows"]).max()  # same problem, other rule
+
+
 DNS = """\
     # direct numerical simulation of a laminate: the RVE (two horizontal layers) tiled 4 x 2 times at scale 1/4
     dim: 2

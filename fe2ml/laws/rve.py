@@ -150,10 +150,15 @@ class RVELaw(ConstitutiveLaw):
         """Committed warm-start states as arrays (for run checkpoints)."""
         c = self.committed
         have = np.array([s is not None for s in c], dtype=bool)
-        states = [s for s in c if s is not None]
-        return {"have": have, "F": np.array([s.F for s in states]).reshape(-1, self.dim, self.dim),
-                "z": np.array([s.z for s in states]).reshape(len(states), -1),
-                "lam": np.array([s.lam for s in states]).reshape(len(states), -1)}
+        states = [s for s in c if s is not None]  # none without warm starts
+
+        def stack(key, width):
+            return np.array([getattr(s, key) for s in states]).reshape(len(states), width) if states else \
+                np.zeros((0, width))
+
+        return {"have": have, "F": stack("F", self.dim**2).reshape(-1, self.dim, self.dim),
+                "z": stack("z", states[0].z.size if states else 0),
+                "lam": stack("lam", states[0].lam.size if states else 0)}
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore committed states saved by :meth:`state_arrays`."""
