@@ -8,7 +8,11 @@ quadrature point. Printed: right-end reaction force and mean vertical displaceme
 (lateral contraction) for each eps, with their relative differences to FE²; the same table goes to
 results/verify_dns/table.md and .json, the plot to results/verify_dns/dns_vs_fe2.png.
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/mpiexec -n 2 .venv/bin/python scripts/verify_dns.py [--tiles 1 2 4 8]
+Usage: OMP_NUM_THREADS=1 .venv/bin/mpiexec -n 2 .venv/bin/python scripts/verify_dns.py [--tiles 1 2 4 8] [--check]
+
+``--check`` exits with status 1 unless both differences decrease as eps decreases and the finest eps is within
+``--bound-R`` (reaction, default 0.5 %) and ``--bound-uy`` (lateral contraction, default 1.5 %) of FE²; the test
+suite runs a small version of it (tests/test_verify_scripts.py).
 """
 
 import argparse
@@ -54,6 +58,9 @@ def main():
     ap.add_argument("--macro", type=int, nargs=2, default=[8, 4], help="FE² macro mesh (nx ny)")
     ap.add_argument("--degree", type=int, default=2, help="FE² macro displacement degree")
     ap.add_argument("--out", default=str(ROOT / "results" / "verify_dns"))
+    ap.add_argument("--check", action="store_true", help="assert the floors (exit status 1 when one fails)")
+    ap.add_argument("--bound-R", type=float, default=0.005)
+    ap.add_argument("--bound-uy", type=float, default=0.015)
     args = ap.parse_args()
     comm = MPI.COMM_WORLD
     out = Path(args.out)
@@ -106,6 +113,23 @@ def main():
                    xlabel="eps (RVE size / strip height)", ylabel="relative difference DNS vs FE²",
                    title="FE² vs direct numerical simulation", logx=True, logy=True)
         print(f"wrote {out}/table.md, table.json, dns_vs_fe2.png")
+        if args.check:
+            fails = []
+            for key, bound in (("rel_R", args.bound_R), ("rel_uy", args.bound_uy)):
+                vals = [r[key] for r in rows]
+                if any(b >= a for a, b in zip(vals, vals[1:], strict=False)):
+                    fails.append(f"{key} does not decrease with eps: {vals}")
+                if vals[-1] > bound:
+                    fails.append(f"{key} at the finest eps is {100 * vals[-1]:.3f} % > {100 * bound:g} %")
+            print("check: " + ("; ".join(fails) if fails else "ok (differences decrease with eps, finest within "
+                                                             "the bounds)"), flush=True)
+            ok = not fails
+        else:
+            ok = True
+    else:
+        ok = True
+    if not comm.allreduce(ok, op=MPI.LAND):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

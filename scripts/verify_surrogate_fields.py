@@ -20,7 +20,8 @@ Printed as a table with the floors; written to `results/verify_surrogate_fields/
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_surrogate_fields.py [--quick] [--out DIR]
-`--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size.
+`--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size, and
+`--check` exits with status 1 when one is not met.
 """
 
 import argparse
@@ -136,6 +137,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="CI size (the floors apply to the full size)")
     ap.add_argument("--out", default=str(ROOT / "results" / "verify_surrogate_fields"))
     ap.add_argument("--members", type=int, default=2, help="ensemble size (2 or more)")
+    ap.add_argument("--check", action="store_true", help="exit with status 1 when a floor is not met")
     args = ap.parse_args()
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
@@ -202,6 +204,10 @@ def main():
     print(f"  gate overhead (per-point spread, calibrated error, box, KD-tree density) on 10^4 points: "
           f"{100 * res['gate_overhead']:.1f} % of the surrogate's evaluation time (floor 5 %)")
     print(f"  wrote {work}/report.json, fields.png, reactions.png ({time.perf_counter() - t0:.0f} s)")
+    failed = [k for k, fl in FLOORS.items() if res[k] > fl]
+    if args.check and failed:
+        print(f"check: floors not met: {', '.join(failed)}")
+        raise SystemExit(1)
 
 
 def _gate_overhead(checkpoint: Path, comm) -> float:
