@@ -12,13 +12,25 @@ every rank's warnings on stderr.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from fe2ml.errors import Fe2mlError
 
-__all__ = ["collective", "install_console_logging"]
+__all__ = ["collective", "fault_point", "install_console_logging"]
+
+
+def fault_point(where: str) -> None:
+    """Test hook of the chaos tests: ``FE2ML_KILL=<where>`` kills this process with SIGKILL when it reaches ``where``.
+
+    Points: ``rank:step:checkpoint`` (every rank's file of a step written, the pointer not yet switched) and
+    ``flush:N`` (inside the N-th log flush of the process, between the resizes of its datasets).
+    """
+    if os.environ.get("FE2ML_KILL") == where:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _ConsoleHandler(logging.StreamHandler):

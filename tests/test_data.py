@@ -338,3 +338,37 @@ def test_a_torn_flush_is_read_up_to_the_last_complete_record(tmp_path):
         f["P"].resize(8, axis=0)
     data = read_logs(tmp_path / "log")
     assert len(data["F"]) == 8 and np.array_equal(data["F"], F[:8]) and np.array_equal(data["P"], P[:8])
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_chaos_campaign_killed_again_and_again_holds_exactly_the_design(tmp_path):
+    # a 2-rank campaign killed halfway through log flushes and at random moments, resumed until it completes: the
+    # log holds every design point exactly once, no torn (NaN or zero) rows
+    text = textwrap.dedent(SAMPLE).replace("n: 16", "n: 400").replace("flush_every: 4", "flush_every: 8")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(text)
+    out = tmp_path / "log"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rng = np.random.default_rng(2)
+    kills, done = 0, False
+    for attempt in range(10):
+        kill = (f"flush:{int(rng.integers(1, 4))}", "flush:1", None, "flush:3", None)[attempt] if attempt < 5 else ""
+        e = dict(env, FE2ML_KILL=kill) if kill else env
+        p = subprocess.Popen([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), "sample", str(cfg), "--output",
+                              str(out)], env=e, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        if kill is None:  # a random moment
+            try:
+                p.wait(timeout=rng.uniform(0.5, 2.0))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=600)
+        if p.returncode == 0:
+            done = True
+            break
+        kills += 1
+    assert done and kills >= 3, (done, kills)
+    final = read_logs(out)
+    assert np.array_equal(np.sort(final["point_id"]), np.arange(404))  # 400 Sobol points + the 4-step path
+    assert np.isfinite(final["P"]).all() and (np.abs(final["P"]).reshape(404, -1).max(axis=1) > 0).all()

@@ -40,8 +40,8 @@ def _rows(path):
     return np.array(r[1:], dtype=float)
 
 
-def _mpirun(args, **kw):
-    return subprocess.Popen([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), *map(str, args)], env=ENV,
+def _mpirun(args, env=None, **kw):
+    return subprocess.Popen([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fe2ml"), *map(str, args)], env=env or ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
@@ -152,6 +152,57 @@ def test_a_kill_inside_the_checkpoint_write_restarts_from_the_last_complete_step
     assert len(log["F"]) == len(pairs)  # no duplicate (step, point) record
     assert {s for s, _ in pairs} == set(range(1, 9)) and len(pairs) == 8 * n_points
     assert "dropped" in (tmp_path / "out" / "run.log").read_text()  # step 3's flushed records were removed
+
+
+@pytest.mark.slow
+def test_chaos_random_kills_then_restarts_until_done(tmp_path):
+    # a 2-rank FE² run with a log, killed again and again (SIGKILL at random moments, inside the checkpoint write,
+    # halfway through a log flush) and restarted until it completes: the reactions equal the uninterrupted run and
+    # the log holds every converged record once, with no torn rows
+    from fe2ml.data.reader import read_logs
+
+    rng = np.random.default_rng(int(os.environ.get("FE2ML_CHAOS_SEED", "11")))
+    chaos = textwrap.dedent(RUN).replace("steps: 8", "steps: 16") + "log: {folder: log, cells: false}\n"
+    (tmp_path / "ref.yaml").write_text(chaos.replace("output: out", "output: ref").replace("folder: log",
+                                                                                            "folder: ref_log"))
+    p = _mpirun(["run", tmp_path / "ref.yaml"])
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    reference = _rows(tmp_path / "ref" / "reactions.csv")
+    (tmp_path / "run.yaml").write_text(chaos)
+    out = tmp_path / "out"
+    p = _mpirun(["run", tmp_path / "run.yaml"])
+    assert _wait_steps(out, 1, p)
+    time.sleep(rng.uniform(0, 1))
+    os.killpg(p.pid, signal.SIGKILL)
+    p.communicate()
+    kills, done = 1, False
+    for attempt in range(10):
+        mode = (1, 2, 0, 1, 2, 0)[attempt] if attempt < 6 else None  # six attempts are killed, then it finishes
+        env = ENV
+        if mode == 1:  # inside the checkpoint write of the next step, on a random rank
+            step = _meta(out)["steps"] + 1
+            env = dict(ENV, FE2ML_KILL=f"{int(rng.integers(0, 2))}:{step}:checkpoint")
+        elif mode == 2:  # halfway through the first log flush (the log flushes before every checkpoint)
+            env = dict(ENV, FE2ML_KILL="flush:1")
+        p = _mpirun(["run", "--restart", out], env=env)
+        if mode == 0:  # at a random moment
+            try:
+                p.communicate(timeout=rng.uniform(0.3, 1.5))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=600)
+        if p.returncode == 0:
+            done = True
+            break
+        kills += 1
+    assert done and kills >= 3, (done, kills)
+    rows = _rows(out / "reactions.csv")
+    assert rows.shape == reference.shape and np.abs(rows - reference).max() <= 1e-10 * np.abs(reference).max()
+    log = read_logs([tmp_path / "log"], converged_only=True)
+    pairs = set(zip(log["step"].tolist(), log["point_id"].tolist(), strict=True))
+    assert len(log["F"]) == len(pairs) == 16 * 16  # every converged record of the 16 steps exactly once
+    assert np.isfinite(log["F"]).all() and (np.abs(log["P"]).reshape(len(log["P"]), -1).max(axis=1) > 0).all()
 
 
 def test_exception_on_one_rank_ends_the_job(tmp_path):

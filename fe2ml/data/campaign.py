@@ -21,6 +21,7 @@ from fe2ml.data.config import SampleConfig
 from fe2ml.data.design import design_points
 from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter, check_fingerprint, check_folder_writable
+from fe2ml.data.reader import intact_rows
 from fe2ml.data.schema import LogError, open_part
 from fe2ml.errors import Fe2mlError
 from fe2ml.micro.config import build_rve as build_rve_from_config
@@ -46,7 +47,8 @@ def done_point_ids(folder: Path, campaign_id: str) -> set:
         try:
             with open_part(p) as f:
                 if str(f.attrs.get("source_id", "")) == campaign_id:
-                    done.update(int(i) for i in f["point_id"][:])
+                    n, keep = intact_rows(f, p)  # the records a reader sees: a torn flush's rows are not done
+                    done.update(int(i) for i in f["point_id"][:n][keep])
         except (LogError, OSError, KeyError):
             continue
     return done

@@ -37,6 +37,7 @@ import numpy as np
 
 from fe2ml.data.schema import BASE_FIELDS, SCHEMA_VERSION, LogError, fill_value, open_part, part_files, versions
 from fe2ml.errors import ConfigError
+from fe2ml.parallel import fault_point
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -88,6 +89,8 @@ class LogWriter:
     Raises:
         LogError: the folder holds records of another fingerprint, or cannot be written.
     """
+
+    _flushes = 0  # flushes of this process (all writers), for the chaos tests' fault point
 
     def __init__(self, folder, run_id: str, rank: int, *, fingerprint: str, attrs: dict, dim: int,
                  n_cells: int = 0, n_phases: int = 0, flush_every: int = 64, flush_seconds: float = 30.0,
@@ -240,10 +243,14 @@ class LogWriter:
             raise
         n_new = len(rec["F"])
         n0 = self.n_written
+        LogWriter._flushes += 1
         try:
-            for key, ds in self._ds.items():
+            for i, (key, ds) in enumerate(self._ds.items()):
                 ds.resize(n0 + n_new, axis=0)
                 ds[n0:] = rec[key]
+                if i == len(self._ds) // 2 and os.environ.get("FE2ML_KILL", "").startswith("flush:"):
+                    self.f.flush()  # chaos tests: make the half-written flush visible, then maybe die
+                    fault_point(f"flush:{LogWriter._flushes}")
             self.f.flush()
         except OSError as e:
             self._buf.clear()

@@ -11,7 +11,7 @@ import numpy as np
 
 from fe2ml.data.schema import LogError, fill_value, open_part
 
-__all__ = ["LogData", "find_parts", "read_logs"]
+__all__ = ["LogData", "find_parts", "intact_rows", "read_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
                 for k in names:
                     if k not in f:
                         raise LogError(f"{p}: field {k} missing (parts of one fingerprint must share their fields)")
-                n, keep = _intact_rows(f, p)
+                n, keep = intact_rows(f, p)
                 for k in names:
                     arrays.setdefault(k, []).append(f[k][:n][keep])
             except (OSError, KeyError) as e:
@@ -133,7 +133,7 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
                    arrays=data, source=src, parts=[p for p, _ in sel], attrs=[m for _, m in sel])
 
 
-def _intact_rows(f, p) -> tuple[int, np.ndarray]:
+def intact_rows(f, p) -> tuple[int, np.ndarray]:
     """Rows of a part that a complete flush wrote: (extent, mask over it).
 
     A process killed inside a flush can leave datasets of different lengths (they are resized one by one) and rows
@@ -184,7 +184,7 @@ class RVEDataset:
         sizes = []
         for p in self.parts:
             with open_part(p) as f:
-                n, keep = _intact_rows(f, p)
+                n, keep = intact_rows(f, p)
                 sizes.append(n if keep.all() else int(np.argmin(keep)))  # the intact leading rows
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._files: dict = {}

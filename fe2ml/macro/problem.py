@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, build_loads, mark_boundaries
+from fe2ml.parallel import fault_point
 
 __all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "RunInterrupted", "StepRecord", "TractionSpec"]
 
@@ -359,7 +359,7 @@ class MacroProblem:
             tmpm.write_text(json.dumps(meta))
             os.replace(tmpm, step_dir / "meta.json")
         self.comm.barrier()  # every rank's file of step k is complete
-        _fault_point(f"{r}:{k}:checkpoint")
+        fault_point(f"{r}:{k}:checkpoint")
         if r == 0:
             tmpl = folder / "latest.tmp"
             tmpl.write_text(f"step-{k}\n")
@@ -515,12 +515,6 @@ def _cell_values(tags, n_owned):
     keep = idx < n_owned
     vals[idx[keep]] = tags.values[keep]
     return vals
-
-
-def _fault_point(where: str) -> None:
-    """Test hook: ``FE2ML_KILL=rank:step:where`` kills this process with SIGKILL at that point (chaos tests)."""
-    if os.environ.get("FE2ML_KILL") == where:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _land():

@@ -13,7 +13,7 @@ import shutil
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,14 +87,35 @@ def _check_identity(comm, out: Path, now: dict, allow_changed: bool, runlog: log
         raise ConfigError(msg)
 
 
-def _repair_logs(comm, counts: dict, runlog: logging.Logger) -> None:
-    """Drop the records a killed run flushed after the checkpoint the restart continues from (rank 0)."""
+def _repair_logs(comm, out: Path, counts: dict, runlog: logging.Logger) -> dict[str, int]:
+    """Drop the records that killed attempts of this run flushed after the checkpoint the restart continues from.
+
+    Every log part this run (or an earlier attempt of it) created is listed in ``out/log_parts.json``; each keeps
+    the count the checkpoint recorded for it, 0 when the checkpoint predates it (rank 0). Returns the kept counts of
+    all these parts, which every later checkpoint of the run carries on.
+    """
+    kept: dict[str, int] = {}
     if comm.rank == 0:
-        for path, n in counts.items():
+        listed = out / "log_parts.json"
+        parts = set(json.loads(listed.read_text())) if listed.is_file() else set()
+        for path in sorted(parts | set(counts)):
+            kept[path] = int(counts.get(path, 0))
             if Path(path).is_file():
-                dropped = truncate_part(path, int(n))
+                dropped = truncate_part(path, kept[path])
                 if dropped:
                     runlog.info("restart: dropped %d record(s) of steps after the checkpoint from %s", dropped, path)
+    return comm.bcast(kept, root=0)
+
+
+def _register_log_parts(comm, out: Path, paths: list[str]) -> None:
+    """Add this attempt's log parts (all ranks) to ``out/log_parts.json`` (collective)."""
+    every = [p for ps in comm.allgather(paths) for p in ps]
+    if comm.rank == 0 and every:
+        listed = out / "log_parts.json"
+        known = json.loads(listed.read_text()) if listed.is_file() else []
+        tmp = out / "log_parts.json.tmp"
+        tmp.write_text(json.dumps(sorted(set(known) | set(every)), indent=1))
+        os.replace(tmp, listed)
     comm.barrier()
 
 
@@ -161,6 +182,7 @@ class Run:
     start: int
     quiet: bool
     audit: Audit | None = None
+    log_counts: dict[str, int] = field(default_factory=dict)  # parts of earlier attempts: their kept records
 
     def extra(self) -> dict:
         """Entries of summary.json beyond the law's statistics (collective): the audit."""
@@ -177,7 +199,7 @@ class Run:
         for w in writers:
             w.flush()
             counts[str(w.path)] = w.n_written
-        merged: dict[str, int] = {}
+        merged: dict[str, int] = dict(self.log_counts)
         for c in self.comm.allgather(counts):
             merged.update(c)
         return merged
@@ -273,12 +295,13 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     say(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
         f"{cfg.steps} load steps")
     start = 0
+    log_counts: dict[str, int] = {}
     ident = identity(cfg, rve)
     if restart:
         collective(comm, lambda: _check_identity(comm, out, ident, allow_changed, runlog))
         meta = collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
         start = meta["steps"]
-        collective(comm, lambda: _repair_logs(comm, meta.get("logs", {}), runlog))
+        log_counts = collective(comm, lambda: _repair_logs(comm, out, meta.get("logs", {}), runlog))
         say(f"  restarting after step {start} (t = {prob.t:.4g})")
         runlog.info("restart after step %d (t = %.6g)", start, prob.t)
     elif comm.rank == 0:
@@ -287,6 +310,8 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
         tmp = out / "identity.json.tmp"
         tmp.write_text(json.dumps(ident, indent=1))
         os.replace(tmp, out / "identity.json")
+    _register_log_parts(comm, out, [str(w.path) for w in ([logger.writer] if logger is not None else [])
+                                    + law.log_writers()])
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
     audit = None
     if cfg.surrogate is not None and cfg.surrogate["audit"] is not None:
@@ -299,7 +324,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
         say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "
             f"(target error {audit.options.target:g})")
     return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
-               start=start, quiet=quiet, audit=audit)
+               start=start, quiet=quiet, audit=audit, log_counts=log_counts)
 
 
 def loop(r: Run) -> None:
