@@ -59,6 +59,9 @@ def check_config(path, comm=None) -> str:
         from fe2ml.surrogate.config import load_train_config
 
         cfg = load_train_config(path)
+        from fe2ml.surrogate.checkpoint import resolve_device
+
+        resolve_device(cfg.device, f"{path}: device")
         from fe2ml.data.reader import read_logs
 
         read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, fields=["F"])

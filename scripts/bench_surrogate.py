@@ -8,7 +8,13 @@ Figures:
   3. training time per epoch and peak memory for 10^4 and 10^5 records (synthetic neo-Hookean data,
      stress + tangent loss, 5 epochs each).
 
-Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_surrogate.py [--json OUT.json]
+With ``--device DEV`` (cpu, cuda, cuda:K) it measures the device path instead:
+  4. stress + tangent evaluations per second on DEV for d = 2 and 3 at 10^4, 10^5 and 10^6 points (potential model,
+     hidden [64, 64], float64, the closed-form tangent in torch);
+  5. training time per full-batch epoch on DEV at 10^5 and 10^6 records (stress + tangent loss, float64).
+``--sizes`` and ``--records`` shrink these for a quick run.
+
+Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_surrogate.py [--json OUT.json] [--device cuda]
 """
 
 import argparse
@@ -114,11 +120,65 @@ def training_cost():
     return out
 
 
+def device_figures(device: str, sizes, records) -> dict:
+    """Evaluations/s and training time per epoch on a torch device (figures 4 and 5)."""
+    import torch
+
+    from fe2ml.surrogate.checkpoint import resolve_device
+    from fe2ml.surrogate.models import PotentialModel
+    from fe2ml.surrogate.train import _fit_member
+
+    dev = resolve_device(device, "--device")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    out = {"device": str(dev), "name": name, "evals_per_s": {}, "training_s_per_epoch": {}}
+    rng = np.random.default_rng(0)
+    for d in (2, 3):
+        m = PotentialModel(d, hidden=(64, 64)).to(dev)
+        for n in sizes:
+            F = torch.as_tensor(np.eye(d) + rng.uniform(-0.1, 0.1, (n, d, d)), device=dev)
+            m._fast(F[: min(n, 1000)])  # warm-up (kernels, allocator)
+            sync()
+            t0 = time.perf_counter()
+            P, A = m._fast(F)
+            sync()
+            r = n / (time.perf_counter() - t0)
+            out["evals_per_s"][f"d{d}_n{n}"] = r
+            print(f"4. {name}: {r:.3g} stress+tangent evaluations/s (d = {d}, {n} points, float64, closed form)",
+                  flush=True)
+    for n in records:
+        F = np.eye(2) + rng.uniform(-0.15, 0.15, (n, 2, 2))
+        P, A = PotentialModel(2, hidden=(8,)).evaluate(F)
+        m = PotentialModel(2, hidden=(16, 16))
+        idx = np.arange(n)
+        epochs = 3
+        t0 = time.perf_counter()
+        _fit_member(m, F, P, A, idx[: int(0.85 * n)], idx[int(0.85 * n):], {"stress": 1.0, "tangent": 0.1},
+                    {"epochs": epochs, "lr": 0.01, "patience": 100}, 0, device=dev)
+        sync()
+        per = (time.perf_counter() - t0) / epochs
+        out["training_s_per_epoch"][n] = per
+        print(f"5. {name}: {per:.3f} s per full-batch training epoch at {n} records (stress + tangent loss)",
+              flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default=None, help="measure figures 4 and 5 on this torch device instead")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--records", type=int, nargs="+", default=[100_000, 1_000_000])
     args = ap.parse_args()
-    out = {"evals_per_s": evals_per_s(), "strip": strip_speedup(), "training": training_cost()}
+    if args.device is not None:
+        from fe2ml.errors import Fe2mlError
+
+        try:
+            out = device_figures(args.device, args.sizes, args.records)
+        except Fe2mlError as e:
+            raise SystemExit(f"bench_surrogate: {e}") from None
+    else:
+        out = {"evals_per_s": evals_per_s(), "strip": strip_speedup(), "training": training_cost()}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 

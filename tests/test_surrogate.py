@@ -278,7 +278,11 @@ def test_surrogate_bad_inputs(tmp_path):
            "threshold_on_surrogate": ("surrogate", "threshold: {distance: 0.0}", "unknown key(s) threshold"),
            "audit_zero": ("surrogate", "audit: {fraction: 0.0}",
                           "material.audit.fraction: expected a number in (0, 1]"),
-           "audit_above_one": ("hybrid", "audit: {fraction: 1.5}", "material.audit.fraction")}
+           "audit_above_one": ("hybrid", "audit: {fraction: 1.5}", "material.audit.fraction"),
+           "device_name": ("surrogate", "device: gpu", "material.device: expected auto, cpu, cuda or cuda:K")}
+    if not torch.cuda.is_available():
+        bad["device_missing"] = ("hybrid", "device: cuda", "material.device: cuda requested, but this machine has no "
+                                                           "CUDA device")
     bin_ = Path(sys.executable).parent
     for name, (kind, extra, msg) in bad.items():
         cfg_path = tmp_path / f"{name}.yaml"
@@ -352,3 +356,88 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path, tissue_rve):
     other.materials[2] = type(other.materials[2])(mu=0.5, K=1.0)
     with pytest.raises(ConfigError, match="trained on RVE"):
         HybridLaw(tmp_path / "out" / "checkpoint.pt", other)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("features,convex,kin", MODELS)
+def test_models_create_every_tensor_on_the_input_device(d, features, convex, kin):
+    # a fake device: on "meta" tensors carry shapes only; a dispatch mode records the device of every tensor any
+    # operation produces, so a tensor made on the CPU (a torch.eye without device=) is caught, matmuls included
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
+            return out
+
+    m = PotentialModel(d, kin, hidden=(6, 5), features=features, convex=convex).to("meta")
+    F = torch.empty(4, d, d, dtype=torch.float64, device="meta")
+    with Devices() as rec:
+        P, A = m.stress_tangent(F)
+        if features == "general" and not convex:
+            m._fast(F)
+    assert P.device.type == A.device.type == "meta" and rec.seen == {"meta"}, rec.seen
+    plain = PlainModel(d, kin).to("meta")
+    with Devices() as rec:
+        plain.stress_tangent(F)
+    assert rec.seen == {"meta"}, rec.seen
+    # the counter-test: the recorder does see a CPU tensor where one is made
+    with Devices() as rec:
+        _ = F - torch.eye(d, dtype=torch.float64, device="meta") + torch.zeros((), dtype=torch.float64)
+    assert "cpu" in rec.seen
+
+
+@pytest.mark.serial
+def test_training_device_and_dtype_options(tmp_path):
+    # dtype: float32 fits in single precision; the checkpoint is float64 and loads for a float64 law; a float32
+    # model's tangent still equals a central difference of its stress at a looser tolerance. A CUDA device that this
+    # machine lacks is refused before anything is written, by the library and by the CLI (one line, exit 2).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fe2ml.laws.surrogate import SurrogateLaw
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
+
+    _synthetic_log(tmp_path / "log", n=80)
+    (tmp_path / "t32.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 200")
+                                       + "device: cpu\ndtype: float32\n")
+    r = train(MPI.COMM_SELF, load_train_config(tmp_path / "t32.yaml"), quiet=True)
+    assert r["metrics"]["test"]["stress_rel_l2"] < 0.1
+    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    assert all(v.dtype == torch.float64 and v.device.type == "cpu" for v in ck["members"][0].values()
+               if v.is_floating_point())
+    law = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2, device="cpu")
+    P, A = law.evaluate(np.eye(2)[None] + 0.05)
+    assert P.dtype == np.float64 and np.isfinite(A).all()
+    m32 = PotentialModel(2, "finite", hidden=(8, 8)).to(torch.float32)
+    F = (torch.eye(2, dtype=torch.float32) + 0.1 * torch.randn(4, 2, 2, dtype=torch.float32))
+    P32, A32 = m32.stress_tangent(F)
+    assert P32.dtype == A32.dtype == torch.float32
+    h = 1e-2
+    for k in range(2):
+        for l_ in range(2):
+            dF = torch.zeros(2, 2, dtype=torch.float32)
+            dF[k, l_] = h
+            fd = (m32.stress_tangent(F + dF)[0] - m32.stress_tangent(F - dF)[0]) / (2 * h)
+            assert (fd - A32[:, :, :, k, l_]).abs().max() < 5e-3 * A32.abs().max()
+    if torch.cuda.is_available():
+        return  # the refusal below is for machines without CUDA
+    (tmp_path / "tcuda.yaml").write_text(textwrap.dedent(TRAIN).replace("output: out", "output: out_cuda")
+                                         + "device: cuda\n")
+    with pytest.raises(ConfigError, match="cuda requested, but this machine has no CUDA device"):
+        train(MPI.COMM_SELF, load_train_config(tmp_path / "tcuda.yaml"), quiet=True)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2, device="cuda:0")
+    r = subprocess.run([str(Path(sys.executable).parent / "fe2ml"), "train", str(tmp_path / "tcuda.yaml")],
+                       capture_output=True, text=True, cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "device: cuda requested" in lines[0]
+    assert not (tmp_path / "out_cuda").exists()

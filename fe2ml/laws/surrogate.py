@@ -31,7 +31,7 @@ from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter
 from fe2ml.laws.base import ConstitutiveLaw, PointFailure
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
-from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint
+from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint, resolve_device
 from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds, point_uniform, relative_error, relative_spread
 
 __all__ = ["Audit", "HybridLaw", "SurrogateLaw", "fallback_writer"]
@@ -53,6 +53,8 @@ class SurrogateLaw(ConstitutiveLaw):
         checkpoint: path of ``checkpoint.pt``.
         dim: dimension of the run; kinematics: of the run.
         fingerprint: RVE fingerprint of the run (checked when given).
+        device: ``cpu`` (default: the numpy closed form where the model has one), ``auto``, ``cuda`` or ``cuda:k``
+            (the batch of a rank is evaluated there, in float64).
 
     Attributes:
         gate: the checkpoint's per-point trust criteria (:class:`fe2ml.surrogate.checkpoint.Gate`).
@@ -63,14 +65,17 @@ class SurrogateLaw(ConstitutiveLaw):
         ConfigError: missing/unreadable checkpoint, or one of another dimension, kinematics or RVE.
     """
 
-    def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None):
+    def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None,
+                 device: str = "cpu"):
         super().__init__(dim, kinematics)
         torch.set_num_threads(1)  # one thread per rank
+        dev = resolve_device(device)
         ck = load_checkpoint(checkpoint)
         check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
         margs = {k: v for k, v in ck["model"].items() if k != "kind"}
         self.ck = ck
-        self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"])
+        self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"],
+                                               device=dev)
         self.gate = Gate(ck)
         self.bounds = ck["bounds"]
         self.last_F = np.zeros((0, dim, dim))
@@ -104,7 +109,8 @@ class SurrogateLaw(ConstitutiveLaw):
 
     def features(self, F) -> np.ndarray:
         """The network's unscaled input features of each point, (n, m)."""
-        return self.model.members[0].features_of(torch.as_tensor(np.asarray(F, dtype=np.float64))).detach().numpy()
+        x = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(self.model.device)
+        return self.model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
 
     def distance(self, F) -> np.ndarray:
         """Largest relative excursion of each point's features outside the training box (0 inside)."""
@@ -131,14 +137,15 @@ class HybridLaw(SurrogateLaw):
         rve: :class:`fe2ml.micro.finite.HyperelasticRVE` of this rank (its fingerprint must match).
         thresholds: the gate.
         writer: optional log writer for the fallback records.
+        device: where the surrogate is evaluated (see :class:`SurrogateLaw`).
 
     Raises:
         ConfigError: a threshold the checkpoint cannot evaluate (see :meth:`Thresholds.check`).
     """
 
     def __init__(self, checkpoint, rve: HyperelasticRVE, *, thresholds: Thresholds | None = None,
-                 writer: LogWriter | None = None):
-        super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve))
+                 writer: LogWriter | None = None, device: str = "cpu"):
+        super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve), device=device)
         self.rve = rve
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         self.thresholds.check(self.gate)

@@ -126,8 +126,8 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     surrogate: dict | None = None
     s_ckp = Path()
     if kind in ("surrogate", "hybrid"):
-        allowed = (("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit") if kind == "hybrid" else
-                   ("kind", "checkpoint", "rve", "orientation", "audit"))
+        allowed = (("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device")
+                   if kind == "hybrid" else ("kind", "checkpoint", "rve", "orientation", "audit", "device"))
         check_keys(mat, allowed, f"{f}: material")
         ck = mat.get("checkpoint")
         if not isinstance(ck, str):
@@ -160,7 +160,11 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
             if "rve" not in mat:
                 raise ConfigError(f"{aw}: needs material.rve (the audit solves the true RVE)")
             audit = AuditOptions(fraction=frac, seed=seed, target=target)
-        surrogate = {"checkpoint": s_ckp, "thresholds": thresholds, "audit": audit,
+        device = mat.get("device", "cpu")
+        if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (
+                device.startswith("cuda:") and device[5:].isdigit())):
+            raise ConfigError(f"{f}: material.device: expected auto, cpu, cuda or cuda:K, got {device!r}")
+        surrogate = {"checkpoint": s_ckp, "thresholds": thresholds, "audit": audit, "device": device,
                      "log": (base / str(mat["log"])) if mat.get("log") else None}
         if kind == "hybrid" and "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
@@ -207,9 +211,10 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
     if kind in ("surrogate", "hybrid"):
-        from fe2ml.surrogate.checkpoint import load_checkpoint
+        from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
 
         ck = load_checkpoint(s_ckp)
+        resolve_device(mat.get("device", "cpu"), f"{f}: material.device")  # a CUDA device that is not there
         kin_default = ck["kinematics"]
         if ck["dim"] != dim:
             raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")

@@ -141,9 +141,9 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
         s = cfg.surrogate
         if cfg.kind == "surrogate":
             return SurrogateLaw(s["checkpoint"], dim=cfg.dim, kinematics=cfg.kinematics,
-                                fingerprint=rve_fingerprint(rve) if rve is not None else None)
+                                fingerprint=rve_fingerprint(rve) if rve is not None else None, device=s["device"])
         writer = fallback_writer(comm, s["log"], rve, dim=cfg.dim) if s["log"] is not None else None
-        return HybridLaw(s["checkpoint"], rve, thresholds=s["thresholds"], writer=writer)
+        return HybridLaw(s["checkpoint"], rve, thresholds=s["thresholds"], writer=writer, device=s["device"])
 
     return collective(comm, make)
 

@@ -26,18 +26,42 @@ from fe2ml.errors import ConfigError
 from fe2ml.surrogate.models import MLP, PotentialModel, build_model
 
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
-           "load_checkpoint"]
+           "load_checkpoint", "resolve_device"]
 
 FORMAT_VERSION = 2
+
+def resolve_device(spec: str, where: str = "device") -> torch.device:
+    """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:k`` as a torch device.
+
+    Raises:
+        ConfigError: an unknown name, or CUDA requested on a machine without it (or without device k).
+    """
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{where}: {spec} requested, but this machine has no CUDA device "
+                              "(torch.cuda.is_available() is False); use cpu or auto")
+        k = int(spec[5:]) if ":" in spec else 0
+        if k >= torch.cuda.device_count():
+            raise ConfigError(f"{where}: {spec} requested, but this machine has {torch.cuda.device_count()} CUDA "
+                              "device(s)")
+        return torch.device(spec)
+    raise ConfigError(f"{where}: expected auto, cpu, cuda or cuda:K, got {spec!r}")
+
 
 class EnsembleModel:
     """K members of one architecture: mean prediction and spread."""
 
-    def __init__(self, members):
-        self.members = members
+    def __init__(self, members, *, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.members = [m.to(self.device) for m in members]
         self.dim = members[0].dim
         self.kinematics = members[0].kinematics
-        self._np = [m.numpy_evaluator() for m in members]  # closed forms in numpy (None: torch path)
+        # closed forms in numpy on the CPU (None: the torch path, which runs on the members' device)
+        self._np = [m.numpy_evaluator() if self.device.type == "cpu" else None for m in self.members]
 
     def fast_evaluator(self):
         """The single member's numpy closed form F (n,d,d) -> (P, A), or None (several members or no closed form).
@@ -47,15 +71,15 @@ class EnsembleModel:
         return self._np[0] if len(self.members) == 1 else None
 
     @classmethod
-    def from_states(cls, kind, dim, kinematics, margs, states):
-        """Build members from state dicts."""
+    def from_states(cls, kind, dim, kinematics, margs, states, *, device: torch.device | str = "cpu"):
+        """Build members from state dicts (on ``device``)."""
         ms = []
         for st in states:
             m = build_model(kind, dim, kinematics, **margs)
             m.load_state_dict(st)
             m.eval()
             ms.append(m)
-        return cls(ms)
+        return cls(ms, device=device)
 
     def evaluate_members(self, F):
         """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""

@@ -11,6 +11,8 @@ Keys::
     train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0}
     ensemble: 1                       K members (seeds seed..seed+K-1), spread over the MPI ranks
     output: PATH                      folder for checkpoint.pt, metrics.json, loss.png, parity plots
+    device: auto | cpu | cuda | cuda:K   where the members are fitted (auto: CUDA when available)
+    dtype: float64 | float32          of the fit only; the checkpoint is float64 and loads on any machine
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class TrainConfig:
     train: dict
     ensemble: int
     output: Path
+    device: str = "auto"
+    dtype: str = "float64"
 
 
 def load_train_config(path, *, output=None) -> TrainConfig:
@@ -45,7 +49,15 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    check_keys(raw, ("data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output"), f)
+    check_keys(raw, ("data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output",
+                     "device", "dtype"), f)
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (
+            device.startswith("cuda:") and device[5:].isdigit())):
+        raise ConfigError(f"{f}: device: expected auto, cpu, cuda or cuda:K, got {device!r}")
+    dtype = raw.get("dtype", "float64")
+    if dtype not in ("float64", "float32"):
+        raise ConfigError(f"{f}: dtype: expected float64 or float32, got {dtype!r}")
     data = raw.get("data")
     if isinstance(data, str):
         data = [data]
@@ -72,6 +84,9 @@ def load_train_config(path, *, output=None) -> TrainConfig:
             raise ConfigError(f"{f}: model.convex: expected true or false")
     elif "features" in model or "convex" in model:
         raise ConfigError(f"{f}: model: features/convex apply to kind potential only")
+    if model["kind"] == "localization" and (device not in ("auto", "cpu") or dtype != "float64"):
+        raise ConfigError(f"{f}: device/dtype: the localization model trains on the CPU in float64 "
+                          f"(got device {device!r}, dtype {dtype!r})")
     if model["kind"] == "localization" and raw.get("loss") is not None:
         raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
     loss = dict(raw.get("loss", {}) or {})
@@ -101,4 +116,4 @@ def load_train_config(path, *, output=None) -> TrainConfig:
         raise ConfigError(f"{f}: ensemble: expected an integer 1..64, got {ens!r}")
     out = Path(output) if output is not None else p.parent / str(raw.get("output", f"results/{p.stem}"))
     return TrainConfig(path=p, data=data, fingerprint=raw.get("fingerprint"), source=raw.get("source"), model=model,
-                       loss=loss, split=split, train=tr, ensemble=ens, output=out)
+                       loss=loss, split=split, train=tr, ensemble=ens, output=out, device=device, dtype=dtype)

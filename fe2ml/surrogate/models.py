@@ -89,7 +89,7 @@ def _embed3(F):
     if d == 3:
         return F
     F3 = Fn.pad(F, (0, 1, 0, 1))  # out of place (vmap-safe)
-    e33 = torch.zeros(3, 3, dtype=F.dtype)
+    e33 = torch.zeros(3, 3, dtype=F.dtype, device=F.device)
     e33[2, 2] = 1.0
     return F3 + e33
 
@@ -112,16 +112,17 @@ class _Base(nn.Module):
         return None
 
     def evaluate(self, F, *, batch: int = 1024):
-        """Numpy in/out contract evaluation (no graph)."""
+        """Numpy in/out contract evaluation (no graph), on the model's device and dtype; float64 numpy out."""
         import numpy as np
 
-        F = torch.as_tensor(np.asarray(F, dtype=np.float64))
+        ref = self.p_scale
+        F = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(device=ref.device, dtype=ref.dtype)
         Ps, As = [], []
         for i in range(0, len(F), batch):
             P, A = self.stress_tangent(F[i:i + batch])
             Ps.append(P.detach())
             As.append(A.detach())
-        return torch.cat(Ps).numpy(), torch.cat(As).numpy()
+        return (torch.cat(Ps).to("cpu", torch.float64).numpy(), torch.cat(As).to("cpu", torch.float64).numpy())
 
 
 class PotentialModel(_Base):
@@ -160,10 +161,10 @@ class PotentialModel(_Base):
         d = self.dim
         if self.features == "general":
             if self.kinematics == "small":
-                H = F - torch.eye(d, dtype=F.dtype)
+                H = F - torch.eye(d, dtype=F.dtype, device=F.device)
                 E = 0.5 * (H + H.transpose(-1, -2))
             else:
-                E = 0.5 * (F.transpose(-1, -2) @ F - torch.eye(d, dtype=F.dtype))
+                E = 0.5 * (F.transpose(-1, -2) @ F - torch.eye(d, dtype=F.dtype, device=F.device))
             x = torch.stack([E[..., i, j] * (1.0 if i == j else 2.0 ** 0.5) for i, j in self.idx], -1)
             return x
         F3 = _embed3(F)
@@ -175,7 +176,8 @@ class PotentialModel(_Base):
 
     def _reference(self):
         """Network value and gradient at the reference state (x = 0), differentiable in the weights."""
-        x0 = torch.zeros(1, self.x_scale.shape[0], dtype=torch.float64, requires_grad=True)
+        x0 = torch.zeros(1, self.x_scale.shape[0], dtype=self.x_scale.dtype, device=self.x_scale.device,
+                         requires_grad=True)
         n0 = self.net(x0).sum()
         g0 = torch.autograd.grad(n0, x0, create_graph=True)[0]
         return n0, g0
@@ -198,7 +200,7 @@ class PotentialModel(_Base):
     def _basis(self):
         """B_a (n_in, d, d): ∂x_a/∂E as a symmetric tensor (x = scaled strain components)."""
         d = self.dim
-        B = torch.zeros(len(self.idx), d, d, dtype=torch.float64)
+        B = torch.zeros(len(self.idx), d, d, dtype=self.x_scale.dtype, device=self.x_scale.device)
         for a, (i, j) in enumerate(self.idx):
             c = (1.0 if i == j else 2.0**0.5) / self.x_scale[a]
             B[a, i, j] += c if i == j else 0.5 * c
@@ -215,7 +217,7 @@ class PotentialModel(_Base):
         P = S, A = ℂ (small).
         """
         d = self.dim
-        I = torch.eye(d, dtype=F.dtype)
+        I = torch.eye(d, dtype=F.dtype, device=F.device)
         if self.kinematics == "small":
             H_ = F - I
             E = 0.5 * (H_ + H_.transpose(-1, -2))
@@ -266,15 +268,18 @@ class PotentialModel(_Base):
         if self.features != "general" or not isinstance(self.net, MLP):
             return None
         d = self.dim
-        Ws = [(lay.weight.detach().numpy().copy(), lay.bias.detach().numpy().copy()) for lay in self.net.layers]
-        w = self.net.out.weight.detach().numpy()[0].copy()
-        B = self._basis().numpy()
+        def host(t):
+            return t.detach().to("cpu", torch.float64).numpy().copy()
+
+        Ws = [(host(lay.weight), host(lay.bias)) for lay in self.net.layers]
+        w = host(self.net.out.weight)[0]
+        B = host(self._basis())
         m = B.shape[0]
         Bf = B.reshape(m, d * d)
         with torch.enable_grad():
-            g0 = self._reference()[1].detach().numpy()[0]
+            g0 = host(self._reference()[1])[0]
         ps = float(self.p_scale)
-        xs = self.x_scale.detach().numpy().copy()
+        xs = host(self.x_scale)
         idx = self.idx
         small = self.kinematics == "small"
         I = np.eye(d)
@@ -347,12 +352,12 @@ class PlainModel(_Base):
 
     def features_of(self, F):
         """Unscaled network inputs (n, d²)."""
-        return (F - torch.eye(self.dim, dtype=F.dtype)).reshape(-1, self.dim * self.dim)
+        return (F - torch.eye(self.dim, dtype=F.dtype, device=F.device)).reshape(-1, self.dim * self.dim)
 
     def stress(self, F):
         """P (n,d,d)."""
         d = self.dim
-        x = (F - torch.eye(d, dtype=F.dtype)).reshape(-1, d * d) / self.x_scale
+        x = (F - torch.eye(d, dtype=F.dtype, device=F.device)).reshape(-1, d * d) / self.x_scale
         return self.p_scale * self.net(x).reshape(-1, d, d)
 
     def stress_tangent(self, F, *, create_graph=False):

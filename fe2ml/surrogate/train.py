@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 from fe2ml.data.reader import read_logs
 from fe2ml.errors import ConfigError
 from fe2ml.plotting import plot_calibration, plot_lines, plot_parity
-from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint
+from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint, resolve_device
 from fe2ml.surrogate.config import TrainConfig
 from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
 from fe2ml.surrogate.models import build_model
@@ -63,7 +63,9 @@ def _split(n, split):
     return perm[n_val + n_test:], perm[:n_val], perm[n_val:n_val + n_test]
 
 
-def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=None, reinit=True):
+def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=None, reinit=True,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64):
+    """Fit one member on ``device`` in ``dtype`` (initialised reproducibly on the CPU in float64 first)."""
     torch.manual_seed(seed)
     if reinit:
         for prm in model.parameters():  # initialise reproducibly
@@ -71,7 +73,9 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
                 torch.nn.init.xavier_uniform_(prm)
             else:
                 torch.nn.init.zeros_(prm)
-    Ft, Pt, At = (torch.as_tensor(x) for x in (F, P, A))
+    model.to(device=device, dtype=dtype)
+    Ft, Pt, At = (torch.as_tensor(x).to(device=device, dtype=dtype) for x in (F, P, A))
+    tr_idx, va_idx = (torch.as_tensor(i, device=device) for i in (tr_idx, va_idx))
     a_scale = float(np.sqrt(np.mean(A[tr_idx] ** 2))) if loss_w["tangent"] > 0 else 1.0
     p_scale = float(model.p_scale)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
@@ -82,14 +86,15 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
     if loss_w.get("relative"):
         mag = (Pt ** 2).reshape(len(Pt), -1).mean(1)
         wts = 1.0 / (mag + (0.1 * p_scale) ** 2)
-        wts = wts / wts[torch.as_tensor(tr_idx)].mean()
+        wts = wts / wts[tr_idx].mean()
     else:
-        wts = torch.ones(len(Pt))
+        wts = torch.ones(len(Pt), dtype=dtype, device=device)
 
     def loss_on(idx, create_graph):
         Pp, Ap = model.stress_tangent(Ft[idx], create_graph=create_graph)
         lp = torch.mean(wts[idx][:, None, None] * (Pp - Pt[idx]) ** 2) / p_scale**2
-        la = torch.mean((Ap - At[idx]) ** 2) / a_scale**2 if loss_w["tangent"] > 0 else torch.zeros(())
+        la = (torch.mean((Ap - At[idx]) ** 2) / a_scale**2 if loss_w["tangent"] > 0
+              else torch.zeros((), dtype=dtype, device=device))
         return loss_w["stress"] * lp + loss_w["tangent"] * la
 
     best = (np.inf, None, 0)
@@ -110,6 +115,7 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
         if progress is not None and (ep % 100 == 0 or ep == tcfg["epochs"] - 1):
             progress(ep, float(lt.detach()), lv)
     model.load_state_dict(best[1])
+    model.to(device="cpu", dtype=torch.float64)  # the checkpoint is device-independent and float64
     return hist, best[2]
 
 
@@ -169,6 +175,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     if cfg.model["kind"] == "localization":
         return train_localization(comm, cfg, quiet=quiet)
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device, f"{cfg.path}: device")  # before anything is read or written
     F, P, A, info = load_data(cfg)
     start = None
     if resume is not None:
@@ -197,7 +204,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         log.info(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE "
               f"{info['fingerprint']}, "
               f"{info['dim']}D {info['kinematics']}; split {len(tr)}/{len(va)}/{len(te)}; {cfg.model['kind']} model "
-              f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s)")
+              f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s), device {device}, {cfg.dtype}")
     members = {}
     hists = {}
     for k in range(cfg.ensemble):
@@ -214,11 +221,12 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
 
         tcfg = dict(cfg.train)
         seed = cfg.train["seed"] + k
+        fit = {"device": device, "dtype": torch.float32 if cfg.dtype == "float32" else torch.float64}
         if start is not None:
             model.load_state_dict(start["members"][k % len(start["members"])])
-            hist, best = _fit_member(model, F, P, A, tr, va, cfg.loss, tcfg, seed, prog, reinit=False)
+            hist, best = _fit_member(model, F, P, A, tr, va, cfg.loss, tcfg, seed, prog, reinit=False, **fit)
         else:
-            hist, best = _fit_member(model, F, P, A, tr, va, cfg.loss, tcfg, seed, prog)
+            hist, best = _fit_member(model, F, P, A, tr, va, cfg.loss, tcfg, seed, prog, **fit)
         members[k] = {n: v.clone() for n, v in model.state_dict().items()}
         hists[k] = hist
     gathered = comm.gather((members, hists), root=0)
