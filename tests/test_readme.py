@@ -36,7 +36,8 @@ def test_yaml_blocks_use_real_keys():
     homogenize = {"dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation", "F",
                   "load_path", "newton", "fields"}
     sample = {"rve", "design", "output", "flush_every", "cells"}
-    train = {"data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output"}
+    train = {"data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output", "device",
+             "dtype"}
     blocks = _blocks()
     assert len(blocks) >= 4
     for text in blocks:
