@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,19 +14,19 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
-from helpers import tissue_rve_yaml
+from helpers import box_mesh, tissue_rve_yaml
 
 from fe2ml.config import MACRO_NEWTON
 from fe2ml.errors import ConfigError
 from fe2ml.laws.analytic import AnalyticLaw
 from fe2ml.laws.rve import RVELaw
-from fe2ml.macro.loads import DirichletSpec, TractionSpec
+from fe2ml.macro.loads import DirichletSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.macro.mesh import create_macro_mesh
 from fe2ml.macro.problem import MacroProblem
 from fe2ml.materials import NeoHookean
 from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import generate_mesh
-from fe2ml.micro.mesh import read_mesh
+from fe2ml.micro.mesh import make_rve_mesh, read_mesh
 
 COMM = MPI.COMM_WORLD
 BIN = Path(sys.executable).parent
@@ -404,6 +405,34 @@ def test_ring_pressure_lame():
     assert np.abs(u[:, 0] * X[:, 1] - u[:, 1] * X[:, 0]).max() < 2e-3 * exact.max() * b  # no hoop displacement
 
 
+def test_3d_frames_turn_the_rve_as_the_single_scale_law_with_rotated_fibres():
+    # a homogeneous HGO RVE (3D) with fibres along its x axis, turned by a field of frames e1(x), e2(x) that varies
+    # from point to point, equals the single-scale HGO law whose fibres follow e1(x): to 1e-8 at every quadrature
+    # point (P̄ of the law in its frame, rotated back, against the rotated-fibre law at the same F̄)
+    from fe2ml.materials import HolzapfelGasserOgden
+
+    X, cells, ct, ph = box_mesh(3, 2)
+    rm = make_rve_mesh(X, cells, ct, ph, source="box")
+    base = dict(mu=1.0, K=4.0, k1=2.0, k2=1.0)
+    law = RVELaw(HyperelasticRVE(rm, {1: HolzapfelGasserOgden(**base, fibres=((1.0, 0.0, 0.0),))}))
+    e1 = lambda X: np.stack([np.cos(X[:, 0]), np.sin(X[:, 0]), 0.3 + X[:, 2]], -1)  # noqa: E731
+    e2 = lambda X: np.stack([-np.sin(X[:, 0]), np.cos(X[:, 0]), 0.1 * X[:, 1]], -1)  # noqa: E731
+    frames = frames_from_axes(e1, e2)
+    mm = create_macro_mesh(COMM, {"generate": "box", "size": [1.0, 1.0, 1.0], "n": [1, 1, 1]})
+    bcs = [DirichletSpec("left", (0, 1, 2), 0.0), DirichletSpec("right", (0,), lambda x, t: 0.15 * t),
+           DirichletSpec("right", (1,), lambda x, t: 0.05 * t * x[2])]
+    prob = _run(MacroProblem(COMM, mm, law=law, dirichlet=bcs, orientation=frames), 2)
+    Q = prob.Q
+    assert np.allclose(np.einsum("nki,nkj->nij", Q, Q), np.eye(3)) and np.allclose(np.linalg.det(Q), 1.0)
+    assert np.ptp(Q[:, :, 0], axis=0).max() > 0.1  # the frames differ between points
+    F, P = prob._F_qp(), prob.stress_qp()
+    for k in range(len(F)):
+        single = AnalyticLaw({0: HolzapfelGasserOgden(**base, fibres=(tuple(Q[k, :, 0]),))}, dim=3)
+        Pk, _ = single.evaluate(F[k][None])
+        assert np.abs(P[k] - Pk[0]).max() < 1e-8 * np.abs(Pk).max()
+    assert max(r.iterations for r in prob.history) <= 6  # the rotated tangent is consistent
+
+
 def test_orientation_rotates_the_rve_frame(rve_mesh):
     # a homogeneous HGO RVE with fibres along its x axis, turned by material.orientation = 30 degrees, equals the
     # single-scale HGO law with fibres at 30 degrees (P = Q P_rve(Qᵀ F Q) Qᵀ, A rotated alike)
@@ -418,7 +447,7 @@ def test_orientation_rotates_the_rve_frame(rve_mesh):
     trac = [TractionSpec("top", (lambda t: 0.05 * t, lambda t: -0.05 * t))]
     law = RVELaw(HyperelasticRVE(rve_mesh, {1: hgo(0), 2: hgo(0)}))
     fe2 = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law, dirichlet=bcs, tractions=trac,
-                            orientation=lambda X: np.full(len(X), 30.0)), 2)
+                            orientation=frames_from_angle(lambda X: np.full(len(X), 30.0))), 2)
     ana = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=AnalyticLaw({0: hgo(30)}, dim=2), dirichlet=bcs,
                             tractions=trac), 2)
     ref = _run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=AnalyticLaw({0: hgo(0)}, dim=2), dirichlet=bcs,
@@ -432,3 +461,35 @@ def test_orientation_rotates_the_rve_frame(rve_mesh):
     Q = fe2.Q
     assert np.allclose(Q[:, :, 0], [np.cos(np.pi / 6), np.sin(np.pi / 6)])
     assert np.allclose(np.einsum("nia,nab,njb->nij", Q, fe2.rve_frame(F), Q), F)
+
+
+def test_orientation_config_in_2d_and_3d(tmp_path):
+    from fe2ml.macro.config import load_run_config
+
+    run3 = textwrap.dedent("""\
+        dim: 3
+        mesh: {generate: box, size: [1.0, 1.0, 1.0], n: [1, 1, 1]}
+        material:
+          kind: rve
+          rve:
+            mesh: {generate: centred_cell, volume_fraction: 0.1, h: 0.4}
+            phases:
+              1: {material: neo_hookean, mu: 1.0, K: 3.0}
+              2: {material: neo_hookean, mu: 0.2, K: 1.0}
+          orientation: {e1: ["cos(x)", "sin(x)", 0], e2: [0, 0, 2]}
+        bcs: [{boundary: left, components: [0, 1, 2], value: 0.0}]
+    """)
+    (tmp_path / "r3.yaml").write_text(run3)
+    frames = load_run_config(tmp_path / "r3.yaml").orientation
+    X = np.array([[0.0, 0.0, 0.0], [0.5, 0.2, 0.1]])
+    Q = frames(X)
+    assert np.allclose(Q[:, :, 0], [[1, 0, 0], [np.cos(0.5), np.sin(0.5), 0]])
+    assert np.allclose(Q[:, :, 1], [0, 0, 1]) and np.allclose(np.linalg.det(Q), 1.0)
+    for text, msg in ((run3.replace('e2: [0, 0, 2]', 'e2: ["2*cos(x)", "2*sin(x)", 0]'),
+                       "e2 is parallel to it at x = [0.0, 0.0, 0.0]"),
+                      (run3.replace('{e1: ["cos(x)", "sin(x)", 0], e2: [0, 0, 2]}', '"30"'), "in 3D a mapping"),
+                      (run3.replace('e2: [0, 0, 2]', 'e2: [0, 2]'), "material.orientation.e2: expected a list of 3"),
+                      (run3.replace('e2: [0, 0, 2]', 'e3: [0, 0, 2]'), "unknown key(s) e3")):
+        (tmp_path / "bad.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            load_run_config(tmp_path / "bad.yaml").orientation(X)

@@ -16,7 +16,8 @@ Keys::
     bcs: [{boundary: NAME, components: [0, 1], value: EXPR(x, y, z, t)}]
     tractions: [{boundary: NAME, value: [EXPR(t), ...]}]   (nominal traction, dead load)
     pressures: [{boundary: NAME, value: EXPR(t)}]          (pressure, follows the deformation)
-    material.orientation: EXPR(x, y, z, pi)                (2D: angle in degrees of the RVE's x axis)
+    material.orientation: EXPR(x, y, z, pi)                2D: angle in degrees of the RVE's x axis
+    material.orientation: {e1: [EXPR x3], e2: [EXPR x3]}   3D: the RVE's x and y axes (orthonormalised)
     steps: int                                    load steps over t in (0, 1] (default 10)
     newton: {rtol: 1e-9, atol: 1e-12, max_it: 20, max_cuts: 6}
     warm_start: true                              RVE solves start from the point's last state
@@ -37,7 +38,7 @@ import numpy as np
 from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
 from fe2ml.errors import ConfigError
 from fe2ml.expr import compile_expression
-from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec
+from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.materials import build_material
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
 from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds
@@ -73,7 +74,7 @@ class RunConfig:
     localize: bool = False
     mesh_rve: HomogenizeConfig | None = None  # mesh.rve of a tiled_rve mesh
     pressures: list[PressureSpec] = field(default_factory=list)
-    orientation: Callable[[np.ndarray], np.ndarray] | None = None  # angle (degrees) of the RVE frame at x (n, 3)
+    orientation: Callable[[np.ndarray], np.ndarray] | None = None  # frames(X (n, d)) -> Q (n, d, d)
 
 
 def load_run_config(path, *, output: str | None = None, base: Path | None = None) -> RunConfig:
@@ -204,9 +205,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
                               "(homogenize keys or the path of a homogenize YAML)")
     orientation = mat.get("orientation")
     if orientation is not None:
-        if dim != 2:
-            raise ConfigError(f"{f}: material.orientation: only in 2D (an angle about z); 3D frames are not supported")
-        orientation = _orientation(orientation, f"{f}: material.orientation")
+        orientation = _orientation(orientation, f"{f}: material.orientation", dim)
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
@@ -320,15 +319,36 @@ def _of_t(v, where) -> Callable[[float], float]:
     return lambda t: float(f(t=t))
 
 
-def _orientation(v, where) -> Callable[[np.ndarray], np.ndarray]:
-    """``material.orientation`` EXPR(x, y, z, pi) as the angle (degrees) at points X (n, d)."""
-    f = _compiled(v, {"x", "y", "z", "pi"}, where)
+def _orientation(v, where, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``material.orientation`` as frames(X (n, d)) -> Q (n, d, d).
 
-    def angle(X):
-        z = X[:, 2] if X.shape[1] > 2 else np.zeros(len(X))
-        return f(x=X[:, 0], y=X[:, 1], z=z, pi=np.pi)
+    2D: EXPR(x, y, z, pi), the angle in degrees of the RVE's x axis. 3D: ``{e1: [3 EXPR], e2: [3 EXPR]}``, the
+    RVE's x and y axes at each point (orthonormalised, e3 = e1 × e2).
+    """
+    names = {"x", "y", "z", "pi"}
 
-    return angle
+    def field(f):
+        def value(X):
+            z = X[:, 2] if X.shape[1] > 2 else np.zeros(len(X))
+            return np.broadcast_to(np.asarray(f(x=X[:, 0], y=X[:, 1], z=z, pi=np.pi), dtype=float), len(X))
+
+        return value
+
+    if dim == 2:
+        if isinstance(v, dict):
+            raise ConfigError(f"{where}: in 2D an angle in degrees (number or expression of x, y, z, pi)")
+        return frames_from_angle(field(_compiled(v, names, where)))
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: in 3D a mapping {{e1: [EXPR, EXPR, EXPR], e2: [EXPR, EXPR, EXPR]}}")
+    check_keys(v, ("e1", "e2"), where)
+    axes = []
+    for key in ("e1", "e2"):
+        comps = v.get(key)
+        if not isinstance(comps, list) or len(comps) != 3:
+            raise ConfigError(f"{where}.{key}: expected a list of 3 numbers or expressions of x, y, z, pi")
+        fs = [field(_compiled(c, names, f"{where}.{key}")) for c in comps]
+        axes.append(lambda X, fs=fs: np.stack([g(X) for g in fs], -1))
+    return frames_from_axes(axes[0], axes[1])
 
 
 def check_boundaries(cfg: RunConfig, names) -> None:

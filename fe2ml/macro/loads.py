@@ -23,7 +23,7 @@ import numpy as np
 from fe2ml.errors import ConfigError
 
 __all__ = ["Boundaries", "DirichletSpec", "Loads", "PressureSpec", "TractionSpec", "dirichlet_conditions",
-           "mark_boundaries", "pressure_term", "traction_term"]
+           "frames_from_angle", "frames_from_axes", "mark_boundaries", "pressure_term", "traction_term"]
 
 Scalar = float | Callable[[float], float]
 
@@ -57,6 +57,51 @@ class PressureSpec:
 
     boundary: str
     value: Scalar
+
+
+def frames_from_angle(angle: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """2D material frames: the RVE's x axis at ``angle(X)`` degrees from the macro x axis.
+
+    Returns:
+        ``frames(X)``: X (n, d) -> Q (n, 2, 2), columns the RVE axes in macro coordinates.
+    """
+    def frames(X):
+        th = np.radians(np.broadcast_to(np.asarray(angle(X), dtype=float), len(X)))
+        c, s = np.cos(th), np.sin(th)
+        return np.stack([np.stack([c, -s], -1), np.stack([s, c], -1)], -2)
+
+    return frames
+
+
+def frames_from_axes(e1: Callable[[np.ndarray], np.ndarray],
+                     e2: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """3D material frames from the RVE's x and y axes at each point (orthonormalised; e3 = e1 × e2).
+
+    Args:
+        e1: X (n, 3) -> (n, 3), the RVE's x axis in macro coordinates (need not be unit).
+        e2: X (n, 3) -> (n, 3), the RVE's y axis (need not be unit nor orthogonal to e1).
+
+    Returns:
+        ``frames(X)``: X (n, 3) -> Q (n, 3, 3), columns e1, e2, e3.
+
+    Raises:
+        ConfigError: at a point where e1 vanishes or e2 is parallel to it (the point is named).
+    """
+    def frames(X):
+        a = np.broadcast_to(np.asarray(e1(X), dtype=float), (len(X), 3))
+        b = np.broadcast_to(np.asarray(e2(X), dtype=float), (len(X), 3))
+        na = np.linalg.norm(a, axis=1)
+        a = a / np.where(na > 0, na, 1.0)[:, None]
+        b = b - np.sum(a * b, axis=1)[:, None] * a
+        nb = np.linalg.norm(b, axis=1)
+        bad = (na < 1e-12) | (nb < 1e-9 * np.maximum(na, 1.0))
+        if bad.any():
+            k = int(np.argmax(bad))
+            raise ConfigError(f"orientation: e1 vanishes or e2 is parallel to it at x = {np.round(X[k], 6).tolist()}")
+        b = b / nb[:, None]
+        return np.stack([a, b, np.cross(a, b)], -1)
+
+    return frames
 
 
 def _at(value: Scalar, t: float) -> float:

@@ -66,8 +66,10 @@ class MacroProblem:
         dirichlet: list of :class:`DirichletSpec`.
         tractions: list of :class:`TractionSpec`.
         pressures: list of :class:`PressureSpec`.
-        orientation: 2D, with a law: angle in degrees (number or expression of x, y, z, pi) of the RVE's
-            frame at each point; the law sees Qᵀ F̄ Q and returns Q P̄ Qᵀ (and Ā rotated alike).
+        orientation: with a quadrature-point law, ``frames(X)`` -> Q (n, d, d): at each point the columns of Q are
+            the RVE's axes in macro coordinates (:func:`fe2ml.macro.loads.frames_from_angle` in 2D,
+            :func:`~fe2ml.macro.loads.frames_from_axes` in 3D); the law sees Qᵀ F̄ Q and returns Q P̄ Qᵀ (and Ā
+            rotated alike).
         newton: :class:`fe2ml.config.NewtonOptions` (default ``MACRO_NEWTON``).
     """
 
@@ -89,8 +91,8 @@ class MacroProblem:
         if law.dim != d:
             raise ConfigError(f"the RVE is {law.dim}D but the macro mesh is {d}D")
         self.form_law = law if isinstance(law, FormLaw) else None
-        if orientation is not None and (self.form_law is not None or d != 2):
-            raise ConfigError("orientation: needs an RVE, surrogate or hybrid law in 2D")
+        if orientation is not None and self.form_law is not None:
+            raise ConfigError("orientation: needs an RVE, surrogate or hybrid law")
         self.degree = degree
         q = quadrature_degree if quadrature_degree is not None else (1 if degree == 1 else 2)
         self.qdeg = q
@@ -144,13 +146,15 @@ class MacroProblem:
         self.stop_requested: Callable[[], bool] | None = None  # e.g. SIGTERM seen; checked collectively
         self.n_qp_local = self.n_owned * self.nqp
         self.n_qp_global = comm.allreduce(self.n_qp_local)
-        # material frames: the RVE's x axis at angle theta(x) (2D)
+        # material frames: Q (n, d, d) per point, its columns the RVE's axes in macro coordinates
         self.Q = None
         if orientation is not None:
             X = self.quadrature_points()
-            th = np.radians(np.broadcast_to(np.asarray(orientation(X), dtype=float), len(X)))
-            c, s_ = np.cos(th), np.sin(th)
-            self.Q = np.stack([np.stack([c, -s_], -1), np.stack([s_, c], -1)], -2)  # columns: RVE axes
+            Q = np.asarray(orientation(X), dtype=float)
+            if Q.shape != (len(X), d, d) or not np.allclose(np.einsum("nki,nkj->nij", Q, Q), np.eye(d), atol=1e-10):
+                raise ConfigError(f"orientation: expected orthonormal frames of shape (n, {d}, {d}) at the "
+                                  "quadrature points")
+            self.Q = Q
 
     def _law_terms(self, F, v):
         """Residual ∫ P̄ : ∇v dx of a quadrature-point law; P̄ and Ā live in quadrature functions."""
