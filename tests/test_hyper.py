@@ -362,3 +362,36 @@ def test_3d_heterogeneous_fluctuation_is_periodic_and_averages_to_the_macro_grad
                 pairs += 1
         assert pairs > 10
     assert np.abs(w).max() > 1e-3  # a real fluctuation (heterogeneous)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_iterative_solver_gives_the_direct_answer(mesh_dir, dim):
+    # CG + GAMG on the reduced system (displacement formulation, periodic and affine BCs) against MUMPS: P̄ and Ā
+    # to 1e-8, the linear effective stiffness too; saddle-point systems refuse the iterative solver
+    from fe2ml.micro.reduction import SolverOptions
+
+    if dim == 2:
+        m = read_mesh(generate_mesh("cells_2d", dict(n_cells=3, volume_fraction=0.2, seed=1, h=0.08), mesh_dir,
+                                    comm=COMM))
+        F = np.array([[1.12, 0.05], [-0.02, 0.95]])
+    else:
+        m = read_mesh(generate_mesh("centred_cell", dict(dim=3, volume_fraction=0.15, h=0.3), mesh_dir, comm=COMM))
+        F = np.array([[1.1, 0.04, 0.0], [0.0, 0.96, 0.05], [0.02, 0.0, 1.03]])
+    mats = {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=6.0, K=15.0)}
+    it = SolverOptions(type="iterative", rtol=1e-12)
+    for bc in ("periodic", "affine"):
+        direct = HyperelasticRVE(m, mats, bc=bc, solver=SolverOptions(type="direct")).evaluate(F, cells=False)
+        rve = HyperelasticRVE(m, mats, bc=bc, solver=it)
+        assert rve.solver == "iterative"
+        res = rve.evaluate(F, cells=False)
+        assert np.abs(res.P - direct.P).max() < 1e-8 * np.abs(direct.P).max()
+        assert np.abs(res.A - direct.A).max() < 1e-8 * np.abs(direct.A).max()
+    lin = {1: LinearElastic(E=1.0, nu=0.3), 2: LinearElastic(E=8.0, nu=0.25)}
+    C_it = LinearRVE(m, lin, solver=it).homogenize().C
+    C_d = LinearRVE(m, lin, solver=SolverOptions(type="direct")).homogenize().C
+    assert np.abs(C_it - C_d).max() < 1e-8 * np.abs(C_d).max()
+    assert HyperelasticRVE(m, mats).solver == "direct"  # auto: small RVEs are factorised
+    with pytest.raises(ConfigError, match="iterative needs the displacement formulation"):
+        HyperelasticRVE(m, mats, bc="traction", solver=it)
+    with pytest.raises(ConfigError, match="iterative needs the displacement formulation"):
+        HyperelasticRVE(m, {1: NeoHookean(mu=1.0, K=500.0), 2: NeoHookean(mu=6.0, K=15.0)}, solver=it)

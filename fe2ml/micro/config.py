@@ -10,6 +10,7 @@ Keys (see README for the full reference)::
     strains: [[..], ..]                     optional list of macro strains (d x d) to report σ̄ for
     tol: float                              periodic node matching tolerance (relative), default 1e-8
     kinematics, formulation, F, load_path, newton, fields   finite strain
+    solver: {type: auto | direct | iterative, rtol: 1e-12, max_it: 1000}   the reduced linear systems
 
 :func:`build_rve` is the one place where an RVE solver is built from a validated config.
 """
@@ -29,7 +30,7 @@ from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import GENERATORS, generate_mesh
 from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import RVEMesh, read_mesh
-from fe2ml.micro.reduction import BCS
+from fe2ml.micro.reduction import BCS, SolverOptions
 
 __all__ = [
     "LOAD_PATHS",
@@ -76,6 +77,7 @@ class HomogenizeConfig:
     F: list = field(default_factory=list)
     load_path: dict | None = None
     newton: NewtonOptions = field(default_factory=NewtonOptions)
+    solver: SolverOptions = field(default_factory=SolverOptions)
     fields_points: list = field(default_factory=list)
 
 
@@ -117,7 +119,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if "dim" not in raw and default_dim is not None:
         raw = {**raw, "dim": default_dim}
     check_keys(raw, ("dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation",
-                      "F", "load_path", "newton", "fields"), f)
+                      "F", "load_path", "newton", "fields", "solver"), f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "phases"), f)
     cell_phases = mesh.get("cell_phases")
     if cell_phases is not None and (not isinstance(cell_phases, list)
@@ -219,6 +221,17 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if kin == "finite" and not Fs and require_points:
         raise ConfigError(f"{f}: kinematics finite needs F (list of deformation gradients) or load_path")
     newton = parse_newton(raw.get("newton"), f)
+    sv = raw.get("solver", {}) or {}
+    if not isinstance(sv, dict):
+        raise ConfigError(f"{f}: solver: expected a mapping {{type: auto | direct | iterative, rtol, max_it}}")
+    check_keys(sv, ("type", "rtol", "max_it"), f"{f}: solver")
+    mi = sv.get("max_it", 1000)
+    if not isinstance(mi, int) or isinstance(mi, bool) or mi < 1:
+        raise ConfigError(f"{f}: solver.max_it: expected a positive integer, got {mi!r}")
+    if sv.get("type", "auto") not in ("auto", "direct", "iterative"):
+        raise ConfigError(f"{f}: solver.type: expected auto, direct or iterative, got {sv.get('type')!r}")
+    solver = SolverOptions(type=sv.get("type", "auto"), rtol=number(sv.get("rtol", 1e-12), f"{f}: solver.rtol",
+                                                                     positive=True), max_it=mi)
     fields_ = raw.get("fields", {}) or {}
     if not isinstance(fields_, dict):
         raise ConfigError(f"{f}: fields: expected a mapping {{points: [0, 3]}}")
@@ -230,7 +243,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     return HomogenizeConfig(path=p, dim=dim, mesh_file=mesh_file, generator=gen, generator_params=gparams,
                             generator_out=gout, cell_phases=cell_phases, materials=materials, bc=bc,
                             degree=degree, strains=out, tol=tol, kinematics=kin, formulation=formulation,
-                            F=Fs, load_path=lp, newton=newton, fields_points=fpts)
+                            F=Fs, load_path=lp, newton=newton, fields_points=fpts, solver=solver)
 
 
 def _matrix(v, dim: int, where: str) -> np.ndarray:
@@ -313,5 +326,5 @@ def build_rve(cfg: HomogenizeConfig, mesh: RVEMesh) -> LinearRVE | HyperelasticR
     """
     if cfg.kinematics == "finite":
         return HyperelasticRVE(mesh, cfg.materials, bc=cfg.bc, formulation=cfg.formulation, degree=cfg.degree,
-                               tol=cfg.tol, newton=cfg.newton)
-    return LinearRVE(mesh, cfg.materials, bc=cfg.bc, degree=cfg.degree, tol=cfg.tol)
+                               tol=cfg.tol, newton=cfg.newton, solver=cfg.solver)
+    return LinearRVE(mesh, cfg.materials, bc=cfg.bc, degree=cfg.degree, tol=cfg.tol, solver=cfg.solver)

@@ -40,8 +40,10 @@ from fe2ml.micro.quantities import NQ, CellQuantities, summaries
 from fe2ml.micro.reduction import (
     BCS,
     RVEBox,
+    SolverOptions,
     build_reduction,
     check_materials,
+    configure_solver,
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
@@ -99,6 +101,7 @@ class HyperelasticRVE(RVEBox):
         degree: displacement degree for ``displacement`` (1 or 2; mixed uses 2).
         tol: relative periodic node-matching tolerance.
         newton: :class:`NewtonOptions`.
+        solver: :class:`~fe2ml.micro.reduction.SolverOptions` of the reduced linear systems (default ``auto``).
 
     Raises:
         MeshError: phase without material, non-periodic mesh with periodic BCs.
@@ -109,7 +112,8 @@ class HyperelasticRVE(RVEBox):
     _count = 0
 
     def __init__(self, mesh: RVEMesh, materials: dict, *, bc: str = "periodic", formulation: str = "auto",
-                 degree: int = 1, tol: float = 1e-8, newton: NewtonOptions | None = None):
+                 degree: int = 1, tol: float = 1e-8, newton: NewtonOptions | None = None,
+                 solver: SolverOptions | None = None):
         from mpi4py import MPI
         from petsc4py import PETSc
 
@@ -255,9 +259,9 @@ class HyperelasticRVE(RVEBox):
         HyperelasticRVE._count += 1
         self.ksp: Any = PETSc.KSP().create(PETSc.COMM_SELF)
         self.ksp.setOptionsPrefix(f"fe2ml_hrve{HyperelasticRVE._count}_")
-        self.ksp.setType("preonly")
-        self.ksp.getPC().setType("cholesky")  # MUMPS LDLᵀ: symmetric, indefinite allowed
-        self.ksp.getPC().setFactorSolverType("mumps")
+        # direct: MUMPS LDLᵀ (symmetric, indefinite allowed); iterative: CG + GAMG (SolverOptions)
+        self.solver = configure_solver(self.ksp, solver or SolverOptions(), ndofs=self.n_w,
+                                       saddle=formulation == "mixed" or bc == "traction")
         self.ksp.setFromOptions()
         # residual scale: internal force of a unit affine strain at F = I
         self._set_state(np.zeros((d, d)), np.zeros(self.n_reduced))
@@ -318,6 +322,8 @@ class HyperelasticRVE(RVEBox):
         else:
             self._Kr = self._Kr_base
         self._Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+        if self.solver == "iterative":
+            self._Kr.setOption(PETSc.Mat.Option.SPD, True)
         self.ksp.setOperators(self._Kr)
         try:
             self.ksp.setUp()

@@ -35,8 +35,10 @@ from fe2ml.micro.mesh import RVEMesh
 from fe2ml.micro.reduction import (
     BCS,
     RVEBox,
+    SolverOptions,
     build_reduction,
     check_materials,
+    configure_solver,
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
@@ -94,6 +96,7 @@ class LinearRVE(RVEBox):
         degree: polynomial degree of the displacement (1 or 2).
         tol: relative tolerance for periodic node matching.
         petsc_options: extra PETSc options for the reduced solve (prefix handled internally).
+        solver: :class:`~fe2ml.micro.reduction.SolverOptions` of the reduced system (default ``auto``).
 
     Raises:
         MeshError: mesh not periodic with periodic BCs; phase without material.
@@ -103,7 +106,8 @@ class LinearRVE(RVEBox):
     _count = 0
 
     def __init__(self, mesh: RVEMesh, materials: dict[int, LinearMaterial], *, bc: str = "periodic",
-                 degree: int = 1, tol: float = 1e-8, petsc_options: dict | None = None):
+                 degree: int = 1, tol: float = 1e-8, petsc_options: dict | None = None,
+                 solver: SolverOptions | None = None):
         from mpi4py import MPI
         from petsc4py import PETSc
 
@@ -167,10 +171,8 @@ class LinearRVE(RVEBox):
         self._prefix = f"fe2ml_rve{LinearRVE._count}_"
         self.ksp: Any = PETSc.KSP().create(PETSc.COMM_SELF)
         self.ksp.setOptionsPrefix(self._prefix)
-        self.ksp.setType("preonly")
-        pc = self.ksp.getPC()
-        pc.setType("lu" if bc == "traction" else "cholesky")
-        pc.setFactorSolverType("mumps")
+        self.solver = configure_solver(self.ksp, solver or SolverOptions(), ndofs=self.ndofs,
+                                       saddle=bc == "traction", factor="lu" if bc == "traction" else "cholesky")
         opts: Any = PETSc.Options()
         for k_, v_ in (petsc_options or {}).items():
             opts[self._prefix + k_] = v_

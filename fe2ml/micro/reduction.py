@@ -15,13 +15,15 @@ The reduced operator is ``K.PtAP(T)`` (T is called the reduction, not P, which i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from fe2ml.errors import MeshError
+from fe2ml.errors import ConfigError, MeshError
 from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
 
-__all__ = ["BCS", "RVEBox", "build_reduction", "check_materials", "destroy_petsc", "mat_from_scipy",
-           "mean_gradient_constraints", "to_dolfinx"]
+__all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "RVEBox", "SolverOptions", "build_reduction", "check_materials",
+           "configure_solver", "destroy_petsc", "mat_from_scipy", "mean_gradient_constraints", "to_dolfinx"]
 
 BCS = ("periodic", "affine", "traction")
 
@@ -72,6 +74,67 @@ def check_materials(mesh: RVEMesh, materials: dict) -> None:
     if missing:
         raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
                         f"(materials given for {sorted(materials)})")
+
+
+AUTO_ITERATIVE_DOFS = 60_000  # ``solver: auto`` is iterative from this many displacement dofs on
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """The linear solver of an RVE's reduced system.
+
+    Attributes:
+        type: ``direct`` (MUMPS Cholesky/LDLᵀ, one factorization reused for the Newton step and the d² tangent
+            right-hand sides), ``iterative`` (conjugate gradients preconditioned by PETSc's algebraic multigrid
+            GAMG with the nodal block structure; the preconditioner is reused for the tangent's right-hand sides),
+            or ``auto`` (iterative from ``AUTO_ITERATIVE_DOFS`` displacement dofs on, direct below).
+        rtol: relative residual tolerance of the iterative solver.
+        max_it: its iteration limit.
+    """
+
+    type: str = "auto"
+    rtol: float = 1e-12
+    max_it: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.type not in ("auto", "direct", "iterative"):
+            raise ConfigError(f"solver.type: expected auto, direct or iterative, got {self.type!r}")
+        if not 0 < self.rtol < 1 or self.max_it < 1:
+            raise ConfigError(f"solver: rtol in (0, 1) and max_it >= 1 expected, got {self}")
+
+
+def configure_solver(ksp, options: SolverOptions, *, ndofs: int, saddle: bool, factor: str = "cholesky") -> str:
+    """Set up the KSP of an RVE for the chosen solver; returns ``direct`` or ``iterative``.
+
+    CG + GAMG needs a symmetric positive definite reduced system: the displacement formulation with periodic or
+    affine BCs. The mixed (u–p) formulation and minimal kinematic (traction) BCs give saddle-point systems; for
+    them ``iterative`` is refused and ``auto`` stays direct.
+
+    Args:
+        ksp: the PETSc KSP of the reduced system.
+        options: the solver options.
+        ndofs: displacement dofs of the RVE (for ``auto``).
+        saddle: the reduced system is a saddle-point system.
+        factor: the direct factorization (``cholesky``: MUMPS LDLᵀ, indefinite allowed; or ``lu``).
+
+    Raises:
+        ConfigError: ``iterative`` for a saddle-point system.
+    """
+    kind = options.type
+    if kind == "auto":
+        kind = "iterative" if ndofs >= AUTO_ITERATIVE_DOFS and not saddle else "direct"
+    if kind == "iterative" and saddle:
+        raise ConfigError("solver.type iterative needs the displacement formulation with periodic or affine "
+                          "BCs (the mixed formulation and traction BCs give saddle-point systems: use direct)")
+    if kind == "direct":
+        ksp.setType("preonly")
+        ksp.getPC().setType(factor)
+        ksp.getPC().setFactorSolverType("mumps")
+    else:
+        ksp.setType("cg")
+        ksp.getPC().setType("gamg")
+        ksp.setTolerances(rtol=options.rtol, atol=1e-300, max_it=options.max_it)
+    return kind
 
 
 class RVEBox:
