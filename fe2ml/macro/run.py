@@ -295,6 +295,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     say(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
         f"{cfg.steps} load steps")
     start = 0
+    meta: dict = {}
     log_counts: dict[str, int] = {}
     ident = identity(cfg, rve)
     if restart:
@@ -321,6 +322,9 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
             raise ConfigError(f"{cfg.path}: material.audit needs a surrogate or hybrid law and a finite-strain RVE")
         audit = Audit(comm, rve, cfg.surrogate["audit"], floor=law.gate.floor,
                       writer=law.writer if isinstance(law, HybridLaw) else None)
+        if "audit" in meta:  # a restart continues the audit's record
+            audit.errors = list(meta["audit"]["errors"])
+            audit.steps = list(meta["audit"]["steps"])
         say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "
             f"(target error {audit.options.target:g})")
     return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
@@ -357,7 +361,10 @@ def loop(r: Run) -> None:
                 r.runlog.info("audit step %d: %d points, mean rel. error %.3g, max %.3g", k, a["points"],
                               a["mean_rel_error"], a["max_rel_error"])
             r.writer.write_step()
-            prob.save_checkpoint(r.out / "checkpoint", meta_extra={"logs": r.flush_logs()})
+            extra: dict = {"logs": r.flush_logs()}
+            if r.audit is not None:
+                extra["audit"] = {"errors": r.audit.errors, "steps": r.audit.steps}
+            prob.save_checkpoint(r.out / "checkpoint", meta_extra=extra)
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not r.quiet:
                 progress_line(k, cfg.steps, prob.t, rec, comm)
