@@ -89,6 +89,8 @@ def test_every_law_returns_float64_stress_and_tangent_of_the_contract_shapes(law
     assert np.all(np.isfinite(P)) and np.all(np.isfinite(A))
     assert np.abs(P[2]).max() < 1e-8 * max(np.abs(A[2]).max(), 1.0)  # stress-free reference state
     assert law.stats["evaluations"] == 3
+    P0, A0 = law.evaluate(np.zeros((0, D, D)))  # a rank may own no points
+    assert P0.shape == (0, D, D) and A0.shape == (0, D, D, D, D)
     assert set(law.stats) >= {"evaluations", "rve_solves", "time_s", "fallbacks", "fallbacks_per_step"}
 
 

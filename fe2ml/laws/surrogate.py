@@ -57,7 +57,7 @@ class SurrogateLaw(ConstitutiveLaw):
             (the batch of a rank is evaluated there, in float64).
 
     Attributes:
-        gate: the checkpoint's per-point trust criteria (:class:`fe2ml.surrogate.checkpoint.Gate`).
+        gate: the checkpoint's per-point trust criteria (:class:`fe2ml.surrogate.gate.Gate`).
         last_F, last_P: the points and stresses of the last evaluation (what an :class:`Audit` checks).
         answered: which points of the last evaluation the surrogate answered.
 
@@ -77,7 +77,6 @@ class SurrogateLaw(ConstitutiveLaw):
         self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"],
                                                device=dev)
         self.gate = Gate(ck)
-        self.bounds = ck["bounds"]
         self.last_F = np.zeros((0, dim, dim))
         self.last_P = np.zeros((0, dim, dim))
         self.answered = np.zeros(0, dtype=bool)
@@ -122,8 +121,7 @@ class SurrogateLaw(ConstitutiveLaw):
 
 
 def _finite(P: np.ndarray, A: np.ndarray) -> np.ndarray:
-    n = len(P)
-    return np.isfinite(P.reshape(n, -1)).all(axis=1) & np.isfinite(A.reshape(n, -1)).all(axis=1)
+    return np.isfinite(P).all(axis=(1, 2)) & np.isfinite(A).all(axis=(1, 2, 3, 4))
 
 
 class HybridLaw(SurrogateLaw):
@@ -162,9 +160,7 @@ class HybridLaw(SurrogateLaw):
         """Per-criterion flags (n,) of the points F̄ with member predictions Ps (K, n, d, d), As (K, n, d, d, d, d)."""
         th, gate = self.thresholds, self.gate
         x = self.features(F)
-        n = len(F)
-        reasons = {"nonfinite": ~(np.isfinite(Ps.reshape(-1, n, Ps[0, 0].size)).all(axis=(0, 2))
-                                  & np.isfinite(As.reshape(-1, n, As[0, 0].size)).all(axis=(0, 2))),
+        reasons = {"nonfinite": ~(np.isfinite(Ps).all(axis=(0, 2, 3)) & np.isfinite(As).all(axis=(0, 2, 3, 4, 5))),
                    "box": gate.box_distance(x) > th.distance}
         if th.density is not None:
             reasons["density"] = gate.density_distance(x, bound=th.density) > th.density

@@ -89,7 +89,7 @@ class EnsembleModel:
                 out.append(m.evaluate(F))
             else:  # numpy closed form in chunks (cache friendly, no torch overhead for small batches)
                 F = np.asarray(F, dtype=np.float64)
-                parts = [f(F[i:i + 1024]) for i in range(0, len(F), 1024)]
+                parts = [f(F[i:i + 1024]) for i in range(0, len(F), 1024)] or [f(F)]  # f(F) for no points
                 out.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
         return [o[0] for o in out], [o[1] for o in out]
 

@@ -117,6 +117,9 @@ class _Base(nn.Module):
 
         ref = self.p_scale
         F = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(device=ref.device, dtype=ref.dtype)
+        d = self.dim
+        if len(F) == 0:  # a rank without points
+            return np.zeros((0, d, d)), np.zeros((0, d, d, d, d))
         Ps, As = [], []
         for i in range(0, len(F), batch):
             P, A = self.stress_tangent(F[i:i + batch])
@@ -290,6 +293,8 @@ class PotentialModel(_Base):
         def f(F):
             F = np.asarray(F, dtype=np.float64)
             n = len(F)
+            if n == 0:  # a rank without points
+                return np.zeros((0, d, d)), np.zeros((0, d, d, d, d))
             H_ = F - I
             E = 0.5 * (H_ + H_.transpose(0, 2, 1)) if small else 0.5 * (F.transpose(0, 2, 1) @ F - I)
             x = np.stack([E[:, i, j] * (1.0 if i == j else 2.0**0.5) for i, j in idx], -1) / xs
