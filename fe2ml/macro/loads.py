@@ -176,8 +176,8 @@ class Loads:
     Attributes:
         bcs: dolfinx Dirichlet conditions.
         reaction_dofs: Dirichlet boundary name -> owned dofs per component (for reactions).
-        external: the external virtual work form (tractions and pressures), or 0.
-        follower: the part of ``external`` that depends on u (pressures at finite strain), or 0.
+        external: the external virtual work form (tractions and pressures), or None.
+        follower: the part of ``external`` that depends on u (pressures at finite strain), or None.
     """
 
     bcs: list
@@ -270,14 +270,19 @@ def build_loads(V, v, F, bnd: Boundaries, *, dirichlet: Sequence[DirichletSpec],
                 pressures: Sequence[PressureSpec], finite: bool) -> Loads:
     """All load terms of a problem: Dirichlet conditions, tractions and pressures."""
     bcs, reaction_dofs, updates = dirichlet_conditions(V, bnd, dirichlet)
-    external, follower = 0, 0
+    traction_forms, pressure_forms = [], []
     for tspec in tractions:
         form, update = traction_term(v, bnd, tspec)
-        external = external + form
+        traction_forms.append(form)
         updates.append(update)
     for pspec in pressures:
         form, update = pressure_term(v, F, bnd, pspec, finite=finite)
-        external = external + form
-        follower = follower + form
+        pressure_forms.append(form)
         updates.append(update)
-    return Loads(bcs=bcs, reaction_dofs=reaction_dofs, external=external, follower=follower, _updates=updates)
+    return Loads(bcs=bcs, reaction_dofs=reaction_dofs, external=_sum(traction_forms + pressure_forms),
+                 follower=_sum(pressure_forms), _updates=updates)
+
+
+def _sum(forms: list) -> Any:
+    """The sum of UFL forms, None for none."""
+    return sum(forms[1:], forms[0]) if forms else None

@@ -121,13 +121,12 @@ class MacroProblem:
                              for name in self.report_boundaries}
 
         # constitutive terms, the residual and the Jacobian
-        Rint = self._law_terms(F, v) if self.form_law is None else self._form_law_terms(F, v)
         du = ufl.TrialFunction(V)
-        Jac = ufl.derivative(Rint, self.u, du) if self.form_law is not None else self._Jq
+        Rint, Jac = self._law_terms(v, du) if self.form_law is None else self._form_law_terms(F, v, du)
         self.Rint_form = dolfinx.fem.form(Rint)
         ext = self.loads.external
-        self.R_form = dolfinx.fem.form(Rint - ext) if not isinstance(ext, int) else self.Rint_form
-        if not isinstance(self.loads.follower, int) and kinematics == "finite":
+        self.R_form = dolfinx.fem.form(Rint - ext) if ext is not None else self.Rint_form
+        if self.loads.follower is not None and kinematics == "finite":
             Jac = Jac - ufl.derivative(self.loads.follower, self.u, du)
         self.J_form = dolfinx.fem.form(Jac)
         self.A = dolfinx.fem.petsc.create_matrix(self.J_form)
@@ -156,8 +155,11 @@ class MacroProblem:
                                   "quadrature points")
             self.Q = Q
 
-    def _law_terms(self, F, v):
-        """Residual ∫ P̄ : ∇v dx of a quadrature-point law; P̄ and Ā live in quadrature functions."""
+    def _law_terms(self, v, du):
+        """Residual ∫ P̄ : ∇v dx and Jacobian ∫ (Ā : ∇du) : ∇v dx of a quadrature-point law.
+
+        P̄ and Ā live in quadrature functions that the law fills before each assembly.
+        """
         d, q = self.d, self.qdeg
         cellname = self.msh.basix_cell()
         QP = basix.ufl.quadrature_element(cellname, value_shape=(d, d), degree=q)
@@ -167,13 +169,15 @@ class MacroProblem:
         self._qdofs_P = self.Pq.function_space.dofmap.list[: self.n_owned]
         self._qdofs_A = self.Aq.function_space.dofmap.list[: self.n_owned]
         dxq = ufl.dx(domain=self.msh, metadata=self.md)
-        du = ufl.TrialFunction(self.V)
         i, j, k, l_ = ufl.indices(4)
-        self._Jq = ufl.inner(ufl.as_tensor(self.Aq[i, j, k, l_] * ufl.grad(du)[k, l_], (i, j)), ufl.grad(v)) * dxq
-        return ufl.inner(self.Pq, ufl.grad(v)) * dxq
+        Jac = ufl.inner(ufl.as_tensor(self.Aq[i, j, k, l_] * ufl.grad(du)[k, l_], (i, j)), ufl.grad(v)) * dxq
+        return ufl.inner(self.Pq, ufl.grad(v)) * dxq, Jac
 
-    def _form_law_terms(self, F, v):
-        """Residual of a form law, exact in UFL: δΠ for energies (finite strain), ∫ P : ∇v dx at small strain."""
+    def _form_law_terms(self, F, v, du):
+        """Residual and Jacobian of a form law, exact in UFL.
+
+        The residual is δΠ for energies (finite strain) or ∫ P : ∇v dx (small strain); the Jacobian its derivative.
+        """
         law, msh, comm = self.form_law, self.msh, self.comm
         tags = self.mm.cell_tags
         keys = list(law.phases)
@@ -199,7 +203,8 @@ class MacroProblem:
         self.P_exprs = {t: dolfinx.fem.Expression(e, self.qpoints) for t, e in Pexprs.items()}
         self.cell_phase = (np.zeros(self.n_owned, dtype=np.int32) if keys == [0] else
                            _cell_values(tags, self.n_owned))
-        return ufl.derivative(Pi, self.u, v) if self.kinematics == "finite" else Rint
+        Rint = ufl.derivative(Pi, self.u, v) if self.kinematics == "finite" else Rint
+        return Rint, ufl.derivative(Rint, self.u, du)
 
     # ------------------------------------------------------------------------------------------
     def quadrature_points(self) -> np.ndarray:
