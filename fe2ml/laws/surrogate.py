@@ -310,6 +310,15 @@ class Audit:
         self.steps.append(rec)
         return rec
 
+    def state(self) -> dict:
+        """The audit's record so far (for run checkpoints)."""
+        return {"errors": list(self.errors), "steps": list(self.steps)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from a record saved by :meth:`state` (a restarted run)."""
+        self.errors = list(state["errors"])
+        self.steps = list(state["steps"])
+
     def summary(self) -> dict:
         """The whole run's audit (collective): points, mean/max error, exceedances of the target and bound95.
 

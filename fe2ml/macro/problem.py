@@ -107,6 +107,7 @@ class MacroProblem:
         F = ufl.Identity(d) + ufl.grad(self.u)
         self.F_expr = dolfinx.fem.Expression(F, self.qpoints)
         self.x_expr = dolfinx.fem.Expression(ufl.SpatialCoordinate(msh), self.qpoints)
+        self._X: np.ndarray | None = None
 
         # boundaries and loads (:mod:`fe2ml.macro.loads`)
         self.bnd = mark_boundaries(comm, msh, mmesh.boundaries)
@@ -208,8 +209,10 @@ class MacroProblem:
 
     # ------------------------------------------------------------------------------------------
     def quadrature_points(self) -> np.ndarray:
-        """Physical coordinates of this rank's quadrature points, (n_local, d)."""
-        return self.x_expr.eval(self.msh, self.cells).reshape(-1, self.d)
+        """Physical (reference) coordinates of this rank's quadrature points, (n_local, d); evaluated once."""
+        if self._X is None:
+            self._X = self.x_expr.eval(self.msh, self.cells).reshape(-1, self.d)
+        return self._X
 
     def quadrature_point_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """Global ids (global cell index x points per cell + q) and coordinates of this rank's points."""

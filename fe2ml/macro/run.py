@@ -6,6 +6,7 @@ Three stages: :func:`build` (collective set-up), :func:`loop` (load steps, check
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -54,9 +55,14 @@ def identity(cfg: RunConfig, rve) -> dict:
 
 
 def _sha256(data: bytes) -> str:
-    import hashlib
-
     return hashlib.sha256(data).hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    """Write JSON atomically (a temporary file renamed over the target: a kill leaves the old or the new file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _check_identity(comm, out: Path, now: dict, allow_changed: bool, runlog: logging.Logger) -> None:
@@ -79,9 +85,7 @@ def _check_identity(comm, out: Path, now: dict, allow_changed: bool, runlog: log
                        "--allow-changed to continue with the change (recorded in run.log)")
             elif changed:
                 runlog.warning("restart with changes (--allow-changed): %s", ", ".join(changed))
-                tmp = out / "identity.json.tmp"
-                tmp.write_text(json.dumps(now, indent=1))
-                os.replace(tmp, p)
+                _write_json(p, now)
     msg = comm.bcast(msg, root=0)
     if msg is not None:
         raise ConfigError(msg)
@@ -113,9 +117,7 @@ def _register_log_parts(comm, out: Path, paths: list[str]) -> None:
     if comm.rank == 0 and every:
         listed = out / "log_parts.json"
         known = json.loads(listed.read_text()) if listed.is_file() else []
-        tmp = out / "log_parts.json.tmp"
-        tmp.write_text(json.dumps(sorted(set(known) | set(every)), indent=1))
-        os.replace(tmp, listed)
+        _write_json(listed, sorted(set(known) | set(every)))
     comm.barrier()
 
 
@@ -194,9 +196,8 @@ class Run:
         Called before every checkpoint: the records of the checkpointed steps are on disk, and the counts let a
         restart drop what a killed run flushed after its last checkpoint.
         """
-        writers = ([self.logger.writer] if self.logger is not None else []) + self.law.log_writers()
         counts = {}
-        for w in writers:
+        for w in _log_writers(self.logger, self.law):
             w.flush()
             counts[str(w.path)] = w.n_written
         merged: dict[str, int] = dict(self.log_counts)
@@ -211,6 +212,11 @@ class Run:
             self.logger.close()
         self.law.close()
         self.prob.close()
+
+
+def _log_writers(logger: MacroLogger | None, law) -> list:
+    """The log writers of a run: the recorder's and the law's (hybrid fallbacks)."""
+    return ([logger.writer] if logger is not None else []) + law.log_writers()
 
 
 def _prepare_output(comm, out: Path) -> None:
@@ -308,11 +314,8 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     elif comm.rank == 0:
         if Path(cfg.path).resolve() != (out / "config.yaml").resolve():
             shutil.copyfile(cfg.path, out / "config.yaml")
-        tmp = out / "identity.json.tmp"
-        tmp.write_text(json.dumps(ident, indent=1))
-        os.replace(tmp, out / "identity.json")
-    _register_log_parts(comm, out, [str(w.path) for w in ([logger.writer] if logger is not None else [])
-                                    + law.log_writers()])
+        _write_json(out / "identity.json", ident)
+    _register_log_parts(comm, out, [str(w.path) for w in _log_writers(logger, law)])
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
     audit = None
     if cfg.surrogate is not None and cfg.surrogate["audit"] is not None:
@@ -323,8 +326,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
         audit = Audit(comm, rve, cfg.surrogate["audit"], floor=law.gate.floor,
                       writer=law.writer if isinstance(law, HybridLaw) else None)
         if "audit" in meta:  # a restart continues the audit's record
-            audit.errors = list(meta["audit"]["errors"])
-            audit.steps = list(meta["audit"]["steps"])
+            audit.restore(meta["audit"])
         say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "
             f"(target error {audit.options.target:g})")
     return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
@@ -363,7 +365,7 @@ def loop(r: Run) -> None:
             r.writer.write_step()
             extra: dict = {"logs": r.flush_logs()}
             if r.audit is not None:
-                extra["audit"] = {"errors": r.audit.errors, "steps": r.audit.steps}
+                extra["audit"] = r.audit.state()
             prob.save_checkpoint(r.out / "checkpoint", meta_extra=extra)
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not r.quiet:
