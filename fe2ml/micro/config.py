@@ -226,12 +226,13 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
         raise ConfigError(f"{f}: solver: expected a mapping {{type: auto | direct | iterative, rtol, max_it}}")
     check_keys(sv, ("type", "rtol", "max_it"), f"{f}: solver")
     mi = sv.get("max_it", 1000)
-    if not isinstance(mi, int) or isinstance(mi, bool) or mi < 1:
+    if not isinstance(mi, int) or isinstance(mi, bool):
         raise ConfigError(f"{f}: solver.max_it: expected a positive integer, got {mi!r}")
-    if sv.get("type", "auto") not in ("auto", "direct", "iterative"):
-        raise ConfigError(f"{f}: solver.type: expected auto, direct or iterative, got {sv.get('type')!r}")
-    solver = SolverOptions(type=sv.get("type", "auto"), rtol=number(sv.get("rtol", 1e-12), f"{f}: solver.rtol",
-                                                                     positive=True), max_it=mi)
+    try:  # SolverOptions checks the type name and the ranges
+        solver = SolverOptions(type=sv.get("type", "auto"), rtol=number(sv.get("rtol", 1e-12), f"{f}: solver.rtol"),
+                               max_it=mi)
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None
     fields_ = raw.get("fields", {}) or {}
     if not isinstance(fields_, dict):
         raise ConfigError(f"{f}: fields: expected a mapping {{points: [0, 3]}}")
