@@ -35,7 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.data.schema import BASE_FIELDS, SCHEMA_VERSION, LogError, fill_value, open_part, part_files, versions
+from fe2ml.data.schema import (
+    BASE_FIELDS,
+    SCHEMA_VERSION,
+    LogError,
+    dataset_names,
+    fill_value,
+    open_part,
+    part_files,
+    versions,
+)
 from fe2ml.errors import ConfigError
 from fe2ml.parallel import fault_point
 
@@ -295,7 +304,7 @@ def truncate_part(path, n: int) -> int:
 
     path = Path(path)
     with open_part(path) as src:
-        names = [k for k in _datasets(src)]
+        names = dataset_names(src)
         extent = min(src[k].shape[0] for k in names) if names else 0
         if extent <= n:
             return 0
@@ -309,14 +318,6 @@ def truncate_part(path, n: int) -> int:
                                    fillvalue=fill_value(ds.dtype))
     os.replace(tmp, path)
     return extent - n
-
-
-def _datasets(f) -> list[str]:
-    import h5py
-
-    out: list[str] = []
-    f.visititems(lambda name, obj: out.append(name) if isinstance(obj, h5py.Dataset) else None)
-    return out
 
 
 def check_folder_writable(folder) -> None:

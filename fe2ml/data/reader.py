@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.data.schema import LogError, fill_value, open_part
+from fe2ml.data.schema import LogError, dataset_names, fill_value, open_part
 
 __all__ = ["LogData", "find_parts", "intact_rows", "read_logs"]
 
@@ -110,7 +110,7 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
     for p, m in sel:
         with open_part(p) as f:
             if names is None:
-                names = fields or [k for k in _walk(f)]
+                names = fields or dataset_names(f)
             try:
                 for k in names:
                     if k not in f:
@@ -140,7 +140,7 @@ def intact_rows(f, p) -> tuple[int, np.ndarray]:
     that were allocated but never written (they hold the fill values). The extent is the smallest over all
     datasets; rows whose F or point_id hold the fill value are dropped, with a warning naming the part.
     """
-    datasets = [f[k] for k in _walk(f)]
+    datasets = [f[k] for k in dataset_names(f)]
     extents = [ds.shape[0] for ds in datasets]
     n = min(extents) if extents else 0
     keep = np.isfinite(f["F"][:n]).all(axis=(1, 2)) & (f["point_id"][:n] != fill_value(np.int64))
@@ -149,19 +149,6 @@ def intact_rows(f, p) -> tuple[int, np.ndarray]:
         log.warning("%s: %d torn record row(s) dropped (an interrupted flush); %d intact", p, dropped,
                     int(keep.sum()))
     return n, keep
-
-
-def _walk(f):
-    out = []
-
-    def visit(name, obj):
-        import h5py
-
-        if isinstance(obj, h5py.Dataset):
-            out.append(name)
-
-    f.visititems(visit)
-    return out
 
 
 class RVEDataset:

@@ -12,7 +12,8 @@ import numpy as np
 
 from fe2ml.errors import Fe2mlError
 
-__all__ = ["BASE_FIELDS", "SCHEMA_VERSION", "LogError", "fill_value", "open_part", "part_files", "versions"]
+__all__ = ["BASE_FIELDS", "SCHEMA_VERSION", "LogError", "dataset_names", "fill_value", "open_part", "part_files",
+           "versions"]
 
 SCHEMA_VERSION = 1
 BASE_FIELDS = {
@@ -24,6 +25,15 @@ BASE_FIELDS = {
     "rank": ((), np.int32),
     "newton_its": ((), np.int32),
 }
+
+
+def dataset_names(f) -> list[str]:
+    """Paths of every dataset in an open HDF5 file (``F``, ``cells/stretch``, ...), in visiting order."""
+    import h5py
+
+    out: list[str] = []
+    f.visititems(lambda name, obj: out.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return out
 
 
 def fill_value(dtype) -> float | int:
