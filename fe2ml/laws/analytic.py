@@ -16,17 +16,9 @@ import numpy as np
 
 from fe2ml.errors import ConfigError
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
-from fe2ml.materials import HyperelasticMaterial, LinearMaterial
+from fe2ml.materials import HyperelasticMaterial, LinearMaterial, plane_strain_3d
 
 __all__ = ["AnalyticLaw"]
-
-
-def _embed3(F: Any, dim: int) -> Any:
-    import ufl
-
-    if dim == 3:
-        return F
-    return ufl.as_matrix([[F[0, 0], F[0, 1], 0], [F[1, 0], F[1, 1], 0], [0, 0, 1]])
 
 
 class AnalyticLaw(FormLaw, ConstitutiveLaw):
@@ -57,7 +49,7 @@ class AnalyticLaw(FormLaw, ConstitutiveLaw):
         mat = self.materials[tag]
         if not isinstance(mat, HyperelasticMaterial):
             raise ConfigError(f"analytic law: phase {tag} is a linear material and has no strain energy of F")
-        return mat.energy(_embed3(F, self.dim))
+        return mat.energy(plane_strain_3d(F))
 
     def stress_form(self, F: Any, tag: int) -> Any:
         """P(F) of phase ``tag`` as UFL: ∂W/∂F at finite strain, C : sym(F − I) at small strain."""

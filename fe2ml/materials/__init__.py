@@ -15,6 +15,7 @@ from fe2ml.materials.hyperelastic import (
     UFLEnergy,
     invariants,
     parse_energy,
+    plane_strain_3d,
 )
 from fe2ml.materials.linear import (
     VOIGT_ORDER,
@@ -46,5 +47,6 @@ __all__ = [
     "invariants",
     "isotropic_tensor",
     "parse_energy",
+    "plane_strain_3d",
     "to_voigt",
 ]

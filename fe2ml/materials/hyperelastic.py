@@ -41,6 +41,7 @@ __all__ = [
     "NeoHookean",
     "UFLEnergy",
     "invariants",
+    "plane_strain_3d",
     "parse_energy",
 ]
 
@@ -60,6 +61,15 @@ def _unit(a, name):
     if a.shape == (2,):
         a = np.array([a[0], a[1], 0.0])
     return a / np.linalg.norm(a)
+
+
+def plane_strain_3d(F):
+    """The 3x3 UFL deformation gradient of a 2D one (F33 = 1, plane strain); a 3x3 one is returned as it is."""
+    import ufl
+
+    if ufl.shape(F) == (3, 3):
+        return F
+    return ufl.as_matrix([[F[0, 0], F[0, 1], 0], [F[1, 0], F[1, 1], 0], [0, 0, 1]])
 
 
 def invariants(F, fibres=()):

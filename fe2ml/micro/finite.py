@@ -35,6 +35,7 @@ import numpy as np
 
 from fe2ml.config import NewtonOptions
 from fe2ml.errors import ConfigError, MaterialError, SolverError
+from fe2ml.materials import plane_strain_3d
 from fe2ml.micro.mesh import RVEMesh
 from fe2ml.micro.quantities import NQ, CellQuantities, summaries
 from fe2ml.micro.reduction import (
@@ -189,12 +190,7 @@ class HyperelasticRVE(RVEBox):
             u, p = ufl.split(self.z)
         else:
             u, p = self.z, None
-        g = ufl.grad(u)
-        if d == 2:
-            F3 = ufl.as_matrix([[1 + g[0, 0], g[0, 1], 0], [g[1, 0], 1 + g[1, 1], 0], [0, 0, 1]])
-        else:
-            F3 = ufl.Identity(3) + g
-        F3 = ufl.variable(F3)
+        F3 = ufl.variable(plane_strain_3d(ufl.Identity(d) + ufl.grad(u)))
         J = ufl.det(F3)
         dx = ufl.Measure("dx", domain=msh, subdomain_data=self.phase_tags,
                          metadata={"quadrature_degree": 2 * degree + (2 if degree == 1 else 0)})
