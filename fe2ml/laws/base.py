@@ -110,6 +110,10 @@ class ConstitutiveLaw(ABC):
         """The log writers the law appends to (flushed collectively before every run checkpoint). Default: none."""
         return []
 
+    def rve_work(self) -> dict | None:
+        """How the RVE work was spread over the ranks (laws with an RVE farm); None: no RVE solves per point."""
+        return None
+
     def surrogate_mask(self) -> np.ndarray | None:
         """Which points of the last evaluation a surrogate answered (True) or an RVE (False); None: no surrogate."""
         return None

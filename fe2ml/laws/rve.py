@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 from fe2ml.data.recorder import Recorder
-from fe2ml.errors import Fe2mlError
 from fe2ml.laws.base import ConstitutiveLaw, PointFailure
+from fe2ml.laws.farm import RVEFarm
 from fe2ml.micro.config import HomogenizeConfig, build_rve, load_rve_mesh
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
 from fe2ml.micro.linear import LinearRVE
@@ -35,10 +35,10 @@ def build_rank_rve(comm, rcfg: HomogenizeConfig) -> tuple[LinearRVE | Hyperelast
 
 
 def rve_law(rve: LinearRVE | HyperelasticRVE, *, warm_start: bool = True, recorder: Recorder | None = None,
-            cells: bool = False) -> ConstitutiveLaw:
+            cells: bool = False, comm=None, balance: bool = True) -> ConstitutiveLaw:
     """The law of an RVE solver: :class:`RVELaw` for a finite-strain RVE, :class:`LinearRVELaw` for a linear one."""
     if isinstance(rve, HyperelasticRVE):
-        return RVELaw(rve, warm_start=warm_start, recorder=recorder, cells=cells)
+        return RVELaw(rve, warm_start=warm_start, recorder=recorder, cells=cells, comm=comm, balance=balance)
     return LinearRVELaw(rve, recorder=recorder)
 
 
@@ -92,12 +92,17 @@ class RVELaw(ConstitutiveLaw):
             step, committed state at the start of a step) instead of F̄ = I.
         recorder: optional recorder of every evaluated batch (with cell quantities when ``cells``).
         cells: compute cell-level quantities for every solve.
+        comm: the macro communicator; with it (and ``balance``) every evaluation spreads the solves over the ranks by
+            the last measured solve time of each point (:class:`fe2ml.laws.farm.RVEFarm`). Collective then.
+        balance: redistribute the solves (with ``comm``).
     """
 
     def __init__(self, rve: HyperelasticRVE, *, warm_start: bool = True, recorder: Recorder | None = None,
-                 cells: bool = False):
+                 cells: bool = False, comm=None, balance: bool = True):
         super().__init__(rve.d, "finite")
         self.rve = rve
+        self.farm = RVEFarm(rve, comm, balance=balance)
+        self.cost = np.zeros(0)  # last solve time of each point (the farm's cost estimate)
         self.warm_start = warm_start
         self.recorder = recorder
         self.cells = cells
@@ -114,26 +119,26 @@ class RVELaw(ConstitutiveLaw):
             self.trial = [None] * n
         P = np.zeros((n, d, d))
         A = np.zeros((n, d, d, d, d))
-        cells: list[CellQuantities] | None = [] if self.cells else None
+        if len(self.cost) != n:
+            self.cost = np.full(n, self.farm.default_cost())
         its_pt = np.zeros(n, dtype=np.int32)
         t_all = time.perf_counter()
-        for k in range(n):
-            t0 = time.perf_counter()
-            start = None
-            if self.warm_start:
-                start = self.trial[k] if self.trial[k] is not None else self.committed[k]
-            try:
-                state, its, steps, R = self.rve.solve(F[k], start, point=k)
-                P[k], A[k] = self.rve.homogenized(R)
-            except Fe2mlError as e:
-                raise PointFailure(str(e), k) from None
-            if cells is not None:
-                cells.append(self.rve.cell_quantities())
-            self.trial[k] = state if self.warm_start else None
-            its_pt[k] = its
-            self.stats["newton_its"] += its
-            self.stats["substeps"] += steps
-            self.stats["max_point_s"] = max(self.stats["max_point_s"], time.perf_counter() - t0)
+        starts: list[RVEState | None] = [None] * n
+        if self.warm_start:
+            starts = [self.trial[k] if self.trial[k] is not None else self.committed[k] for k in range(n)]
+        results = self.farm.solve(F, starts, self.cost, cells=self.cells)
+        failed = next((k for k, r in enumerate(results) if r.error is not None), None)
+        if failed is not None:
+            raise PointFailure(str(results[failed].error), failed)
+        for k, r in enumerate(results):
+            P[k], A[k] = r.P, r.A
+            self.trial[k] = r.state if self.warm_start else None
+            its_pt[k] = r.iterations
+            self.cost[k] = r.time_s
+            self.stats["newton_its"] += r.iterations
+            self.stats["substeps"] += r.substeps
+            self.stats["max_point_s"] = max(self.stats["max_point_s"], r.time_s)
+        cells = [r.cells for r in results if r.cells is not None] if self.cells else None
         self.stats["evaluations"] += n
         self.stats["rve_solves"] += n
         self.stats["time_s"] += time.perf_counter() - t_all
@@ -141,6 +146,10 @@ class RVELaw(ConstitutiveLaw):
         if self.recorder is not None:
             self.recorder.record(F, P, A, cells, its_pt)
         return P, A
+
+    def rve_work(self) -> dict | None:
+        """The farm's RVE work balance over the ranks (:meth:`fe2ml.laws.farm.RVEFarm.balance_report`)."""
+        return self.farm.balance_report()
 
     def cell_quantities(self) -> list[CellQuantities] | None:
         """Cell quantities of the last evaluation (with ``cells=True``)."""

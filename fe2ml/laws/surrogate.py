@@ -30,6 +30,7 @@ import torch
 from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter
 from fe2ml.laws.base import ConstitutiveLaw, PointFailure
+from fe2ml.laws.farm import RVEFarm
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
 from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint, resolve_device
 from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds, point_uniform, relative_error, relative_spread
@@ -69,22 +70,32 @@ class SurrogateLaw(ConstitutiveLaw):
                  device: str = "cpu"):
         super().__init__(dim, kinematics)
         torch.set_num_threads(1)  # one thread per rank
-        dev = resolve_device(device)
-        ck = load_checkpoint(checkpoint)
-        check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
-        margs = {k: v for k, v in ck["model"].items() if k != "kind"}
-        self.ck = ck
-        self.model = EnsembleModel.from_states(ck["model"]["kind"], dim, kinematics, margs, ck["members"],
-                                               device=dev)
-        self.gate = Gate(ck)
+        self.device = resolve_device(device)
+        self.fingerprint = fingerprint
+        self.ck: dict | None = None
+        self.model: EnsembleModel | None = None
+        self.gate: Gate | None = None
         self.last_F = np.zeros((0, dim, dim))
         self.last_P = np.zeros((0, dim, dim))
         self.answered = np.zeros(0, dtype=bool)
-        self.model.evaluate_members(np.eye(dim)[None])  # set-up (numpy weights), like an RVE's form compilation
+        if checkpoint is not None:
+            ck = load_checkpoint(checkpoint)
+            check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
+            self.use_checkpoint(ck)
+
+    def use_checkpoint(self, ck: dict) -> None:
+        """Answer from now on with the checkpoint dict ``ck`` (a loaded or freshly trained one)."""
+        margs = {k: v for k, v in ck["model"].items() if k != "kind"}
+        self.ck = ck
+        self.model = EnsembleModel.from_states(ck["model"]["kind"], self.dim, self.kinematics, margs, ck["members"],
+                                               device=self.device)
+        self.gate = Gate(ck)
+        self.model.evaluate_members(np.eye(self.dim)[None])  # set-up (numpy weights), like an RVE's form compilation
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
         t0 = time.perf_counter()
+        assert self.model is not None  # a surrogate law is built from a checkpoint
         fast = self.model.fast_evaluator()
         if fast is not None and len(F) <= 1024:
             P, A = fast(F)  # one member, one chunk: no ensemble bookkeeping
@@ -108,15 +119,18 @@ class SurrogateLaw(ConstitutiveLaw):
 
     def features(self, F) -> np.ndarray:
         """The network's unscaled input features of each point, (n, m)."""
+        assert self.model is not None
         x = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(self.model.device)
         return self.model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
 
     def distance(self, F) -> np.ndarray:
         """Largest relative excursion of each point's features outside the training box (0 inside)."""
+        assert self.gate is not None
         return self.gate.box_distance(self.features(F))
 
     def density_distance(self, F) -> np.ndarray:
         """Distance of each point to the nearest training record, in data-density scales."""
+        assert self.gate is not None
         return self.gate.density_distance(self.features(F))
 
 
@@ -127,38 +141,51 @@ def _finite(P: np.ndarray, A: np.ndarray) -> np.ndarray:
 class HybridLaw(SurrogateLaw):
     """Surrogate where it can be trusted, true RVE where it cannot (:class:`Thresholds`).
 
-    Fallback records are appended to ``writer`` (a :class:`fe2ml.data.log.LogWriter`) on commit; ``stats`` counts
-    fallbacks per step and per criterion (``fallback_reasons``; a point may meet several).
+    Fallback records are appended to ``writer`` (a :class:`fe2ml.data.log.LogWriter`) on commit and kept in
+    ``new_records`` for in-run learning (:mod:`fe2ml.laws.learning`); ``stats`` counts fallbacks per step and per
+    criterion (``fallback_reasons``; a point may meet several). Without a checkpoint (a cold start of in-run learning)
+    every point is answered by the RVE (reason ``no_model``) until :meth:`use_checkpoint` gives one.
 
     Args:
-        checkpoint: path of the checkpoint.
+        checkpoint: path of the checkpoint, or None (cold start).
         rve: :class:`fe2ml.micro.finite.HyperelasticRVE` of this rank (its fingerprint must match).
         thresholds: the gate.
         writer: optional log writer for the fallback records.
         device: where the surrogate is evaluated (see :class:`SurrogateLaw`).
+        comm: the macro communicator; with it (and ``balance``) the flagged points of all ranks are spread over the
+            ranks at every evaluation (:class:`fe2ml.laws.farm.RVEFarm`). Collective then.
+        balance: redistribute the RVE solves (with ``comm``).
 
     Raises:
         ConfigError: a threshold the checkpoint cannot evaluate (see :meth:`Thresholds.check`).
     """
 
     def __init__(self, checkpoint, rve: HyperelasticRVE, *, thresholds: Thresholds | None = None,
-                 writer: LogWriter | None = None, device: str = "cpu"):
-        super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve), device=device)
+                 writer: LogWriter | None = None, device: str = "cpu", comm=None, balance: bool = True):
         self.rve = rve
         self.thresholds = thresholds if thresholds is not None else Thresholds()
-        self.thresholds.check(self.gate)
+        super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve), device=device)
+        self.farm = RVEFarm(rve, comm, balance=balance)
+        self.cost: dict[int, float] = {}  # last solve time of each point that fell back
         self.writer = writer
         self.states: dict[int, RVEState] = {}
         self.trial: dict[int, RVEState] = {}
         self.pending: list = []
+        self.new_records: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # committed, not yet learnt from
         self.flags_last = np.zeros(0, dtype=bool)
         self.reasons_last: dict[str, np.ndarray] = {}
         self.stats["fallback_reasons"] = {}
         self._step_fallbacks = 0  # fallbacks of the load step in progress (over its sub-steps)
 
+    def use_checkpoint(self, ck: dict) -> None:
+        """Answer with ``ck`` from now on, after checking that it can evaluate the thresholds."""
+        self.thresholds.check(Gate(ck))
+        super().use_checkpoint(ck)
+
     def flags(self, F: np.ndarray, Ps: np.ndarray, As: np.ndarray) -> dict[str, np.ndarray]:
         """Per-criterion flags (n,) of the points F̄ with member predictions Ps (K, n, d, d), As (K, n, d, d, d, d)."""
         th, gate = self.thresholds, self.gate
+        assert gate is not None
         x = self.features(F)
         reasons = {"nonfinite": ~(np.isfinite(Ps).all(axis=(0, 2, 3)) & np.isfinite(As).all(axis=(0, 2, 3, 4, 5))),
                    "box": gate.box_distance(x) > th.distance}
@@ -174,30 +201,44 @@ class HybridLaw(SurrogateLaw):
         return reasons
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Surrogate for all points, RVE for the flagged ones."""
+        """Surrogate for all points, RVE for the flagged ones (collective with a communicator)."""
         t0 = time.perf_counter()
-        Ps, As = self.model.evaluate_members(F)
-        Ps, As = np.array(Ps), np.array(As)
-        P, A = Ps.mean(0), As.mean(0)
-        reasons = self.flags(F, Ps, As)
+        n, d = len(F), self.dim
+        if self.model is None:
+            P, A = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
+            reasons = {"no_model": np.ones(n, dtype=bool)}
+        else:
+            Ps, As = self.model.evaluate_members(F)
+            Ps, As = np.array(Ps), np.array(As)
+            P, A = Ps.mean(0), As.mean(0)
+            reasons = self.flags(F, Ps, As)
         flags = np.logical_or.reduce(list(reasons.values()))
         self.stats["surrogate_s"] += time.perf_counter() - t0
         idx = np.where(flags)[0]
-        for k in map(int, idx):
-            t1 = time.perf_counter()
-            start = self.trial.get(k, self.states.get(k))
-            state, its, _, R = self.rve.solve(F[k], start, point=k)
-            P[k], A[k] = self.rve.homogenized(R)
-            self.trial[k] = state
-            self.stats["max_point_s"] = max(self.stats["max_point_s"], time.perf_counter() - t1)
+        starts = [self.trial.get(int(k), self.states.get(int(k))) for k in idx]
+        default = self.farm.default_cost()
+        results = self.farm.solve(F[idx], starts, np.array([self.cost.get(int(k), default) for k in idx]), points=idx)
+        for k, r in zip(map(int, idx), results, strict=True):
+            if r.error is not None:
+                raise PointFailure(r.error, k)
+            assert r.P is not None and r.A is not None and r.state is not None
+            P[k], A[k] = r.P, r.A
+            self.trial[k] = r.state
+            self.cost[k] = r.time_s
+            self.stats["newton_its"] += r.iterations
+            self.stats["max_point_s"] = max(self.stats["max_point_s"], r.time_s)
         self.pending = [(F[idx].copy(), P[idx].copy(), A[idx].copy(), idx)]
         self.flags_last = flags
         self.reasons_last = reasons
         self.last_F, self.last_P, self.answered = np.array(F), P, ~flags
-        self.stats["evaluations"] += len(F)
+        self.stats["evaluations"] += n
         self.stats["rve_solves"] += len(idx)
         self.stats["time_s"] += time.perf_counter() - t0
         return P, A
+
+    def rve_work(self) -> dict | None:
+        """The farm's RVE work balance over the ranks."""
+        return self.farm.balance_report()
 
     def commit(self) -> None:
         """Keep the RVE states of this step; log its fallback records; count the fallback points."""
@@ -206,9 +247,11 @@ class HybridLaw(SurrogateLaw):
         self._step_fallbacks += int(self.flags_last.sum())
         for key, f in self.reasons_last.items():
             self.stats["fallback_reasons"][key] = self.stats["fallback_reasons"].get(key, 0) + int(f.sum())
-        if self.writer is not None and self.pending and len(self.pending[0][0]):
+        if self.pending and len(self.pending[0][0]):
             F, P, A, idx = self.pending[0]
-            self.writer.add(F, P, A, point_id=idx, converged=1)
+            self.new_records.append((F, P, A))
+            if self.writer is not None:
+                self.writer.add(F, P, A, point_id=idx, converged=1)
         self.pending = []
 
     def rollback(self) -> None:
@@ -270,11 +313,11 @@ class Audit:
         comm: the macro communicator.
         rve: this rank's RVE.
         options: :class:`AuditOptions`.
-        floor: the checkpoint's stress floor.
+        floor: the stress floor of the errors (default: that of the checkpoint the law answers with at each check).
         writer: a log writer of this rank for the audited records (optional).
     """
 
-    def __init__(self, comm, rve: HyperelasticRVE, options: AuditOptions, *, floor: float,
+    def __init__(self, comm, rve: HyperelasticRVE, options: AuditOptions, *, floor: float | None = None,
                  writer: LogWriter | None = None):
         self.comm = comm
         self.rve = rve
@@ -299,7 +342,8 @@ class Audit:
         for j, k in enumerate(map(int, sel)):
             _, _, _, R = self.rve.solve(F[j], None, point=k)
             P_true[j], A_true[j] = self.rve.homogenized(R)
-        err = relative_error(law.last_P[sel], P_true, self.floor)
+        floor = self.floor if self.floor is not None else (law.gate.floor if law.gate is not None else 0.0)
+        err = relative_error(law.last_P[sel], P_true, floor)
         if self.writer is not None and len(sel):
             self.writer.add(F, P_true, A_true, point_id=sel, step=step, converged=1)
         self.time_s += time.perf_counter() - t0

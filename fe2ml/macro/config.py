@@ -16,6 +16,11 @@ Keys::
     bcs: [{boundary: NAME, components: [0, 1], value: EXPR(x, y, z, t)}]
     tractions: [{boundary: NAME, value: [EXPR(t), ...]}]   (nominal traction, dead load)
     pressures: [{boundary: NAME, value: EXPR(t)}]          (pressure, follows the deformation)
+    material.balance: true                        kind rve/hybrid: spread the RVE solves over the ranks by cost
+    material.learn: {min_new: 64, every: 1, epochs: 300, first_epochs: 2000, members: 2, lr: 0.01,
+                     patience: 200, seed: 0, data: PATH | [PATH], model: {...}, loss: {...}}
+                                                  kind hybrid: refit the surrogate during the run on its fallback
+                                                  records (checkpoint: null starts cold; fe2ml.laws.learning)
     material.orientation: EXPR(x, y, z, pi)                2D: angle in degrees of the RVE's x axis
     material.orientation: {e1: [EXPR x3], e2: [EXPR x3]}   3D: the RVE's x and y axes (orthonormalised)
     steps: int                                    load steps over t in (0, 1] (default 10)
@@ -38,6 +43,7 @@ import numpy as np
 from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
 from fe2ml.errors import ConfigError
 from fe2ml.expr import compile_expression
+from fe2ml.laws.learning import parse_learn
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.materials import build_material
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
@@ -75,6 +81,7 @@ class RunConfig:
     mesh_rve: HomogenizeConfig | None = None  # mesh.rve of a tiled_rve mesh
     pressures: list[PressureSpec] = field(default_factory=list)
     orientation: Callable[[np.ndarray], np.ndarray] | None = None  # frames(X (n, d)) -> Q (n, d, d)
+    balance: bool = True  # kinds rve and hybrid: spread the RVE solves over the ranks (fe2ml.laws.farm)
 
 
 def load_run_config(path, *, output: str | None = None, base: Path | None = None) -> RunConfig:
@@ -127,15 +134,22 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     surrogate: dict | None = None
     s_ckp = Path()
     if kind in ("surrogate", "hybrid"):
-        allowed = (("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device")
-                   if kind == "hybrid" else ("kind", "checkpoint", "rve", "orientation", "audit", "device"))
+        allowed = (("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device", "learn",
+                    "balance") if kind == "hybrid" else ("kind", "checkpoint", "rve", "orientation", "audit", "device"))
         check_keys(mat, allowed, f"{f}: material")
-        ck = mat.get("checkpoint")
-        if not isinstance(ck, str):
-            raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt")
-        s_ckp = base / ck
-        if not s_ckp.is_file():
-            raise ConfigError(f"{f}: material.checkpoint: {s_ckp} not found")
+        ck = mat.get("checkpoint", "")
+        s_ckp_or_none: Path | None = None
+        if ck is None and kind == "hybrid":
+            if "learn" not in mat:
+                raise ConfigError(f"{f}: material.checkpoint: null (a cold start) needs material.learn, which trains "
+                                  "the first model during the run")
+        elif not isinstance(ck, str) or not ck:
+            raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt"
+                              + (" (or null with learn: a cold start)" if kind == "hybrid" else ""))
+        else:
+            s_ckp = s_ckp_or_none = base / ck
+            if not s_ckp.is_file():
+                raise ConfigError(f"{f}: material.checkpoint: {s_ckp} not found")
         th = mat.get("threshold", {}) or {}
         if not isinstance(th, dict):
             raise ConfigError(f"{f}: material.threshold: expected a mapping like {{error: 0.01, distance: 0.0, "
@@ -165,15 +179,28 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (
                 device.startswith("cuda:") and device[5:].isdigit())):
             raise ConfigError(f"{f}: material.device: expected auto, cpu, cuda or cuda:K, got {device!r}")
-        surrogate = {"checkpoint": s_ckp, "thresholds": thresholds, "audit": audit, "device": device,
-                     "log": (base / str(mat["log"])) if mat.get("log") else None}
+        learn = None
+        if "learn" in mat:
+            learn = parse_learn(mat["learn"], f"{f}: material.learn", base, has_checkpoint=s_ckp_or_none is not None)
+            for key in ("spread", "error"):
+                if getattr(thresholds, key) is not None and learn.members < 2:
+                    raise ConfigError(f"{f}: material.threshold.{key}: needs 2 or more members; material.learn.members "
+                                      f"is {learn.members}")
+        balance = mat.get("balance", True)
+        if not isinstance(balance, bool):
+            raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
+        surrogate = {"checkpoint": s_ckp_or_none, "thresholds": thresholds, "audit": audit, "device": device,
+                     "log": (base / str(mat["log"])) if mat.get("log") else None, "learn": learn,
+                     "balance": balance}
         if kind == "hybrid" and "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
         if "rve" in mat:
             rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
         kin_default = "finite"
     elif kind == "rve":
-        check_keys(mat, ("kind", "rve", "orientation"), f"{f}: material")
+        check_keys(mat, ("kind", "rve", "orientation", "balance"), f"{f}: material")
+        if not isinstance(mat.get("balance", True), bool):
+            raise ConfigError(f"{f}: material.balance: expected true or false, got {mat['balance']!r}")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
         rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
@@ -209,7 +236,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
-    if kind in ("surrogate", "hybrid"):
+    if kind in ("surrogate", "hybrid") and surrogate is not None and surrogate["checkpoint"] is not None:
         from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
 
         ck = load_checkpoint(s_ckp)
@@ -295,7 +322,8 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
     if loc and kind != "rve":
         raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
-    return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
+    return RunConfig(balance=bool(mat.get("balance", True)), path=p, dim=dim, mesh=mesh, kind=kind, rve=rve,
+                     analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
                      warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
                      mesh_rve=mesh_rve, pressures=prs, orientation=orientation)

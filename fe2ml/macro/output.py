@@ -184,6 +184,9 @@ class RunWriter:
             "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
                       for h in p.history],
         }
+        work = p.law.rve_work() if hasattr(p.law, "rve_work") else None
+        if work is not None:
+            summary["rve_work"] = work
         summary.update(extra or {})
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=1))

@@ -335,7 +335,8 @@ class MacroProblem:
                 return False, res, "macro linear solve failed"
         return False, res, f"macro Newton did not converge in {opts.max_it} iterations (|r| = {res[-1]:.3e})"
 
-    def save_checkpoint(self, folder: Path, *, meta_extra: dict | None = None) -> None:
+    def save_checkpoint(self, folder: Path, *, meta_extra: dict | None = None,
+                        arrays_extra: dict[str, np.ndarray] | None = None) -> None:
         """Step-versioned checkpoint of the converged state (collective): u, time, history, law states.
 
         Every rank writes ``folder/step-K/rank{r}.npz`` (with K and t), rank 0 writes ``step-K/meta.json``; after a
@@ -345,6 +346,8 @@ class MacroProblem:
         Args:
             folder: the checkpoint folder.
             meta_extra: more entries of meta.json (rank 0), e.g. the record counts of the run's logs.
+            arrays_extra: arrays of rank 0 kept with the step (``rank0.npz``), returned by :meth:`load_checkpoint`
+                to every rank as ``meta["arrays"]`` (e.g. the records of in-run learning).
         """
         folder = Path(folder)
         r = self.comm.rank
@@ -360,6 +363,9 @@ class MacroProblem:
                 "global_range": np.array(imap.local_range), "dof_coords": X}
         for key, v in self.law.state_arrays().items():
             data[f"law_{key}"] = v
+        if r == 0:
+            for key, v in (arrays_extra or {}).items():
+                data[f"extra_{key}"] = v
         tmp = step_dir / f"rank{r}.tmp.npz"
         np.savez(tmp, **data)
         os.replace(tmp, step_dir / f"rank{r}.npz")
@@ -426,6 +432,8 @@ class MacroProblem:
         self.history = [StepRecord(t=h["t"], iterations=h["iterations"], residuals=h["residuals"], cuts=h["cuts"])
                         for h in meta["history"]]
         self._rref = meta.get("rref", 0.0)
+        extra = {k[6:]: d[k] for k in d.files if k.startswith("extra_")} if self.comm.rank == 0 else None
+        meta["arrays"] = self.comm.bcast(extra, root=0)
         return meta
 
     def step(self, t_new: float) -> StepRecord:

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 from mpi4py import MPI
 
-from fe2ml.data.fingerprint import rve_fingerprint
+import numpy as np
+
+from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import check_fingerprint, check_folder_writable, truncate_part
 from fe2ml.data.recorder import MacroLogger, Recorder, make_macro_logger
 from fe2ml.errors import ConfigError, Fe2mlError
@@ -37,6 +39,7 @@ from fe2ml.micro.linear import LinearRVE
 from fe2ml.parallel import collective
 
 if TYPE_CHECKING:
+    from fe2ml.laws.learning import Learner
     from fe2ml.laws.surrogate import Audit
 
 __all__ = ["Run", "build", "build_law", "finish", "loop", "run"]
@@ -137,7 +140,8 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
             return AnalyticLaw(cfg.analytic, dim=cfg.dim)
         if cfg.kind == "rve":
             return rve_law(rve, warm_start=cfg.warm_start, recorder=recorder,
-                           cells=cfg.localize or (recorder is not None and recorder.cells))
+                           cells=cfg.localize or (recorder is not None and recorder.cells), comm=comm,
+                           balance=cfg.balance)
         from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw, fallback_writer
 
         s = cfg.surrogate
@@ -145,7 +149,8 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
             return SurrogateLaw(s["checkpoint"], dim=cfg.dim, kinematics=cfg.kinematics,
                                 fingerprint=rve_fingerprint(rve) if rve is not None else None, device=s["device"])
         writer = fallback_writer(comm, s["log"], rve, dim=cfg.dim) if s["log"] is not None else None
-        return HybridLaw(s["checkpoint"], rve, thresholds=s["thresholds"], writer=writer, device=s["device"])
+        return HybridLaw(s["checkpoint"], rve, thresholds=s["thresholds"], writer=writer, device=s["device"],
+                         comm=comm, balance=cfg.balance)
 
     return collective(comm, make)
 
@@ -184,11 +189,16 @@ class Run:
     start: int
     quiet: bool
     audit: Audit | None = None
+    learner: Learner | None = None
     log_counts: dict[str, int] = field(default_factory=dict)  # parts of earlier attempts: their kept records
 
     def extra(self) -> dict:
-        """Entries of summary.json beyond the law's statistics (collective): the audit."""
-        return {"audit": self.audit.summary()} if self.audit is not None else {}
+        """Entries of summary.json beyond the law's statistics (collective): the audit, the learning rounds."""
+        out = {"audit": self.audit.summary()} if self.audit is not None else {}
+        if self.learner is not None:
+            per_step = self.comm.allreduce(np.asarray(self.law.stats["fallbacks_per_step"], dtype=np.int64))
+            out["learning"] = self.learner.summary([int(v) for v in per_step])
+        return out
 
     def flush_logs(self) -> dict[str, int]:
         """Flush every log writer of the run (collective); returns {part file: records written} over all ranks.
@@ -323,14 +333,25 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
 
         if not isinstance(law, SurrogateLaw) or not isinstance(rve, HyperelasticRVE):
             raise ConfigError(f"{cfg.path}: material.audit needs a surrogate or hybrid law and a finite-strain RVE")
-        audit = Audit(comm, rve, cfg.surrogate["audit"], floor=law.gate.floor,
-                      writer=law.writer if isinstance(law, HybridLaw) else None)
+        audit = Audit(comm, rve, cfg.surrogate["audit"], writer=law.writer if isinstance(law, HybridLaw) else None)
         if "audit" in meta:  # a restart continues the audit's record
             audit.restore(meta["audit"])
         say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "
             f"(target error {audit.options.target:g})")
+    learner = None
+    if cfg.surrogate is not None and cfg.surrogate["learn"] is not None:
+        from fe2ml.laws.learning import Learner
+
+        lo = cfg.surrogate["learn"]
+        learner = collective(comm, lambda: Learner(comm, lo, law, out, fingerprint=rve_fingerprint(rve),
+                                                   rve_desc=rve_description(rve), runlog=runlog, quiet=quiet))
+        if "learning" in meta:  # a restart continues with the gathered records and the last round's model
+            collective(comm, lambda: learner.restore(meta["learning"], meta["arrays"]))
+        say(f"  learning: refit {lo.members} member(s) every >= {lo.every} step(s) once {lo.min_new} new fallback "
+            f"records exist ({len(learner.initial[0])} initial records"
+            + (", cold start: the RVEs answer until the first round)" if law.model is None else ")"))
     return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
-               start=start, quiet=quiet, audit=audit, log_counts=log_counts)
+               start=start, quiet=quiet, audit=audit, learner=learner, log_counts=log_counts)
 
 
 def loop(r: Run) -> None:
@@ -363,10 +384,15 @@ def loop(r: Run) -> None:
                 r.runlog.info("audit step %d: %d points, mean rel. error %.3g, max %.3g", k, a["points"],
                               a["mean_rel_error"], a["max_rel_error"])
             r.writer.write_step()
+            if r.learner is not None:  # after the audit: the audit measures the model that answered the step
+                r.learner.after_step(k, last=k == cfg.steps)
             extra: dict = {"logs": r.flush_logs()}
+            arrays: dict = {}
             if r.audit is not None:
                 extra["audit"] = r.audit.state()
-            prob.save_checkpoint(r.out / "checkpoint", meta_extra=extra)
+            if r.learner is not None:
+                extra["learning"], arrays = r.learner.state()
+            prob.save_checkpoint(r.out / "checkpoint", meta_extra=extra, arrays_extra=arrays)
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not r.quiet:
                 progress_line(k, cfg.steps, prob.t, rec, comm)

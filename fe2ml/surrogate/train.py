@@ -18,14 +18,15 @@ import torch
 from scipy.spatial import cKDTree
 
 from fe2ml.data.reader import read_logs
-from fe2ml.errors import ConfigError
+from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.plotting import plot_calibration, plot_lines, plot_parity
 from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint, resolve_device
 from fe2ml.surrogate.config import TrainConfig
 from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
 from fe2ml.surrogate.models import build_model
 
-__all__ = ["load_data", "train", "train_localization"]
+__all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", "split_indices", "train",
+           "train_localization"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,12 @@ def load_data(cfg: TrainConfig):
     return F, P, A, info
 
 
-def _split(n, split):
+class TrainingFailed(Fe2mlError):
+    """A fit produced no finite loss (diverged, or non-finite data)."""
+
+
+def split_indices(n: int, split: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train, validation and test indices of n records (a seeded permutation; ``split`` as in the train YAML)."""
     rng = np.random.default_rng(split["seed"])
     perm = rng.permutation(n)
     n_val = max(1, int(round(split["validation"] * n)))
@@ -105,6 +111,8 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
         lt.backward()
         opt.step()
         lv = float(loss_on(va_idx, True).detach())
+        if not np.isfinite(lv):
+            lv = np.inf
         sched.step(lv)
         hist["train"].append(float(lt.detach()))
         hist["validation"].append(lv)
@@ -114,6 +122,8 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
             break
         if progress is not None and (ep % 100 == 0 or ep == tcfg["epochs"] - 1):
             progress(ep, float(lt.detach()), lv)
+    if best[1] is None:
+        raise TrainingFailed(f"member with seed {seed}: the loss was never finite (train {hist['train'][-1]:.3g})")
     model.load_state_dict(best[1])
     model.to(device="cpu", dtype=torch.float64)  # the checkpoint is device-independent and float64
     return hist, best[2]
@@ -159,6 +169,93 @@ def _bounds(model, F):
             "J_min": float(np.linalg.det(F).min()), "J_max": float(np.linalg.det(F).max())}
 
 
+def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kinematics: str, loss: dict,
+                train: dict, ensemble: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+                start: list | None = None, progress=None):
+    """Fit the members of an ensemble, member k on rank k % size (collective).
+
+    Args:
+        comm: the communicator the members are spread over.
+        F: all records' F̄ (n, d, d).
+        P: their P̄ (n, d, d).
+        A: their Ā (n, d, d, d, d).
+        tr: the training indices.
+        va: the validation indices (early stopping).
+        kind: the model kind (:func:`fe2ml.surrogate.models.build_model`).
+        margs: the model arguments.
+        dim: 2 or 3.
+        kinematics: finite or small.
+        loss: the Sobolev loss weights (as in the train YAML).
+        train: the optimiser settings (as in the train YAML).
+        ensemble: number of members (seeds ``train['seed'] + k``).
+        device: where the members are fitted.
+        dtype: of the fit.
+        start: member state dicts to warm-start from (member k from ``start[k % len(start)]``, its input and stress
+            scales kept); None: fresh members, scaled on the training records.
+        progress: ``progress(k, epoch, train_loss, validation_loss)`` every 100 epochs.
+
+    Returns:
+        On rank 0 ``(states, histories)``: the member state dicts in order and their loss histories; None elsewhere.
+
+    Raises:
+        TrainingFailed: on every rank, when a member's loss was never finite.
+    """
+    members, hists, failed = {}, {}, None
+    for k in range(ensemble):
+        if k % comm.size != comm.rank:
+            continue
+        model = build_model(kind, dim, kinematics, **margs)
+        if start is not None:
+            model.load_state_dict(start[k % len(start)])
+        else:
+            x = model.features_of(torch.as_tensor(F[tr])).detach()
+            model.x_scale[:] = torch.clamp(x.std(0), min=1e-8) if len(tr) > 1 else 1.0
+            model.p_scale.fill_(float(np.sqrt(np.mean(P[tr] ** 2))) or 1.0)
+        prog = (lambda ep, lt, lv, k=k: progress(k, ep, lt, lv)) if progress is not None else None
+        try:
+            hist, _ = _fit_member(model, F, P, A, tr, va, loss, train, train["seed"] + k, prog,
+                                  reinit=start is None, device=device, dtype=dtype)
+        except TrainingFailed as e:
+            failed = str(e)
+            continue
+        members[k] = {n: v.clone() for n, v in model.state_dict().items()}
+        hists[k] = hist
+    errors = [e for e in comm.allgather(failed) if e is not None]
+    if errors:
+        raise TrainingFailed(errors[0])
+    gathered = comm.gather((members, hists), root=0)
+    if comm.rank != 0:
+        return None
+    allm, allh = {}, {}
+    for m_, h_ in gathered:
+        allm.update(m_)
+        allh.update(h_)
+    return [allm[k] for k in range(ensemble)], allh
+
+
+def assemble_checkpoint(states: list, kind: str, margs: dict, dim: int, kinematics: str, F, P, A, tr, va, te):
+    """The data-dependent part of a checkpoint: model, members, metrics, training box, density, floor, calibration.
+
+    Returns:
+        ``(core, predictions)``: the checkpoint entries and the ensemble's (P̄, Ā) predictions per split.
+    """
+    ens = EnsembleModel.from_states(kind, dim, kinematics, margs, states)
+    metrics, preds = {}, {}
+    for name, idx in (("train", tr), ("validation", va), ("test", te)):
+        if len(idx) == 0:
+            continue
+        Pp, Ap = ens.evaluate(F[idx])
+        preds[name] = (Pp, Ap)
+        metrics[name] = {"stress_rel_l2": _rel(Pp, P[idx]), "tangent_rel_l2": _rel(Ap, A[idx]), "n": int(len(idx))}
+    floor = STRESS_FLOOR * float(np.sqrt(np.mean(np.sum(P[tr].reshape(len(tr), -1) ** 2, axis=1))))
+    core = {"format_version": FORMAT_VERSION, "model": {"kind": kind, **margs}, "members": states, "dim": dim,
+            "kinematics": kinematics, "metrics": metrics, "bounds": _bounds(ens.members[0], F[tr]),
+            "validation_spread": ens.spread(F[va]), "stress_floor": floor,
+            "density": _density(ens.members[0], F[tr]),
+            "calibration": _calibrate(ens, F, P, va, te, floor) if len(states) >= 2 else None}
+    return core, preds
+
+
 def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = False) -> dict:
     """Train (an ensemble of) surrogate(s); rank 0 writes the checkpoint and the report.
 
@@ -194,7 +291,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
             cfg.output.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"{cfg.path}: output {cfg.output} cannot be created ({e.strerror})") from None
-    tr, va, te = _split(len(F), cfg.split)
+    tr, va, te = split_indices(len(F), cfg.split)
     margs = {k: v for k, v in cfg.model.items() if k != "kind"}
     if cfg.model["kind"] == "plain":
         margs = {"hidden": tuple(cfg.model["hidden"])}
@@ -205,56 +302,23 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
               f"{info['fingerprint']}, "
               f"{info['dim']}D {info['kinematics']}; split {len(tr)}/{len(va)}/{len(te)}; {cfg.model['kind']} model "
               f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s), device {device}, {cfg.dtype}")
-    members = {}
-    hists = {}
-    for k in range(cfg.ensemble):
-        if k % comm.size != comm.rank:
-            continue
-        model = build_model(cfg.model["kind"], info["dim"], info["kinematics"], **margs)
-        x = model.features_of(torch.as_tensor(F[tr])).detach()
-        model.x_scale[:] = torch.clamp(x.std(0), min=1e-8) if len(tr) > 1 else 1.0
-        model.p_scale.fill_(float(np.sqrt(np.mean(P[tr] ** 2))) or 1.0)
+    def prog(k, ep, lt, lv):
+        if not quiet and comm.rank == 0:
+            log.info(f"  member {k}: epoch {ep:5d} train loss {lt:.3e} validation loss {lv:.3e}")
 
-        def prog(ep, lt, lv, k=k):
-            if not quiet and comm.rank == 0:
-                log.info(f"  member {k}: epoch {ep:5d} train loss {lt:.3e} validation loss {lv:.3e}")
-
-        tcfg = dict(cfg.train)
-        seed = cfg.train["seed"] + k
-        fit = {"device": device, "dtype": torch.float32 if cfg.dtype == "float32" else torch.float64}
-        if start is not None:
-            model.load_state_dict(start["members"][k % len(start["members"])])
-            hist, best = _fit_member(model, F, P, A, tr, va, cfg.loss, tcfg, seed, prog, reinit=False, **fit)
-        else:
-            hist, best = _fit_member(model, F, P, A, tr, va, cfg.loss, tcfg, seed, prog, **fit)
-        members[k] = {n: v.clone() for n, v in model.state_dict().items()}
-        hists[k] = hist
-    gathered = comm.gather((members, hists), root=0)
+    fitted = fit_members(comm, F, P, A, tr, va, kind=cfg.model["kind"], margs=margs, dim=info["dim"],
+                         kinematics=info["kinematics"], loss=cfg.loss, train=cfg.train, ensemble=cfg.ensemble,
+                         device=device, dtype=torch.float32 if cfg.dtype == "float32" else torch.float64,
+                         start=start["members"] if start is not None else None, progress=prog)
     if comm.rank != 0:
         return {}
-    allm, allh = {}, {}
-    for m_, h_ in gathered:
-        allm.update(m_)
-        allh.update(h_)
-    states = [allm[k] for k in range(cfg.ensemble)]
-    ens = EnsembleModel.from_states(cfg.model["kind"], info["dim"], info["kinematics"], margs, states)
-    metrics = {}
-    preds = {}
-    for name, idx in (("train", tr), ("validation", va), ("test", te)):
-        if len(idx) == 0:
-            continue
-        Pp, Ap = ens.evaluate(F[idx])
-        preds[name] = (Pp, Ap)
-        metrics[name] = {"stress_rel_l2": _rel(Pp, P[idx]), "tangent_rel_l2": _rel(Ap, A[idx]), "n": int(len(idx))}
-    spread = ens.spread(F[va])
-    floor = STRESS_FLOOR * float(np.sqrt(np.mean(np.sum(P[tr].reshape(len(tr), -1) ** 2, axis=1))))
-    calibration = _calibrate(ens, F, P, va, te, floor) if cfg.ensemble >= 2 else None
+    states, allh = fitted
+    core, preds = assemble_checkpoint(states, cfg.model["kind"], margs, info["dim"], info["kinematics"], F, P, A,
+                                      tr, va, te)
+    metrics, calibration = core["metrics"], core["calibration"]
     dfp = hashlib.sha256(np.ascontiguousarray(F).tobytes() + np.ascontiguousarray(P).tobytes()).hexdigest()[:16]
-    ckpt = {"format_version": FORMAT_VERSION, "model": {"kind": cfg.model["kind"], **margs}, "members": states,
-            "dim": info["dim"], "kinematics": info["kinematics"], "rve_fingerprint": info["fingerprint"],
-            "data_fingerprint": dfp, "metrics": metrics, "bounds": _bounds(ens.members[0], F[tr]),
-            "validation_spread": spread, "stress_floor": floor, "density": _density(ens.members[0], F[tr]),
-            "calibration": calibration, "records": info["records"], "skipped": info["skipped"],
+    ckpt = {**core, "rve_fingerprint": info["fingerprint"],
+            "data_fingerprint": dfp, "records": info["records"], "skipped": info["skipped"],
             "rve": info["rve"], "config": cfg.path.read_text(), "resumed_from": str(resume) if resume else None,
             "train_s": time.perf_counter() - t0}
     tmp = cfg.output / "checkpoint.pt.tmp"
@@ -307,7 +371,7 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
         raise ConfigError(f"{cfg.path}: only {len(F)} usable records with cell quantities (need at least 20)")
     nc = lam.shape[1]
     Y = np.concatenate([lam - 1.0, J - 1.0], axis=1)
-    tr, va, te = _split(len(F), cfg.split)
+    tr, va, te = split_indices(len(F), cfg.split)
     torch.manual_seed(cfg.train["seed"])
     m = LocalizationNet(data.dim, nc, cfg.model["hidden"], data.kinematics)
     for prm in m.net.parameters():

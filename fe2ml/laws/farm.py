@@ -1,0 +1,179 @@
+"""The RVE farm: the RVE solves of one Newton iteration, spread over the ranks by their expected cost.
+
+The points a rank must solve with its RVE (all its points in nested FE², the flagged ones in a hybrid run) are owned
+by the rank of their macro cell. When they cluster in space, or when some points cost more than others, a static
+partition leaves most ranks waiting for one. :class:`RVEFarm` redistributes them at every evaluation (collective):
+
+1. every rank announces the expected cost of each of its jobs (the last measured solve time of the point, else the
+   mean so far) with one ``allgather``;
+2. every rank computes the same assignment (:func:`assign`): each rank keeps its own jobs up to the mean work per
+   rank, the surplus goes, largest first, to the least loaded rank;
+3. one ``alltoall`` sends F̄ and the warm-start state of each moved job, the receiver solves it on its own copy of the
+   RVE (every rank holds the same RVE), and a second ``alltoall`` returns P̄, Ā, the new state, the iteration counts,
+   the solve time and the cell quantities.
+
+An RVE solve depends only on F̄ and its start state, so the answers do not depend on which rank solved them, nor on
+the number of ranks. A failed solve travels back as a message; the owner raises it after the exchange, so a failure
+never leaves a rank waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from fe2ml.errors import Fe2mlError
+from fe2ml.micro.finite import HyperelasticRVE, RVEState
+from fe2ml.micro.quantities import CellQuantities
+
+__all__ = ["RVEFarm", "SolveResult", "assign"]
+
+
+@dataclass
+class SolveResult:
+    """The outcome of one RVE solve (``error`` set when it failed; the other fields are then empty)."""
+
+    P: np.ndarray | None
+    A: np.ndarray | None
+    state: RVEState | None
+    iterations: int
+    substeps: int
+    time_s: float
+    cells: CellQuantities | None
+    error: str | None = None
+
+
+def assign(weights: list[np.ndarray]) -> list[np.ndarray]:
+    """The rank that solves each job, from the expected cost of every rank's jobs (deterministic).
+
+    Each rank keeps its own jobs, in order, while its load stays within the mean load per rank; the others are
+    handed out largest first (ties: lowest owner rank, lowest index) to the rank with the least load so far (ties:
+    lowest rank).
+
+    Args:
+        weights: per rank, the expected cost of each of its jobs (>= 0).
+
+    Returns:
+        Per rank, the destination rank of each of its jobs.
+    """
+    size = len(weights)
+    total = float(sum(np.sum(w) for w in weights))
+    target = total / size if size else 0.0
+    load = np.zeros(size)
+    dest = [np.full(len(w), -1, dtype=np.int64) for w in weights]
+    pool = []
+    for r, w in enumerate(weights):
+        for k, wk in enumerate(np.asarray(w, dtype=np.float64)):
+            if load[r] + wk <= target * (1 + 1e-12):
+                dest[r][k] = r
+                load[r] += wk
+            else:
+                pool.append((-wk, r, k))
+    for negw, r, k in sorted(pool):
+        to = int(np.argmin(load))
+        dest[r][k] = to
+        load[to] -= negw
+    return dest
+
+
+class RVEFarm:
+    """Solves the RVE jobs of all ranks, balanced over the ranks (collective :meth:`solve`).
+
+    Args:
+        rve: this rank's finite-strain RVE (the same RVE on every rank).
+        comm: the macro communicator; None (or one rank, or ``balance=False``): every rank solves its own jobs.
+        balance: redistribute the jobs by expected cost.
+
+    Attributes:
+        work: accumulated RVE work of the run over all evaluations, summed over evaluations of the max and the mean
+            over ranks, both of the jobs each rank owns (``owned_*``: what a static partition would cost) and of the
+            jobs each rank solved (``solved_*``). :meth:`balance_report` turns them into max/mean ratios.
+    """
+
+    def __init__(self, rve: HyperelasticRVE, comm=None, *, balance: bool = True):
+        self.rve = rve
+        self.comm = comm
+        self.balance = bool(balance and comm is not None and comm.size > 1)
+        self.work = {"owned_max": 0.0, "owned_mean": 0.0, "solved_max": 0.0, "solved_mean": 0.0}
+        self.moved = 0  # jobs this rank owned that another rank solved
+        self._mean_t = 0.0
+        self._n_t = 0
+
+    def default_cost(self) -> float:
+        """The expected cost of a job with no measured time: the mean solve time of this rank so far (1 before)."""
+        return self._mean_t if self._n_t else 1.0
+
+    def _solve_one(self, F: np.ndarray, start: RVEState | None, point: int, cells: bool) -> SolveResult:
+        t0 = time.perf_counter()
+        try:
+            state, its, steps, R = self.rve.solve(F, start, point=point)
+            P, A = self.rve.homogenized(R)
+            cq = self.rve.cell_quantities() if cells else None
+        except Fe2mlError as e:
+            return SolveResult(None, None, None, 0, 0, time.perf_counter() - t0, None, error=str(e))
+        return SolveResult(P, A, state, int(its), int(steps), time.perf_counter() - t0, cq)
+
+    def solve(self, F: np.ndarray, starts: list[RVEState | None], cost: np.ndarray | None = None, *,
+              cells: bool = False, points: np.ndarray | None = None) -> list[SolveResult]:
+        """Solve the RVE at every F̄[k] of this rank from ``starts[k]`` (collective when balancing).
+
+        Args:
+            F: this rank's jobs, (n, d, d) (n may be 0).
+            starts: warm-start state of each job (None: from F̄ = I).
+            cost: expected cost of each job (default: :meth:`default_cost`).
+            cells: also return the cell quantities of each solve.
+            points: the owner's index of each job, for messages (default 0..n-1).
+
+        Returns:
+            One :class:`SolveResult` per job, in order.
+        """
+        n = len(F)
+        pid = np.arange(n) if points is None else np.asarray(points)
+        cost = np.full(n, self.default_cost()) if cost is None else np.asarray(cost, dtype=np.float64)
+        if not self.balance:
+            own = [self._solve_one(F[k], starts[k], int(pid[k]), cells) for k in range(n)]
+            solved = sum(r.time_s for r in own)
+            self._account(solved, solved, own)
+            return own
+        comm = self.comm
+        dest = assign(comm.allgather(cost))[comm.rank]
+        send: list[list] = [[] for _ in range(comm.size)]
+        for k in range(n):
+            send[int(dest[k])].append((k, F[k], starts[k], int(pid[k])))
+        self.moved += int(np.sum(dest != comm.rank))
+        recv = comm.alltoall(send)
+        back = [[(k, self._solve_one(Fk, s, q, cells)) for k, Fk, s, q in jobs] for jobs in recv]
+        solved = sum(res.time_s for jobs in back for _, res in jobs)
+        got = comm.alltoall(back)
+        results: list[SolveResult | None] = [None] * n
+        for jobs in got:
+            for k, res in jobs:
+                results[k] = res
+        done = [r for r in results if r is not None]
+        self._account(sum(r.time_s for r in done), solved, done)
+        return done
+
+    def _account(self, owned: float, solved: float, results: list[SolveResult]) -> None:
+        for r in results:
+            self._n_t += 1
+            self._mean_t += (r.time_s - self._mean_t) / self._n_t
+        if self.comm is None or self.comm.size == 1:
+            pairs = np.array([[owned, solved]])
+        else:
+            pairs = np.array(self.comm.allgather((owned, solved)))
+        self.work["owned_max"] += float(pairs[:, 0].max())
+        self.work["owned_mean"] += float(pairs[:, 0].mean())
+        self.work["solved_max"] += float(pairs[:, 1].max())
+        self.work["solved_mean"] += float(pairs[:, 1].mean())
+
+    def balance_report(self) -> dict:
+        """RVE work max/mean over ranks: ``unbalanced`` (each rank its own points), ``balanced`` (as solved)."""
+        w = self.work
+
+        def ratio(mx, mean):
+            return float(mx / mean) if mean > 0 else 1.0
+
+        return {"balanced": self.balance, "unbalanced_max_over_mean": ratio(w["owned_max"], w["owned_mean"]),
+                "balanced_max_over_mean": ratio(w["solved_max"], w["solved_mean"])}

@@ -1,0 +1,339 @@
+"""In-run learning: the hybrid law's surrogate is retrained during the FE² run on the records of its own fallbacks.
+
+``material.kind: hybrid`` with ``learn:`` (:class:`LearnOptions`). After every converged load step the ranks pool
+the fallback records of the step (the true RVE answers at the points the gate did not trust). When at least
+``min_new`` new records exist and ``every`` steps have passed since the last round, the ensemble is refitted on the
+initial data (``learn.data``) plus every record gathered so far: member k on rank k % size, warm-started from the
+current members (a cold start, without a checkpoint, fits fresh members for ``first_epochs``). Rank 0 writes the new
+checkpoint to ``<run>/surrogate/round-K/`` (``checkpoint.pt`` and ``metrics.json`` with the calibration), and every
+rank answers with it from the next load step on; the step that triggered the round is not repeated.
+
+A round that cannot be fitted (fewer than 20 records, a loss that is never finite) keeps the current model and says
+so in ``run.log``; it never stops the run. The gathered records and the round count travel in the run checkpoint, so
+a restarted run refits exactly what the uninterrupted one did.
+
+The pooled records are sorted by F̄ before fitting, so the fit does not depend on which rank owned which point.
+The audit's records are never used for learning: the audit stays an independent measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fe2ml.config import check_keys, number
+from fe2ml.errors import ConfigError
+
+__all__ = ["LearnOptions", "Learner", "parse_learn"]
+
+log = logging.getLogger(__name__)
+
+MODEL_DEFAULT = {"kind": "potential", "hidden": [16, 16], "features": "general", "convex": False}
+
+
+@dataclass(frozen=True)
+class LearnOptions:
+    """``material.learn`` of a hybrid run.
+
+    Attributes:
+        min_new: new fallback records (all ranks) needed for a round.
+        every: at least this many load steps between rounds.
+        epochs: epochs of a warm-started round (early stopping with ``patience``).
+        first_epochs: epochs of the first round of a cold start (fresh members).
+        members: ensemble size of the refitted checkpoints.
+        lr, patience, seed: optimiser settings (member k has seed ``seed + k``).
+        data: log files/folders of the initial records (required with a checkpoint: its training data).
+        model: the model of a cold start (with a checkpoint, the checkpoint's model is kept).
+        loss: Sobolev loss weights ``{stress, tangent, relative}``.
+    """
+
+    min_new: int = 64
+    every: int = 1
+    epochs: int = 300
+    first_epochs: int = 2000
+    members: int = 2
+    lr: float = 0.01
+    patience: int = 200
+    seed: int = 0
+    data: tuple[Path, ...] = ()
+    model: dict = field(default_factory=lambda: dict(MODEL_DEFAULT))
+    loss: dict = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.1, "relative": False})
+
+
+def _count(raw: dict, key: str, default: int, where: str, lo: int) -> int:
+    v = raw.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+        raise ConfigError(f"{where}.{key}: expected an integer >= {lo}, got {v!r}")
+    return v
+
+
+def parse_learn(raw, where: str, base: Path, *, has_checkpoint: bool) -> LearnOptions:
+    """Validate ``material.learn`` (errors name ``where`` and the key).
+
+    Args:
+        raw: the mapping.
+        where: ``"<file>: material.learn"``.
+        base: the folder relative data paths are relative to.
+        has_checkpoint: whether the run starts from a checkpoint (then ``data`` is required, ``model`` refused).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping like {{min_new: 64, every: 1, epochs: 300, members: 2}}")
+    check_keys(raw, ("min_new", "every", "epochs", "first_epochs", "members", "lr", "patience", "seed", "data",
+                     "model", "loss"), where)
+    data = raw.get("data", [])
+    data = [data] if isinstance(data, str) else data
+    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+        raise ConfigError(f"{where}.data: expected a log folder or a list of log files/folders, got {data!r}")
+    paths = tuple(base / d for d in data)
+    for d in paths:
+        if not d.exists():
+            raise ConfigError(f"{where}.data: {d} not found")
+    if has_checkpoint and not paths:
+        raise ConfigError(f"{where}.data: a run that starts from a checkpoint must name the logs it was trained on "
+                          "(refitting on the run's records alone would forget them); or start cold with "
+                          "checkpoint: null")
+    model = dict(MODEL_DEFAULT)
+    if "model" in raw:
+        if has_checkpoint:
+            raise ConfigError(f"{where}.model: the checkpoint's model is refitted; model applies to a cold start "
+                              "(checkpoint: null) only")
+        m = raw["model"]
+        if not isinstance(m, dict):
+            raise ConfigError(f"{where}.model: expected a mapping {{kind: potential, hidden: [16, 16]}}")
+        check_keys(m, ("kind", "hidden", "features", "convex"), f"{where}.model")
+        model.update(m)
+        if model["kind"] not in ("potential", "plain"):
+            raise ConfigError(f"{where}.model.kind: expected potential or plain, got {model['kind']!r}")
+        hid = model["hidden"]
+        if not isinstance(hid, list) or not hid or not all(isinstance(h, int) and h > 0 for h in hid):
+            raise ConfigError(f"{where}.model.hidden: expected a list of positive layer widths, got {hid!r}")
+        if model["features"] not in ("general", "isotropic") or not isinstance(model["convex"], bool):
+            raise ConfigError(f"{where}.model: features general|isotropic, convex true|false")
+        if model["kind"] == "plain":
+            model = {"kind": "plain", "hidden": hid}
+    loss = raw.get("loss", {}) or {}
+    if not isinstance(loss, dict):
+        raise ConfigError(f"{where}.loss: expected a mapping {{stress: 1.0, tangent: 0.1}}")
+    check_keys(loss, ("stress", "tangent", "relative"), f"{where}.loss")
+    loss = {"stress": number(loss.get("stress", 1.0), f"{where}.loss.stress"),
+            "tangent": number(loss.get("tangent", 0.1), f"{where}.loss.tangent"),
+            "relative": bool(loss.get("relative", False))}
+    if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
+        raise ConfigError(f"{where}.loss: weights must be >= 0 and not both 0")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"{where}.seed: expected an integer, got {seed!r}")
+    return LearnOptions(min_new=_count(raw, "min_new", 64, where, 1), every=_count(raw, "every", 1, where, 1),
+                        epochs=_count(raw, "epochs", 300, where, 1),
+                        first_epochs=_count(raw, "first_epochs", 2000, where, 1),
+                        members=_count(raw, "members", 2, where, 1),
+                        lr=number(raw.get("lr", 0.01), f"{where}.lr", positive=True),
+                        patience=_count(raw, "patience", 200, where, 1), seed=seed, data=paths, model=model,
+                        loss=loss)
+
+
+def _empty(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.zeros((0, d, d)), np.zeros((0, d, d)), np.zeros((0, d, d, d, d))
+
+
+class Learner:
+    """Refits a hybrid law's ensemble during the run (collective :meth:`after_step`).
+
+    Args:
+        comm: the macro communicator.
+        options: :class:`LearnOptions`.
+        law: the :class:`fe2ml.laws.surrogate.HybridLaw` of this rank.
+        out: the run folder (rounds go to ``out/surrogate/round-K``).
+        fingerprint: the RVE fingerprint (of the initial data and of the new checkpoints).
+        rve_desc: the RVE description stored in the checkpoints.
+        runlog: the run's ``run.log`` logger.
+        quiet: no console lines.
+    """
+
+    def __init__(self, comm, options: LearnOptions, law, out: Path, *, fingerprint: str, rve_desc: dict,
+                 runlog: logging.Logger, quiet: bool = False):
+        self.comm = comm
+        self.options = options
+        self.law = law
+        self.out = Path(out)
+        self.fingerprint = fingerprint
+        self.rve_desc = rve_desc
+        self.runlog = runlog
+        self.quiet = quiet
+        d = law.dim
+        self.initial = _empty(d)
+        if options.data:
+            self.initial = self._read_initial()
+        self.gathered = _empty(d)  # every fallback record of the run so far (all ranks, sorted by F̄ per step)
+        self.new_since = 0  # records gathered since the last round
+        self.last_round_step = -10**9
+        self.rounds: list[dict] = []  # one per attempted round: step, records, retrain_s, status
+        self.current: str | None = None  # the checkpoint the law answers with (a round's), None: the initial one
+
+    def _read_initial(self):
+        from fe2ml.data.reader import read_logs
+
+        def read():
+            data = read_logs(list(self.options.data), fingerprint=self.fingerprint, converged_only=True,
+                             fields=["F", "P", "A"])
+            F, P, A = data["F"], data["P"], data["A"]
+            ok = (np.isfinite(F).all(axis=(1, 2)) & np.isfinite(P).all(axis=(1, 2))
+                  & np.isfinite(A).reshape(len(A), -1).all(axis=1))
+            return F[ok], P[ok], A[ok]
+
+        msg, out = None, None
+        if self.comm.rank == 0:
+            try:
+                out = read()
+            except Exception as e:  # noqa: BLE001 - reported on every rank as one line
+                msg = f"material.learn.data: {e}"
+        msg = self.comm.bcast(msg, root=0)
+        if msg is not None:
+            raise ConfigError(msg)
+        return self.comm.bcast(out, root=0)
+
+    def _pool(self) -> int:
+        """Gather the fallback records all ranks committed since the last call; returns how many there were."""
+        d = self.law.dim
+        mine = self.law.new_records
+        self.law.new_records = []
+        local = tuple(np.concatenate([r[i] for r in mine]) if mine else _empty(d)[i] for i in range(3))
+        every = self.comm.allgather(local)
+        F, P, A = (np.concatenate([e[i] for e in every]) for i in range(3))
+        order = np.lexsort(F.reshape(len(F), -1).T[::-1])  # by F̄: independent of the partition
+        F, P, A = F[order], P[order], A[order]
+        G = self.gathered
+        self.gathered = (np.concatenate([G[0], F]), np.concatenate([G[1], P]), np.concatenate([G[2], A]))
+        self.new_since += len(F)
+        return len(F)
+
+    def after_step(self, step: int, *, last: bool = False) -> dict | None:
+        """Pool the step's fallback records; refit when due (collective). Returns the round's record or None.
+
+        After the ``last`` step of the run there is no step left to answer, so no round is fitted.
+        """
+        self._pool()
+        o = self.options
+        if last or self.new_since < o.min_new or step - self.last_round_step < o.every:
+            return None
+        return self._round(step)
+
+    def _round(self, step: int) -> dict:
+        import torch
+
+        from fe2ml.surrogate.train import TrainingFailed, assemble_checkpoint, fit_members, split_indices
+
+        o = self.options
+        t0 = time.perf_counter()
+        k = len([r for r in self.rounds if r["status"] == "ok"]) + 1
+        F, P, A = (np.concatenate([a, b]) for a, b in zip(self.initial, self.gathered, strict=True))
+        rec: dict = {"round": k, "step": step, "records": int(len(F)), "new": int(self.new_since)}
+        self.last_round_step = step
+        if len(F) < 20:
+            return self._failed(rec, t0, f"only {len(F)} records (need at least 20)")
+        ck_now = self.law.ck
+        cold = ck_now is None
+        margs = ({k_: v for k_, v in ck_now["model"].items() if k_ != "kind"} if not cold else
+                 {k_: (tuple(v) if k_ == "hidden" else v) for k_, v in o.model.items() if k_ != "kind"})
+        kind = o.model["kind"] if cold else ck_now["model"]["kind"]
+        tr, va, te = split_indices(len(F), {"validation": 0.15, "test": 0.15, "seed": o.seed})
+        tcfg = {"epochs": o.first_epochs if cold else o.epochs, "lr": o.lr, "patience": o.patience, "seed": o.seed}
+        torch.set_num_threads(1)
+        try:
+            fitted = fit_members(self.comm, F, P, A, tr, va, kind=kind, margs=margs, dim=self.law.dim,
+                                 kinematics="finite", loss=o.loss, train=tcfg, ensemble=o.members,
+                                 start=None if cold else ck_now["members"])
+        except TrainingFailed as e:
+            return self._failed(rec, t0, str(e))
+        ck, msg = None, None
+        folder = self.out / "surrogate" / f"round-{k}"
+        if self.comm.rank == 0:
+            assert fitted is not None
+            core, _ = assemble_checkpoint(fitted[0], kind, margs, self.law.dim, "finite", F, P, A, tr, va, te)
+            ck = {**core, "rve_fingerprint": self.fingerprint, "data_fingerprint": None, "records": int(len(F)),
+                  "skipped": 0, "rve": self.rve_desc, "config": json.dumps({"learn_round": k, "step": step}),
+                  "resumed_from": self.current, "train_s": time.perf_counter() - t0}
+            if not all(np.isfinite(v["stress_rel_l2"]) for v in core["metrics"].values()):
+                msg = "the refitted ensemble predicts non-finite stresses"
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / "checkpoint.pt.tmp"
+                torch.save(ck, tmp)
+                os.replace(tmp, folder / "checkpoint.pt")
+                cal = core["calibration"]
+                report = {"round": k, "step": step, "records": int(len(F)), "metrics": core["metrics"],
+                          "bounds": core["bounds"], "stress_floor": core["stress_floor"],
+                          "calibration": ({k_: v for k_, v in cal.items() if k_ not in ("spread", "error")}
+                                          if cal is not None else None)}
+                (folder / "metrics.json").write_text(json.dumps(report, indent=1))
+        msg = self.comm.bcast(msg, root=0)
+        if msg is not None:
+            return self._failed(rec, t0, msg)
+        ck = self.comm.bcast(ck, root=0)
+        self.law.use_checkpoint(ck)
+        self.current = str(folder / "checkpoint.pt")
+        self.new_since = 0
+        rec.update(status="ok", retrain_s=self.comm.allreduce(time.perf_counter() - t0, op=_max()),
+                   test_stress_rel_l2=ck["metrics"].get("test", ck["metrics"]["validation"])["stress_rel_l2"],
+                   checkpoint=self.current)
+        self.rounds.append(rec)
+        line = (f"learning round {k} after step {step}: {rec['records']} records ({rec['new']} new), refitted in "
+                f"{rec['retrain_s']:.1f} s, test stress rel. L2 {100 * rec['test_stress_rel_l2']:.2f} %")
+        self.runlog.info(line)
+        if not self.quiet and self.comm.rank == 0:
+            log.info("  " + line)
+        return rec
+
+    def _failed(self, rec: dict, t0: float, why: str) -> dict:
+        rec.update(status="failed", reason=why, retrain_s=self.comm.allreduce(time.perf_counter() - t0, op=_max()))
+        self.rounds.append(rec)
+        line = f"learning round after step {rec['step']} failed, the current model stays: {why}"
+        self.runlog.warning(line)
+        if not self.quiet and self.comm.rank == 0:
+            log.warning("  " + line)
+        return rec
+
+    # ------------------------------------------------------------------ run checkpoints
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """What a run checkpoint keeps: (meta entries, arrays of the gathered records)."""
+        meta = {"new_since": self.new_since, "last_round_step": self.last_round_step, "rounds": self.rounds,
+                "current": self.current}
+        F, P, A = self.gathered
+        return meta, {"learn_F": F, "learn_P": P, "learn_A": A}
+
+    def restore(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`state`: the gathered records, the rounds, and the law answers with the last round."""
+        from fe2ml.surrogate.checkpoint import load_checkpoint
+
+        self.new_since = int(meta["new_since"])
+        self.last_round_step = int(meta["last_round_step"])
+        self.rounds = list(meta["rounds"])
+        self.current = meta["current"]
+        self.gathered = (arrays["learn_F"], arrays["learn_P"], arrays["learn_A"])
+        if self.current is not None:
+            path = Path(self.current)
+            if not path.is_file():
+                raise ConfigError(f"restart: the learnt checkpoint {path} of the run is missing")
+            self.law.use_checkpoint(load_checkpoint(path))
+
+    def summary(self, fallbacks_per_step: list[int]) -> dict:
+        """``summary.json``'s ``learning`` entry."""
+        ok = [r for r in self.rounds if r["status"] == "ok"]
+        return {"rounds": len(ok), "failed_rounds": len(self.rounds) - len(ok),
+                "records_per_round": [r["records"] for r in ok],
+                "retrain_s_per_round": [r["retrain_s"] for r in ok],
+                "round_steps": [r["step"] for r in ok], "fallbacks_per_step": list(fallbacks_per_step),
+                "initial_records": int(len(self.initial[0])), "gathered_records": int(len(self.gathered[0])),
+                "attempts": self.rounds}
+
+
+def _max():
+    from mpi4py import MPI
+
+    return MPI.MAX
