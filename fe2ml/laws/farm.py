@@ -97,6 +97,9 @@ class RVEFarm:
         self.comm = comm
         self.balance = bool(balance and comm is not None and comm.size > 1)
         self.work = {"owned_max": 0.0, "owned_mean": 0.0, "solved_max": 0.0, "solved_mean": 0.0}
+        size = comm.size if comm is not None else 1
+        self.owned_per_rank = np.zeros(size)  # RVE seconds of the jobs each rank owned, over the run
+        self.solved_per_rank = np.zeros(size)  # RVE seconds each rank solved
         self.moved = 0  # jobs this rank owned that another rank solved
         self._mean_t = 0.0
         self._n_t = 0
@@ -163,17 +166,23 @@ class RVEFarm:
             pairs = np.array([[owned, solved]])
         else:
             pairs = np.array(self.comm.allgather((owned, solved)))
+        self.owned_per_rank += pairs[:, 0]
+        self.solved_per_rank += pairs[:, 1]
         self.work["owned_max"] += float(pairs[:, 0].max())
         self.work["owned_mean"] += float(pairs[:, 0].mean())
         self.work["solved_max"] += float(pairs[:, 1].max())
         self.work["solved_mean"] += float(pairs[:, 1].mean())
 
     def balance_report(self) -> dict:
-        """RVE work max/mean over ranks: ``unbalanced`` (each rank its own points), ``balanced`` (as solved)."""
+        """RVE work max/mean over ranks, summed over evaluations, and each rank's total RVE seconds.
+
+        ``unbalanced``: each rank its own points (what a static partition costs); ``balanced``: as solved.
+        """
         w = self.work
 
         def ratio(mx, mean):
             return float(mx / mean) if mean > 0 else 1.0
 
         return {"balanced": self.balance, "unbalanced_max_over_mean": ratio(w["owned_max"], w["owned_mean"]),
-                "balanced_max_over_mean": ratio(w["solved_max"], w["solved_mean"])}
+                "balanced_max_over_mean": ratio(w["solved_max"], w["solved_mean"]),
+                "owned_per_rank_s": self.owned_per_rank.tolist(), "solved_per_rank_s": self.solved_per_rank.tolist()}

@@ -47,7 +47,10 @@ class LearnOptions:
         epochs: epochs of a warm-started round (early stopping with ``patience``).
         first_epochs: epochs of the first round of a cold start (fresh members).
         members: ensemble size of the refitted checkpoints.
-        lr, patience, seed: optimiser settings (member k has seed ``seed + k``).
+        lr: learning rate of the first round of a cold start.
+        warm_lr: learning rate of a warm-started round (small: Adam's first steps move every weight by about the
+            learning rate, which would throw a fitted network away from its optimum).
+        patience, seed: optimiser settings (member k has seed ``seed + k``).
         data: log files/folders of the initial records (required with a checkpoint: its training data).
         model: the model of a cold start (with a checkpoint, the checkpoint's model is kept).
         loss: Sobolev loss weights ``{stress, tangent, relative}``.
@@ -59,6 +62,7 @@ class LearnOptions:
     first_epochs: int = 2000
     members: int = 2
     lr: float = 0.01
+    warm_lr: float = 0.002
     patience: int = 200
     seed: int = 0
     data: tuple[Path, ...] = ()
@@ -84,8 +88,8 @@ def parse_learn(raw, where: str, base: Path, *, has_checkpoint: bool) -> LearnOp
     """
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping like {{min_new: 64, every: 1, epochs: 300, members: 2}}")
-    check_keys(raw, ("min_new", "every", "epochs", "first_epochs", "members", "lr", "patience", "seed", "data",
-                     "model", "loss"), where)
+    check_keys(raw, ("min_new", "every", "epochs", "first_epochs", "members", "lr", "warm_lr", "patience", "seed",
+                     "data", "model", "loss"), where)
     data = raw.get("data", [])
     data = [data] if isinstance(data, str) else data
     if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
@@ -134,6 +138,7 @@ def parse_learn(raw, where: str, base: Path, *, has_checkpoint: bool) -> LearnOp
                         first_epochs=_count(raw, "first_epochs", 2000, where, 1),
                         members=_count(raw, "members", 2, where, 1),
                         lr=number(raw.get("lr", 0.01), f"{where}.lr", positive=True),
+                        warm_lr=number(raw.get("warm_lr", 0.002), f"{where}.warm_lr", positive=True),
                         patience=_count(raw, "patience", 200, where, 1), seed=seed, data=paths, model=model,
                         loss=loss)
 
@@ -206,7 +211,7 @@ class Learner:
         local = tuple(np.concatenate([r[i] for r in mine]) if mine else _empty(d)[i] for i in range(3))
         every = self.comm.allgather(local)
         F, P, A = (np.concatenate([e[i] for e in every]) for i in range(3))
-        order = np.lexsort(F.reshape(len(F), -1).T[::-1])  # by F̄: independent of the partition
+        order = np.lexsort(F.reshape(len(F), d * d).T[::-1])  # by F̄: independent of the partition
         F, P, A = F[order], P[order], A[order]
         G = self.gathered
         self.gathered = (np.concatenate([G[0], F]), np.concatenate([G[1], P]), np.concatenate([G[2], A]))
@@ -243,7 +248,8 @@ class Learner:
                  {k_: (tuple(v) if k_ == "hidden" else v) for k_, v in o.model.items() if k_ != "kind"})
         kind = o.model["kind"] if cold else ck_now["model"]["kind"]
         tr, va, te = split_indices(len(F), {"validation": 0.15, "test": 0.15, "seed": o.seed})
-        tcfg = {"epochs": o.first_epochs if cold else o.epochs, "lr": o.lr, "patience": o.patience, "seed": o.seed}
+        tcfg = {"epochs": o.first_epochs if cold else o.epochs, "lr": o.lr if cold else o.warm_lr,
+                "patience": o.patience, "seed": o.seed}
         torch.set_num_threads(1)
         try:
             fitted = fit_members(self.comm, F, P, A, tr, va, kind=kind, margs=margs, dim=self.law.dim,

@@ -143,8 +143,10 @@ class HybridLaw(SurrogateLaw):
 
     Fallback records are appended to ``writer`` (a :class:`fe2ml.data.log.LogWriter`) on commit and kept in
     ``new_records`` for in-run learning (:mod:`fe2ml.laws.learning`); ``stats`` counts fallbacks per step and per
-    criterion (``fallback_reasons``; a point may meet several). Without a checkpoint (a cold start of in-run learning)
-    every point is answered by the RVE (reason ``no_model``) until :meth:`use_checkpoint` gives one.
+    criterion (``fallback_reasons``; a point may meet several). A point sent to the RVE stays with it for the rest of
+    the (sub-)step (reason ``held``): the answers can then switch only from surrogate to RVE within a step, so the
+    macro Newton iteration is not thrown back and forth by points at the gate's edge. Without a checkpoint (a cold
+    start of in-run learning) every point is answered by the RVE (reason ``no_model``) until :meth:`use_checkpoint` gives one.
 
     Args:
         checkpoint: path of the checkpoint, or None (cold start).
@@ -176,6 +178,7 @@ class HybridLaw(SurrogateLaw):
         self.reasons_last: dict[str, np.ndarray] = {}
         self.stats["fallback_reasons"] = {}
         self._step_fallbacks = 0  # fallbacks of the load step in progress (over its sub-steps)
+        self.held = np.zeros(0, dtype=bool)  # points sent to the RVE earlier in this (sub-)step: they stay there
 
     def use_checkpoint(self, ck: dict) -> None:
         """Answer with ``ck`` from now on, after checking that it can evaluate the thresholds."""
@@ -212,7 +215,10 @@ class HybridLaw(SurrogateLaw):
             Ps, As = np.array(Ps), np.array(As)
             P, A = Ps.mean(0), As.mean(0)
             reasons = self.flags(F, Ps, As)
+        if len(self.held) == n:
+            reasons["held"] = self.held.copy()
         flags = np.logical_or.reduce(list(reasons.values()))
+        self.held = flags.copy()
         self.stats["surrogate_s"] += time.perf_counter() - t0
         idx = np.where(flags)[0]
         starts = [self.trial.get(int(k), self.states.get(int(k))) for k in idx]
@@ -253,11 +259,13 @@ class HybridLaw(SurrogateLaw):
             if self.writer is not None:
                 self.writer.add(F, P, A, point_id=idx, converged=1)
         self.pending = []
+        self.held = np.zeros(0, dtype=bool)
 
     def rollback(self) -> None:
         """Discard the trial states."""
         self.trial = {}
         self.pending = []
+        self.held = np.zeros(0, dtype=bool)
 
     def finish_step(self) -> None:
         """Record the load step's fallbacks (summed over its sub-steps)."""

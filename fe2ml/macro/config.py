@@ -18,7 +18,7 @@ Keys::
     pressures: [{boundary: NAME, value: EXPR(t)}]          (pressure, follows the deformation)
     material.balance: true                        kind rve/hybrid: spread the RVE solves over the ranks by cost
     material.learn: {min_new: 64, every: 1, epochs: 300, first_epochs: 2000, members: 2, lr: 0.01,
-                     patience: 200, seed: 0, data: PATH | [PATH], model: {...}, loss: {...}}
+                     warm_lr: 0.002, patience: 200, seed: 0, data: PATH | [PATH], model: {...}, loss: {...}}
                                                   kind hybrid: refit the surrogate during the run on its fallback
                                                   records (checkpoint: null starts cold; fe2ml.laws.learning)
     material.orientation: EXPR(x, y, z, pi)                2D: angle in degrees of the RVE's x axis

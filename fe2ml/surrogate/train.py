@@ -110,7 +110,8 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
         lt = loss_on(tr_idx, True)
         lt.backward()
         opt.step()
-        lv = float(loss_on(va_idx, True).detach())
+        with torch.no_grad():  # the closed-form tangent where the model has one: no graph for validation
+            lv = float(loss_on(va_idx, False))
         if not np.isfinite(lv):
             lv = np.inf
         sched.step(lv)
