@@ -146,7 +146,8 @@ class HybridLaw(SurrogateLaw):
     criterion (``fallback_reasons``; a point may meet several). A point sent to the RVE stays with it for the rest of
     the (sub-)step (reason ``held``): the answers can then switch only from surrogate to RVE within a step, so the
     macro Newton iteration is not thrown back and forth by points at the gate's edge. Without a checkpoint (a cold
-    start of in-run learning) every point is answered by the RVE (reason ``no_model``) until :meth:`use_checkpoint` gives one.
+    start of in-run learning) every point is answered by the RVE (reason ``no_model``) until :meth:`use_checkpoint`
+    gives one.
 
     Args:
         checkpoint: path of the checkpoint, or None (cold start).
