@@ -101,12 +101,19 @@ class RVEFarm:
         self.owned_per_rank = np.zeros(size)  # RVE seconds of the jobs each rank owned, over the run
         self.solved_per_rank = np.zeros(size)  # RVE seconds each rank solved
         self.moved = 0  # jobs this rank owned that another rank solved
-        self._mean_t = 0.0
-        self._n_t = 0
+        self._mean_t = {True: 0.0, False: 0.0}  # mean solve time so far, from F̄ = I (True) and warm-started
+        self._n_t = {True: 0, False: 0}
 
-    def default_cost(self) -> float:
-        """The expected cost of a job with no measured time: the mean solve time of this rank so far (1 before)."""
-        return self._mean_t if self._n_t else 1.0
+    def default_cost(self, cold: bool = False) -> float:
+        """The expected cost of a job with no measured time: this rank's mean solve time so far, of its kind.
+
+        ``cold``: solves from F̄ = I (they substep from the identity), else warm-started ones; the other kind's mean
+        when this kind has none yet, and 1 before any solve.
+        """
+        for kind in (cold, not cold):
+            if self._n_t[kind]:
+                return self._mean_t[kind]
+        return 1.0
 
     def _solve_one(self, F: np.ndarray, start: RVEState | None, point: int, cells: bool) -> SolveResult:
         t0 = time.perf_counter()
@@ -116,7 +123,11 @@ class RVEFarm:
             cq = self.rve.cell_quantities() if cells else None
         except Fe2mlError as e:
             return SolveResult(None, None, None, 0, 0, time.perf_counter() - t0, None, error=str(e))
-        return SolveResult(P, A, state, int(its), int(steps), time.perf_counter() - t0, cq)
+        dt = time.perf_counter() - t0
+        cold = start is None
+        self._n_t[cold] += 1
+        self._mean_t[cold] += (dt - self._mean_t[cold]) / self._n_t[cold]
+        return SolveResult(P, A, state, int(its), int(steps), dt, cq)
 
     def solve(self, F: np.ndarray, starts: list[RVEState | None], cost: np.ndarray | None = None, *,
               cells: bool = False, points: np.ndarray | None = None) -> list[SolveResult]:
@@ -125,7 +136,7 @@ class RVEFarm:
         Args:
             F: this rank's jobs, (n, d, d) (n may be 0).
             starts: warm-start state of each job (None: from F̄ = I).
-            cost: expected cost of each job (default: :meth:`default_cost`).
+            cost: expected cost of each job (default: :meth:`default_cost` of its kind of start).
             cells: also return the cell quantities of each solve.
             points: the owner's index of each job, for messages (default 0..n-1).
 
@@ -134,7 +145,9 @@ class RVEFarm:
         """
         n = len(F)
         pid = np.arange(n) if points is None else np.asarray(points)
-        cost = np.full(n, self.default_cost()) if cost is None else np.asarray(cost, dtype=np.float64)
+        if cost is None:
+            cost = np.array([self.default_cost(cold=s is None) for s in starts])
+        cost = np.asarray(cost, dtype=np.float64)
         if not self.balance:
             own = [self._solve_one(F[k], starts[k], int(pid[k]), cells) for k in range(n)]
             solved = sum(r.time_s for r in own)
@@ -159,9 +172,6 @@ class RVEFarm:
         return done
 
     def _account(self, owned: float, solved: float, results: list[SolveResult]) -> None:
-        for r in results:
-            self._n_t += 1
-            self._mean_t += (r.time_s - self._mean_t) / self._n_t
         if self.comm is None or self.comm.size == 1:
             pairs = np.array([[owned, solved]])
         else:

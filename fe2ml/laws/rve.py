@@ -120,7 +120,7 @@ class RVELaw(ConstitutiveLaw):
         P = np.zeros((n, d, d))
         A = np.zeros((n, d, d, d, d))
         if len(self.cost) != n:
-            self.cost = np.full(n, self.farm.default_cost())
+            self.cost = np.full(n, self.farm.default_cost(cold=True))
         its_pt = np.zeros(n, dtype=np.int32)
         t_all = time.perf_counter()
         starts: list[RVEState | None] = [None] * n

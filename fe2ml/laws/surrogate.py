@@ -223,8 +223,9 @@ class HybridLaw(SurrogateLaw):
         self.stats["surrogate_s"] += time.perf_counter() - t0
         idx = np.where(flags)[0]
         starts = [self.trial.get(int(k), self.states.get(int(k))) for k in idx]
-        default = self.farm.default_cost()
-        results = self.farm.solve(F[idx], starts, np.array([self.cost.get(int(k), default) for k in idx]), points=idx)
+        cost = np.array([self.cost.get(int(k), self.farm.default_cost(cold=s is None)) for k, s in zip(idx, starts,
+                                                                                                    strict=True)])
+        results = self.farm.solve(F[idx], starts, cost, points=idx)
         for k, r in zip(map(int, idx), results, strict=True):
             if r.error is not None:
                 raise PointFailure(r.error, k)
