@@ -27,3 +27,25 @@ def test_fe2_against_dns_converges_with_the_scale_of_the_microstructure(tmp_path
                         "--bound-R", "0.001", "--out", str(tmp_path / "strict")], capture_output=True, text=True,
                        cwd=ROOT)
     assert r.returncode == 1 and "rel_R at the finest eps" in r.stdout
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_bench_learning_quick_compares_every_variant_against_plain_fe2(tmp_path):
+    """CI size of scripts/bench_learning.py: all five runs complete, their errors are against plain FE², learning
+    rounds happen, and the work per rank is reported (the cost floors apply to the full size)."""
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_learning.py"), "--quick", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    v = rep["variants"]
+    assert set(v) == {"a", "b", "c", "d"} and v["a"]["P_rel_l2"] == 0.0
+    for k in "bcd":  # every hybrid stays within 2 % of FE² at every point of the last step (gate error 1 %)
+        assert v[k]["P_rel_l2"] < 0.02 and v[k]["reaction"] < 0.02
+        assert v[k]["rve_work"]["balanced"] and len(v[k]["rve_work"]["solved_per_rank_s"]) == 2
+    assert v["c"]["learning"]["rounds"] >= 1 and v["d"]["learning"]["rounds"] >= 1
+    assert v["c"]["fallbacks_per_step"][0] == rep["points"]  # cold: the first step is all RVE
+    assert "balanced_max_over_mean (e)" in rep["checks"]
+    assert (tmp_path / "b" / "learning.png").stat().st_size > 5000
