@@ -225,6 +225,7 @@ def test_the_gate_is_per_point_refuses_what_it_cannot_evaluate_and_sees_empty_co
     together = list(spread_law.flags_last)
     alone = []
     for k in range(len(G)):
+        spread_law.rollback()  # a new step: the points of the last evaluation are not held at the RVE
         spread_law.evaluate(G[k:k + 1])
         alone.append(bool(spread_law.flags_last[0]))
     assert together == alone and 0 < sum(together) < len(G)

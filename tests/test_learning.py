@@ -134,7 +134,7 @@ def test_learn_and_balance_configs_are_checked(mpi_tmp_path, tissue_rve, materia
 
 # ------------------------------------------------------------------------------------------ runs
 COLD = ("  kind: hybrid\n  checkpoint: null\n  threshold: {distance: 0.05}\n"
-        "  learn: {min_new: 8, first_epochs: 400, epochs: 100, members: 2}\n")
+        "  learn: {min_new: 8, first_epochs: 400, epochs: 100, members: 2, warm_lr: 0.002, loss: {relative: true}}\n")
 
 
 def _q(run: Path):

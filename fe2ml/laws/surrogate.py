@@ -145,9 +145,10 @@ class HybridLaw(SurrogateLaw):
     ``new_records`` for in-run learning (:mod:`fe2ml.laws.learning`); ``stats`` counts fallbacks per step and per
     criterion (``fallback_reasons``; a point may meet several). A point sent to the RVE stays with it for the rest of
     the (sub-)step (reason ``held``): the answers can then switch only from surrogate to RVE within a step, so the
-    macro Newton iteration is not thrown back and forth by points at the gate's edge. Without a checkpoint (a cold
-    start of in-run learning) every point is answered by the RVE (reason ``no_model``) until :meth:`use_checkpoint`
-    gives one.
+    macro Newton iteration is not thrown back and forth by points at the gate's edge (so the evaluations between
+    two :meth:`commit`/:meth:`rollback` calls must be of the same points: the iterations of one step). Without a
+    checkpoint (a cold start of in-run learning) every point is answered by the RVE (reason ``no_model``) until
+    :meth:`use_checkpoint` gives one.
 
     Args:
         checkpoint: path of the checkpoint, or None (cold start).
