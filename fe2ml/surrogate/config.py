@@ -8,7 +8,8 @@ Keys::
     model: {kind: potential | plain | localization, hidden: [16, 16], features: general | isotropic, convex: false}
     loss: {stress: 1.0, tangent: 0.1, relative: false}   Sobolev loss weights (tangent > 0 needs tangents)
     split: {validation: 0.15, test: 0.15, seed: 0}
-    train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0}
+    train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0, batch_size: null}
+                                      batch_size: records per optimiser step (null: full batch, for small data)
     ensemble: 1                       K members (seeds seed..seed+K-1), spread over the MPI ranks
     output: PATH                      folder for checkpoint.pt, metrics.json, loss.png, parity plots
     device: auto | cpu | cuda | cuda:K   where the members are fitted (auto: CUDA when available)
@@ -105,9 +106,12 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if not (0 < split["validation"] < 1 and 0 <= split["test"] < 1 and split["validation"] + split["test"] < 0.9):
         raise ConfigError(f"{f}: split: validation in (0, 1), test in [0, 1), together < 0.9")
     tr = dict(raw.get("train", {}) or {})
-    check_keys(tr, ("epochs", "lr", "patience", "seed"), f"{f}: train")
+    check_keys(tr, ("epochs", "lr", "patience", "seed", "batch_size"), f"{f}: train")
+    bs = tr.get("batch_size")
+    if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
+        raise ConfigError(f"{f}: train.batch_size: expected a positive integer or null (full batch), got {bs!r}")
     tr = {"epochs": tr.get("epochs", 3000), "lr": number(tr.get("lr", 0.01), f"{f}: train.lr", positive=True),
-          "patience": tr.get("patience", 300), "seed": tr.get("seed", 0)}
+          "patience": tr.get("patience", 300), "seed": tr.get("seed", 0), "batch_size": bs}
     for k in ("epochs", "patience", "seed"):
         if not isinstance(tr[k], int) or isinstance(tr[k], bool) or tr[k] < 0:
             raise ConfigError(f"{f}: train.{k}: expected a non-negative integer, got {tr[k]!r}")

@@ -105,11 +105,24 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
 
     best = (np.inf, None, 0)
     hist = {"train": [], "validation": []}
+    bs = tcfg.get("batch_size")
+    gen = torch.Generator().manual_seed(seed)  # the order of the mini-batches: on the CPU, reproducible anywhere
     for ep in range(tcfg["epochs"]):
-        opt.zero_grad()
-        lt = loss_on(tr_idx, True)
-        lt.backward()
-        opt.step()
+        if bs is None or bs >= len(tr_idx):  # full batch
+            opt.zero_grad()
+            lt = loss_on(tr_idx, True)
+            lt.backward()
+            opt.step()
+        else:  # one optimiser step per mini-batch of a fresh permutation; lt: the epoch's mean batch loss
+            perm = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(device)]
+            total = torch.zeros((), dtype=dtype, device=device)
+            for i in range(0, len(perm), bs):
+                opt.zero_grad()
+                lb = loss_on(perm[i:i + bs], True)
+                lb.backward()
+                opt.step()
+                total += lb.detach() * len(perm[i:i + bs])
+            lt = total / len(perm)
         with torch.no_grad():  # the closed-form tangent where the model has one: no graph for validation
             lv = float(loss_on(va_idx, False))
         if not np.isfinite(lv):
