@@ -53,6 +53,9 @@ def test_example_configs_validate(cfg):
         # they need the campaign log / checkpoint that fe2ml sample / train make first
         if not (ROOT / "rve_data" / "sample_tissue").exists() or not (ROOT / "results" / "surrogate_tissue").exists():
             pytest.skip("needs fe2ml sample examples/sample_tissue.yaml and fe2ml train first")
+    if cfg in ("block3d_train.yaml", "block3d_hybrid.yaml"):  # scripts/example_block3d.py --quick runs them in CI
+        if not (ROOT / "rve_data" / "block3d").exists() or not (ROOT / "results" / "surrogate_block3d").exists():
+            pytest.skip("needs fe2ml sample examples/block3d_sample.yaml and fe2ml train first")
     r = subprocess.run([str(BIN / "fe2ml"), "check", str(ROOT / "examples" / cfg)], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr

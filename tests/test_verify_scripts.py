@@ -49,3 +49,24 @@ def test_bench_learning_quick_compares_every_variant_against_plain_fe2(tmp_path)
     assert v["c"]["fallbacks_per_step"][0] == rep["points"]  # cold: the first step is all RVE
     assert "balanced_max_over_mean (e)" in rep["checks"]
     assert (tmp_path / "b" / "learning.png").stat().st_size > 5000
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_example_block3d_quick_runs_the_3d_chain_and_compares_hybrid_with_fe2(tmp_path):
+    """CI size of scripts/example_block3d.py: campaign, training, FE² and hybrid runs of the 3D block with turning
+    fibres, and the exact localization of both; the hybrid is compared with FE² point by point."""
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "example_block3d.py"), "--quick", "--out",
+                        str(tmp_path / "b")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rep["field_heterogeneity"] > 0.1  # the turning fibres make every point's F̄ its own
+    assert rep["P_rel_l2"] < 0.05 and rep["reaction"] < 0.05  # gate: predicted error 2 %
+    assert rep["cell_stretch_rel_l2_of_lambda_minus_1"] < 0.05
+    assert sum(rep["fallbacks_per_step"]) > 0 and rep["learning_rounds"] >= 1
+    for run in ("block3d_fe2", "block3d_hybrid"):
+        assert (tmp_path / "b" / "results" / run / "fields.xdmf").is_file()
+        assert (tmp_path / "b" / "results" / run / f"localization_step{rep['steps']}" / "points.xdmf").is_file()
+    assert (tmp_path / "b" / "block3d.png").stat().st_size > 10_000
