@@ -184,3 +184,31 @@ def test_repeated_homogenization_reuses_forms(cells_mesh):
     C2 = rve.homogenize().C
     assert id(rve.a_form) == form_id
     assert np.array_equal(C1, C2)
+
+
+def test_rigid_modes_of_the_reduced_space_are_translations_and_rotations():
+    """GAMG's near-nullspace: orthonormal, d + d(d-1)/2 modes, mapped to the full space they are rigid motions of
+    every node except the fixed block (periodic: the images carry their master's value)."""
+    import scipy.sparse as sp  # noqa: F401
+
+    from fe2ml.micro.reduction import build_reduction, rigid_modes
+
+    for d in (2, 3):
+        g = np.linspace(0.0, 1.0, 4)
+        X = np.array(np.meshgrid(*[g] * d, indexing="ij")).reshape(d, -1).T
+        T, n_u, fixed = build_reduction(X, np.zeros(d), np.ones(d), "affine", tol=1e-8, source="grid", n=len(X) * d)
+        M = rigid_modes(T, X, n_u)
+        k = d + d * (d - 1) // 2
+        assert M.shape == (k, n_u) and np.allclose(M @ M.T, np.eye(k), atol=1e-12)
+        inner = np.abs(T @ np.ones(n_u)).reshape(-1, d).sum(1) > 0  # the blocks the affine space keeps
+        Xi = X[inner] - X[inner].mean(0)
+        # the span of the modes holds the translation e_0 and the rotation in the (0, 1) plane of the inner nodes
+        t = np.zeros((inner.sum(), d))
+        t[:, 0] = 1.0
+        r = np.zeros((inner.sum(), d))
+        r[:, 0], r[:, 1] = -Xi[:, 1], Xi[:, 0]
+        for u in (t, r):
+            full = np.zeros((len(X), d))
+            full[inner] = u
+            red = np.asarray(T.T @ full.ravel()) / np.maximum(np.asarray(T.T @ np.ones(len(X) * d)), 1)
+            assert np.linalg.norm(red - M.T @ (M @ red)) < 1e-10 * np.linalg.norm(red)

@@ -48,6 +48,8 @@ from fe2ml.micro.reduction import (
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
+    near_nullspace,
+    rigid_modes,
     to_dolfinx,
 )
 
@@ -183,6 +185,7 @@ class HyperelasticRVE(RVEBox):
                                                  pmap=pmap)
         self.n_reduced = self.T_sp.shape[1]
         self.T = mat_from_scipy(self.T_sp)
+        self._X_blocks, self._umap, self._nns = X, umap, None
 
         # forms
         self.z = dolfinx.fem.Function(self.Z, name="state")
@@ -320,6 +323,9 @@ class HyperelasticRVE(RVEBox):
         self._Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         if self.solver == "iterative":
             self._Kr.setOption(PETSc.Mat.Option.SPD, True)
+            if self._nns is None:  # rigid-body modes of the reduced space: GAMG's coarse grids represent them
+                self._nns = near_nullspace(rigid_modes(self.T_sp, self._X_blocks, self.n_w, self._umap))
+            self._Kr.setNearNullSpace(self._nns)
         self.ksp.setOperators(self._Kr)
         try:
             self.ksp.setUp()

@@ -42,6 +42,8 @@ from fe2ml.micro.reduction import (
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
+    near_nullspace,
+    rigid_modes,
     to_dolfinx,
 )
 
@@ -160,6 +162,7 @@ class LinearRVE(RVEBox):
         self.T_sp, self.n_reduced, self._fixed_block = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source,
                                                                        n=self.ndofs)
         self.T = mat_from_scipy(self.T_sp)
+        self._X_blocks = X
         if bc == "traction":
             self.G_r = np.asarray(self.T_sp.T @ mean_gradient_constraints(V, v, d))
         # matrices and solver, created once
@@ -210,6 +213,9 @@ class LinearRVE(RVEBox):
             self._Kr = Kr
             Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
             Kr.setOption(PETSc.Mat.Option.SPD, True)
+            if self.solver == "iterative":  # rigid-body modes of the reduced space: GAMG's coarse grids keep them
+                self._nns = near_nullspace(rigid_modes(self.T_sp, self._X_blocks, self.n_reduced))
+                Kr.setNearNullSpace(self._nns)
         self.ksp.setOperators(self._Kr)
         try:
             self.ksp.setUp()

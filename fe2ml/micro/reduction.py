@@ -23,7 +23,8 @@ from fe2ml.errors import ConfigError, MeshError
 from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
 
 __all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "RVEBox", "SolverOptions", "build_reduction", "check_materials",
-           "configure_solver", "destroy_petsc", "mat_from_scipy", "mean_gradient_constraints", "to_dolfinx"]
+           "configure_solver", "destroy_petsc", "mat_from_scipy", "mean_gradient_constraints", "near_nullspace",
+           "rigid_modes", "to_dolfinx"]
 
 BCS = ("periodic", "affine", "traction")
 
@@ -135,6 +136,56 @@ def configure_solver(ksp, options: SolverOptions, *, ndofs: int, saddle: bool, f
         ksp.getPC().setType("gamg")
         ksp.setTolerances(rtol=options.rtol, atol=1e-300, max_it=options.max_it)
     return kind
+
+
+def rigid_modes(T_sp, X: np.ndarray, n_u: int, umap=None) -> np.ndarray:
+    """Rigid-body modes (translations, rotations) on the reduced displacement dofs, orthonormal, (k, n_r).
+
+    The reduced displacement dofs are node-blocked (column j d + i: block j, component i, see
+    :func:`build_reduction`). Each block gets the coordinates of one full dof it maps to. On a periodic space the
+    rotations are not exact null vectors, nor are the translations once a block is fixed, but they are the smooth,
+    low-energy modes that algebraic multigrid must represent on its coarse grids (its near-nullspace).
+
+    Args:
+        T_sp: the reduction (scipy CSR, n x n_r).
+        X: coordinates of the displacement dof blocks (nb, d).
+        n_u: number of reduced displacement dofs (the pressures, if any, follow them).
+        umap: full-vector index of displacement dof (block b, component i) at b d + i (default identity).
+    """
+    nb, d = X.shape
+    umap = np.arange(nb * d) if umap is None else np.asarray(umap)
+    blocked = np.empty(int(umap.max()) + 1, dtype=np.int64)
+    blocked[umap] = np.arange(nb * d)
+    Tc = T_sp[:, :n_u].tocsc()
+    first = Tc.indices[Tc.indptr[:-1]]  # one full dof per reduced column
+    Y = X[blocked[first[0::d]] // d]
+    Y = Y - Y.mean(axis=0)
+    nr = T_sp.shape[1]
+    modes = []
+    for i in range(d):
+        v = np.zeros(nr)
+        v[i:n_u:d] = 1.0
+        modes.append(v)
+    rots = [(0, 1)] if d == 2 else [(0, 1), (1, 2), (2, 0)]
+    for a, b in rots:  # u_a = -y_b, u_b = y_a: rotation in the (a, b) plane
+        v = np.zeros(nr)
+        v[a:n_u:d] = -Y[:, b]
+        v[b:n_u:d] = Y[:, a]
+        modes.append(v)
+    Q, _ = np.linalg.qr(np.array(modes).T)
+    return Q.T
+
+
+def near_nullspace(modes: np.ndarray):
+    """A PETSc near-nullspace of the given orthonormal modes (k, n), for algebraic multigrid."""
+    from petsc4py import PETSc
+
+    vecs = []
+    for m in modes:
+        v = PETSc.Vec().createSeq(len(m), comm=PETSc.COMM_SELF)
+        v.array[:] = m
+        vecs.append(v)
+    return PETSc.NullSpace().create(vectors=vecs, comm=PETSc.COMM_SELF)
 
 
 class RVEBox:
