@@ -111,11 +111,17 @@ class _Base(nn.Module):
         """A numpy closed form F (n,d,d) -> (P, A), or None: this model has none (torch path)."""
         return None
 
-    def evaluate(self, F, *, batch: int = 1024):
-        """Numpy in/out contract evaluation (no graph), on the model's device and dtype; float64 numpy out."""
+    def evaluate(self, F, *, batch: int | None = None):
+        """Numpy in/out contract evaluation (no graph), on the model's device and dtype; float64 numpy out.
+
+        ``batch``: points per chunk (default 1024 on the CPU, where small chunks stay in cache, and 65536 on an
+        accelerator, where large chunks fill it; the chunk bounds the memory of the tangent either way).
+        """
         import numpy as np
 
         ref = self.p_scale
+        if batch is None:
+            batch = 1024 if ref.device.type == "cpu" else 65536
         F = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(device=ref.device, dtype=ref.dtype)
         d = self.dim
         if len(F) == 0:  # a rank without points
