@@ -463,3 +463,15 @@ def test_mini_batch_training_fits_as_well_as_full_batch(tmp_path):
     bad.write_text(text.replace("seed: 1}", "seed: 1, batch_size: 0}"))
     with pytest.raises(ConfigError, match="train.batch_size: expected a positive integer or null"):
         load_train_config(bad)
+
+
+def test_members_spread_over_the_gpus_of_a_node():
+    """device cuda: member k on GPU k mod n (the members 2 ranks fit at once sit on 2 GPUs); cuda:K and cpu kept."""
+    import torch
+
+    from fe2ml.surrogate.train import member_device
+
+    assert [member_device("cuda", k, n_gpus=4).index for k in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert member_device("cuda", 3, n_gpus=1) == torch.device("cuda:0")
+    assert member_device("cuda:2", 5, n_gpus=4) == torch.device("cuda:2")
+    assert member_device("cpu", 5, n_gpus=4) == torch.device("cpu")

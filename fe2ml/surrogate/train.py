@@ -25,8 +25,8 @@ from fe2ml.surrogate.config import TrainConfig
 from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
 from fe2ml.surrogate.models import build_model
 
-__all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", "split_indices", "train",
-           "train_localization"]
+__all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", "member_device", "split_indices",
+           "train", "train_localization"]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,20 @@ def _bounds(model, F):
             "J_min": float(np.linalg.det(F).min()), "J_max": float(np.linalg.det(F).max())}
 
 
+def member_device(device: torch.device | str, k: int, n_gpus: int | None = None) -> torch.device:
+    """Where member k is fitted: ``cuda`` without an index spreads the members over the GPUs of the node.
+
+    Member k goes to GPU k mod (number of GPUs). Rank r fits the members k = r, r + size, ..., so the members the
+    ranks fit at the same time sit on different GPUs when there are as many GPUs as ranks. ``cuda:K`` and ``cpu``
+    are kept as given.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    n = torch.cuda.device_count() if n_gpus is None else n_gpus
+    return torch.device(f"cuda:{k % max(n, 1)}")
+
+
 def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kinematics: str, loss: dict,
                 train: dict, ensemble: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
                 start: list | None = None, progress=None):
@@ -202,7 +216,7 @@ def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kine
         loss: the Sobolev loss weights (as in the train YAML).
         train: the optimiser settings (as in the train YAML).
         ensemble: number of members (seeds ``train['seed'] + k``).
-        device: where the members are fitted.
+        device: where the members are fitted (``cuda``: spread over the node's GPUs, :func:`member_device`).
         dtype: of the fit.
         start: member state dicts to warm-start from (member k from ``start[k % len(start)]``, its input and stress
             scales kept); None: fresh members, scaled on the training records.
@@ -228,7 +242,7 @@ def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kine
         prog = (lambda ep, lt, lv, k=k: progress(k, ep, lt, lv)) if progress is not None else None
         try:
             hist, _ = _fit_member(model, F, P, A, tr, va, loss, train, train["seed"] + k, prog,
-                                  reinit=start is None, device=device, dtype=dtype)
+                                  reinit=start is None, device=member_device(device, k), dtype=dtype)
         except TrainingFailed as e:
             failed = str(e)
             continue
