@@ -24,6 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -260,8 +261,8 @@ class Learner:
         ck, msg = None, None
         folder = self.out / "surrogate" / f"round-{k}"
         if self.comm.rank == 0:
-            assert fitted is not None
-            core, _ = assemble_checkpoint(fitted[0], kind, margs, self.law.dim, "finite", F, P, A, tr, va, te)
+            states = cast(tuple, fitted)[0]  # fit_members returns the members on rank 0
+            core, _ = assemble_checkpoint(states, kind, margs, self.law.dim, "finite", F, P, A, tr, va, te)
             ck = {**core, "rve_fingerprint": self.fingerprint, "data_fingerprint": None, "records": int(len(F)),
                   "skipped": 0, "rve": self.rve_desc, "config": json.dumps({"learn_round": k, "step": step}),
                   "resumed_from": self.current, "train_s": time.perf_counter() - t0}

@@ -29,6 +29,7 @@ import torch
 
 from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter
+from fe2ml.errors import SolverError
 from fe2ml.laws.base import ConstitutiveLaw, PointFailure
 from fe2ml.laws.farm import RVEFarm
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
@@ -92,15 +93,26 @@ class SurrogateLaw(ConstitutiveLaw):
         self.gate = Gate(ck)
         self.model.evaluate_members(np.eye(self.dim)[None])  # set-up (numpy weights), like an RVE's form compilation
 
+    def trained(self) -> tuple[EnsembleModel, Gate]:
+        """The ensemble and its gate.
+
+        Raises:
+            SolverError: there is no model yet (a cold start of in-run learning before its first round).
+        """
+        if self.model is None or self.gate is None:
+            raise SolverError("the surrogate has no model yet: a cold start (checkpoint: null) answers with the RVE "
+                              "until the first learning round")
+        return self.model, self.gate
+
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
         t0 = time.perf_counter()
-        assert self.model is not None  # a surrogate law is built from a checkpoint
-        fast = self.model.fast_evaluator()
+        model, _ = self.trained()
+        fast = model.fast_evaluator()
         if fast is not None and len(F) <= 1024:
             P, A = fast(F)  # one member, one chunk: no ensemble bookkeeping
         else:
-            P, A = self.model.evaluate(F)
+            P, A = model.evaluate(F)
         bad = ~_finite(P, A)
         if bad.any():
             k = int(np.argmax(bad))
@@ -119,19 +131,17 @@ class SurrogateLaw(ConstitutiveLaw):
 
     def features(self, F) -> np.ndarray:
         """The network's unscaled input features of each point, (n, m)."""
-        assert self.model is not None
-        x = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(self.model.device)
-        return self.model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
+        model, _ = self.trained()
+        x = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(model.device)
+        return model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
 
     def distance(self, F) -> np.ndarray:
         """Largest relative excursion of each point's features outside the training box (0 inside)."""
-        assert self.gate is not None
-        return self.gate.box_distance(self.features(F))
+        return self.trained()[1].box_distance(self.features(F))
 
     def density_distance(self, F) -> np.ndarray:
         """Distance of each point to the nearest training record, in data-density scales."""
-        assert self.gate is not None
-        return self.gate.density_distance(self.features(F))
+        return self.trained()[1].density_distance(self.features(F))
 
 
 def _finite(P: np.ndarray, A: np.ndarray) -> np.ndarray:
@@ -189,8 +199,7 @@ class HybridLaw(SurrogateLaw):
 
     def flags(self, F: np.ndarray, Ps: np.ndarray, As: np.ndarray) -> dict[str, np.ndarray]:
         """Per-criterion flags (n,) of the points F̄ with member predictions Ps (K, n, d, d), As (K, n, d, d, d, d)."""
-        th, gate = self.thresholds, self.gate
-        assert gate is not None
+        th, (_, gate) = self.thresholds, self.trained()
         x = self.features(F)
         reasons = {"nonfinite": ~(np.isfinite(Ps).all(axis=(0, 2, 3)) & np.isfinite(As).all(axis=(0, 2, 3, 4, 5))),
                    "box": gate.box_distance(x) > th.distance}
@@ -228,9 +237,8 @@ class HybridLaw(SurrogateLaw):
                                                                                                     strict=True)])
         results = self.farm.solve(F[idx], starts, cost, points=idx)
         for k, r in zip(map(int, idx), results, strict=True):
-            if r.error is not None:
-                raise PointFailure(r.error, k)
-            assert r.P is not None and r.A is not None and r.state is not None
+            if r.error is not None or r.state is None:
+                raise PointFailure(r.error or f"point {k}: the RVE solve returned no state", k)
             P[k], A[k] = r.P, r.A
             self.trial[k] = r.state
             self.cost[k] = r.time_s
