@@ -151,7 +151,7 @@ class RVEFarm:
         if not self.balance:
             own = [self._solve_one(F[k], starts[k], int(pid[k]), cells) for k in range(n)]
             solved = sum(r.time_s for r in own)
-            self._account(solved, solved, own)
+            self._account(solved, solved)
             return own
         comm = self.comm
         dest = assign(comm.allgather(cost))[comm.rank]
@@ -163,15 +163,12 @@ class RVEFarm:
         back = [[(k, self._solve_one(Fk, s, q, cells)) for k, Fk, s, q in jobs] for jobs in recv]
         solved = sum(res.time_s for jobs in back for _, res in jobs)
         got = comm.alltoall(back)
-        results: list[SolveResult | None] = [None] * n
-        for jobs in got:
-            for k, res in jobs:
-                results[k] = res
-        done = [r for r in results if r is not None]
-        self._account(sum(r.time_s for r in done), solved, done)
-        return done
+        by_index = {k: res for jobs in got for k, res in jobs}  # every job comes back once
+        results = [by_index[k] for k in range(n)]
+        self._account(sum(r.time_s for r in results), solved)
+        return results
 
-    def _account(self, owned: float, solved: float, results: list[SolveResult]) -> None:
+    def _account(self, owned: float, solved: float) -> None:
         if self.comm is None or self.comm.size == 1:
             pairs = np.array([[owned, solved]])
         else:

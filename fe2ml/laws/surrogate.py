@@ -72,7 +72,6 @@ class SurrogateLaw(ConstitutiveLaw):
         super().__init__(dim, kinematics)
         torch.set_num_threads(1)  # one thread per rank
         self.device = resolve_device(device)
-        self.fingerprint = fingerprint
         self.ck: dict | None = None
         self.model: EnsembleModel | None = None
         self.gate: Gate | None = None

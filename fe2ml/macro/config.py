@@ -186,12 +186,8 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
                 if getattr(thresholds, key) is not None and learn.members < 2:
                     raise ConfigError(f"{f}: material.threshold.{key}: needs 2 or more members; material.learn.members "
                                       f"is {learn.members}")
-        balance = mat.get("balance", True)
-        if not isinstance(balance, bool):
-            raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
         surrogate = {"checkpoint": s_ckp_or_none, "thresholds": thresholds, "audit": audit, "device": device,
-                     "log": (base / str(mat["log"])) if mat.get("log") else None, "learn": learn,
-                     "balance": balance}
+                     "log": (base / str(mat["log"])) if mat.get("log") else None, "learn": learn}
         if kind == "hybrid" and "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
         if "rve" in mat:
@@ -199,8 +195,6 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         kin_default = "finite"
     elif kind == "rve":
         check_keys(mat, ("kind", "rve", "orientation", "balance"), f"{f}: material")
-        if not isinstance(mat.get("balance", True), bool):
-            raise ConfigError(f"{f}: material.balance: expected true or false, got {mat['balance']!r}")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
         rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
@@ -230,6 +224,9 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         if mesh.get("generate") == "tiled_rve" and mesh_rve is None:
             raise ConfigError(f"{f}: mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile "
                               "(homogenize keys or the path of a homogenize YAML)")
+    balance = mat.get("balance", True)  # kinds rve and hybrid (check_keys refuses it for the others)
+    if not isinstance(balance, bool):
+        raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
     orientation = mat.get("orientation")
     if orientation is not None:
         orientation = _orientation(orientation, f"{f}: material.orientation", dim)
@@ -322,11 +319,10 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
     if loc and kind != "rve":
         raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
-    return RunConfig(balance=bool(mat.get("balance", True)), path=p, dim=dim, mesh=mesh, kind=kind, rve=rve,
-                     analytic=analytic, kinematics=kin,
+    return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
                      warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
-                     mesh_rve=mesh_rve, pressures=prs, orientation=orientation)
+                     mesh_rve=mesh_rve, pressures=prs, orientation=orientation, balance=balance)
 
 
 def _compiled(v, names, where):
