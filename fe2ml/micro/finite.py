@@ -186,6 +186,7 @@ class HyperelasticRVE(RVEBox):
         self.n_reduced = self.T_sp.shape[1]
         self.T = mat_from_scipy(self.T_sp)
         self._X_blocks, self._umap, self._nns = X, umap, None
+        self._X_sens: np.ndarray | None = None  # the last tangent's fluctuation sensitivities (Krylov warm start)
 
         # forms
         self.z = dolfinx.fem.Function(self.Z, name="state")
@@ -195,8 +196,11 @@ class HyperelasticRVE(RVEBox):
             u, p = self.z, None
         F3 = ufl.variable(plane_strain_3d(ufl.Identity(d) + ufl.grad(u)))
         J = ufl.det(F3)
-        dx = ufl.Measure("dx", domain=msh, subdomain_data=self.phase_tags,
-                         metadata={"quadrature_degree": 2 * degree + (2 if degree == 1 else 0)})
+        # P1 on simplices: F is constant in an element and the phases' parameters are constants, so one point
+        # integrates every form exactly; otherwise a rule exact for the polynomial part of the integrands.
+        simplex = msh.topology.cell_type in (dolfinx.mesh.CellType.triangle, dolfinx.mesh.CellType.tetrahedron)
+        qdeg = 1 if simplex and degree == 1 else 2 * degree + (2 if degree == 1 else 0)
+        dx = ufl.Measure("dx", domain=msh, subdomain_data=self.phase_tags, metadata={"quadrature_degree": qdeg})
         Pi = 0
         Qexpr = {}
         for tag in mesh.tags:
@@ -277,7 +281,7 @@ class HyperelasticRVE(RVEBox):
         out.destroy()
         # (unreduced: the reduced one vanishes for homogeneous periodic cells)
         self.r_scale = float(np.linalg.norm(KU)) or 1.0
-        self.stats = {"assemble_s": 0.0, "factor_s": 0.0, "solve_s": 0.0, "factorizations": 0}
+        self.stats = {"assemble_s": 0.0, "factor_s": 0.0, "solve_s": 0.0, "factorizations": 0, "krylov_its": 0}
 
     # ---------------------------------------------------------------------------------------
     def _set_state(self, H: np.ndarray, z: np.ndarray):
@@ -338,21 +342,32 @@ class HyperelasticRVE(RVEBox):
                 self.stats["factorizations"] += 1
         return True
 
-    def _solve(self, rhs: np.ndarray) -> np.ndarray | None:
+    def _solve(self, rhs: np.ndarray, guess: np.ndarray | None = None) -> np.ndarray | None:
+        """Solve K_r x = rhs; ``guess`` is the iterative solver's initial guess (a Krylov warm start)."""
         t0 = time.perf_counter()
         b = self._Kr.createVecLeft()
         x = self._Kr.createVecRight()
         b.array[:] = rhs
+        warm = guess is not None and self.solver == "iterative"
+        if warm:
+            x.array[:] = guess
+        self.ksp.setInitialGuessNonzero(warm)
         self.ksp.solve(b, x)
         ok = self.ksp.getConvergedReason() > 0
+        self.stats["krylov_its"] += self.ksp.getIterationNumber()
         out = x.array.copy()
         b.destroy()
         x.destroy()
         self.stats["solve_s"] += time.perf_counter() - t0
         return out if ok and np.all(np.isfinite(out)) else None
 
-    def _newton(self, H, z, lam):
-        """Newton at fixed macro gradient H = F̄ − I from (z, lam). Returns (z, lam, its, R) or None."""
+    def _newton(self, H, z, lam, dH=None):
+        """Newton at fixed macro gradient H = F̄ − I from (z, lam). Returns (z, lam, its, R) or None.
+
+        ``dH`` is the jump of H from the gradient at which (z, lam) converged: with the last tangent's
+        fluctuation sensitivities X, the first increment is predicted as −X dH, the iterative solver's initial
+        guess (the Newton iterates do not depend on it).
+        """
         opts = self.newton
         z = z.copy()
         lam = lam.copy()
@@ -374,7 +389,10 @@ class HyperelasticRVE(RVEBox):
                 return None
             if not self._factor():
                 return None
-            dx_ = self._solve(-r)
+            guess = None
+            if it == 0 and dH is not None and self._X_sens is not None:
+                guess = -(self._X_sens @ dH.ravel())
+            dx_ = self._solve(-r, guess)
             if dx_ is None:
                 return None
             z += dx_[: self.n_reduced]
@@ -416,7 +434,8 @@ class HyperelasticRVE(RVEBox):
         while t < 1.0 - 1e-14:
             dt = min(dt, 1.0 - t)
             Ft = F0 + (t + dt) * (F - F0)
-            out = self._newton(Ft - np.eye(d), z, lam) if np.linalg.det(Ft) > 0 else None
+            Fz = F0 + t * (F - F0)  # where z converged
+            out = self._newton(Ft - np.eye(d), z, lam, Ft - Fz) if np.linalg.det(Ft) > 0 else None
             if out is None:
                 cuts += 1
                 if cuts > self.newton.max_cuts:
@@ -458,18 +477,28 @@ class HyperelasticRVE(RVEBox):
             u.array[:] = self.U[:, a]
             self.Kt.mult(u, out)
             KU[:, a] = out.array
-        u.destroy()
-        out.destroy()
         B = self.T_sp.T @ KU
         if self.nlam:
             B = np.vstack([B, np.zeros((self.nlam, d * d))])
         X = np.zeros_like(B)
         for a in range(d * d):
-            x = self._solve(B[:, a])
+            x = self._solve(B[:, a], None if self._X_sens is None else self._X_sens[:, a])
             if x is None:
                 raise SolverError("solve with the converged RVE Jacobian failed")
             X[:, a] = x
-        A = (self.U.T @ KU - B.T @ X) / self.volume
+        self._X_sens = X
+        # |Y| Ā = WᵀKW with W = U − T X_u, the fields of the unit gradients with their fluctuations. It equals
+        # UᵀKU − BᵀX at the exact X and its error is quadratic in X's (stationarity of the condensed energy),
+        # so the iterative solver's tolerance enters Ā squared.
+        W = self.U - self.T_sp @ X[: self.n_reduced]
+        KW = np.zeros_like(W)
+        for a in range(d * d):
+            u.array[:] = W[:, a]
+            self.Kt.mult(u, out)
+            KW[:, a] = out.array
+        u.destroy()
+        out.destroy()
+        A = 0.5 * (W.T @ KW + KW.T @ W) / self.volume
         return Pbar, A.reshape(d, d, d, d)
 
     def cell_quantities(self) -> CellQuantities:

@@ -182,6 +182,8 @@ class LinearRVE(RVEBox):
         self.ksp.setFromOptions()
         self._result: HomogenizationResult | None = None
         self._w = None
+        self._X: np.ndarray | None = None
+        self._Xfull: np.ndarray | None = None
 
     # -- core -------------------------------------------------------------------------------
     def _reduced_operator(self):
@@ -241,29 +243,38 @@ class LinearRVE(RVEBox):
         Ku = K.createVecLeft()
         r = self._Kr.createVecLeft()
         x = self._Kr.createVecRight()
-        KU = np.zeros((self.ndofs, m))
-        R = np.zeros((nr, m))
         X = np.zeros((nr, m))
         rtmp = T.createVecRight()
         for a in range(m):
             u.array[:] = self.U[:, a]
             K.mult(u, Ku)
-            KU[:, a] = Ku.array
             T.multTranspose(Ku, rtmp)
             r.array[: self.n_reduced] = -rtmp.array
             if nr > self.n_reduced:
                 r.array[self.n_reduced:] = 0.0
+            warm = self.solver == "iterative" and self._Xfull is not None
+            if warm and self._Xfull is not None:  # Krylov warm start from the last homogenization's fluctuations
+                x.array[:] = self._Xfull[:, a]
+            self.ksp.setInitialGuessNonzero(warm)
             self.ksp.solve(r, x)
             reason = self.ksp.getConvergedReason()
             if reason < 0:
                 raise SolverError(f"{self.rve_mesh.source}: RVE solve failed (KSP reason {reason})")
             X[:, a] = x.array
-            R[:, a] = r.array
+        # |Y| Ĉ = WᵀKW with W = U + T X the unit strains' fields with their fluctuations. At the exact X this is
+        # UᵀKU − RᵀX (R = −TᵀKU, X = K_r⁻¹R); its error is quadratic in X's (the energy is stationary there), so
+        # the iterative solver's tolerance enters Ĉ squared.
+        W = self.U + self.T_sp @ X[: self.n_reduced]
+        KW = np.zeros_like(W)
+        for a in range(m):
+            u.array[:] = W[:, a]
+            K.mult(u, Ku)
+            KW[:, a] = Ku.array
         for obj in (u, Ku, r, x, rtmp):
             obj.destroy()
-        # |Y| Ĉ = UᵀKU - (PᵀKU)ᵀ K_r⁻¹ (PᵀKU) = UᵀKU - Rᵀ X   (R = -PᵀKU, X = K_r⁻¹ R = fluctuations)
-        Chat = (self.U.T @ KU - R[: self.n_reduced].T @ X[: self.n_reduced]) / self.volume
+        Chat = 0.5 * (W.T @ KW + KW.T @ W) / self.volume
         self._X = X[: self.n_reduced]
+        self._Xfull = X
         d = self.d
         C = np.zeros((d, d, d, d))
         for a_, (i, j) in enumerate(VOIGT_ORDER[d]):
