@@ -42,12 +42,14 @@ from fe2ml.micro.reduction import (
     BCS,
     RVEBox,
     SolverOptions,
+    augmented_block,
     build_reduction,
     check_materials,
     configure_solver,
     destroy_petsc,
     mat_from_scipy,
     mean_gradient_constraints,
+    mixed_fieldsplit,
     near_nullspace,
     rigid_modes,
     to_dolfinx,
@@ -263,8 +265,19 @@ class HyperelasticRVE(RVEBox):
         self.ksp: Any = PETSc.KSP().create(PETSc.COMM_SELF)
         self.ksp.setOptionsPrefix(f"fe2ml_hrve{HyperelasticRVE._count}_")
         # direct: MUMPS LDLᵀ (symmetric, indefinite allowed); iterative: CG + GAMG (SolverOptions)
-        self.solver = configure_solver(self.ksp, solver or SolverOptions(), ndofs=self.n_w,
-                                       saddle=formulation == "mixed" or bc == "traction")
+        self.solver = configure_solver(self.ksp, solver or SolverOptions(), ndofs=self.n_w, saddle=bc == "traction",
+                                       mixed=formulation == "mixed")
+        self._split: Any = None
+        self._Pmat: Any = None
+        if formulation == "mixed":  # K_e/μ_e of each pressure dof's element (the field split's scaling)
+            Vp, _ = self.Z.sub(1).collapse()
+            elem_of_p = np.empty(Vp.dofmap.index_map.size_local, dtype=np.int64)
+            elem_of_p[Vp.dofmap.list[:, 0]] = np.arange(Vp.dofmap.list.shape[0])
+            ratio = {}
+            for t in mesh.tags:
+                mm = materials[t].small_strain_moduli()
+                ratio[t] = materials[t].K / mm[0] if mm is not None else 1.0
+            self._ratio = np.array([ratio[t] for t in np.asarray(self.phase_tags.values)[elem_of_p]])
         self.ksp.setFromOptions()
         # residual scale: internal force of a unit affine strain at F = I
         self._set_state(np.zeros((d, d)), np.zeros(self.n_reduced))
@@ -326,11 +339,23 @@ class HyperelasticRVE(RVEBox):
             self._Kr = self._Kr_base
         self._Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
         if self.solver == "iterative":
-            self._Kr.setOption(PETSc.Mat.Option.SPD, True)
             if self._nns is None:  # rigid-body modes of the reduced space: GAMG's coarse grids represent them
-                self._nns = near_nullspace(rigid_modes(self.T_sp, self._X_blocks, self.n_w, self._umap))
-            self._Kr.setNearNullSpace(self._nns)
-        self.ksp.setOperators(self._Kr)
+                modes = rigid_modes(self.T_sp, self._X_blocks, self.n_w, self._umap)
+                self._nns = near_nullspace(modes[:, : self.n_w])
+        if self.solver == "iterative" and self.formulation == "mixed":
+            P, dpp = augmented_block(self._Kr, self.n_w, self._ratio)
+            if self._split is None:
+                self._split = mixed_fieldsplit(self.ksp, self.n_w, self.n_reduced, self._nns, dpp * (1 + self._ratio),
+                                               self.ksp.getOptionsPrefix())
+            self.ksp.setOperators(self._Kr, P)
+            if self._Pmat is not None:
+                self._Pmat.destroy()
+            self._Pmat = P
+        else:
+            if self.solver == "iterative":
+                self._Kr.setOption(PETSc.Mat.Option.SPD, True)
+                self._Kr.setNearNullSpace(self._nns)
+            self.ksp.setOperators(self._Kr)
         try:
             self.ksp.setUp()
         except PETSc.Error:
@@ -628,7 +653,7 @@ class HyperelasticRVE(RVEBox):
 
     def close(self) -> None:
         """Free PETSc objects."""
-        destroy_petsc(self, ("ksp", "Kt", "T", "Rvec"))
+        destroy_petsc(self, ("ksp", "Kt", "T", "Rvec", "_Pmat"))
 
     def __del__(self):
         try:

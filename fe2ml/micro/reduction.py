@@ -22,9 +22,9 @@ import numpy as np
 from fe2ml.errors import ConfigError, MeshError
 from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
 
-__all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "RVEBox", "SolverOptions", "build_reduction", "check_materials",
-           "configure_solver", "destroy_petsc", "mat_from_scipy", "mean_gradient_constraints", "near_nullspace",
-           "rigid_modes", "to_dolfinx"]
+__all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "RVEBox", "SolverOptions", "augmented_block", "build_reduction",
+           "check_materials", "configure_solver", "destroy_petsc", "mat_from_scipy", "mean_gradient_constraints",
+           "mixed_fieldsplit", "near_nullspace", "rigid_modes", "to_dolfinx"]
 
 BCS = ("periodic", "affine", "traction")
 
@@ -104,42 +104,112 @@ class SolverOptions:
             raise ConfigError(f"solver: rtol in (0, 1) and max_it >= 1 expected, got {self}")
 
 
-def configure_solver(ksp, options: SolverOptions, *, ndofs: int, saddle: bool, factor: str = "cholesky") -> str:
+def configure_solver(ksp, options: SolverOptions, *, ndofs: int, saddle: bool, factor: str = "cholesky",
+                     mixed: bool = False) -> str:
     """Set up the KSP of an RVE for the chosen solver; returns ``direct`` or ``iterative``.
 
-    CG + GAMG needs a symmetric positive definite reduced system: the displacement formulation with periodic or
-    affine BCs. The mixed (u–p) formulation and minimal kinematic (traction) BCs give saddle-point systems; for
-    them ``iterative`` is refused and ``auto`` stays direct.
+    The displacement formulation with periodic or affine BCs gives a symmetric positive definite reduced system:
+    CG + GAMG. The mixed (u–p) formulation gives a symmetric saddle-point system: MINRES with a block-diagonal
+    field-split preconditioner (:func:`mixed_fieldsplit`, set up per operator by the RVE). Minimal kinematic
+    (traction) BCs give a saddle-point system in the mean-gradient multipliers, for which ``iterative`` is
+    refused and ``auto`` stays direct.
 
     Args:
         ksp: the PETSc KSP of the reduced system.
         options: the solver options.
         ndofs: displacement dofs of the RVE (for ``auto``).
-        saddle: the reduced system is a saddle-point system.
+        saddle: the reduced system has the traction BCs' multipliers.
         factor: the direct factorization (``cholesky``: MUMPS LDLᵀ, indefinite allowed; or ``lu``).
+        mixed: the reduced system is the mixed formulation's (displacements, then pressures).
 
     Raises:
-        ConfigError: ``iterative`` for a saddle-point system.
+        ConfigError: ``iterative`` with traction BCs.
     """
     kind = options.type
     if kind == "auto":
         kind = "iterative" if ndofs >= AUTO_ITERATIVE_DOFS and not saddle else "direct"
     if kind == "iterative" and saddle:
-        raise ConfigError("solver.type iterative needs the displacement formulation with periodic or affine "
-                          "BCs (the mixed formulation and traction BCs give saddle-point systems: use direct)")
+        raise ConfigError("solver.type iterative needs periodic or affine BCs (traction BCs add mean-gradient "
+                          "multipliers, a saddle-point system: use direct)")
     if kind == "direct":
         ksp.setType("preonly")
         ksp.getPC().setType(factor)
         ksp.getPC().setFactorSolverType("mumps")
-    else:
-        ksp.setType("cg")
-        ksp.getPC().setType("gamg")
-        # plain (unsmoothed) aggregation: a third of the set-up of smoothed aggregation for a few more CG
-        # iterations. The set-up is repeated at every Newton iteration, so this is the faster choice for finite
-        # strain at every size, and for a linear homogenization (d(d+1)/2 solves) up to ~100k dofs.
-        ksp.getPC().setGAMGSmooths(0)
-        ksp.setTolerances(rtol=options.rtol, atol=1e-300, max_it=options.max_it)
+        return kind
+    ksp.setTolerances(rtol=options.rtol, atol=1e-300, max_it=options.max_it)
+    if mixed:
+        ksp.setType("minres")
+        return kind
+    ksp.setType("cg")
+    ksp.getPC().setType("gamg")
+    # plain (unsmoothed) aggregation: a third of the set-up of smoothed aggregation for a few more CG
+    # iterations. The set-up is repeated at every Newton iteration, so this is the faster choice for finite
+    # strain at every size, and for a linear homogenization (d(d+1)/2 solves) up to ~100k dofs.
+    ksp.getPC().setGAMGSmooths(0)
     return kind
+
+
+def augmented_block(Kr, n_u: int, ratio: np.ndarray):
+    """The preconditioning matrix of the mixed formulation's displacement block, with the pressure block as is.
+
+    The reduced mixed system is [[A, B], [Bᵀ, −D]] with D = diag(|e|/K_e) (piecewise-constant pressures). A is
+    the deviatoric stiffness only, with nearly free volume changes, which algebraic multigrid approximates
+    poorly. The displacement block is preconditioned with the augmented A + B diag(μ_e/|e|) Bᵀ instead: the
+    volume changes get back a stiffness of the shear modulus' size, so that block is an elasticity operator of
+    moderate compressibility for any K/μ (an augmented-Lagrangian block with parameter μ).
+
+    Args:
+        Kr: the reduced PETSc operator (displacements first, n_u of them, then the pressures).
+        n_u: number of reduced displacement dofs.
+        ratio: K_e/μ_e of the element of each pressure dof.
+
+    Returns:
+        (PETSc matrix [[A + B W Bᵀ, B], [Bᵀ, −D]] with W = diag(μ_e/|e|), the diagonal −D).
+    """
+    import scipy.sparse as sp
+
+    ia, ja, va = Kr.getValuesCSR()
+    n = Kr.getSize()[0]
+    K = sp.csr_matrix((va, ja, ia), shape=(n, n))
+    B = K[:n_u, n_u:]
+    dpp = K[n_u:, n_u:].diagonal()  # −|e|/K_e
+    W = sp.diags(-1.0 / (dpp * ratio))  # μ_e/|e|
+    P = sp.bmat([[K[:n_u, :n_u] + B @ W @ B.T, B], [B.T, sp.diags(dpp)]], format="csr")
+    return mat_from_scipy(P), dpp
+
+
+def mixed_fieldsplit(ksp, n_u: int, n: int, nns, schur_diag: np.ndarray, prefix: str):
+    """Block-diagonal (Schur ``diag``) field split of the mixed formulation on a KSP with operators set.
+
+    Displacement block: one V-cycle of GAMG (plain aggregation, rigid-body near-nullspace ``nns``) on the
+    augmented block of :func:`augmented_block`. Pressure block: the diagonal ``schur_diag`` =
+    −|e| (1/K_e + 1/μ_e), spectrally equivalent to the Schur complement −D − Bᵀ A⁻¹ B for an inf-sup stable
+    pair (P2–P0) uniformly in K/μ. PETSc flips its sign so the preconditioner is positive definite, as MINRES
+    needs.
+    """
+    from petsc4py import PETSc
+
+    pc = ksp.getPC()
+    pc.setType("fieldsplit")
+    isu = PETSc.IS().createStride(n_u, 0, 1, comm=PETSc.COMM_SELF)
+    isu.compose("nearnullspace", nns)
+    isp = PETSc.IS().createStride(n - n_u, n_u, 1, comm=PETSc.COMM_SELF)
+    pc.setFieldSplitIS(("u", isu), ("p", isp))
+    pc.setFieldSplitType(PETSc.PC.CompositeType.SCHUR)
+    pc.setFieldSplitSchurFactType(PETSc.PC.FieldSplitSchurFactType.DIAG)
+    S = PETSc.Mat().createAIJ(size=(n - n_u, n - n_u), nnz=1, comm=PETSc.COMM_SELF)
+    S.setDiagonal(PETSc.Vec().createWithArray(np.ascontiguousarray(schur_diag, dtype=np.float64),
+                                              comm=PETSc.COMM_SELF))
+    S.assemble()
+    pc.setFieldSplitSchurPreType(PETSc.PC.FieldSplitSchurPreType.USER, S)
+    opts = PETSc.Options()
+    for key, val in (("fieldsplit_u_ksp_type", "preonly"), ("fieldsplit_u_pc_type", "gamg"),
+                     ("fieldsplit_u_pc_gamg_agg_nsmooths", 0), ("fieldsplit_p_ksp_type", "preonly"),
+                     ("fieldsplit_p_pc_type", "jacobi")):
+        if not opts.hasName(prefix + key):
+            opts[prefix + key] = val
+    ksp.setFromOptions()
+    return isu, isp, S
 
 
 def rigid_modes(T_sp, X: np.ndarray, n_u: int, umap=None) -> np.ndarray:
