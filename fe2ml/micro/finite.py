@@ -186,7 +186,7 @@ class HyperelasticRVE(RVEBox):
         self.T_sp, self.n_w, _ = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source, n=n, umap=umap,
                                                  pmap=pmap)
         self.n_reduced = self.T_sp.shape[1]
-        self.T = mat_from_scipy(self.T_sp)
+        self.T = mat_from_scipy(self.T_sp, bsize=d if formulation == "displacement" else 1)
         self._X_blocks, self._umap, self._nns = X, umap, None
         self._X_sens: np.ndarray | None = None  # the last tangent's fluctuation sensitivities (Krylov warm start)
 
@@ -523,7 +523,7 @@ class HyperelasticRVE(RVEBox):
             KW[:, a] = out.array
         u.destroy()
         out.destroy()
-        A = 0.5 * (W.T @ KW + KW.T @ W) / self.volume
+        A = W.T @ KW / self.volume
         return Pbar, A.reshape(d, d, d, d)
 
     def cell_quantities(self) -> CellQuantities:

@@ -161,7 +161,7 @@ class LinearRVE(RVEBox):
         # prolongation P (n x n_r) and, for traction, the constraint matrix G (n_r x d²)
         self.T_sp, self.n_reduced, self._fixed_block = build_reduction(X, lo, hi, bc, tol=tol, source=mesh.source,
                                                                        n=self.ndofs)
-        self.T = mat_from_scipy(self.T_sp)
+        self.T = mat_from_scipy(self.T_sp, bsize=d)
         self._X_blocks = X
         if bc == "traction":
             self.G_r = np.asarray(self.T_sp.T @ mean_gradient_constraints(V, v, d))
@@ -272,7 +272,7 @@ class LinearRVE(RVEBox):
             KW[:, a] = Ku.array
         for obj in (u, Ku, r, x, rtmp):
             obj.destroy()
-        Chat = 0.5 * (W.T @ KW + KW.T @ W) / self.volume
+        Chat = W.T @ KW / self.volume
         self._X = X[: self.n_reduced]
         self._Xfull = X
         d = self.d

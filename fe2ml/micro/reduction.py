@@ -57,14 +57,19 @@ def to_dolfinx(comm, rm: RVEMesh):
     return msh, tags, rm.cell_ids[orig]
 
 
-def mat_from_scipy(S):
-    """A sequential PETSc AIJ matrix from a scipy sparse matrix."""
+def mat_from_scipy(S, bsize: int = 1):
+    """A sequential PETSc AIJ matrix from a scipy sparse matrix (``bsize``: its row and column block size).
+
+    The reduction T of a displacement space has the nodal blocks of d dofs on both sides; with ``bsize = d`` the
+    reduced operator TᵀKT inherits them, and GAMG aggregates nodes instead of single dofs (half the set-up).
+    """
     from petsc4py import PETSc
 
     S = S.tocsr()
     S.sort_indices()
-    M = PETSc.Mat().createAIJ(size=S.shape, csr=(S.indptr.astype(PETSc.IntType), S.indices.astype(PETSc.IntType),
-                                                 S.data), comm=PETSc.COMM_SELF)
+    M = PETSc.Mat().createAIJ(size=S.shape, bsize=bsize, csr=(S.indptr.astype(PETSc.IntType),
+                                                              S.indices.astype(PETSc.IntType), S.data),
+                              comm=PETSc.COMM_SELF)
     M.assemble()
     return M
 
