@@ -10,7 +10,7 @@ Keys (see README for the full reference)::
     strains: [[..], ..]                     optional list of macro strains (d x d) to report σ̄ for
     tol: float                              periodic node matching tolerance (relative), default 1e-8
     kinematics, formulation, F, load_path, newton, fields   finite strain
-    solver: {type: auto | direct | iterative, rtol: 1e-6, max_it: 1000}   the reduced linear systems
+    solver: {type: auto | direct | iterative, rtol: 1e-5, max_it: 1000}   the reduced linear systems
 
 :func:`build_rve` is the one place where an RVE solver is built from a validated config.
 """
@@ -229,7 +229,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if not isinstance(mi, int) or isinstance(mi, bool):
         raise ConfigError(f"{f}: solver.max_it: expected a positive integer, got {mi!r}")
     try:  # SolverOptions checks the type name and the ranges
-        solver = SolverOptions(type=sv.get("type", "auto"), rtol=number(sv.get("rtol", 1e-6), f"{f}: solver.rtol"),
+        solver = SolverOptions(type=sv.get("type", "auto"), rtol=number(sv.get("rtol", 1e-5), f"{f}: solver.rtol"),
                                max_it=mi)
     except ConfigError as e:
         raise ConfigError(f"{f}: {e}") from None

@@ -99,7 +99,7 @@ class SolverOptions:
     """
 
     type: str = "auto"
-    rtol: float = 1e-6
+    rtol: float = 1e-5
     max_it: int = 1000
 
     def __post_init__(self) -> None:
