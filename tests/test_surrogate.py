@@ -465,6 +465,60 @@ def test_mini_batch_training_fits_as_well_as_full_batch(tmp_path):
         load_train_config(bad)
 
 
+@pytest.mark.serial
+def test_streamed_training_reads_tangents_from_the_logs(tmp_path, monkeypatch):
+    """train.stream: mini-batches whose tangents a DataLoader reads from the HDF5 logs (with worker processes).
+
+    The fit reaches the analytic neo-Hookean response; it is the same with 0 and 2 workers; records with a
+    non-finite tangent are left out where they are read; the training tangents are never read as a whole.
+    """
+    from fe2ml.data.reader import StreamedField
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
+
+    _synthetic_log(tmp_path / "log", n=200, seed=0)
+    _synthetic_log(tmp_path / "log", n=200, seed=1)
+    rng = np.random.default_rng(5)
+    F = np.eye(2) + rng.uniform(-0.15, 0.15, (20, 2, 2))
+    P = np.array([nh_response(f, 1.0, 3.0)[0] for f in F])
+    A = np.full((20, 2, 2, 2, 2), np.nan)  # a part without tangents: dropped from the batches and the splits
+    with LogWriter(tmp_path / "log", "s9", 0, fingerprint="nh", attrs={"kinematics": "finite", "source_id": "syn",
+                                                                       "rve": "{}"}, dim=2) as w:
+        w.add(F, P, A, point_id=np.arange(20))
+    text = textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 150")
+    reads = []
+    base = StreamedField.__getitem__
+
+    def counting(self, idx):
+        out = base(self, idx)
+        reads.append(len(out))
+        return out
+
+    monkeypatch.setattr(StreamedField, "__getitem__", counting)
+    monkeypatch.setattr("fe2ml.surrogate.train.STREAM_METRIC_RECORDS", 50)  # the train split's metrics: 50 records
+    res = {}
+    for workers in (0, 2):
+        cfg = tmp_path / f"w{workers}.yaml"
+        cfg.write_text(text.replace("seed: 1}", f"seed: 1, batch_size: 32, stream: true, workers: {workers}}}")
+                       .replace("output: out", f"output: w{workers}"))
+        res[workers] = train(MPI.COMM_SELF, load_train_config(cfg), quiet=True)
+    r0, r2 = res[0], res[2]
+    assert r0["records"] == 420 and r0["skipped"] == 0
+    assert r0["metrics"]["test"]["stress_rel_l2"] < 0.02 and r0["metrics"]["test"]["tangent_rel_l2"] < 0.1
+    assert np.isfinite(r0["metrics"]["train"]["tangent_rel_l2"])
+    assert r0["metrics"] == r2["metrics"]  # the workers read, the sampler (main process) orders: the same fit
+    assert r0["metrics"]["train"]["n"] <= 50
+    assert max(reads) < 0.5 * 420  # validation, test and 50 training records; the training tangents come in blocks
+    bad = tmp_path / "bad.yaml"
+    for repl, msg in (("seed: 1, stream: true}", "train.stream reads mini-batches from the logs: it needs "
+                                                 "train.batch_size"),
+                      ("seed: 1, batch_size: 8, workers: 2}", "train.workers are the processes that read streamed"),
+                      ("seed: 1, batch_size: 8, stream: 1}", "train.stream: expected true or false")):
+        bad.write_text(text.replace("seed: 1}", repl))
+        with pytest.raises(ConfigError, match=msg):
+            load_train_config(bad)
+
+
 def test_members_spread_over_the_gpus_of_a_node():
     """device cuda: member k on GPU k mod n (the members 2 ranks fit at once sit on 2 GPUs); cuda:K and cpu kept."""
     import torch

@@ -11,7 +11,7 @@ import numpy as np
 
 from fe2ml.data.schema import LogError, dataset_names, fill_value, open_part
 
-__all__ = ["LogData", "find_parts", "intact_rows", "read_logs"]
+__all__ = ["LogData", "RowBlocks", "StreamedField", "find_parts", "intact_rows", "read_logs"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class LogData:
         dim: dimension; kinematics: small | finite.
         arrays: field name -> array with leading dimension n (see the schema in :mod:`fe2ml.data.log`).
         source: (n,) source id of every record; parts: the part files; attrs: attributes of each part.
+        locations: (n, 2) part index (into ``parts``) and row of every record, when read with ``locate=True``.
     """
 
     fingerprint: str
@@ -57,6 +58,7 @@ class LogData:
     source: np.ndarray
     parts: list = field(default_factory=list)
     attrs: list = field(default_factory=list)
+    locations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrays["F"])
@@ -71,7 +73,7 @@ class LogData:
 
 
 def read_logs(paths, *, fingerprint: str | None = None, source: str | None = None, converged_only: bool = False,
-              fields=None) -> LogData:
+              fields=None, locate: bool = False) -> LogData:
     """Read and merge log parts.
 
     Args:
@@ -80,6 +82,7 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
         source: keep only parts whose ``source_id`` or ``source_kind`` equals this.
         converged_only: drop non-converged (intermediate Newton) records.
         fields: restrict to these fields (default: all of the first part).
+        locate: also return where each record lies (``LogData.locations``), to read other fields later.
 
     Returns:
         :class:`LogData`.
@@ -106,8 +109,9 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
                        + (f" and source {source!r}" if source else ""))
     arrays: dict[str, list] = {}
     srcs = []
+    locs = []
     names = None
-    for p, m in sel:
+    for ip, (p, m) in enumerate(sel):
         with open_part(p) as f:
             if names is None:
                 names = fields or dataset_names(f)
@@ -118,19 +122,125 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
                 n, keep = intact_rows(f, p)
                 for k in names:
                     arrays.setdefault(k, []).append(f[k][:n][keep])
+                rows = np.flatnonzero(keep)
+                locs.append(np.stack([np.full(len(rows), ip), rows], axis=1))
             except (OSError, KeyError) as e:
                 raise LogError(f"{p}: records cannot be read ({str(e).splitlines()[0]}); the file is corrupt or "
                                "truncated") from None
             srcs.append(np.full(int(keep.sum()), str(m.get("source_id", p.stem)), dtype=object))
     data = {k: np.concatenate(v) for k, v in arrays.items()}
     src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=object)
+    loc = np.concatenate(locs).astype(np.int64) if locs else np.zeros((0, 2), dtype=np.int64)
     if converged_only and "converged" in data:
         keep = data["converged"] == 1
         data = {k: v[keep] for k, v in data.items()}
         src = src[keep]
+        loc = loc[keep]
     m0 = sel[0][1]
     return LogData(fingerprint=fingerprint, dim=int(m0["dim"]), kinematics=str(m0.get("kinematics", "finite")),
-                   arrays=data, source=src, parts=[p for p, _ in sel], attrs=[m for _, m in sel])
+                   arrays=data, source=src, parts=[p for p, _ in sel], attrs=[m for _, m in sel],
+                   locations=loc if locate else None)
+
+
+class _LazyParts:
+    """Part files opened on first use in the process that reads them (DataLoader workers fork before that)."""
+
+    parts: list
+
+    def _file(self, k):
+        import os
+
+        if getattr(self, "_pid", None) != os.getpid():  # a new worker: never reuse handles across a fork
+            self._files: dict = {}
+            self._pid = os.getpid()
+        if k not in self._files:
+            self._files[k] = open_part(self.parts[k])
+        return self._files[k]
+
+    def close(self) -> None:
+        """Close the files this process opened (before a DataLoader forks its workers)."""
+        for f in getattr(self, "_files", {}).values():
+            f.close()
+        self._files = {}
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_pid")}
+
+
+class StreamedField(_LazyParts):
+    """One field of logged records, left in the files and read on demand (``A[idx]`` reads those records).
+
+    Args:
+        parts: the part files (``LogData.parts``).
+        locations: (n, 2) part index and row of every record (``LogData.locations``).
+        name: the field (e.g. ``A``).
+        chunk: rows read at a time when gathering scattered records.
+    """
+
+    def __init__(self, parts, locations: np.ndarray, name: str, *, chunk: int = 65536):
+        self.parts = [str(p) for p in parts]
+        self.locations = np.asarray(locations, dtype=np.int64)
+        self.name = name
+        self.chunk = chunk
+        with open_part(self.parts[0]) as f:
+            self.row_shape = tuple(f[name].shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        out = np.empty((len(idx), *self.row_shape))
+        loc = self.locations[idx]
+        for k in np.unique(loc[:, 0]):
+            sel = np.flatnonzero(loc[:, 0] == k)
+            rows = loc[sel, 1]
+            order = np.argsort(rows)
+            sel, rows = sel[order], rows[order]
+            ds = self._file(int(k))[self.name]
+            for lo in range(int(rows[0]), int(rows[-1]) + 1, self.chunk):  # bounded reads, however scattered
+                a, b = np.searchsorted(rows, [lo, lo + self.chunk])
+                if a < b:
+                    slab = ds[lo:min(int(rows[b - 1]) + 1, lo + self.chunk)]
+                    out[sel[a:b]] = slab[rows[a:b] - lo]
+        return out
+
+    def blocks(self, records, size: int) -> RowBlocks:
+        """The given records in blocks of ``size`` consecutive log rows, for a DataLoader."""
+        return RowBlocks(self, records, size)
+
+
+class RowBlocks(_LazyParts):
+    """A torch map-style dataset of blocks of records: item b = (record indices, their rows of one field).
+
+    The records are sorted by part and row and cut into blocks of ``size``; a block is read with one contiguous
+    read, and its rows with non-finite values are left out. Shuffling the blocks (``DataLoader(shuffle=True)``)
+    changes the order of the mini-batches from epoch to epoch, not their members.
+    """
+
+    def __init__(self, field_: StreamedField, records, size: int):
+        self.parts, self.name = field_.parts, field_.name
+        records = np.asarray(records, dtype=np.int64)
+        loc = field_.locations[records]
+        order = np.lexsort((loc[:, 1], loc[:, 0]))
+        records, loc = records[order], loc[order]
+        self.blocks = []
+        for k in np.unique(loc[:, 0]):
+            sel = np.flatnonzero(loc[:, 0] == k)
+            for i in range(0, len(sel), size):
+                s_ = sel[i:i + size]
+                self.blocks.append((int(k), records[s_], loc[s_, 1]))
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, b):
+        import torch
+
+        k, recs, rows = self.blocks[b]
+        vals = self._file(k)[self.name][int(rows[0]):int(rows[-1]) + 1][rows - rows[0]]
+        ok = np.isfinite(vals.reshape(len(vals), -1)).all(axis=1)
+        return torch.as_tensor(recs[ok]), torch.as_tensor(vals[ok])
 
 
 def intact_rows(f, p) -> tuple[int, np.ndarray]:

@@ -8,8 +8,10 @@ Keys::
     model: {kind: potential | plain | localization, hidden: [16, 16], features: general | isotropic, convex: false}
     loss: {stress: 1.0, tangent: 0.1, relative: false}   Sobolev loss weights (tangent > 0 needs tangents)
     split: {validation: 0.15, test: 0.15, seed: 0}
-    train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0, batch_size: null}
+    train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0, batch_size: null, stream: false, workers: 0}
                                       batch_size: records per optimiser step (null: full batch, for small data)
+                                      stream: read the mini-batches' tangents from the logs (F̄, P̄ in memory)
+                                      workers: processes reading them (a torch DataLoader), stream only
     ensemble: 1                       K members (seeds seed..seed+K-1), spread over the MPI ranks
     output: PATH                      folder for checkpoint.pt, metrics.json, loss.png, parity plots
     device: auto | cpu | cuda | cuda:K   where the members are fitted (auto: CUDA when available)
@@ -106,12 +108,26 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if not (0 < split["validation"] < 1 and 0 <= split["test"] < 1 and split["validation"] + split["test"] < 0.9):
         raise ConfigError(f"{f}: split: validation in (0, 1), test in [0, 1), together < 0.9")
     tr = dict(raw.get("train", {}) or {})
-    check_keys(tr, ("epochs", "lr", "patience", "seed", "batch_size"), f"{f}: train")
+    check_keys(tr, ("epochs", "lr", "patience", "seed", "batch_size", "stream", "workers"), f"{f}: train")
     bs = tr.get("batch_size")
     if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
         raise ConfigError(f"{f}: train.batch_size: expected a positive integer or null (full batch), got {bs!r}")
+    stream, workers = tr.get("stream", False), tr.get("workers", 0)
+    if not isinstance(stream, bool):
+        raise ConfigError(f"{f}: train.stream: expected true or false, got {stream!r}")
+    if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= 64:
+        raise ConfigError(f"{f}: train.workers: expected an integer 0..64, got {workers!r}")
+    if stream and bs is None:
+        raise ConfigError(f"{f}: train.stream reads mini-batches from the logs: it needs train.batch_size")
+    if workers and not stream:
+        raise ConfigError(f"{f}: train.workers are the processes that read streamed mini-batches: they need "
+                          "train.stream: true")
+    if model["kind"] == "localization" and (bs is not None or stream or workers):
+        raise ConfigError(f"{f}: train.batch_size/stream/workers: model.kind localization trains full batch in "
+                          "memory")
     tr = {"epochs": tr.get("epochs", 3000), "lr": number(tr.get("lr", 0.01), f"{f}: train.lr", positive=True),
-          "patience": tr.get("patience", 300), "seed": tr.get("seed", 0), "batch_size": bs}
+          "patience": tr.get("patience", 300), "seed": tr.get("seed", 0), "batch_size": bs, "stream": stream,
+          "workers": workers}
     for k in ("epochs", "patience", "seed"):
         if not isinstance(tr[k], int) or isinstance(tr[k], bool) or tr[k] < 0:
             raise ConfigError(f"{f}: train.{k}: expected a non-negative integer, got {tr[k]!r}")

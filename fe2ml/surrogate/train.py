@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
-from fe2ml.data.reader import read_logs
+from fe2ml.data.reader import StreamedField, read_logs
 from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.plotting import plot_calibration, plot_lines, plot_parity
 from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint, resolve_device
@@ -30,30 +30,46 @@ __all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", 
 
 log = logging.getLogger(__name__)
 
+STREAM_METRIC_RECORDS = 20000  # a streamed fit's train-split metrics are measured on this many of its records
+
 
 def _rel(a, b):
     return float(np.sqrt(np.sum((a - b) ** 2)) / max(np.sqrt(np.sum(b**2)), 1e-300))
 
 
 def load_data(cfg: TrainConfig):
-    """Records for training: (F, P, A, info) with NaN/inf records removed (counted)."""
+    """Records for training: (F, P, A, info) with NaN/inf records removed (counted).
+
+    With ``train.stream`` the tangents stay in the log files: A is a :class:`~fe2ml.data.reader.StreamedField`
+    (``A[idx]`` reads those records), and records whose tangent is not finite are dropped where they are read.
+    """
+    stream = cfg.train.get("stream", False)
     data = read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, converged_only=True,
-                     fields=["F", "P", "A", "converged"])
-    F, P, A = data["F"], data["P"], data["A"]
+                     fields=["F", "P", "converged"] if stream else ["F", "P", "A", "converged"], locate=stream)
+    F, P = data["F"], data["P"]
     need_A = cfg.loss["tangent"] > 0
     ok = np.isfinite(F).all(axis=(1, 2)) & np.isfinite(P).all(axis=(1, 2))
-    if need_A:
-        hasA = np.isfinite(A).reshape(len(A), -1).all(axis=1)
-        if len(A) and not hasA.any():
+    if need_A and not stream:
+        hasA = np.isfinite(data["A"]).reshape(len(F), -1).all(axis=1)
+        if len(F) and not hasA.any():
             raise ConfigError(f"{cfg.path}: loss.tangent > 0 but the logs hold no tangents; set loss.tangent: 0")
         ok &= hasA
     skipped = int((~ok).sum())
-    F, P, A = F[ok], P[ok], A[ok]
+    F, P = F[ok], P[ok]
+    A = StreamedField(data.parts, data.locations[ok], "A") if stream else data["A"][ok]
     if len(F) < 20:
         raise ConfigError(f"{cfg.path}: only {len(F)} usable records (need at least 20 for train/validation/test)")
     info = {"fingerprint": data.fingerprint, "dim": data.dim, "kinematics": data.kinematics, "skipped": skipped,
             "records": int(len(F)), "rve": data.rve}
     return F, P, A, info
+
+
+def _finite_tangents(A, idx: np.ndarray, path) -> np.ndarray:
+    """The records of ``idx`` whose streamed tangent is finite (validation and test splits of a streamed fit)."""
+    ok = np.isfinite(A[idx].reshape(len(idx), -1)).all(axis=1)
+    if len(idx) and not ok.any():
+        raise ConfigError(f"{path}: loss.tangent > 0 but the logs hold no tangents; set loss.tangent: 0")
+    return idx[ok]
 
 
 class TrainingFailed(Fe2mlError):
@@ -71,7 +87,11 @@ def split_indices(n: int, split: dict) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=None, reinit=True,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64):
-    """Fit one member on ``device`` in ``dtype`` (initialised reproducibly on the CPU in float64 first)."""
+    """Fit one member on ``device`` in ``dtype`` (initialised reproducibly on the CPU in float64 first).
+
+    ``A`` is an array, or a :class:`~fe2ml.data.reader.StreamedField` (``train.stream``): then the mini-batches'
+    tangents are read from the logs by a DataLoader with ``train.workers`` processes, F̄ and P̄ stay in memory.
+    """
     torch.manual_seed(seed)
     if reinit:
         for prm in model.parameters():  # initialise reproducibly
@@ -80,9 +100,20 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
             else:
                 torch.nn.init.zeros_(prm)
     model.to(device=device, dtype=dtype)
-    Ft, Pt, At = (torch.as_tensor(x).to(device=device, dtype=dtype) for x in (F, P, A))
+    stream = isinstance(A, StreamedField)
+    Ft, Pt = (torch.as_tensor(x).to(device=device, dtype=dtype) for x in (F, P))
+    A_va = np.asarray(A[va_idx])  # read once when streamed
+    if stream:
+        A.close()  # no open file before the DataLoader forks
+        At = None
+    else:
+        At = torch.as_tensor(A).to(device=device, dtype=dtype)
+    Ava_t = torch.as_tensor(A_va).to(device=device, dtype=dtype)
+    if loss_w["tangent"] > 0:  # the tangent's scale: over the training records (the validation ones when streamed)
+        a_scale = float(np.sqrt(np.mean(A_va ** 2))) if stream else float(np.sqrt(np.mean(A[tr_idx] ** 2)))
+    else:
+        a_scale = 1.0
     tr_idx, va_idx = (torch.as_tensor(i, device=device) for i in (tr_idx, va_idx))
-    a_scale = float(np.sqrt(np.mean(A[tr_idx] ** 2))) if loss_w["tangent"] > 0 else 1.0
     p_scale = float(model.p_scale)
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(tcfg["patience"] // 4, 10))
@@ -96,46 +127,65 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
     else:
         wts = torch.ones(len(Pt), dtype=dtype, device=device)
 
-    def loss_on(idx, create_graph):
+    def loss_of(idx, Ab, create_graph):
         Pp, Ap = model.stress_tangent(Ft[idx], create_graph=create_graph)
         lp = torch.mean(wts[idx][:, None, None] * (Pp - Pt[idx]) ** 2) / p_scale**2
-        la = (torch.mean((Ap - At[idx]) ** 2) / a_scale**2 if loss_w["tangent"] > 0
+        la = (torch.mean((Ap - Ab) ** 2) / a_scale**2 if loss_w["tangent"] > 0
               else torch.zeros((), dtype=dtype, device=device))
         return loss_w["stress"] * lp + loss_w["tangent"] * la
+
+    def step(idx, Ab):
+        opt.zero_grad()
+        lb = loss_of(idx, Ab, True)
+        lb.backward()
+        opt.step()
+        return lb.detach() * len(idx)
 
     best = (np.inf, None, 0)
     hist = {"train": [], "validation": []}
     bs = tcfg.get("batch_size")
     gen = torch.Generator().manual_seed(seed)  # the order of the mini-batches: on the CPU, reproducible anywhere
+    loader = None
+    if stream:
+        workers = tcfg.get("workers", 0)
+        blocks = A.blocks(tr_idx.cpu().numpy(), bs)
+        # the sampler has its own generator: the DataLoader draws worker seeds from its generator once per
+        # iterator, which with and without persistent workers would shift a shared one
+        loader = torch.utils.data.DataLoader(blocks, batch_size=None,
+                                             sampler=torch.utils.data.RandomSampler(blocks, generator=gen),
+                                             generator=torch.Generator().manual_seed(seed),
+                                             num_workers=workers, persistent_workers=workers > 0)
     for ep in range(tcfg["epochs"]):
-        if bs is None or bs >= len(tr_idx):  # full batch
-            opt.zero_grad()
-            lt = loss_on(tr_idx, True)
-            lt.backward()
-            opt.step()
+        if loader is not None:  # mini-batches of streamed tangents; lt: the epoch's mean batch loss
+            total, count = torch.zeros((), dtype=dtype, device=device), 0
+            for ridx, Ab in loader:
+                if len(ridx):
+                    ridx = ridx.to(device)
+                    total += step(ridx, Ab.to(device=device, dtype=dtype))
+                    count += len(ridx)
+            lt = total / max(count, 1)
+        elif bs is None or bs >= len(tr_idx):  # full batch
+            lt = step(tr_idx, At[tr_idx]) / len(tr_idx)
         else:  # one optimiser step per mini-batch of a fresh permutation; lt: the epoch's mean batch loss
             perm = tr_idx[torch.randperm(len(tr_idx), generator=gen).to(device)]
             total = torch.zeros((), dtype=dtype, device=device)
             for i in range(0, len(perm), bs):
-                opt.zero_grad()
-                lb = loss_on(perm[i:i + bs], True)
-                lb.backward()
-                opt.step()
-                total += lb.detach() * len(perm[i:i + bs])
+                total += step(perm[i:i + bs], At[perm[i:i + bs]])
             lt = total / len(perm)
         with torch.no_grad():  # the closed-form tangent where the model has one: no graph for validation
-            lv = float(loss_on(va_idx, False))
+            lv = float(loss_of(va_idx, Ava_t, False))
         if not np.isfinite(lv):
             lv = np.inf
         sched.step(lv)
-        hist["train"].append(float(lt.detach()))
+        hist["train"].append(float(lt))
         hist["validation"].append(lv)
         if lv < best[0]:
             best = (lv, {k: v.detach().clone() for k, v in model.state_dict().items()}, ep)
         elif ep - best[2] > tcfg["patience"]:
             break
         if progress is not None and (ep % 100 == 0 or ep == tcfg["epochs"] - 1):
-            progress(ep, float(lt.detach()), lv)
+            progress(ep, float(lt), lv)
+    del loader
     if best[1] is None:
         raise TrainingFailed(f"member with seed {seed}: the loss was never finite (train {hist['train'][-1]:.3g})")
     model.load_state_dict(best[1])
@@ -261,15 +311,18 @@ def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kine
     return [allm[k] for k in range(ensemble)], allh
 
 
-def assemble_checkpoint(states: list, kind: str, margs: dict, dim: int, kinematics: str, F, P, A, tr, va, te):
+def assemble_checkpoint(states: list, kind: str, margs: dict, dim: int, kinematics: str, F, P, A, tr, va, te,
+                        tr_metrics=None):
     """The data-dependent part of a checkpoint: model, members, metrics, training box, density, floor, calibration.
+
+    ``tr_metrics``: the training records the train split's metrics are computed on (default all of ``tr``).
 
     Returns:
         ``(core, predictions)``: the checkpoint entries and the ensemble's (P̄, Ā) predictions per split.
     """
     ens = EnsembleModel.from_states(kind, dim, kinematics, margs, states)
     metrics, preds = {}, {}
-    for name, idx in (("train", tr), ("validation", va), ("test", te)):
+    for name, idx in (("train", tr if tr_metrics is None else tr_metrics), ("validation", va), ("test", te)):
         if len(idx) == 0:
             continue
         Pp, Ap = ens.evaluate(F[idx])
@@ -320,6 +373,12 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         except OSError as e:
             raise ConfigError(f"{cfg.path}: output {cfg.output} cannot be created ({e.strerror})") from None
     tr, va, te = split_indices(len(F), cfg.split)
+    tr_metrics = None
+    if cfg.train.get("stream"):
+        tr_metrics = tr[:STREAM_METRIC_RECORDS]  # a random subset (tr is a permutation): the tangents stay on disk
+        if cfg.loss["tangent"] > 0:
+            va, te = _finite_tangents(A, va, cfg.path), _finite_tangents(A, te, cfg.path)
+            tr_metrics = _finite_tangents(A, tr_metrics, cfg.path)
     margs = {k: v for k, v in cfg.model.items() if k != "kind"}
     if cfg.model["kind"] == "plain":
         margs = {"hidden": tuple(cfg.model["hidden"])}
@@ -342,7 +401,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         return {}
     states, allh = fitted
     core, preds = assemble_checkpoint(states, cfg.model["kind"], margs, info["dim"], info["kinematics"], F, P, A,
-                                      tr, va, te)
+                                      tr, va, te, tr_metrics)
     metrics, calibration = core["metrics"], core["calibration"]
     dfp = hashlib.sha256(np.ascontiguousarray(F).tobytes() + np.ascontiguousarray(P).tobytes()).hexdigest()[:16]
     ckpt = {**core, "rve_fingerprint": info["fingerprint"],
