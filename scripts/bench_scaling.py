@@ -7,7 +7,10 @@ the script prints and writes:
 - the strong-scaling efficiency T1 / (k Tk);
 - the RVE phase time (the slowest rank's constitutive time) and its efficiency;
 - the time per RVE solve per rank (the RVE phase time × ranks / solves: constant for ideal scaling);
-- the load balance (max over mean of the ranks' constitutive times).
+- the load balance (max over mean of the ranks' constitutive times);
+- the time per RVE solve split into assembly, factorization, the solves, the farm's collectives (moving jobs and
+  results, and waiting there for the slowest rank of each evaluation) and the rest (mean over the ranks): the phase
+  that grows with the rank count is the one that ranks sharing a machine slow down.
 
 Results go to `results/bench_scaling/` as `table.md`, `scaling.json` and `scaling.png`.
 
@@ -54,9 +57,16 @@ def main():
             raise SystemExit(f"bench_scaling: the {k}-rank run failed:\n{r.stderr[-2000:]}")
         s = json.loads((out / f"ranks{k}" / "summary.json").read_text())
         rve_s = s["time_split_s"]["rve_or_constitutive"]
+        per_solve = {}  # mean over the ranks of each phase's seconds, per RVE solve per rank
+        phases = s.get("rve_phases_per_rank_s") or []
+        for ph in ("assemble_s", "factor_s", "solve_s", "exchange_s"):
+            per_solve[ph] = sum(p_.get(ph, 0.0) for p_ in phases) / max(s["rve_solves"], 1)
+        per_solve["other_s"] = sum(s["constitutive_time_per_rank_s"]) / max(s["rve_solves"], 1) - sum(
+            per_solve.values())
         rows.append({"ranks": k, "wall_s": time.perf_counter() - t0, "run_s": s["wall_s"], "rve_s": rve_s,
                      "rve_solves": s["rve_solves"], "per_solve_per_rank_s": rve_s * k / max(s["rve_solves"], 1),
-                     "load_balance": s["load_balance_max_over_mean"], "points": s["quadrature_points"]})
+                     "load_balance": s["load_balance_max_over_mean"], "points": s["quadrature_points"],
+                     "per_solve_phases_s": per_solve})
         print(f"  {k} rank(s): run {s['wall_s']:.1f} s, RVE phase {rve_s:.1f} s, {s['rve_solves']} RVE solves, "
               f"load balance {s['load_balance_max_over_mean']:.2f}", flush=True)
     base = rows[0]
@@ -70,6 +80,14 @@ def main():
         lines.append(f"| {r['ranks']} | {r['run_s']:.1f} | {100 * r['efficiency']:.0f} % | {r['rve_s']:.1f} | "
                      f"{100 * r['rve_efficiency']:.0f} % | {1e3 * r['per_solve_per_rank_s']:.1f} | "
                      f"{r['load_balance']:.2f} |")
+    lines += ["", "Time per RVE solve by phase (mean over the ranks): growth with the rank count shows where "
+              "ranks that share a machine slow each other down.", "",
+              "| ranks | assembly [ms] | factorization [ms] | solves [ms] | exchange and waiting [ms] | other [ms] |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        ph = r["per_solve_phases_s"]
+        lines.append(f"| {r['ranks']} | {1e3 * ph['assemble_s']:.2f} | {1e3 * ph['factor_s']:.2f} | "
+                     f"{1e3 * ph['solve_s']:.2f} | {1e3 * ph['exchange_s']:.2f} | {1e3 * ph['other_s']:.2f} |")
     table = "\n".join(lines)
     print(f"\nplate with a hole, {rows[0]['points']} quadrature points, {args.steps} steps, "
           f"{os.cpu_count()} cores on this machine\n{table}")

@@ -14,7 +14,13 @@ With ``--device DEV`` (cpu, cuda, cuda:K) it measures the device path instead:
   5. training time per full-batch epoch on DEV at 10^5 and 10^6 records (stress + tangent loss, float64).
 ``--sizes`` and ``--records`` shrink these for a quick run.
 
+With ``--stream N`` it measures streamed training instead:
+  6. a 3D log of N records (an HDF5 part of synthetic data), mini-batches of 4096, stress + tangent loss, one
+     thread: time per epoch and peak memory (each in its own process) with the records in memory
+     (``batch_size``) and with the tangents streamed from the log (``stream``) by 0 and 2 worker processes.
+
 Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_surrogate.py [--json OUT.json] [--device cuda]
+       [--stream 200000]
 """
 
 import argparse
@@ -164,14 +170,78 @@ def device_figures(device: str, sizes, records) -> dict:
     return out
 
 
+def stream_one(mode: str, folder: str, epochs: int = 1) -> dict:
+    """One streamed-training measurement in this process (figure 6): ``memory``, ``stream0`` or ``stream2``."""
+    import torch
+
+    from fe2ml.data.reader import StreamedField, read_logs
+    from fe2ml.surrogate.models import PotentialModel
+    from fe2ml.surrogate.train import _fit_member
+
+    torch.set_num_threads(1)
+    stream = mode != "memory"
+    data = read_logs(folder, fields=["F", "P"] if stream else ["F", "P", "A"], locate=stream)
+    F, P = data["F"], data["P"]
+    A = StreamedField(data.parts, data.locations, "A") if stream else data["A"]
+    n = len(F)
+    idx = np.random.default_rng(0).permutation(n)
+    m = PotentialModel(3, hidden=(16, 16))
+    m.p_scale.fill_(float(np.sqrt(np.mean(P ** 2))))
+    t0 = time.perf_counter()
+    _fit_member(m, F, P, A, idx[: int(0.85 * n)], idx[int(0.85 * n):], {"stress": 1.0, "tangent": 0.1},
+                {"epochs": epochs, "lr": 0.01, "patience": 100, "batch_size": 4096,
+                 "workers": 2 if mode == "stream2" else 0}, 0)
+    return {"mode": mode, "records": n, "s_per_epoch": (time.perf_counter() - t0) / epochs,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def stream_figures(n: int) -> dict:
+    """Figure 6: streamed against in-memory mini-batch training on a 3D log of n records."""
+    from fe2ml.data.log import LogWriter
+    from fe2ml.surrogate.models import PotentialModel
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        ref = PotentialModel(3, hidden=(8,))
+        with LogWriter(tmp, "bench", 0, fingerprint="bench", attrs={"kinematics": "finite", "rve": "{}"},
+                       dim=3) as w:
+            for i in range(0, n, 50_000):
+                k = min(50_000, n - i)
+                F = np.eye(3) + rng.uniform(-0.1, 0.1, (k, 3, 3))
+                P, A = ref.evaluate(F)
+                w.add(F, P, A, point_id=np.arange(i, i + k))
+        size = sum(f.stat().st_size for f in Path(tmp).glob("*.h5")) / 2**20
+        print(f"6. a 3D log of {n} records ({size:.0f} MiB)", flush=True)
+        for mode in ("memory", "stream0", "stream2"):
+            r = subprocess.run([sys.executable, __file__, "--stream-one", mode, tmp], capture_output=True, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+            if r.returncode:
+                raise SystemExit(f"bench_surrogate: streamed training ({mode}) failed:\n{r.stderr[-2000:]}")
+            res = json.loads(r.stdout.strip().splitlines()[-1])
+            out[mode] = res
+            label = {"memory": "records in memory", "stream0": "tangents streamed, 0 workers",
+                     "stream2": "tangents streamed, 2 workers"}[mode]
+            print(f"6. {label}: {res['s_per_epoch']:.2f} s per epoch (mini-batches of 4096), peak RSS "
+                  f"{res['peak_rss_mib']:.0f} MiB", flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default=None, help="measure figures 4 and 5 on this torch device instead")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--records", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--stream", type=int, default=None, metavar="N", help="measure streamed training on N records")
+    ap.add_argument("--stream-one", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.device is not None:
+    if args.stream_one:
+        print(json.dumps(stream_one(*args.stream_one)))
+        return
+    if args.stream is not None:
+        out = {"stream": stream_figures(args.stream)}
+    elif args.device is not None:
         from fe2ml.errors import Fe2mlError
 
         try:

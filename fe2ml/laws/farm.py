@@ -101,6 +101,7 @@ class RVEFarm:
         self.owned_per_rank = np.zeros(size)  # RVE seconds of the jobs each rank owned, over the run
         self.solved_per_rank = np.zeros(size)  # RVE seconds each rank solved
         self.moved = 0  # jobs this rank owned that another rank solved
+        self.exchange_s = 0.0  # seconds in the collectives (moving jobs and results, waiting for the other ranks)
         self._mean_t = {True: 0.0, False: 0.0}  # mean solve time so far, from F̄ = I (True) and warm-started
         self._n_t = {True: 0, False: 0}
 
@@ -154,15 +155,19 @@ class RVEFarm:
             self._account(solved, solved)
             return own
         comm = self.comm
+        t0 = time.perf_counter()
         dest = assign(comm.allgather(cost))[comm.rank]
         send: list[list] = [[] for _ in range(comm.size)]
         for k in range(n):
             send[int(dest[k])].append((k, F[k], starts[k], int(pid[k])))
         self.moved += int(np.sum(dest != comm.rank))
         recv = comm.alltoall(send)
+        self.exchange_s += time.perf_counter() - t0
         back = [[(k, self._solve_one(Fk, s, q, cells)) for k, Fk, s, q in jobs] for jobs in recv]
         solved = sum(res.time_s for jobs in back for _, res in jobs)
+        t0 = time.perf_counter()
         got = comm.alltoall(back)
+        self.exchange_s += time.perf_counter() - t0
         by_index = {k: res for jobs in got for k, res in jobs}  # every job comes back once
         results = [by_index[k] for k in range(n)]
         self._account(sum(r.time_s for r in results), solved)
@@ -172,7 +177,9 @@ class RVEFarm:
         if self.comm is None or self.comm.size == 1:
             pairs = np.array([[owned, solved]])
         else:
+            t0 = time.perf_counter()
             pairs = np.array(self.comm.allgather((owned, solved)))
+            self.exchange_s += time.perf_counter() - t0
         self.owned_per_rank += pairs[:, 0]
         self.solved_per_rank += pairs[:, 1]
         self.work["owned_max"] += float(pairs[:, 0].max())

@@ -142,6 +142,10 @@ class RVELaw(ConstitutiveLaw):
         self.stats["evaluations"] += n
         self.stats["rve_solves"] += n
         self.stats["time_s"] += time.perf_counter() - t_all
+        # this rank's RVE time by phase (assembly, factorization or preconditioner, solves, the farm's collectives
+        # with the waiting for other ranks in them), over the run
+        self.stats["rve_phases"] = {**{k: self.rve.stats[k] for k in ("assemble_s", "factor_s", "solve_s")},
+                                    "exchange_s": self.farm.exchange_s}
         self.last_cells = cells
         if self.recorder is not None:
             self.recorder.record(F, P, A, cells, its_pt)

@@ -184,6 +184,8 @@ class RunWriter:
             "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
                       for h in p.history],
         }
+        if any("rve_phases" in s for s in all_stats):  # nested FE²: each rank's RVE seconds by phase
+            summary["rve_phases_per_rank_s"] = [s.get("rve_phases", {}) for s in all_stats]
         work = p.law.rve_work() if hasattr(p.law, "rve_work") else None
         if work is not None:
             summary["rve_work"] = work
