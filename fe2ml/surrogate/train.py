@@ -31,6 +31,7 @@ __all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", 
 log = logging.getLogger(__name__)
 
 STREAM_METRIC_RECORDS = 20000  # a streamed fit's train-split metrics are measured on this many of its records
+VALIDATION_CHUNK = 8192  # records per piece of the validation loss (its tangents' intermediates grow with it)
 
 
 def _rel(a, b):
@@ -173,7 +174,9 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
                 total += step(perm[i:i + bs], At[perm[i:i + bs]])
             lt = total / len(perm)
         with torch.no_grad():  # the closed-form tangent where the model has one: no graph for validation
-            lv = float(loss_of(va_idx, Ava_t, False))
+            lv = sum(float(loss_of(va_idx[i:i + VALIDATION_CHUNK], Ava_t[i:i + VALIDATION_CHUNK], False))
+                     * len(va_idx[i:i + VALIDATION_CHUNK]) for i in range(0, len(va_idx), VALIDATION_CHUNK))
+            lv /= max(len(va_idx), 1)  # the mean over the records, computed in chunks of bounded memory
         if not np.isfinite(lv):
             lv = np.inf
         sched.step(lv)
