@@ -92,9 +92,12 @@ class SolverOptions:
     Attributes:
         type: ``direct`` (MUMPS Cholesky/LDLᵀ, one factorization reused for the Newton step and the d² tangent
             right-hand sides), ``iterative`` (conjugate gradients preconditioned by PETSc's algebraic multigrid
-            GAMG with the nodal block structure; the preconditioner is reused for the tangent's right-hand sides),
-            or ``auto`` (iterative from ``AUTO_ITERATIVE_DOFS`` displacement dofs on, direct below).
-        rtol: relative residual tolerance of the iterative solver.
+            GAMG with the nodal blocks and the rigid-body near-nullspace; for the mixed formulation MINRES with the
+            field split of :func:`mixed_fieldsplit`; the preconditioner is reused for the tangent's right-hand
+            sides), or ``auto`` (iterative from ``AUTO_ITERATIVE_DOFS`` displacement dofs on, direct below).
+        rtol: relative residual tolerance of the iterative solver. C̄ and Ā are computed from the condensed
+            energy, so their error is quadratic in it; the Newton iterations converge to the Newton tolerance
+            whatever it is.
         max_it: its iteration limit.
     """
 
