@@ -487,14 +487,14 @@ def test_streamed_training_reads_tangents_from_the_logs(tmp_path, monkeypatch):
         w.add(F, P, A, point_id=np.arange(20))
     text = textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 150")
     reads = []
-    base = StreamedField.__getitem__
+    base = StreamedField._read
 
     def counting(self, idx):
         out = base(self, idx)
         reads.append(len(out))
         return out
 
-    monkeypatch.setattr(StreamedField, "__getitem__", counting)
+    monkeypatch.setattr(StreamedField, "_read", counting)
     monkeypatch.setattr("fe2ml.surrogate.train.STREAM_METRIC_RECORDS", 50)  # the train split's metrics: 50 records
     res = {}
     for workers in (0, 2):

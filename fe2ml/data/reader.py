@@ -184,12 +184,25 @@ class StreamedField(_LazyParts):
         self.chunk = chunk
         with open_part(self.parts[0]) as f:
             self.row_shape = tuple(f[name].shape[1:])
+        self._kept_idx = np.zeros(0, dtype=np.int64)
+        self._kept = np.zeros((0, *self.row_shape))
 
     def __len__(self) -> int:
         return len(self.locations)
 
+    def keep(self, idx) -> None:
+        """Read these records once and hold them in memory: later reads of only them are served from there."""
+        self._kept_idx = np.unique(np.asarray(idx, dtype=np.int64))
+        self._kept = self._read(self._kept_idx)
+
     def __getitem__(self, idx) -> np.ndarray:
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        pos = np.minimum(np.searchsorted(self._kept_idx, idx), max(len(self._kept_idx) - 1, 0))
+        if len(self._kept_idx) and np.array_equal(self._kept_idx[pos], idx):
+            return self._kept[pos]
+        return self._read(idx)
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), *self.row_shape))
         loc = self.locations[idx]
         for k in np.unique(loc[:, 0]):
@@ -261,7 +274,7 @@ def intact_rows(f, p) -> tuple[int, np.ndarray]:
     return n, keep
 
 
-class RVEDataset:
+class RVEDataset(_LazyParts):
     """A torch ``Dataset`` over log parts, opened lazily in each worker process.
 
     Items are dicts of torch tensors (float64) for ``fields`` (default F, P, A). The index is built
@@ -285,20 +298,10 @@ class RVEDataset:
                 sizes.append(n if keep.all() else int(np.argmin(keep)))  # the intact leading rows
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._files: dict = {}
-        self._pid = None
+        self._pid: int | None = None
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
-
-    def _file(self, k):
-        import os
-
-        if self._pid != os.getpid():  # new worker: never reuse handles across fork
-            self._files = {}
-            self._pid = os.getpid()
-        if k not in self._files:
-            self._files[k] = open_part(self.parts[k])
-        return self._files[k]
 
     def __getitem__(self, i):
         import torch

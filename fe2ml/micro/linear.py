@@ -182,8 +182,8 @@ class LinearRVE(RVEBox):
         self.ksp.setFromOptions()
         self._result: HomogenizationResult | None = None
         self._w = None
-        self._X: np.ndarray | None = None
-        self._Xfull: np.ndarray | None = None
+        self._X: np.ndarray | None = None  # the unit strains' solutions (fluctuations, multipliers) of the last call
+        self._nns = None
 
     # -- core -------------------------------------------------------------------------------
     def _reduced_operator(self):
@@ -216,7 +216,8 @@ class LinearRVE(RVEBox):
             Kr.setOption(PETSc.Mat.Option.SYMMETRIC, True)
             Kr.setOption(PETSc.Mat.Option.SPD, True)
             if self.solver == "iterative":  # rigid-body modes of the reduced space: GAMG's coarse grids keep them
-                self._nns = near_nullspace(rigid_modes(self.T_sp, self._X_blocks, self.n_reduced))
+                if self._nns is None:
+                    self._nns = near_nullspace(rigid_modes(self.T_sp, self._X_blocks, self.n_reduced))
                 Kr.setNearNullSpace(self._nns)
         self.ksp.setOperators(self._Kr)
         try:
@@ -252,10 +253,10 @@ class LinearRVE(RVEBox):
             r.array[: self.n_reduced] = -rtmp.array
             if nr > self.n_reduced:
                 r.array[self.n_reduced:] = 0.0
-            warm = self.solver == "iterative" and self._Xfull is not None
-            if warm and self._Xfull is not None:  # Krylov warm start from the last homogenization's fluctuations
-                x.array[:] = self._Xfull[:, a]
-            self.ksp.setInitialGuessNonzero(warm)
+            guess = self._X if self.solver == "iterative" else None
+            if guess is not None:  # Krylov warm start from the last homogenization's fluctuations
+                x.array[:] = guess[:, a]
+            self.ksp.setInitialGuessNonzero(guess is not None)
             self.ksp.solve(r, x)
             reason = self.ksp.getConvergedReason()
             if reason < 0:
@@ -273,8 +274,7 @@ class LinearRVE(RVEBox):
         for obj in (u, Ku, r, x, rtmp):
             obj.destroy()
         Chat = W.T @ KW / self.volume
-        self._X = X[: self.n_reduced]
-        self._Xfull = X
+        self._X = X
         d = self.d
         C = np.zeros((d, d, d, d))
         for a_, (i, j) in enumerate(VOIGT_ORDER[d]):
@@ -315,7 +315,7 @@ class LinearRVE(RVEBox):
             self.homogenize()
         coef = np.array([eps[i, j] * (1 if i == j else 2) for i, j in VOIGT_ORDER[self.d]])
         w = dolfinx.fem.Function(self.V, name="w")
-        w.x.array[:] = self.T_sp @ (self._X @ coef)
+        w.x.array[:] = self.T_sp @ (self._X[: self.n_reduced] @ coef)
         u = dolfinx.fem.Function(self.V, name="u")
         u.x.array[:] = w.x.array + self.U @ coef
         return w, u

@@ -379,6 +379,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     tr_metrics = None
     if cfg.train.get("stream"):
         tr_metrics = tr[:STREAM_METRIC_RECORDS]  # a random subset (tr is a permutation): the tangents stay on disk
+        A.keep(np.concatenate([va, te, tr_metrics]))  # read once for every member's validation and the metrics
         if cfg.loss["tangent"] > 0:
             va, te = _finite_tangents(A, va, cfg.path), _finite_tangents(A, te, cfg.path)
             tr_metrics = _finite_tangents(A, tr_metrics, cfg.path)
