@@ -6,7 +6,7 @@ Subcommands:
     sample CONFIG.yaml [--output DIR]          sampling campaign logged to HDF5
     inspect PATH... [--plot PNG]               summary of HDF5 logs
     train CONFIG.yaml [--resume CKPT]          neural surrogate from logs
-    export CKPT OUT.pt                         TorchScript module of a surrogate
+    export CKPT OUT.pt [--resave]              TorchScript module of a surrogate (or a safe re-save)
     localize RUN_DIR [--step K] [--model CKPT] cell-level quantities of a finished run
     check CONFIG.yaml                          validate any config up front
     demo [--quick] [--output DIR]              the end-to-end tissue demo
@@ -325,12 +325,18 @@ def cmd_train(args, comm) -> int:
 
 
 def cmd_export(args, comm) -> int:
-    """Run ``fe2ml export``: TorchScript module of a checkpoint."""
+    """Run ``fe2ml export``: TorchScript module of a checkpoint, or (``--resave``) the checkpoint in the safe format."""
     if comm.rank != 0:
+        return 0
+    out = _output_file(Path(args.out), "export", comm)
+    if args.resave:
+        from fe2ml.surrogate.checkpoint import resave_checkpoint
+
+        resave_checkpoint(args.checkpoint, out)
+        print(f"fe2ml export: wrote {out} (safe checkpoint format; load it wherever {args.checkpoint} was used)")
         return 0
     from fe2ml.surrogate.export import export_checkpoint
 
-    out = _output_file(Path(args.out), "export", comm)
     export_checkpoint(args.checkpoint, out)
     print(f"fe2ml export: wrote {out} (torch.jit.load it; forward(F (n,d,d) float64) -> P, A)")
     return 0
@@ -415,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="TorchScript module of a potential surrogate checkpoint")
     ex.add_argument("checkpoint")
     ex.add_argument("out")
+    ex.add_argument("--resave", action="store_true",
+                    help="write CHECKPOINT in the safe format instead (a trusted checkpoint of an earlier fe2ml: this "
+                    "is the only command that unpickles objects from a file)")
     ex.set_defaults(func=cmd_export)
     lo = sub.add_parser("localize", help="cell-level quantities at the converged macro state of a run")
     lo.add_argument("run_dir")

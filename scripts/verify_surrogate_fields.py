@@ -167,9 +167,9 @@ def main():
     for name in ("fe2", "surrogate", "hybrid"):
         print(f"[verify] run {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
         summaries[name] = run(comm, load_run_config(work / f"{name}.yaml"), quiet=True)
-    import torch
+    from fe2ml.surrogate.checkpoint import load_checkpoint
 
-    floor = float(torch.load(work / "surrogate" / "checkpoint.pt", weights_only=False)["stress_floor"])
+    floor = float(load_checkpoint(work / "surrogate" / "checkpoint.pt")["stress_floor"])
     res = compare(work, floor, comm)
     x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb = res.pop("_maps")
     res["calibration_coverage_2x"] = rep["calibration"]["coverage"][1]

@@ -19,7 +19,7 @@ from fe2ml.materials import LinearElastic, NeoHookean
 from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import make_rve_mesh
-from fe2ml.surrogate.checkpoint import FORMAT_VERSION
+from fe2ml.surrogate.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from fe2ml.surrogate.gate import Thresholds, relative_spread
 from fe2ml.surrogate.models import PotentialModel
 
@@ -50,7 +50,7 @@ def _checkpoint(path, rve, members):
           "dim": D, "kinematics": "finite", "rve_fingerprint": rve_fingerprint(rve),
           "bounds": {"feature_min": (x.max(0) + 10).tolist(), "feature_max": (x.max(0) + 10).tolist()},
           "stress_floor": 0.05, "density": {"points": x, "x_scale": np.ones(x.shape[1]), "scale": 1.0}}
-    torch.save(ck, path)
+    save_checkpoint(ck, path)
     return path
 
 
@@ -204,10 +204,10 @@ def test_the_gate_is_per_point_refuses_what_it_cannot_evaluate_and_sees_empty_co
     m = PotentialModel(D, "finite", hidden=(8, 8))
     x = m.features_of(torch.as_tensor(np.array([_F_of_E(e) for e in E]))).detach().numpy()
     nn = np.min([np.linalg.norm(x[i] - np.delete(x, i, 0), axis=1).min() for i in range(len(x))])
-    ck = torch.load(_checkpoint(tmp_path / "two.pt", rve, 2), weights_only=False)
+    ck = load_checkpoint(_checkpoint(tmp_path / "two.pt", rve, 2))
     ck["bounds"] = {"feature_min": x.min(0).tolist(), "feature_max": x.max(0).tolist()}
     ck["density"] = {"points": x, "x_scale": np.ones(x.shape[1]), "scale": float(nn)}
-    torch.save(ck, tmp_path / "line.pt")
+    save_checkpoint(ck, tmp_path / "line.pt")
     law = HybridLaw(tmp_path / "line.pt", rve, thresholds=Thresholds(distance=0.0, density=2.0))
     on_line, corner = _F_of_E(np.diag([0.05, 0.05])), _F_of_E(np.diag([0.1, -0.1]) * 0.99)
     F = np.array([on_line, corner])

@@ -13,6 +13,7 @@ from test_hyper import nh_response  # noqa: E402
 
 from fe2ml.data.log import LogWriter  # noqa: E402
 from fe2ml.errors import ConfigError  # noqa: E402
+from fe2ml.surrogate.checkpoint import load_checkpoint  # noqa: E402
 from fe2ml.surrogate.models import PlainModel, PotentialModel  # noqa: E402
 
 COMM = MPI.COMM_WORLD
@@ -320,7 +321,7 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path, tissue_rve):
     # from the log and the trained ensemble
     from fe2ml.surrogate.gate import relative_error, relative_spread
 
-    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     cal = ck["calibration"]
     assert cal["split"] == "test" and 0 < cal["factor50"] <= cal["factor90"]
     assert (tmp_path / "out" / "calibration.png").stat().st_size > 1000
@@ -411,7 +412,7 @@ def test_training_device_and_dtype_options(tmp_path):
                                        + "device: cpu\ndtype: float32\n")
     r = train(MPI.COMM_SELF, load_train_config(tmp_path / "t32.yaml"), quiet=True)
     assert r["metrics"]["test"]["stress_rel_l2"] < 0.1
-    ck = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    ck = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert all(v.dtype == torch.float64 and v.device.type == "cpu" for v in ck["members"][0].values()
                if v.is_floating_point())
     law = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2, device="cpu")

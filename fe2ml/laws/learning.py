@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +232,7 @@ class Learner:
     def _round(self, step: int) -> dict:
         import torch
 
+        from fe2ml.surrogate.checkpoint import save_checkpoint
         from fe2ml.surrogate.train import TrainingFailed, assemble_checkpoint, fit_members, split_indices
 
         o = self.options
@@ -270,9 +270,7 @@ class Learner:
                 msg = "the refitted ensemble predicts non-finite stresses"
             else:
                 folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / "checkpoint.pt.tmp"
-                torch.save(ck, tmp)
-                os.replace(tmp, folder / "checkpoint.pt")
+                save_checkpoint(ck, folder / "checkpoint.pt")
                 cal = core["calibration"]
                 report = {"round": k, "step": step, "records": int(len(F)), "metrics": core["metrics"],
                           "bounds": core["bounds"], "stress_floor": core["stress_floor"],

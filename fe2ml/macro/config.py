@@ -49,10 +49,111 @@ from fe2ml.materials import build_material
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
 from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds
 
-__all__ = ["RunConfig", "check_boundaries", "load_run_config"]
+__all__ = ["MeshSpec", "RunConfig", "check_boundaries", "load_run_config", "parse_mesh"]
 
 RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "pressures",
             "steps", "newton", "warm_start", "output", "log", "localize")
+
+
+GENERATORS = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}
+_GEN_KEYS = {"rectangle": ("generate", "size", "n", "cell"), "box": ("generate", "size", "n", "cell"),
+             "plate_with_hole": ("generate", "size", "radius", "h", "h_hole"), "ring": ("generate", "radii", "h"),
+             "tiled_rve": ("generate", "n", "eps", "rve")}
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """The macro mesh of a run, validated: a generator with its parameters, or a mesh file (path resolved).
+
+    Attributes:
+        kind: ``rectangle``, ``box``, ``plate_with_hole``, ``ring``, ``tiled_rve`` or ``file``.
+        size: box lengths (rectangle, box, plate_with_hole).
+        n: elements (rectangle, box) or tiles (tiled_rve) per axis.
+        cell: cell type (rectangle, box).
+        radius, h, h_hole: plate_with_hole (h also ring).
+        radii: ring (inner, outer).
+        eps: tiled_rve scale (default 1 / max(n)).
+        file: the mesh file, resolved against the config's folder (kind ``file``).
+    """
+
+    kind: str
+    size: tuple[float, ...] = ()
+    n: tuple[int, ...] = ()
+    cell: str | None = None
+    radius: float = 0.5
+    h: float = 0.25
+    h_hole: float | None = None
+    radii: tuple[float, float] = (1.0, 1.5)
+    eps: float | None = None
+    file: Path | None = None
+
+    def bounding_box(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Corners (lo, hi) of the mesh where the spec alone tells them (generators but tiled_rve), else None."""
+        if self.kind in ("rectangle", "box", "plate_with_hole"):
+            return np.zeros(len(self.size)), np.asarray(self.size, dtype=float)
+        if self.kind == "ring":
+            return np.zeros(2), np.full(2, self.radii[1])
+        return None
+
+
+def _positive_ints(v, d: int, where: str) -> tuple[int, ...]:
+    if not (isinstance(v, list) and len(v) == d and all(isinstance(k, int) and not isinstance(k, bool) and
+                                                         1 <= k <= 10**7 for k in v)):
+        raise ConfigError(f"{where}: expected {d} positive integers, got {v!r}")
+    return tuple(v)
+
+
+def _lengths(v, d: int, where: str) -> tuple[float, ...]:
+    if not (isinstance(v, list) and len(v) == d):
+        raise ConfigError(f"{where}: expected {d} positive lengths, got {v!r}")
+    return tuple(number(x, where, positive=True) for x in v)
+
+
+def parse_mesh(mesh: dict, dim: int, where: str, base: Path) -> MeshSpec:
+    """``mesh:`` of a run YAML as a :class:`MeshSpec` (relative files resolved against ``base``)."""
+    if "file" in mesh:
+        check_keys(mesh, ("file",), where)
+        if not isinstance(mesh["file"], str) or not mesh["file"]:
+            raise ConfigError(f"{where}.file: expected a path, got {mesh['file']!r}")
+        mp = (base / mesh["file"]).resolve()
+        if not mp.is_file():
+            raise ConfigError(f"{where}.file: {mp} not found")
+        return MeshSpec(kind="file", file=mp)
+    g = mesh.get("generate")
+    if g not in GENERATORS:
+        raise ConfigError(f"{where}.generate: expected one of {', '.join(GENERATORS)} (or file: PATH), got {g!r}")
+    check_keys(mesh, _GEN_KEYS[g], where)
+    if GENERATORS[g] is not None and GENERATORS[g] != dim:
+        raise ConfigError(f"{where}.generate: {g} makes {GENERATORS[g]}D meshes but dim is {dim}")
+    if g in ("rectangle", "box"):
+        cell = mesh.get("cell", "triangle" if dim == 2 else "tetrahedron")
+        allowed = ("triangle", "quadrilateral") if dim == 2 else ("tetrahedron", "hexahedron")
+        if cell not in allowed:
+            raise ConfigError(f"{where}.cell: expected one of {', '.join(allowed)}, got {cell!r}")
+        return MeshSpec(kind=g, size=_lengths(mesh.get("size", [1.0] * dim), dim, f"{where}.size"),
+                        n=_positive_ints(mesh.get("n", [8] * dim), dim, f"{where}.n"), cell=cell)
+    if g == "plate_with_hole":
+        size = _lengths(mesh.get("size", [4.0, 2.0]), 2, f"{where}.size")
+        r = number(mesh.get("radius", 0.5), f"{where}.radius", positive=True)
+        h = number(mesh.get("h", 0.25), f"{where}.h", positive=True)
+        h_hole = number(mesh.get("h_hole", h / 4), f"{where}.h_hole", positive=True)
+        if not r < min(size) / 2:
+            raise ConfigError(f"{where}.radius: expected 0 < radius < {min(size) / 2:g} (half the shorter side), "
+                              f"got {r:g}")
+        return MeshSpec(kind=g, size=size, radius=r, h=h, h_hole=h_hole)
+    if g == "ring":
+        radii = mesh.get("radii", [1.0, 1.5])
+        if not (isinstance(radii, list) and len(radii) == 2):
+            raise ConfigError(f"{where}.radii: expected [inner, outer], got {radii!r}")
+        a, b = (number(x, f"{where}.radii", positive=True) for x in radii)
+        if not a < b:
+            raise ConfigError(f"{where}.radii: expected inner < outer, got {radii!r}")
+        h = number(mesh.get("h", (b - a) / 4), f"{where}.h", positive=True)
+        if h > b - a:
+            raise ConfigError(f"{where}.h: expected at most outer - inner = {b - a:g}, got {h:g}")
+        return MeshSpec(kind=g, radii=(a, b), h=h)
+    n = _positive_ints(mesh.get("n"), dim, f"{where}.n")  # tiled_rve: tiles per axis
+    return MeshSpec(kind=g, n=n, eps=number(mesh.get("eps", 1.0 / max(n)), f"{where}.eps", positive=True))
 
 
 @dataclass(frozen=True)
@@ -61,7 +162,7 @@ class RunConfig:
 
     path: Path
     dim: int
-    mesh: dict
+    mesh: MeshSpec
     kind: str
     rve: HomogenizeConfig | None
     analytic: dict | None
@@ -102,25 +203,9 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     base = p.parent if base is None else Path(base)
     check_keys(raw, RUN_KEYS, f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "material"), f)
-    gens = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}
-    if "file" in mesh:
-        check_keys(mesh, ("file",), f"{f}: mesh")
-        mp = base / str(mesh["file"])
-        if not mp.is_file():
-            raise ConfigError(f"{f}: mesh.file: {mp} not found")
-    else:
-        g = mesh.get("generate")
-        if g not in gens:
-            raise ConfigError(f"{f}: mesh.generate: expected one of {', '.join(gens)}, got {g!r}")
-        allowed = {"rectangle": ("generate", "size", "n", "cell"), "box": ("generate", "size", "n", "cell"),
-                   "plate_with_hole": ("generate", "size", "radius", "h", "h_hole"),
-                   "ring": ("generate", "radii", "h"),
-                   "tiled_rve": ("generate", "n", "eps", "rve")}[g]
-        check_keys(mesh, allowed, f"{f}: mesh")
-        if gens[g] is not None and gens[g] != dim:
-            raise ConfigError(f"{f}: mesh.generate: {g} makes {gens[g]}D meshes but dim is {dim}")
+    mesh_spec = parse_mesh(mesh, dim, f"{f}: mesh", base)
     mesh_rve = None
-    if mesh.get("generate") == "tiled_rve" and "rve" in mesh:  # the RVE to tile (direct numerical simulation)
+    if mesh_spec.kind == "tiled_rve" and "rve" in mesh:  # the RVE to tile (direct numerical simulation)
         mesh_rve = parse_rve_ref(mesh["rve"], p, f"{f}: mesh.rve", base, dim)
         if mesh_rve.dim != dim:
             raise ConfigError(f"{f}: mesh.rve: the RVE is {mesh_rve.dim}D but dim is {dim}")
@@ -221,7 +306,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         if any(hyper) and not all(hyper):
             raise ConfigError(f"{f}: material: mix of hyperelastic and linear materials")
         kin_default = "finite" if all(hyper) else "small"
-        if mesh.get("generate") == "tiled_rve" and mesh_rve is None:
+        if mesh_spec.kind == "tiled_rve" and mesh_rve is None:
             raise ConfigError(f"{f}: mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile "
                               "(homogenize keys or the path of a homogenize YAML)")
     balance = mat.get("balance", True)  # kinds rve and hybrid (check_keys refuses it for the others)
@@ -319,7 +404,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
     if loc and kind != "rve":
         raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
-    return RunConfig(path=p, dim=dim, mesh=mesh, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
+    return RunConfig(path=p, dim=dim, mesh=mesh_spec, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
                      degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
                      warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
                      mesh_rve=mesh_rve, pressures=prs, orientation=orientation, balance=balance)

@@ -20,11 +20,12 @@ physical names (``tag_N`` for unnamed tags); a facet may carry several names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import number
 from fe2ml.errors import ConfigError, MeshError
+from fe2ml.macro.config import MeshSpec, parse_mesh
 from fe2ml.micro.geometry import _gmsh_start
 from fe2ml.micro.mesh import CELL_TYPES, TAG_KEYS, read_mesh, read_meshio
 
@@ -208,8 +209,6 @@ def _plate_with_hole(comm, size, radius, h, h_hole):
     import gmsh
 
     Lx, Ly = size
-    if not 0 < radius < min(Lx, Ly) / 2:
-        raise ConfigError(f"mesh.radius: expected 0 < radius < {min(Lx, Ly) / 2}, got {radius}")
     if comm.rank == 0:
         _gmsh_start()
         gmsh.model.add("plate")
@@ -282,80 +281,56 @@ def _ring(comm, radii, h):
     return data.mesh, groups
 
 
-def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_mesh_loader=None) -> MacroMesh:
-    """Create the macro mesh of a run from its (validated) spec.
+def create_macro_mesh(comm, spec: MeshSpec | dict, *, where: str = "mesh", rve_mesh_loader=None) -> MacroMesh:
+    """Create the macro mesh of a run.
 
     Args:
         comm: communicator of the macro problem.
-        spec: ``{generate: NAME, ...}`` or ``{file: PATH}``.
+        spec: the validated :class:`~fe2ml.macro.config.MeshSpec` of a run config, or the ``mesh:`` mapping of a
+            run YAML (``{generate: NAME, ...}`` or ``{file: PATH}``, relative to the working folder), validated here
+            by :func:`~fe2ml.macro.config.parse_mesh`.
         where: config location for messages.
-        base: folder that relative paths are relative to.
         rve_mesh_loader: callable returning the RVE mesh (for ``tiled_rve``).
 
     Returns:
         :class:`MacroMesh`.
     """
-    from pathlib import Path
+    import dolfinx  # deferred: the mesh module's generators and readers read without it
 
-    import dolfinx
-
-    gen = spec.get("generate")
-    tags = None
-    if gen in ("rectangle", "box"):
-        d = 2 if gen == "rectangle" else 3
-        size = np.asarray(spec.get("size", [1.0] * d), dtype=float)
-        n = spec.get("n", [8] * d)
-        if size.shape != (d,) or np.any(size <= 0):
-            raise ConfigError(f"{where}.size: expected {d} positive lengths, got {spec.get('size')!r}")
-        if not (isinstance(n, list) and len(n) == d and all(isinstance(k, int) and k >= 1 for k in n)):
-            raise ConfigError(f"{where}.n: expected {d} positive integers, got {n!r}")
-        ct_name = spec.get("cell", "triangle" if d == 2 else "tetrahedron")
-        allowed = ("triangle", "quadrilateral") if d == 2 else ("tetrahedron", "hexahedron")
-        if ct_name not in allowed:
-            raise ConfigError(f"{where}.cell: expected one of {', '.join(allowed)}, got {ct_name!r}")
-        ct = getattr(dolfinx.mesh.CellType, ct_name)
-        if d == 2:
-            msh = dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], size.tolist()], n, ct)
+    if isinstance(spec, dict):
+        dim = 3 if spec.get("generate") == "box" or len(spec.get("size", spec.get("n", [0, 0]))) == 3 else 2
+        spec = parse_mesh(spec, dim, where, Path("."))
+    tags = groups = None
+    if spec.kind in ("rectangle", "box"):
+        ct = getattr(dolfinx.mesh.CellType, str(spec.cell))
+        size, n = list(spec.size), list(spec.n)
+        if spec.kind == "rectangle":
+            msh = dolfinx.mesh.create_rectangle(comm, [[0.0, 0.0], size], n, ct)
         else:
-            msh = dolfinx.mesh.create_box(comm, [[0.0, 0.0, 0.0], size.tolist()], n, ct)
-    elif gen == "plate_with_hole":
-        size = spec.get("size", [4.0, 2.0])
-        r = float(spec.get("radius", 0.5))
-        h = float(spec.get("h", 0.25))
-        msh, tags = _plate_with_hole(comm, size, r, h, float(spec.get("h_hole", h / 4)))
-    elif gen == "ring":
-        radii = spec.get("radii", [1.0, 1.5])
-        if not (isinstance(radii, list) and len(radii) == 2):
-            raise ConfigError(f"{where}.radii: expected [inner, outer], got {radii!r}")
-        a, b = (number(x, f"{where}.radii", positive=True) for x in radii)
-        if not a < b:
-            raise ConfigError(f"{where}.radii: expected inner < outer, got {radii!r}")
-        h = number(spec.get("h", (b - a) / 4), f"{where}.h", positive=True)
-        if h > b - a:
-            raise ConfigError(f"{where}.h: expected at most outer - inner = {b - a:g}, got {h:g}")
-        msh, ring_groups = _ring(comm, (a, b), h)
-    elif gen == "tiled_rve":
-        if rve_mesh_loader is None:
-            raise ConfigError(f"{where}: generate tiled_rve needs an RVE (material.rve)")
-        rm = rve_mesh_loader()
+            msh = dolfinx.mesh.create_box(comm, [[0.0, 0.0, 0.0], size], n, ct)
+    elif spec.kind == "plate_with_hole":
+        msh, tags = _plate_with_hole(comm, list(spec.size), spec.radius, spec.h, float(spec.h_hole or spec.h / 4))
+    elif spec.kind == "ring":
+        msh, ring_groups = _ring(comm, spec.radii, spec.h)
+    elif spec.kind == "tiled_rve":
+        rm = rve_mesh_loader() if rve_mesh_loader is not None else None
         if rm is None:
             raise ConfigError(f"{where}: generate tiled_rve needs the RVE to tile: mesh.rve (or material.rve)")
-        n = spec.get("n")
-        if not (isinstance(n, list) and len(n) == rm.dim and all(isinstance(k, int) and k >= 1 for k in n)):
-            raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {n!r}")
-        eps = number(spec.get("eps", 1.0 / max(n)), f"{where}.eps", positive=True)
+        if len(spec.n) != rm.dim:
+            raise ConfigError(f"{where}.n: expected {rm.dim} positive integers (tiles per axis), got {list(spec.n)}")
+        n = list(spec.n)
+        eps = spec.eps if spec.eps is not None else 1.0 / max(n)
         if comm.rank == 0:
             X, C, ph = _tile(rm, n, eps)
         else:
             X, C, ph = None, None, None
         msh, tags = _from_arrays(comm, X, C if C is not None else np.zeros((0, rm.cells.shape[1]), dtype=np.int64),
                                  rm.cell_type, ph)
-    elif "file" in spec:
-
-        path = Path(base or ".") / spec["file"]
+    else:
+        path = Path(str(spec.file))
         if not path.is_file():
             raise MeshError(f"{where}.file: {path} not found")
-        X = C = ph = ct = err = groups = None
+        X = C = ph = ct = err = None
         if comm.rank == 0:
             try:
                 m = read_meshio(path)  # read once: volume cells and tagged boundary facets
@@ -368,14 +343,11 @@ def create_macro_mesh(comm, spec: dict, *, where: str = "mesh", base=None, rve_m
         if err is not None:
             raise err
         msh, tags = _from_arrays(comm, X, C, ct, ph)
-    else:
-        raise ConfigError(f"{where}: expected generate: rectangle | box | plate_with_hole | ring | tiled_rve, or "
-                          "file: PATH")
     lo, hi = _bbox(comm, msh)
     boundaries = _boundaries(msh, lo, hi)
-    if gen == "ring":
+    if spec.kind == "ring":
         boundaries = {**ring_groups, **boundaries}
-    if gen is None and groups:
+    if spec.kind == "file" and groups:
         named = _match_facet_groups(comm, msh, groups, lo, hi)
         boundaries = {**named, **{k: v for k, v in boundaries.items() if k not in named}}  # file names first
     return MacroMesh(mesh=msh, cell_tags=tags, boundaries=boundaries, lo=lo, hi=hi)

@@ -37,7 +37,7 @@ from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, build_loads, mark_boundaries
-from fe2ml.parallel import fault_point
+from fe2ml.parallel import collective, fault_point
 
 __all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "RunInterrupted", "StepRecord", "TractionSpec"]
 
@@ -269,7 +269,8 @@ class MacroProblem:
         return next((m for m in msgs if m is not None), None)
 
     def _set_loads(self, t: float) -> None:
-        self.loads.set(t)
+        """The loads at time t; a load expression that fails on one rank's points (not finite there) fails on all."""
+        collective(self.comm, lambda: self.loads.set(t))
 
     def _residual(self) -> float:
 

@@ -293,7 +293,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     def tile_loader():  # the RVE that tiled_rve repeats: mesh.rve (direct numerical simulation), else the law's
         return load_rve_mesh(cfg.mesh_rve, comm=comm) if cfg.mesh_rve is not None else rve_mesh
 
-    mm = collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh", base=cfg.path.parent,
+    mm = collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh",
                                                     rve_mesh_loader=tile_loader))
     collective(comm, lambda: check_boundaries(cfg, list(mm.boundaries)))
 

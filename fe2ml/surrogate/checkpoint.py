@@ -2,7 +2,10 @@
 
 Deploying a model (a macro run, localization, export) imports this module and never the trainer.
 
-Checkpoint (``torch.save`` dict, ``format_version`` 2): model kind and arguments, the members' weights,
+Checkpoint (``format_version`` 3): a dict of tensors, numbers, strings, None and plain containers only, written by
+:func:`save_checkpoint` and read by :func:`load_checkpoint` with ``torch.load(weights_only=True)``, so that loading
+a file from anyone never runs code (numpy arrays are stored as tensors and come back as numpy arrays). It holds:
+model kind and arguments, the members' weights,
 normalisation buffers, dim, kinematics, RVE fingerprint, training-data fingerprint, metrics, bounds of
 the training data (feature box, principal stretch and J ranges), and what the uncertainty gate of a hybrid run
 needs (:class:`Gate`):
@@ -17,18 +20,24 @@ needs (:class:`Gate`):
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fe2ml.errors import ConfigError
+from fe2ml.files import atomic_target
 from fe2ml.surrogate.models import MLP, PotentialModel, build_model
 
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
-           "load_checkpoint", "resolve_device"]
+           "load_checkpoint", "resave_checkpoint", "resolve_device", "save_checkpoint"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # format 2 differs only in how it was stored; one that loads safely is still usable
+
+RESAVE_HINT = ("re-save it with `fe2ml export --resave CHECKPOINT OUT.pt` from a trusted copy, or retrain it with "
+               "fe2ml train")
 
 def resolve_device(spec: str, where: str = "device") -> torch.device:
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:k`` as a torch device.
@@ -108,22 +117,118 @@ class EnsembleModel:
         return float(np.median(Ps.std(axis=0).reshape(len(F), -1).max(axis=1)) / max(scale, 1e-300))
 
 
+def _to_safe(obj, where: str):
+    """The checkpoint entry ``obj`` in the types ``torch.load(weights_only=True)`` reads: numpy arrays as tensors."""
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"checkpoint entry {where}: keys must be strings")
+        return {k: _to_safe(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_safe(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj).copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"checkpoint entry {where}: {type(obj).__name__} cannot be stored safely")
+
+
+def _from_safe(obj, key: str = ""):
+    """Inverse of :func:`_to_safe` for everything but the members' state dicts (tensors there stay tensors)."""
+    if isinstance(obj, dict):
+        return {k: (v if k == "members" and not key else _from_safe(v, k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_safe(v, key) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    return obj
+
+
+def save_checkpoint(ck: dict, path) -> Path:
+    """Write a checkpoint dict atomically in the safe format (see the module docstring); returns the path.
+
+    Raises:
+        TypeError: an entry of a type the safe format cannot hold (a bug of the caller, not the user's input).
+    """
+    safe = _to_safe({**ck, "format_version": FORMAT_VERSION}, "checkpoint")
+    with atomic_target(path) as tmp:
+        torch.save(safe, tmp)
+    return Path(path)
+
+
 def load_checkpoint(path) -> dict:
-    """Load a checkpoint with clear errors (missing, unreadable, wrong format)."""
+    """Load a checkpoint without running any code from it, with clear errors.
+
+    Only tensors, numbers, strings, None and plain containers are read (``torch.load(weights_only=True)``); a file
+    that holds anything else, an older fe2ml's checkpoint with numpy objects or a crafted pickle alike, is refused
+    before any of it is built.
+
+    Raises:
+        ConfigError: missing, unreadable, unsafe or of another format.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: checkpoint not found")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises many types
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{p}: not a readable checkpoint ({msg})") from None
-    if isinstance(ck, dict) and ck.get("format_version") in (1,) and ck.get("model", {}).get("kind") != "localization":
-        raise ConfigError(f"{p}: checkpoint of format {ck['format_version']}, without the data this fe2ml needs to "
-                          f"gate the surrogate (format {FORMAT_VERSION}); retrain it with fe2ml train")
-    if not isinstance(ck, dict) or ck.get("format_version") not in (1, FORMAT_VERSION):
+        ck = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: nothing was constructed from the file
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
+            raise ConfigError(f"{p}: the checkpoint holds Python objects other than tensors, numbers and plain "
+                              f"containers and was not loaded (loading it would run code from the file); "
+                              f"{RESAVE_HINT}") from None
+        raise ConfigError(f"{p}: not a readable checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # torch raises many types for files that are not checkpoints
+        raise ConfigError(f"{p}: not a readable checkpoint ({_first_line(e)})") from None
+    return _checked(ck, p)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _checked(ck, p: Path) -> dict:
+    """The loaded dict with numpy arrays back, after checking that it is a checkpoint this fe2ml reads."""
+    version = ck.get("format_version") if isinstance(ck, dict) else None
+    if version == 1 and ck.get("model", {}).get("kind") != "localization":
+        raise ConfigError(f"{p}: checkpoint of format 1, without the data this fe2ml needs to gate the surrogate "
+                          f"(format {FORMAT_VERSION}); retrain it with fe2ml train")
+    if not isinstance(ck, dict) or version not in (1, *READABLE_VERSIONS) or not isinstance(ck.get("model"), dict) \
+            or not isinstance(ck.get("members"), list):
         raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
-    return ck
+    return _from_safe(ck)
+
+
+def resave_checkpoint(src, out) -> Path:
+    """Re-save a trusted checkpoint of an earlier fe2ml (format 2, numpy objects inside) in the safe format.
+
+    This is the one place that unpickles arbitrary objects: only for a file the user names as trusted (``fe2ml
+    export --resave``). The result is read back through :func:`load_checkpoint` before it replaces ``out``.
+
+    Raises:
+        ConfigError: missing or unreadable source, or not a checkpoint.
+    """
+    p = Path(src)
+    if not p.is_file():
+        raise ConfigError(f"{p}: checkpoint not found")
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=False)  # trusted by the user's explicit --resave
+    except Exception as e:
+        raise ConfigError(f"{p}: not a readable checkpoint ({_first_line(e)})") from None
+    ck = _checked(ck, p)
+    try:
+        safe = _to_safe({**ck, "format_version": FORMAT_VERSION}, "checkpoint")
+    except TypeError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    out = Path(out)
+    with atomic_target(out) as tmp:
+        torch.save(safe, tmp)
+        load_checkpoint(tmp)  # what was written reads back safely
+    return out
 
 
 def check_checkpoint(ck: dict, path, *, dim: int, kinematics: str | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -20,7 +19,14 @@ from scipy.spatial import cKDTree
 from fe2ml.data.reader import StreamedField, read_logs
 from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.plotting import plot_calibration, plot_lines, plot_parity
-from fe2ml.surrogate.checkpoint import FORMAT_VERSION, EnsembleModel, LocalizationNet, load_checkpoint, resolve_device
+from fe2ml.surrogate.checkpoint import (
+    FORMAT_VERSION,
+    EnsembleModel,
+    LocalizationNet,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+)
 from fe2ml.surrogate.config import TrainConfig
 from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
 from fe2ml.surrogate.models import build_model
@@ -412,9 +418,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
             "data_fingerprint": dfp, "records": info["records"], "skipped": info["skipped"],
             "rve": info["rve"], "config": cfg.path.read_text(), "resumed_from": str(resume) if resume else None,
             "train_s": time.perf_counter() - t0}
-    tmp = cfg.output / "checkpoint.pt.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, cfg.output / "checkpoint.pt")
+    save_checkpoint(ckpt, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
     if calibration is not None:
         report["calibration"] = {k: v for k, v in calibration.items() if k not in ("spread", "error")}
@@ -515,9 +519,7 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
           "rve_fingerprint": data.fingerprint, "n_cells": nc, "x_scale": m.x_scale, "y_mean": m.y_mean,
           "y_scale": m.y_scale, "metrics": metrics, "records": int(len(F)), "skipped": skipped,
           "config": cfg.path.read_text(), "train_s": time.perf_counter() - t0}
-    tmp = cfg.output / "checkpoint.pt.tmp"
-    torch.save(ck, tmp)
-    os.replace(tmp, cfg.output / "checkpoint.pt")
+    save_checkpoint(ck, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ck.items() if k not in ("members", "config", "x_scale", "y_mean", "y_scale")}
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_lines({s: (np.arange(len(h)), h) for s, h in hist.items()}, cfg.output / "loss.png", xlabel="epoch",
