@@ -2,7 +2,7 @@
 
 Subcommands:
     homogenize CONFIG.yaml [--json OUT.json]   RVE: effective stiffness (small) or P̄, Ā, cells (finite strain)
-    run CONFIG.yaml [--output DIR]             macro problem: FE² or analytic
+    run CONFIG.yaml [--output DIR] [--overwrite]  macro problem: FE², surrogate or analytic
     sample CONFIG.yaml [--output DIR]          sampling campaign logged to HDF5
     inspect PATH... [--plot PNG]               summary of HDF5 logs
     train CONFIG.yaml [--resume CKPT]          neural surrogate from logs
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,8 @@ from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.parallel import collective, install_console_logging
 
 __all__ = ["main"]
+
+log = logging.getLogger("fe2ml.cli")
 
 
 def _voigt_table(C: np.ndarray) -> str:
@@ -234,6 +238,8 @@ def cmd_run(args, comm) -> int:
 
     if args.allow_changed and not args.restart:
         raise ConfigError("--allow-changed: only with --restart")
+    if args.overwrite and args.restart:
+        raise ConfigError("--overwrite: not with --restart (a restart continues the run in its folder)")
     if args.restart:
         rd = Path(args.config)
         if not rd.is_dir():
@@ -252,8 +258,42 @@ def cmd_run(args, comm) -> int:
         run(comm, cfg, restart=True, allow_changed=args.allow_changed)
         return 0
     cfg = load_run_config(args.config, output=args.output)
+    _claim_run_folder(comm, cfg, overwrite=args.overwrite)
     run(comm, cfg)
     return 0
+
+
+RUN_MARKERS = ("identity.json", "summary.json", "checkpoint", "config.yaml")
+
+
+def _claim_run_folder(comm, cfg, *, overwrite: bool) -> None:
+    """Refuse to write a new run over an existing one unless ``--overwrite`` (which removes the old run first).
+
+    A folder that exists but holds no run is written into only when it is empty: ``--overwrite`` never deletes
+    anything that is not a run folder. Where the folder lies outside the config's folder, the run says so.
+    """
+    out = Path(cfg.output)
+    msg = None
+    if comm.rank == 0:
+        where = f"{cfg.path}: output"
+        if out.exists() and not out.is_dir():
+            msg = f"{where}: {out} exists and is not a folder"
+        elif out.is_dir() and any(out.iterdir()):
+            is_run = any((out / m).exists() for m in RUN_MARKERS)
+            if not is_run:
+                msg = f"{where}: {out} exists, is not empty and holds no fe2ml run; give an empty or new folder"
+            elif not overwrite:
+                msg = (f"{where}: {out} holds an earlier run; continue it with `fe2ml run --restart {out}`, replace it "
+                       f"with --overwrite, or give another output")
+            else:
+                shutil.rmtree(out)
+        if msg is None:
+            base = Path(cfg.path).resolve().parent
+            if not out.resolve().is_relative_to(base):
+                log.info(f"fe2ml run: the run folder {out.resolve()} lies outside the config's folder {base}")
+    msg = comm.bcast(msg, root=0)
+    if msg is not None:
+        raise ConfigError(msg)
 
 
 def cmd_sample(args, comm) -> int:
@@ -401,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-changed", action="store_true",
                    help="with --restart: continue although the config, RVE or checkpoint changed (noted in run.log)")
     r.add_argument("--output", default=None, help="run folder (overrides the config's output)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the run folder (without it, an existing run is refused)")
     r.set_defaults(func=cmd_run)
     sm = sub.add_parser("sample", help="sampling campaign: RVE over a design of F̄, logged to HDF5 (resumable)")
     sm.add_argument("config", help="YAML config (keys: rve, design, output, flush_every, cells)")

@@ -106,6 +106,8 @@ def parse_expression(text, names, *, where: str = "expression", error=ConfigErro
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
+        if "too many nested" in str(e.msg):
+            raise error(f"{where}: expression nested too deeply (at most {MAX_DEPTH} levels): {shown}") from None
         raise error(f"{where}: syntax error at column {e.offset} in {shown}") from None
     except (RecursionError, MemoryError, ValueError):  # the parser's own limits on hostile nesting
         raise error(f"{where}: expression nested too deeply (at most {MAX_DEPTH} levels): {shown}") from None

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from fe2ml.config import load_yaml
 from fe2ml.errors import ConfigError
 
@@ -46,6 +48,11 @@ def check_config(path, comm=None) -> str:
         from fe2ml.macro.config import load_run_config
 
         cfg = load_run_config(path)
+        if cfg.mesh.kind == "file":  # expressions at the corners of the mesh file's bounding box
+            from fe2ml.micro.mesh import read_meshio  # deferred: meshio is read only for this check
+
+            X = np.asarray(read_meshio(cfg.mesh.file).points, dtype=float)[:, : cfg.dim]
+            cfg.check_expressions(X.min(axis=0), X.max(axis=0))
         if cfg.rve is not None:
             from fe2ml.micro.config import load_rve_mesh
 

@@ -1,5 +1,7 @@
 """Small mesh builders for tests (independent of the gmsh generators)."""
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -118,3 +120,31 @@ def tissue_rve_yaml(indent=0, *, dim=None, n_cells=2, volume_fraction=0.25, seed
         "  1: {material: neo_hookean, mu: 1.0, K: 3.0}\n"
         f"  2: {{material: neo_hookean, mu: {soft[0]}, K: {soft[1]}}}\n")
     return textwrap.indent(text, " " * indent)
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, 'w')``: what a crafted checkpoint does to whoever loads it unsafely."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('code ran')",))
+
+
+def crafted_checkpoints(folder, marker):
+    """Two hostile files: a torch checkpoint whose dict holds a code-running object, and a bare pickle of one.
+
+    Returns:
+        Their paths. Loading either unsafely writes ``marker``.
+    """
+    import pickle
+
+    import torch
+
+    folder = Path(folder)
+    zipped, bare = folder / "crafted.pt", folder / "bare.pkl"
+    torch.save({"format_version": 3, "model": {"kind": "potential"}, "members": [], "evil": _Payload(marker)},
+               zipped)
+    bare.write_bytes(pickle.dumps(_Payload(marker)))
+    return zipped, bare

@@ -34,6 +34,7 @@ Keys::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +43,7 @@ import numpy as np
 
 from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
 from fe2ml.errors import ConfigError
-from fe2ml.expr import compile_expression
+from fe2ml.expr import check_samples, compile_expression
 from fe2ml.laws.learning import parse_learn
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.materials import build_material
@@ -157,6 +158,15 @@ def parse_mesh(mesh: dict, dim: int, where: str, base: Path) -> MeshSpec:
 
 
 @dataclass(frozen=True)
+class Expression:
+    """One expression of a run config: where it is, its compiled form and the names it may use."""
+
+    where: str
+    f: Callable
+    names: frozenset[str]
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Validated ``fe2ml run`` configuration: typed values, expressions already turned into callables."""
 
@@ -183,6 +193,24 @@ class RunConfig:
     pressures: list[PressureSpec] = field(default_factory=list)
     orientation: Callable[[np.ndarray], np.ndarray] | None = None  # frames(X (n, d)) -> Q (n, d, d)
     balance: bool = True  # kinds rve and hybrid: spread the RVE solves over the ranks (fe2ml.laws.farm)
+    expressions: tuple[Expression, ...] = ()  # every expression of the config, for check_expressions
+
+    def check_expressions(self, lo, hi) -> None:
+        """Evaluate every expression at sample points: t in [0, 1] and the corners and centre of the box [lo, hi].
+
+        Raises:
+            ConfigError: ``FILE: KEY: ...`` for the first expression that is not finite at a sample point.
+        """
+        lo, hi = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+        corners = np.array(list(itertools.product(*zip(lo, hi, strict=True))))
+        X = np.zeros((len(corners) + 1, 3))
+        X[:, : len(lo)] = np.vstack([corners, (lo + hi) / 2])
+        n = min(self.steps, 1000)
+        ts = np.unique(np.concatenate([np.linspace(0.0, 1.0, 11), np.arange(1, n + 1) / n]))
+        space = {"x": X[:, 0], "y": X[:, 1], "z": X[:, 2], "pi": np.pi}
+        for e in self.expressions:
+            env = {k: v for k, v in space.items() if k in e.names}
+            check_samples(e.f, [{**env, "t": t} for t in ts] if "t" in e.names else [env])
 
 
 def load_run_config(path, *, output: str | None = None, base: Path | None = None) -> RunConfig:
@@ -204,6 +232,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     check_keys(raw, RUN_KEYS, f)
     dim, mesh = require_dim_mesh(raw, ("dim", "mesh", "material"), f)
     mesh_spec = parse_mesh(mesh, dim, f"{f}: mesh", base)
+    exprs: list[Expression] = []
     mesh_rve = None
     if mesh_spec.kind == "tiled_rve" and "rve" in mesh:  # the RVE to tile (direct numerical simulation)
         mesh_rve = parse_rve_ref(mesh["rve"], p, f"{f}: mesh.rve", base, dim)
@@ -314,7 +343,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
     orientation = mat.get("orientation")
     if orientation is not None:
-        orientation = _orientation(orientation, f"{f}: material.orientation", dim)
+        orientation = _orientation(orientation, f"{f}: material.orientation", dim, exprs)
     kin = raw.get("kinematics", kin_default)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
@@ -357,7 +386,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
             raise ConfigError(f"{w}.components: component(s) {bad} do not exist in {dim}D (allowed 0..{dim - 1})")
         val = b.get("value", 0.0)
         bcs.append(DirichletSpec(boundary=str(b["boundary"]), components=tuple(comps),
-                                 value=_field(val, f"{w}.value")))
+                                 value=_field(val, f"{w}.value", exprs)))
     trs = []
     for k, b in enumerate(raw.get("tractions", []) or []):
         w = f"{f}: tractions[{k}]"
@@ -367,7 +396,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         val = b.get("value")
         if not isinstance(val, list) or len(val) != dim:
             raise ConfigError(f"{w}.value: expected a list of {dim} numbers or expressions of t, got {val!r}")
-        trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(_of_t(v, f"{w}.value") for v in val)))
+        trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(_of_t(v, f"{w}.value", exprs) for v in val)))
     prs = []
     for k, b in enumerate(raw.get("pressures", []) or []):
         w = f"{f}: pressures[{k}]"
@@ -376,7 +405,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         check_keys(b, ("boundary", "value"), w)
         if "boundary" not in b or "value" not in b:
             raise ConfigError(f"{w}: needs boundary and value")
-        prs.append(PressureSpec(boundary=str(b["boundary"]), value=_of_t(b["value"], f"{w}.value")))
+        prs.append(PressureSpec(boundary=str(b["boundary"]), value=_of_t(b["value"], f"{w}.value", exprs)))
     if not bcs:
         raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
     newton = parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON)
@@ -404,31 +433,39 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
     if loc and kind != "rve":
         raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
-    return RunConfig(path=p, dim=dim, mesh=mesh_spec, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
-                     degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
-                     warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
-                     mesh_rve=mesh_rve, pressures=prs, orientation=orientation, balance=balance)
+    cfg = RunConfig(path=p, dim=dim, mesh=mesh_spec, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
+                    degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
+                    warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
+                    mesh_rve=mesh_rve, pressures=prs, orientation=orientation, balance=balance,
+                    expressions=tuple(exprs))
+    box = mesh_spec.bounding_box()
+    if box is not None:  # otherwise (a mesh file, tiled RVEs) once the mesh is there: check_config, run.build
+        cfg.check_expressions(*box)
+    return cfg
 
 
-def _compiled(v, names, where):
+def _compiled(v, names, where, reg: list[Expression]):
+    """Compile an expression and register it for :meth:`RunConfig.check_expressions`."""
     if isinstance(v, str) and not v.strip():
         raise ConfigError(f"{where}: empty expression")
-    return compile_expression(v, names, where=where)
+    f = compile_expression(v, names, where=where)
+    reg.append(Expression(where=where, f=f, names=frozenset(names)))
+    return f
 
 
-def _field(v, where) -> Callable[[np.ndarray, float], np.ndarray]:
+def _field(v, where, reg) -> Callable[[np.ndarray, float], np.ndarray]:
     """A Dirichlet value EXPR(x, y, z, t) as ``value(x, t)``, x the coordinates (3, n)."""
-    f = _compiled(v, {"x", "y", "z", "t"}, where)
+    f = _compiled(v, {"x", "y", "z", "t"}, where, reg)
     return lambda x, t: f(x=x[0], y=x[1], z=x[2], t=t)
 
 
-def _of_t(v, where) -> Callable[[float], float]:
+def _of_t(v, where, reg) -> Callable[[float], float]:
     """A load value EXPR(t) as ``value(t)``."""
-    f = _compiled(v, {"t"}, where)
+    f = _compiled(v, {"t"}, where, reg)
     return lambda t: float(f(t=t))
 
 
-def _orientation(v, where, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+def _orientation(v, where, dim: int, reg) -> Callable[[np.ndarray], np.ndarray]:
     """``material.orientation`` as frames(X (n, d)) -> Q (n, d, d).
 
     2D: EXPR(x, y, z, pi), the angle in degrees of the RVE's x axis. 3D: ``{e1: [3 EXPR], e2: [3 EXPR]}``, the
@@ -446,7 +483,7 @@ def _orientation(v, where, dim: int) -> Callable[[np.ndarray], np.ndarray]:
     if dim == 2:
         if isinstance(v, dict):
             raise ConfigError(f"{where}: in 2D an angle in degrees (number or expression of x, y, z, pi)")
-        return frames_from_angle(field(_compiled(v, names, where)))
+        return frames_from_angle(field(_compiled(v, names, where, reg)))
     if not isinstance(v, dict):
         raise ConfigError(f"{where}: in 3D a mapping {{e1: [EXPR, EXPR, EXPR], e2: [EXPR, EXPR, EXPR]}}")
     check_keys(v, ("e1", "e2"), where)
@@ -455,7 +492,7 @@ def _orientation(v, where, dim: int) -> Callable[[np.ndarray], np.ndarray]:
         comps = v.get(key)
         if not isinstance(comps, list) or len(comps) != 3:
             raise ConfigError(f"{where}.{key}: expected a list of 3 numbers or expressions of x, y, z, pi")
-        fs = [field(_compiled(c, names, f"{where}.{key}")) for c in comps]
+        fs = [field(_compiled(c, names, f"{where}.{key}", reg)) for c in comps]
         axes.append(lambda X, fs=fs: np.stack([g(X) for g in fs], -1))
     return frames_from_axes(axes[0], axes[1])
 

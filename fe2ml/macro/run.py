@@ -296,6 +296,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     mm = collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh",
                                                     rve_mesh_loader=tile_loader))
     collective(comm, lambda: check_boundaries(cfg, list(mm.boundaries)))
+    collective(comm, lambda: cfg.check_expressions(mm.lo, mm.hi))  # at the corners of the mesh itself
 
     def mkprob():
         try:

@@ -198,6 +198,9 @@ class HolzapfelGasserOgden(HyperelasticMaterial):
 
 
 _FUNCS = {"exp", "log", "ln", "sqrt"}
+# where an expression energy is evaluated up front: the reference state, stretch, compression and shear
+_SAMPLE_F = (np.eye(3), np.diag([1.2, 0.95, 0.95]), np.diag([0.85, 1.05, 1.1]),
+             np.array([[1.0, 0.2, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]))
 _INVARIANTS = {"I1", "I2", "I3", "J", "I1b", "I2b", "I4", "I6", "I4b", "I6b"}
 
 
@@ -248,16 +251,30 @@ class ExpressionEnergy(HyperelasticMaterial):
         object.__setattr__(self, "fibres", tuple(tuple(_unit(a, self.name)) for a in self.fibres))
         object.__setattr__(self, "_tree", parse_energy(self.expr, self.params, n_fibres=len(self.fibres),
                                                        name=self.name))
-        # the energy must vanish in the reference configuration (W(I) = 0); checked numerically
-        env = {"I1": 3.0, "I2": 3.0, "I3": 1.0, "J": 1.0, "I1b": 3.0, "I2b": 3.0, "I4": 1.0, "I6": 1.0,
-               "I4b": 1.0, "I6b": 1.0, **{k: float(v) for k, v in self.params.items()}}
+        # the energy must vanish in the reference configuration (W(I) = 0) and be finite near it; checked numerically
+        W = [self._value(F) for F in _SAMPLE_F]
+        if abs(W[0]) > 1e-12 * (1 + max([abs(float(v)) for v in self.params.values()] or [1.0])):
+            raise MaterialError(f"{self.name}: energy must vanish at F = I (got W(I) = {W[0]:.6g})")
+
+    def _value(self, F: np.ndarray) -> float:
+        """W at a 3x3 deformation gradient F in numpy; an error where it is not a finite number."""
+        C = F.T @ F
+        J = float(np.linalg.det(F))
+        I1, I2 = float(np.trace(C)), float(0.5 * (np.trace(C) ** 2 - np.trace(C @ C)))
+        env = {"I1": I1, "I2": I2, "I3": J**2, "J": J, "I1b": J ** (-2 / 3) * I1, "I2b": J ** (-4 / 3) * I2,
+               **{k: float(v) for k, v in self.params.items()}}
+        for key, a in zip(("I4", "I6"), self.fibres, strict=False):
+            env[key] = float(np.asarray(a) @ C @ np.asarray(a))
+            env[key + "b"] = J ** (-2 / 3) * env[key]
+        at = "F = I" if np.array_equal(F, np.eye(3)) else f"F = {np.round(F, 3).tolist()}"
         try:
             with np.errstate(all="raise"):
-                W0 = evaluate(self._tree, env, {"exp": np.exp, "log": np.log, "ln": np.log, "sqrt": np.sqrt})
+                w = evaluate(self._tree, env, {"exp": np.exp, "log": np.log, "ln": np.log, "sqrt": np.sqrt})
         except (FloatingPointError, ZeroDivisionError, OverflowError) as e:
-            raise MaterialError(f"{self.name}: energy cannot be evaluated at F = I ({e})") from None
-        if abs(W0) > 1e-12 * (1 + max([abs(float(v)) for v in self.params.values()] or [1.0])):
-            raise MaterialError(f"{self.name}: energy must vanish at F = I (got W(I) = {W0:.6g})")
+            raise MaterialError(f"{self.name}: energy cannot be evaluated at {at} ({e})") from None
+        if isinstance(w, complex) or not np.isfinite(w):
+            raise MaterialError(f"{self.name}: energy is not a finite real number at {at} (got {w})")
+        return float(w)
 
     def energy(self, F):
         """W(F) as UFL."""

@@ -21,6 +21,7 @@ needs (:class:`Gate`):
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,7 +176,9 @@ def load_checkpoint(path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: checkpoint not found")
     try:
-        ck = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files: the error says it
+            warnings.simplefilter("ignore")
+            ck = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a global: nothing was constructed from the file
         if "Weights only load failed" in str(e) or "Unsupported global" in str(e):
             raise ConfigError(f"{p}: the checkpoint holds Python objects other than tensors, numbers and plain "

@@ -363,10 +363,9 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         return train_localization(comm, cfg, quiet=quiet)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device, f"{cfg.path}: device")  # before anything is read or written
+    start = load_checkpoint(resume) if resume is not None else None  # refused before the data is read
     F, P, A, info = load_data(cfg)
-    start = None
-    if resume is not None:
-        start = load_checkpoint(resume)
+    if start is not None:
         if start["dim"] != info["dim"] or start["kinematics"] != info["kinematics"]:
             raise ConfigError(f"--resume {resume}: checkpoint is {start['dim']}D {start['kinematics']}, the data "
                               f"{info['dim']}D {info['kinematics']}")
