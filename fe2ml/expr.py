@@ -255,24 +255,27 @@ def compile_expression(text, names, *, where: str = "expression", error=ConfigEr
     tree = parse_expression(text, names, where=where, error=error)
     funcs = numpy_funcs()
     shown = _show(str(text))
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} & set(names)
 
     def f(**env):
         try:
             with np.errstate(all="raise"):
                 v = evaluate(tree, env, funcs)
         except (FloatingPointError, OverflowError, ZeroDivisionError) as e:
-            raise error(f"{where}: {shown} fails at {_point(env)} ({e})") from None
+            raise error(f"{where}: {shown} fails at {_point(env, used)} ({e})") from None
         if not np.all(np.isfinite(v)):
-            raise error(f"{where}: {shown} is not finite at {_point(env)}")
+            raise error(f"{where}: {shown} is not finite at {_point(env, used)}")
         return v
 
     return f
 
 
-def _point(env: Mapping) -> str:
-    """Where an evaluation failed, for a message: scalars as they are, arrays by their range."""
+def _point(env: Mapping, used: set) -> str:
+    """Where an evaluation failed, for a message: the variables used, scalars as they are, arrays by their range."""
     parts = []
     for k, v in env.items():
+        if k not in used:
+            continue
         a = np.asarray(v)
         if a.ndim == 0:
             parts.append(f"{k} = {float(a):.6g}")

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from fe2ml.errors import ConfigError
-from fe2ml.expr import MAX_CHARS, MAX_DEPTH, MAX_DIGITS, MAX_NODES, check_samples, compile_expression, \
-    parse_expression
+from fe2ml.expr import MAX_CHARS, MAX_DEPTH, MAX_DIGITS, MAX_NODES, check_samples, compile_expression, parse_expression
 
 NAMES = {"x", "y", "z", "t"}
 

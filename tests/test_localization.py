@@ -11,7 +11,7 @@ from mpi4py import MPI
 
 import numpy as np
 import pytest
-from helpers import tissue_rve_yaml
+from helpers import crafted_checkpoints, tissue_rve_yaml
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.serial
@@ -126,7 +126,10 @@ def test_learned_localization_and_bad_input(tmp_path):
     assert np.linalg.norm(learned - exact) / np.linalg.norm(exact - 1) < 0.15  # on λ − 1
     for args, msg in (((tmp_path / "nope",), "run folder not found"), ((run, "--step", 7), "converged steps 1..2"),
                       ((run, "--points", 99), "--points: indices must be in 0..11"),
-                      ((run, "--model", tmp_path / "none.pt"), "checkpoint not found")):
+                      ((run, "--model", tmp_path / "none.pt"), "checkpoint not found"),
+                      *(((run, "--model", c), "was not loaded (loading it would run code from the file)")
+                        for c in crafted_checkpoints(tmp_path, tmp_path / "MARKER"))):
         r = subprocess.run([str(BIN / "fe2ml"), "localize", *map(str, args)], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "MARKER").exists()  # a crafted checkpoint's code never runs

@@ -396,7 +396,8 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         val = b.get("value")
         if not isinstance(val, list) or len(val) != dim:
             raise ConfigError(f"{w}.value: expected a list of {dim} numbers or expressions of t, got {val!r}")
-        trs.append(TractionSpec(boundary=str(b.get("boundary")), value=tuple(_of_t(v, f"{w}.value", exprs) for v in val)))
+        trs.append(TractionSpec(boundary=str(b.get("boundary")),
+                                value=tuple(_of_t(v, f"{w}.value", exprs) for v in val)))
     prs = []
     for k, b in enumerate(raw.get("pressures", []) or []):
         w = f"{f}: pressures[{k}]"
