@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -234,6 +233,7 @@ def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
 def cmd_run(args, comm) -> int:
     """Run ``fe2ml run``."""
     from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.folder import RunFolder
     from fe2ml.macro.run import run
 
     if args.allow_changed and not args.restart:
@@ -244,56 +244,21 @@ def cmd_run(args, comm) -> int:
         rd = Path(args.config)
         if not rd.is_dir():
             raise ConfigError(f"--restart {rd}: run folder not found")
-        ident = rd / "identity.json"
-        summ = rd / "summary.json"
-        orig = Path(json.loads(ident.read_text())["config"] if ident.is_file() else
-                    json.loads(summ.read_text()).get("config", "") if summ.is_file() else "")
-        copy = rd / "config.yaml"
-        if args.allow_changed and orig.is_file():  # continue with the edited original (the change is recorded)
-            cfg = load_run_config(orig, output=str(rd))
-        elif copy.is_file():  # the run's own copy; relative paths as seen from the original's folder
-            cfg = load_run_config(copy, output=str(rd), base=orig.parent if str(orig) else rd)
-        else:
-            raise ConfigError(f"--restart {rd}: cannot find the run's config (config.yaml)")
+        path, base = RunFolder(rd).config_to_load(prefer_original=args.allow_changed)
+        cfg = load_run_config(path, output=str(rd), base=base)  # relative paths as seen from the original's folder
         run(comm, cfg, restart=True, allow_changed=args.allow_changed)
         return 0
     cfg = load_run_config(args.config, output=args.output)
-    _claim_run_folder(comm, cfg, overwrite=args.overwrite)
-    run(comm, cfg)
-    return 0
-
-
-RUN_MARKERS = ("identity.json", "summary.json", "checkpoint", "config.yaml")
-
-
-def _claim_run_folder(comm, cfg, *, overwrite: bool) -> None:
-    """Refuse to write a new run over an existing one unless ``--overwrite`` (which removes the old run first).
-
-    A folder that exists but holds no run is written into only when it is empty: ``--overwrite`` never deletes
-    anything that is not a run folder. Where the folder lies outside the config's folder, the run says so.
-    """
-    out = Path(cfg.output)
-    msg = None
-    if comm.rank == 0:
-        where = f"{cfg.path}: output"
-        if out.exists() and not out.is_dir():
-            msg = f"{where}: {out} exists and is not a folder"
-        elif out.is_dir() and any(out.iterdir()):
-            is_run = any((out / m).exists() for m in RUN_MARKERS)
-            if not is_run:
-                msg = f"{where}: {out} exists, is not empty and holds no fe2ml run; give an empty or new folder"
-            elif not overwrite:
-                msg = (f"{where}: {out} holds an earlier run; continue it with `fe2ml run --restart {out}`, replace it "
-                       f"with --overwrite, or give another output")
-            else:
-                shutil.rmtree(out)
-        if msg is None:
-            base = Path(cfg.path).resolve().parent
-            if not out.resolve().is_relative_to(base):
-                log.info(f"fe2ml run: the run folder {out.resolve()} lies outside the config's folder {base}")
+    folder = RunFolder(cfg.output)
+    msg = folder.claim(cfg.path, overwrite=args.overwrite) if comm.rank == 0 else None
     msg = comm.bcast(msg, root=0)
     if msg is not None:
         raise ConfigError(msg)
+    if comm.rank == 0 and folder.outside(cfg.path):
+        log.info(f"fe2ml run: the run folder {folder.path.resolve()} lies outside the config's folder "
+                 f"{cfg.path.resolve().parent}")
+    run(comm, cfg)
+    return 0
 
 
 def cmd_sample(args, comm) -> int:

@@ -30,6 +30,7 @@ from fe2ml.data.fingerprint import rve_fingerprint
 from fe2ml.errors import ConfigError
 from fe2ml.laws.rve import build_rank_rve
 from fe2ml.macro.config import load_run_config
+from fe2ml.macro.folder import RunFolder
 from fe2ml.parallel import collective
 from fe2ml.plotting import plot_cell_map
 
@@ -42,7 +43,7 @@ def read_quadrature(run_dir: Path, step: int | None):
     """(step, t, x (n,d), F (n,d,d), recorded cells or None) of a run's quadrature.h5."""
     import h5py
 
-    q = Path(run_dir) / "quadrature.h5"
+    q = RunFolder(run_dir).quadrature
     if not q.is_file():
         raise ConfigError(f"{run_dir}: no quadrature.h5 (not an fe2ml run folder, or a run from before "
                           "localization support)")
@@ -60,16 +61,12 @@ def read_quadrature(run_dir: Path, step: int | None):
 
 
 def _rve_config(run_dir: Path):
-    s = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-    cand = [Path(s["config"])] if s.get("config") else []
-    cand.append(run_dir / "config.yaml")
-    for c in cand:
-        if c.is_file():
-            cfg = load_run_config(c, output=str(run_dir))
-            if cfg.rve is None:
-                raise ConfigError(f"{c}: the run has no RVE (material.rve) to localize with")
-            return cfg
-    raise ConfigError(f"{run_dir}: cannot find the run's config")
+    """The run's config (the original where it still exists, else the run's copy, paths as seen from the original)."""
+    path, base = RunFolder(run_dir).config_to_load(prefer_original=True)
+    cfg = load_run_config(path, output=str(run_dir), base=base)
+    if cfg.rve is None:
+        raise ConfigError(f"{path}: the run has no RVE (material.rve) to localize with")
+    return cfg
 
 
 class LocalizationModel:
@@ -107,7 +104,7 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
     if bad:
         raise ConfigError(f"--fields: indices {bad} out of range 0..{n - 1}")
     cfg = _rve_config(run_dir)
-    out = run_dir / (f"localization_step{k}" + ("_learned" if model is not None else ""))
+    out = RunFolder(run_dir).localization(k, learned=model is not None)
     rank = comm.rank
     if rank == 0:
         out.mkdir(exist_ok=True)

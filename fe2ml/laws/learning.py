@@ -154,19 +154,19 @@ class Learner:
         comm: the macro communicator.
         options: :class:`LearnOptions`.
         law: the :class:`fe2ml.laws.surrogate.HybridLaw` of this rank.
-        out: the run folder (rounds go to ``out/surrogate/round-K``).
+        rounds: the folder of the rounds (round K goes to ``rounds/round-K``; a run's ``surrogate/``).
         fingerprint: the RVE fingerprint (of the initial data and of the new checkpoints).
         rve_desc: the RVE description stored in the checkpoints.
         runlog: the run's ``run.log`` logger.
         quiet: no console lines.
     """
 
-    def __init__(self, comm, options: LearnOptions, law, out: Path, *, fingerprint: str, rve_desc: dict,
+    def __init__(self, comm, options: LearnOptions, law, rounds: Path, *, fingerprint: str, rve_desc: dict,
                  runlog: logging.Logger, quiet: bool = False):
         self.comm = comm
         self.options = options
         self.law = law
-        self.out = Path(out)
+        self.rounds_dir = Path(rounds)
         self.fingerprint = fingerprint
         self.rve_desc = rve_desc
         self.runlog = runlog
@@ -259,7 +259,7 @@ class Learner:
         except TrainingFailed as e:
             return self._failed(rec, t0, str(e))
         ck, msg = None, None
-        folder = self.out / "surrogate" / f"round-{k}"
+        folder = self.rounds_dir / f"round-{k}"
         if self.comm.rank == 0:
             states = cast(tuple, fitted)[0]  # fit_members returns the members on rank 0
             core, _ = assemble_checkpoint(states, kind, margs, self.law.dim, "finite", F, P, A, tr, va, te)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import dolfinx
 import h5py
 import numpy as np
 
+from fe2ml.files import atomic_write
+from fe2ml.macro.folder import RunFolder
 from fe2ml.macro.problem import MacroProblem
 from fe2ml.plotting import plot_reactions
 
@@ -36,6 +37,7 @@ class RunWriter:
     def __init__(self, problem: MacroProblem, out: Path, *, config_path: str = "", restart_step: int = 0):
         self.p = problem
         self.out = Path(out)
+        self.folder = RunFolder(self.out)
         self.comm = problem.comm
         self.rank0 = self.comm.rank == 0
         d = problem.d
@@ -58,20 +60,20 @@ class RunWriter:
                 self.csv_header += [f"{name}_R{c + 1}" for c in range(d)]
             self.csv_header += [f"{name}_u{c + 1}_mean" for c in range(d)]
         if self.rank0 and restart_step == 0:
-            with open(self.out / "reactions.csv", "w", newline="") as f:
+            with open(self.folder.reactions, "w", newline="") as f:
                 csv.writer(f).writerow(self.csv_header)
-            (self.out / "quadrature.h5").unlink(missing_ok=True)
+            (self.folder.quadrature).unlink(missing_ok=True)
         elif self.rank0:  # keep the rows and quadrature data of the checkpointed steps only
-            with open(self.out / "reactions.csv", newline="") as f:
+            with open(self.folder.reactions, newline="") as f:
                 rows = list(csv.reader(f))
             self.rows = [[float(v) for v in r] for r in rows[1:restart_step + 1]]
-            with open(self.out / "reactions.csv", "w", newline="") as f:
+            with open(self.folder.reactions, "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(self.csv_header)
                 for r in rows[1:restart_step + 1]:
                     w.writerow(r)
-            if (self.out / "quadrature.h5").exists():
-                with h5py.File(self.out / "quadrature.h5", "a") as f:
+            if (self.folder.quadrature).exists():
+                with h5py.File(self.folder.quadrature, "a") as f:
                     for g in [g for g in f if int(g.split("_")[1]) > restart_step]:
                         del f[g]
                     f.attrs["steps"] = restart_step
@@ -99,7 +101,7 @@ class RunWriter:
             row += U[name].tolist()
         self.rows.append(row)
         if self.rank0:
-            with open(self.out / "reactions.csv", "a", newline="") as f:
+            with open(self.folder.reactions, "a", newline="") as f:
                 csv.writer(f).writerow([f"{v:.12e}" for v in row])
         p.timers["output_s"] += time.perf_counter() - t0
         self.write_summary(status, message)
@@ -130,7 +132,7 @@ class RunWriter:
         ids = np.concatenate([q[0] for q in parts])
         order = np.lexsort(np.concatenate([q[1] for q in parts]).T[::-1])  # by coordinates: rank-independent
         k = len(p.history)
-        with h5py.File(self.out / "quadrature.h5", "a") as f:
+        with h5py.File(self.folder.quadrature, "a") as f:
             g = f.create_group(f"step_{k}")
             g.attrs["t"] = p.t
             g["x"] = np.concatenate([q[1] for q in parts])[order]
@@ -190,9 +192,7 @@ class RunWriter:
         if work is not None:
             summary["rve_work"] = work
         summary.update(extra or {})
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, self.out / "summary.json")
+        atomic_write(self.folder.summary, json.dumps(summary, indent=1))
 
     def close(self):
         """Close the XDMF file and draw the reaction curve (collective)."""

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 import uuid
@@ -26,10 +25,12 @@ from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import check_fingerprint, check_folder_writable, truncate_part
 from fe2ml.data.recorder import MacroLogger, Recorder, make_macro_logger
 from fe2ml.errors import ConfigError, Fe2mlError
+from fe2ml.files import atomic_write
 from fe2ml.laws.analytic import AnalyticLaw
 from fe2ml.laws.base import ConstitutiveLaw
 from fe2ml.laws.rve import build_rank_rve, rve_law
 from fe2ml.macro.config import RunConfig, check_boundaries
+from fe2ml.macro.folder import RunFolder
 from fe2ml.macro.mesh import create_macro_mesh
 from fe2ml.macro.output import RunWriter, progress_line
 from fe2ml.macro.problem import MacroProblem, RunInterrupted
@@ -62,17 +63,15 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    """Write JSON atomically (a temporary file renamed over the target: a kill leaves the old or the new file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write JSON atomically (a kill leaves the old or the new file)."""
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _check_identity(comm, out: Path, now: dict, allow_changed: bool, runlog: logging.Logger) -> None:
     """Refuse a restart whose config, RVE or surrogate checkpoint differ from the run's (rank 0 reads, all raise)."""
     msg = None
     if comm.rank == 0:
-        p = out / "identity.json"
+        p = RunFolder(out).identity
         if p.is_file():
             then = json.loads(p.read_text())
             what = {"config_sha256": f"the config {then['config']}", "rve_fingerprint": "the RVE (fingerprint "
@@ -103,7 +102,7 @@ def _repair_logs(comm, out: Path, counts: dict, runlog: logging.Logger) -> dict[
     """
     kept: dict[str, int] = {}
     if comm.rank == 0:
-        listed = out / "log_parts.json"
+        listed = RunFolder(out).log_parts
         parts = set(json.loads(listed.read_text())) if listed.is_file() else set()
         for path in sorted(parts | set(counts)):
             kept[path] = int(counts.get(path, 0))
@@ -118,7 +117,7 @@ def _register_log_parts(comm, out: Path, paths: list[str]) -> None:
     """Add this attempt's log parts (all ranks) to ``out/log_parts.json`` (collective)."""
     every = [p for ps in comm.allgather(paths) for p in ps]
     if comm.rank == 0 and every:
-        listed = out / "log_parts.json"
+        listed = RunFolder(out).log_parts
         known = json.loads(listed.read_text()) if listed.is_file() else []
         _write_json(listed, sorted(set(known) | set(every)))
     comm.barrier()
@@ -166,7 +165,7 @@ def _run_log(comm, out: Path) -> logging.Logger:
         runlog.removeHandler(h)
         h.close()
     if comm.rank == 0:
-        fh = _RunLogHandler(out / "run.log", mode="a")
+        fh = _RunLogHandler(RunFolder(out).run_log, mode="a")
         fh.setFormatter(logging.Formatter(f"%(asctime)s [rank {comm.rank}] %(levelname)s %(message)s"))
         runlog.addHandler(fh)
     runlog.setLevel(logging.INFO)
@@ -270,6 +269,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     ``allow_changed``; then the change is recorded in run.log).
     """
     out = Path(cfg.output)
+    folder = RunFolder(out)
     _prepare_output(comm, out)
     runlog = _run_log(comm, out)
 
@@ -317,15 +317,15 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     ident = identity(cfg, rve)
     if restart:
         collective(comm, lambda: _check_identity(comm, out, ident, allow_changed, runlog))
-        meta = collective(comm, lambda: prob.load_checkpoint(out / "checkpoint"))
+        meta = collective(comm, lambda: prob.load_checkpoint(folder.checkpoint))
         start = meta["steps"]
         log_counts = collective(comm, lambda: _repair_logs(comm, out, meta.get("logs", {}), runlog))
         say(f"  restarting after step {start} (t = {prob.t:.4g})")
         runlog.info("restart after step %d (t = %.6g)", start, prob.t)
     elif comm.rank == 0:
-        if Path(cfg.path).resolve() != (out / "config.yaml").resolve():
-            shutil.copyfile(cfg.path, out / "config.yaml")
-        _write_json(out / "identity.json", ident)
+        if Path(cfg.path).resolve() != folder.config_copy.resolve():
+            atomic_write(folder.config_copy, Path(cfg.path).read_bytes())
+        _write_json(folder.identity, ident)
     _register_log_parts(comm, out, [str(w.path) for w in _log_writers(logger, law)])
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
     audit = None
@@ -344,8 +344,9 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
         from fe2ml.laws.learning import Learner
 
         lo = cfg.surrogate["learn"]
-        learner = collective(comm, lambda: Learner(comm, lo, law, out, fingerprint=rve_fingerprint(rve),
-                                                   rve_desc=rve_description(rve), runlog=runlog, quiet=quiet))
+        learner = collective(comm, lambda: Learner(comm, lo, law, folder.surrogate_rounds,
+                                                   fingerprint=rve_fingerprint(rve), rve_desc=rve_description(rve),
+                                                   runlog=runlog, quiet=quiet))
         if "learning" in meta:  # a restart continues with the gathered records and the last round's model
             collective(comm, lambda: learner.restore(meta["learning"], meta["arrays"]))
         say(f"  learning: refit {lo.members} member(s) every >= {lo.every} step(s) once {lo.min_new} new fallback "
@@ -393,7 +394,7 @@ def loop(r: Run) -> None:
                 extra["audit"] = r.audit.state()
             if r.learner is not None:
                 extra["learning"], arrays = r.learner.state()
-            prob.save_checkpoint(r.out / "checkpoint", meta_extra=extra, arrays_extra=arrays)
+            prob.save_checkpoint(RunFolder(r.out).checkpoint, meta_extra=extra, arrays_extra=arrays)
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
             if not r.quiet:
                 progress_line(k, cfg.steps, prob.t, rec, comm)
@@ -417,7 +418,7 @@ def finish(r: Run, t0: float) -> dict:
     r.close()
     summary = {}
     if r.comm.rank == 0:
-        summary = json.loads((r.out / "summary.json").read_text())
+        summary = RunFolder(r.out).read_summary()
         if not r.quiet:
             ts = summary["time_split_s"]
             log.info(f"  done in {time.perf_counter() - t0:.1f} s: constitutive/RVE {ts['rve_or_constitutive']:.2f} s, "
