@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.errors import ConfigError, Fe2mlError
-from fe2ml.parallel import collective, install_console_logging
+from fe2ml.files import atomic_write
+from fe2ml.parallel import install_console_logging
 
 __all__ = ["main"]
 
@@ -66,168 +67,83 @@ def _output_file(out: Path, what: str, comm) -> Path:
 
 
 def cmd_homogenize(args, comm) -> int:
-    """Run ``fe2ml homogenize``."""
-    from fe2ml.materials import VOIGT_ORDER
-    from fe2ml.micro.config import build_rve, load_homogenize_config, load_rve_mesh
+    """Run ``fe2ml homogenize``: the computation is :mod:`fe2ml.micro.homogenize`; here the report is printed."""
+    from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
+    from fe2ml.micro.homogenize import homogenize_finite, homogenize_linear
 
-    rank = comm.rank
     t0 = time.perf_counter()
     cfg = load_homogenize_config(args.config)
     for opt in ("json", "plot", "curve"):
         val = getattr(args, opt)
         if val is not None:
             _output_file(Path(val), f"--{opt}", comm)
-    if rank == 0:
+    if comm.rank == 0:
         print(f"fe2ml homogenize: {cfg.path} ({cfg.dim}D, bc={cfg.bc}, degree={cfg.degree}, ranks={comm.size})",
               flush=True)
     mesh = load_rve_mesh(cfg, comm=comm)
     t_mesh = time.perf_counter() - t0
     if cfg.kinematics == "finite":
-        return _homogenize_finite(args, cfg, mesh, comm, t0)
-    rve = build_rve(cfg, mesh)
-    res = rve.homogenize()
-    # every rank has its own RVE on COMM_SELF; macro strains are split across ranks
-    mine = list(range(rank, len(cfg.strains), comm.size))
-    stresses_local = {k: rve.stress(cfg.strains[k]).tolist() for k in mine}
-    gathered = comm.gather((stresses_local, res.C), root=0)
-    if rank != 0:
-        rve.close()
+        def progress(k, m):
+            if comm.rank == 0:
+                print(f"\r  rank 0: point {k}/{m}", end="" if k < m else "\n", flush=True)
+
+        report = homogenize_finite(comm, cfg, mesh, t0=t0, progress=progress,
+                                   fields_folder=Path(args.json).parent if args.json else Path("."))
+        if report is not None:
+            _print_finite(args, cfg, report)
+            _write_plots(args, mesh, cfg, report)
         return 0
-    stresses: dict = {}
-    for s, C_r in gathered:
-        stresses.update(s)
-        if not np.array_equal(C_r, res.C):  # each rank solves the same RVE independently
-            raise Fe2mlError("ranks disagree on the effective stiffness (non-deterministic solve)")
-    d = cfg.dim
-    vol = np.bincount(mesh.phases, weights=mesh.element_volumes())
-    fractions = {int(t): float(vol[t] / res.volume) for t in mesh.tags}
-    report = {
-        "C": res.C.tolist(),
-        "voigt": res.voigt.tolist(),
-        "voigt_order": [f"{i + 1}{j + 1}" for i, j in VOIGT_ORDER[d]],
-        "volume": res.volume,
-        "mesh_volume": res.mesh_volume,
-        "phase_fractions": fractions,
-        "n_cells": mesh.n_cells,
-        "ndofs": res.ndofs,
-        "n_elements": len(mesh.cells),
-        "bc": cfg.bc,
-        "degree": cfg.degree,
-        "mesh": str(mesh.source),
-        "time_s": res.time_s,
-        "setup_s": time.perf_counter() - t0 - res.time_s,
-        "mesh_s": t_mesh,
-        "strains": [s.tolist() for s in cfg.strains],
-        "stresses": [stresses[k] for k in range(len(cfg.strains))],
-        "ranks": comm.size,
-    }
+    report = homogenize_linear(comm, cfg, mesh, t0=t0)
+    if report is None:
+        return 0
+    report["mesh_s"] = t_mesh
+    fractions = report["phase_fractions"]
     print(f"  mesh {mesh.source}: {len(mesh.cells)} {mesh.cell_type} elements, {mesh.n_cells} cells, "
           f"phase fractions " + ", ".join(f"{t}: {v:.4f}" for t, v in fractions.items()))
-    print(f"  {res.ndofs} dofs, homogenization {res.time_s * 1e3:.1f} ms (setup {report['setup_s']:.2f} s)")
+    print(f"  {report['ndofs']} dofs, homogenization {report['time_s'] * 1e3:.1f} ms (setup {report['setup_s']:.2f} s)")
     print(f"Effective stiffness C (Voigt matrix, order {', '.join(report['voigt_order'])}; "
           "σ = C·[ε11, ε22, (ε33,) (2ε23, 2ε13,) 2ε12]):")
-    print(_voigt_table(res.C))
+    print(_voigt_table(np.array(report["C"])))
     for e, s in zip(report["strains"], report["stresses"], strict=True):
         print(f"  ε̄ = {np.round(e, 6).tolist()}  ->  σ̄ = {np.round(s, 6).tolist()}")
-    if args.json is not None:
-        tmp = Path(str(args.json) + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(args.json)
-        print(f"  wrote {args.json}")
-    if args.plot is not None:
-        from fe2ml.plotting import plot_rve
-
-        plot_rve(mesh, args.plot)
-        print(f"  wrote {args.plot}")
-    rve.close()
+    _write_json_report(args, report, indent=1)
+    _write_plots(args, mesh, cfg, None)
     return 0
 
 
+def _write_json_report(args, report: dict, **kw) -> None:
+    if args.json is not None:
+        atomic_write(args.json, json.dumps(report, **kw))
+        print(f"  wrote {args.json}")
 
-def _homogenize_finite(args, cfg, mesh, comm, t0) -> int:
-    """Finite-strain branch of ``fe2ml homogenize``: P̄, Ā and cell quantities per F̄."""
-    from fe2ml.micro.config import build_rve
 
-    rank, size = comm.rank, comm.size
-    n = len(cfg.F)
-    chunks = np.array_split(np.arange(n), size)
-    mine = chunks[rank]
-
-    def build():
-        return build_rve(cfg, mesh)
-
-    rve = collective(comm, build)
-    if rank == 0:
-        print(f"  {rve.ndofs} dofs ({rve.formulation} formulation, degree {rve.degree}), {n} points on {size} "
-              f"rank(s)", flush=True)
-
-    def progress(k, m):
-        if rank == 0:
-            print(f"\r  rank 0: point {k}/{m}", end="" if k < m else "\n", flush=True)
-
-    def run():
-        Fs = np.array([cfg.F[k] for k in mine]).reshape(-1, cfg.dim, cfg.dim)
-        if len(Fs) == 0:
-            return None
-        res = rve.evaluate(Fs, warm_start=True, progress=progress)
-        for k in cfg.fields_points:
-            if k in mine:
-                folder = Path(args.json).parent if args.json else Path(".")
-                rve.write_fields(folder / f"fields_point{k}.xdmf", res.states[list(mine).index(k)])
-        return res
-
-    res = collective(comm, run)
-    local = None
-    if res is not None:
-        local = dict(idx=mine.tolist(), P=res.P, A=res.A, its=res.iterations, steps=res.substeps, t=res.time_s,
-                     cells=[c.to_dict() for c in res.cells])
-    gathered = comm.gather(local, root=0)
-    rve.close()
-    if rank != 0:
-        return 0
-    d = cfg.dim
-    P = np.zeros((n, d, d))
-    A = np.zeros((n, d, d, d, d))
-    its = np.zeros(n, dtype=int)
-    steps = np.zeros(n, dtype=int)
-    tp = np.zeros(n)
-    cells: list = [None] * n
-    for g in gathered:
-        if g is None:
-            continue
-        for j, k in enumerate(g["idx"]):
-            P[k], A[k], its[k], steps[k], tp[k], cells[k] = (g["P"][j], g["A"][j], g["its"][j], g["steps"][j],
-                                                            g["t"][j], g["cells"][j])
-    report = {
-        "kinematics": "finite", "dim": d, "bc": cfg.bc, "formulation": rve.formulation, "degree": rve.degree,
-        "ndofs": rve.ndofs, "volume": rve.volume, "n_cells": mesh.n_cells, "mesh": str(mesh.source),
-        "F": [F.tolist() for F in cfg.F], "P": P.tolist(), "A": A.tolist(), "iterations": its.tolist(),
-        "substeps": steps.tolist(), "time_s": tp.tolist(), "cells": cells, "ranks": comm.size,
-        "total_s": time.perf_counter() - t0,
-    }
-    print(f"  {n} points: {its.sum()} Newton iterations, {tp.mean() * 1e3:.1f} ms per point")
-    for k in range(n):
+def _print_finite(args, cfg, report: dict) -> None:
+    """The finite-strain report of ``fe2ml homogenize`` on the console and in --json."""
+    its, tp, cells = np.array(report["iterations"]), np.array(report["time_s"]), report["cells"]
+    print(f"  {len(cfg.F)} points: {its.sum()} Newton iterations, {tp.mean() * 1e3:.1f} ms per point")
+    P = np.array(report["P"])
+    for k in range(len(cfg.F)):
         c = cells[k]
         cs = np.array(c["cell"]["stretch"]) if c and c["cell"]["stretch"] else np.zeros((0, 3))
         lam = f", max cell stretch {cs[:, 0].max():.4f}" if len(cs) else ""
         print(f"  F̄[{k}] = {np.round(cfg.F[k], 4).tolist()}  P̄ = {np.round(P[k], 6).tolist()}{lam}")
-    if args.json is not None:
-        tmp = Path(str(args.json) + ".tmp")
-        tmp.write_text(json.dumps(report))
-        tmp.replace(args.json)
-        print(f"  wrote {args.json}")
-    curve = args.curve or (str(Path(args.json).with_suffix("")) + "_stress.png" if args.json else None)
-    if curve:
-        from fe2ml.plotting import plot_stress_strain
+    _write_json_report(args, report)
 
-        plot_stress_strain(np.array(cfg.F), P, curve, title=f"{Path(cfg.path).name}: homogenized response")
+
+def _write_plots(args, mesh, cfg, finite: dict | None) -> None:
+    """--curve (finite strain; default next to --json) and --plot of ``fe2ml homogenize``."""
+    curve = args.curve or (str(Path(args.json).with_suffix("")) + "_stress.png" if args.json else None)
+    if finite is not None and curve:
+        from fe2ml.plotting import plot_stress_strain  # deferred: matplotlib only when a figure is asked for
+
+        plot_stress_strain(np.array(cfg.F), np.array(finite["P"]), curve,
+                           title=f"{Path(cfg.path).name}: homogenized response")
         print(f"  wrote {curve}")
     if args.plot is not None:
-        from fe2ml.plotting import plot_rve
+        from fe2ml.plotting import plot_rve  # deferred: matplotlib only when a figure is asked for
 
         plot_rve(mesh, args.plot)
         print(f"  wrote {args.plot}")
-    return 0
 
 
 def cmd_run(args, comm) -> int:
