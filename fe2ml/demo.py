@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fe2ml.files import atomic_write
+
 __all__ = ["run_demo"]
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,7 @@ def _yaml(comm, path: Path, data) -> Path:
     import yaml
 
     if comm.rank == 0:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-        tmp.replace(path)
+        atomic_write(path, yaml.safe_dump(data, sort_keys=False))
     comm.barrier()
     return path
 

@@ -19,8 +19,8 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path next to ``path`` to write to; renamed over ``path`` when the block ends without error.
 
     The temporary name keeps the suffix of ``path`` (``np.savez`` and gmsh choose the format by it) and holds the
-    process id, so that ranks writing different files of one folder never share a temporary. On an error the
-    temporary file is removed and the target is left as it was.
+    process id, so that ranks writing different files of one folder never share a temporary. On an error, or where
+    the block wrote nothing, the temporary file is removed and the target is left as it was.
 
     Args:
         path: the file to write.
@@ -32,7 +32,8 @@ def atomic_target(path: str | os.PathLike) -> Iterator[Path]:
     tmp = target.with_name(f"{target.stem}.tmp{os.getpid()}{target.suffix}")
     try:
         yield tmp
-        os.replace(tmp, target)
+        if tmp.exists():
+            os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -46,6 +46,7 @@ from fe2ml.data.schema import (
     versions,
 )
 from fe2ml.errors import ConfigError
+from fe2ml.files import atomic_target
 from fe2ml.parallel import fault_point
 
 __all__ = [
@@ -303,20 +304,19 @@ def truncate_part(path, n: int) -> int:
     import h5py
 
     path = Path(path)
-    with open_part(path) as src:
-        names = dataset_names(src)
-        extent = min(src[k].shape[0] for k in names) if names else 0
-        if extent <= n:
-            return 0
-        tmp = path.with_suffix(".repair.h5")
-        with h5py.File(tmp, "w", libver="latest") as dst:
-            for k, v in src.attrs.items():
-                dst.attrs[k] = v
-            for k in names:
-                ds = src[k]
-                dst.create_dataset(k, data=ds[:n], maxshape=(None, *ds.shape[1:]), chunks=ds.chunks,
-                                   fillvalue=fill_value(ds.dtype))
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:  # renamed over the part after both files are closed
+        with open_part(path) as src:
+            names = dataset_names(src)
+            extent = min(src[k].shape[0] for k in names) if names else 0
+            if extent <= n:
+                return 0
+            with h5py.File(tmp, "w", libver="latest") as dst:
+                for k, v in src.attrs.items():
+                    dst.attrs[k] = v
+                for k in names:
+                    ds = src[k]
+                    dst.create_dataset(k, data=ds[:n], maxshape=(None, *ds.shape[1:]), chunks=ds.chunks,
+                                       fillvalue=fill_value(ds.dtype))
     return extent - n
 
 

@@ -16,7 +16,6 @@ Constitutive paths:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -35,6 +34,7 @@ import ufl
 
 from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
+from fe2ml.files import atomic_target, atomic_write
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, build_loads, mark_boundaries
 from fe2ml.parallel import collective, fault_point
@@ -367,22 +367,17 @@ class MacroProblem:
         if r == 0:
             for key, v in (arrays_extra or {}).items():
                 data[f"extra_{key}"] = v
-        tmp = step_dir / f"rank{r}.tmp.npz"
-        np.savez(tmp, **data)
-        os.replace(tmp, step_dir / f"rank{r}.npz")
+        with atomic_target(step_dir / f"rank{r}.npz") as tmp:
+            np.savez(tmp, **data)
         if r == 0:
             meta = {"t": self.t, "steps": k, "ranks": self.comm.size,
                     "history": [{"t": h.t, "iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
                                 for h in self.history], "rref": self._rref, **(meta_extra or {})}
-            tmpm = step_dir / "meta.json.tmp"
-            tmpm.write_text(json.dumps(meta))
-            os.replace(tmpm, step_dir / "meta.json")
+            atomic_write(step_dir / "meta.json", json.dumps(meta))
         self.comm.barrier()  # every rank's file of step k is complete
         fault_point(f"{r}:{k}:checkpoint")
         if r == 0:
-            tmpl = folder / "latest.tmp"
-            tmpl.write_text(f"step-{k}\n")
-            os.replace(tmpl, folder / "latest")
+            atomic_write(folder / "latest", f"step-{k}\n")
             for old in folder.glob("step-*"):
                 if old.is_dir() and old.name.split("-")[-1].isdigit() and int(old.name.split("-")[-1]) < k - 1:
                     shutil.rmtree(old, ignore_errors=True)

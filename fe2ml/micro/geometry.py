@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.errors import ConfigError, MeshError
+from fe2ml.files import atomic_target
 
 __all__ = ["GENERATORS", "generate_mesh"]
 
@@ -168,9 +169,8 @@ def _mesh_and_write(gmsh, dim, h, out_path, *, curvature=True):
     gmsh.model.mesh.generate(dim)
     gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
     gmsh.option.setNumber("Mesh.SaveAll", 0)
-    tmp = str(out_path) + f".tmp{os.getpid()}.msh"
-    gmsh.write(tmp)
-    os.replace(tmp, out_path)
+    with atomic_target(out_path) as tmp:
+        gmsh.write(str(tmp))
 
 
 def _check_fraction(vf, key="volume_fraction"):
