@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
+from mpi4py import MPI
+
 import numpy as np
 
 from fe2ml.config import check_keys, number
@@ -284,7 +286,7 @@ class Learner:
         self.law.use_checkpoint(ck)
         self.current = str(folder / "checkpoint.pt")
         self.new_since = 0
-        rec.update(status="ok", retrain_s=self.comm.allreduce(time.perf_counter() - t0, op=_max()),
+        rec.update(status="ok", retrain_s=self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX),
                    test_stress_rel_l2=ck["metrics"].get("test", ck["metrics"]["validation"])["stress_rel_l2"],
                    checkpoint=self.current)
         self.rounds.append(rec)
@@ -296,7 +298,7 @@ class Learner:
         return rec
 
     def _failed(self, rec: dict, t0: float, why: str) -> dict:
-        rec.update(status="failed", reason=why, retrain_s=self.comm.allreduce(time.perf_counter() - t0, op=_max()))
+        rec.update(status="failed", reason=why, retrain_s=self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX))
         self.rounds.append(rec)
         line = f"learning round after step {rec['step']} failed, the current model stays: {why}"
         self.runlog.warning(line)
@@ -336,9 +338,3 @@ class Learner:
                 "round_steps": [r["step"] for r in ok], "fallbacks_per_step": list(fallbacks_per_step),
                 "initial_records": int(len(self.initial[0])), "gathered_records": int(len(self.gathered[0])),
                 "attempts": self.rounds}
-
-
-def _max():
-    from mpi4py import MPI
-
-    return MPI.MAX

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mpi4py import MPI
+
 import numpy as np
 
 from fe2ml.errors import ConfigError, MeshError
@@ -125,21 +127,9 @@ def _bbox(comm, msh):
     lo_l = x.min(axis=0) if len(x) else np.full(x.shape[1], np.inf)
     hi_l = x.max(axis=0) if len(x) else np.full(x.shape[1], -np.inf)
     lo, hi = np.empty_like(lo_l), np.empty_like(hi_l)
-    comm.Allreduce(np.ascontiguousarray(lo_l), lo, op=_min_op())
-    comm.Allreduce(np.ascontiguousarray(hi_l), hi, op=_max_op())
+    comm.Allreduce(np.ascontiguousarray(lo_l), lo, op=MPI.MIN)
+    comm.Allreduce(np.ascontiguousarray(hi_l), hi, op=MPI.MAX)
     return lo, hi
-
-
-def _min_op():
-    from mpi4py import MPI
-
-    return MPI.MIN
-
-
-def _max_op():
-    from mpi4py import MPI
-
-    return MPI.MAX
 
 
 def _from_arrays(comm, points, cells, cell_type, phases):

@@ -303,7 +303,7 @@ class MacroProblem:
             ok = False
         self.du.x.scatter_forward()
         ok = ok and bool(np.all(np.isfinite(self.du.x.array)))
-        ok = self.comm.allreduce(ok, op=_land())
+        ok = self.comm.allreduce(ok, op=MPI.LAND)
         if ok:
             self.u.x.array[:] += self.du.x.array
         self.timers["assembly_s"] += t1 - t0
@@ -316,7 +316,7 @@ class MacroProblem:
         res = []
         r0 = None
         for _ in range(opts.max_it + 1):
-            if self.stop_requested is not None and self.comm.allreduce(bool(self.stop_requested()), op=_lor()):
+            if self.stop_requested is not None and self.comm.allreduce(bool(self.stop_requested()), op=MPI.LOR):
                 raise RunInterrupted("SIGTERM received")
             msg = self._update_constitutive()
             if msg is not None:
@@ -419,7 +419,7 @@ class MacroProblem:
         bs = self.V.dofmap.index_map_bs
         X = self.V.tabulate_dof_coordinates()[: imap.size_local]
         ok = d["u"].shape[0] == imap.size_local * bs and np.allclose(d["dof_coords"], X, atol=1e-12)
-        if not self.comm.allreduce(ok, op=_land()):
+        if not self.comm.allreduce(ok, op=MPI.LAND):
             raise ConfigError(f"{folder}: the macro mesh or its partition differs from the checkpoint's")
         self.u.x.array[: imap.size_local * bs] = d["u"]
         self.u.x.scatter_forward()
@@ -531,14 +531,6 @@ def _cell_values(tags, n_owned):
     keep = idx < n_owned
     vals[idx[keep]] = tags.values[keep]
     return vals
-
-
-def _land():
-    return MPI.LAND
-
-
-def _lor():
-    return MPI.LOR
 
 
 class RunInterrupted(Fe2mlError):
