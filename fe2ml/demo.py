@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.files import atomic_write
+from fe2ml.parallel import log_level
 
 __all__ = ["run_demo"]
 
@@ -88,7 +89,8 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
         sample = _yaml(comm, out / f"{name}.yaml", {"rve": rve, "design": ds, "output": "rve_data",
                                                     "flush_every": 32})
         scfg = load_sample_config(sample)
-        run_campaign(comm, scfg, quiet=True)
+        with log_level(logging.WARNING):
+            run_campaign(comm, scfg)
     t_sample = time.perf_counter() - t0
     if rank0:
         from fe2ml.micro.config import load_rve_mesh
@@ -102,7 +104,8 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
                                                 "seed": 0},
                                       "ensemble": 2, "output": "surrogate"})
     t0 = time.perf_counter()
-    rep = train(comm, load_train_config(tcfg), quiet=True)
+    with log_level(logging.WARNING):
+        rep = train(comm, load_train_config(tcfg))
     rep = comm.bcast(rep, root=0)
     t_train = time.perf_counter() - t0
     m = rep["metrics"]["test"]
@@ -121,12 +124,14 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
                else {"kind": "rve", "rve": rve})
         cfgp = _yaml(comm, out / f"run_{kind}.yaml", {**base, "material": mat, "output": f"run_{kind}"})
         t0 = time.perf_counter()
-        s = run(comm, load_run_config(cfgp), quiet=True)
+        with log_level(logging.WARNING):
+            s = run(comm, load_run_config(cfgp))
         runs[kind] = comm.bcast(s, root=0)
         runs[kind]["process_s"] = time.perf_counter() - t0
         say(f"4/6 macro run with {'the surrogate' if kind == 'surrogate' else 'nested RVEs (FE²)'}: "
             f"{runs[kind]['quadrature_points']} quadrature points, {runs[kind]['process_s']:.1f} s")
-    loc = localize(comm, out / "run_surrogate", quiet=True)
+    with log_level(logging.WARNING):
+        loc = localize(comm, out / "run_surrogate")
     loc = comm.bcast(loc, root=0)
     say(f"5/6 localized {loc['points']} points x {loc['cells_per_point']} cells")
     if not rank0:

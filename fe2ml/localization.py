@@ -89,7 +89,7 @@ class LocalizationModel:
         return self.model.predict(F)
 
 
-def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, quiet=False) -> dict:
+def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None) -> dict:
     """Localize a finished run (see module docstring). Returns the summary dict on rank 0."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -187,7 +187,7 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None, qu
         rs = recorded["stretch"][sel][:, :, 0]
         summary["max_abs_diff_to_recorded_stretch"] = float(np.abs(rs - stretch).max())
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    if not quiet:
+    if log.isEnabledFor(logging.INFO):
         log.info(f"fe2ml localize: {run_dir} step {k} (t = {t:.3g}), {len(sel)} points x {stretch.shape[1]} cells, "
               f"{method}: {per_point * 1e3:.3f} ms per point")
         log.info(f"  most stretched cell: {summary['max_cell_stretch']:.4f} (cell {c}) at x = "

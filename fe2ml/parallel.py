@@ -11,16 +11,17 @@ every rank's warnings on stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from fe2ml.errors import Fe2mlError
 
-__all__ = ["collective", "fault_point", "install_console_logging"]
+__all__ = ["collective", "fault_point", "install_console_logging", "log_level"]
 
 
 def fault_point(where: str) -> None:
@@ -71,6 +72,22 @@ def install_console_logging(comm, *, level: int = logging.INFO) -> None:
     log.addHandler(err)
     log.setLevel(min(level, logging.WARNING))
     log.propagate = False
+
+@contextlib.contextmanager
+def log_level(level: int, name: str = "fe2ml") -> Iterator[None]:
+    """Show only messages of ``level`` and above from the logger ``name`` inside the block.
+
+    What a ``quiet`` flag would do, done with the logger: ``with log_level(logging.WARNING): run(comm, cfg)``
+    keeps a run's warnings and drops its progress lines.
+    """
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
 
 def collective[T](comm, fn: Callable[[], T]) -> T:
     """Run ``fn()`` on every rank; if it raises a :class:`Fe2mlError` on any rank, raise it on all ranks.

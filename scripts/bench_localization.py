@@ -8,6 +8,7 @@
 Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_localization.py
 """
 
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from mpi4py import MPI
 import numpy as np
 
 import fe2ml  # noqa: F401
+from fe2ml.parallel import log_level
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -53,7 +55,8 @@ def main():
                        cwd=ROOT / "examples", env=env, stdout=subprocess.DEVNULL)
         from fe2ml.localization import localize, read_quadrature
 
-        s = localize(MPI.COMM_WORLD, tmp / "run", quiet=True)
+        with log_level(logging.WARNING):
+            s = localize(MPI.COMM_WORLD, tmp / "run")
         _, _, _, Fq, _ = read_quadrature(tmp / "run", None)
         from fe2ml.laws.rve import build_rank_rve
         from fe2ml.localization import _rve_config

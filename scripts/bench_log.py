@@ -12,6 +12,7 @@ Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_log.py [--json OUT.json]
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
@@ -26,6 +27,7 @@ from mpi4py import MPI
 import numpy as np
 
 import fe2ml  # noqa: F401
+from fe2ml.parallel import log_level
 
 BIN = Path(sys.executable).parent
 
@@ -55,7 +57,8 @@ def overhead(n, tmp):
     cfg = tmp / "nh.yaml"
     cfg.write_text(RVE.format(m1=NH[0], m2=NH[1], n=n))
     c = load_sample_config(cfg, output=str(tmp / "ovh"))
-    out = run_campaign(MPI.COMM_WORLD, c, quiet=True)
+    with log_level(logging.WARNING):
+        out = run_campaign(MPI.COMM_WORLD, c)
     share = out["log_s"][0] / out["wall_s"]
     print(f"1. {n}-point 2D neo-Hookean campaign, 1 rank: {out['wall_s']:.1f} s, RVE solves {out['eval_s'][0]:.1f} s, "
           f"log writer {out['log_s'][0]:.3f} s = {100 * share:.2f} % (floor 5 %)", flush=True)

@@ -13,6 +13,7 @@ Outputs: results/validate_surrogate/ (logs, checkpoints, report.json, parity plo
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from mpi4py import MPI
 import numpy as np
 
 import fe2ml  # noqa: F401
+from fe2ml.parallel import log_level
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "validate_surrogate"
@@ -67,13 +69,15 @@ def main():
     (OUT / "sample.yaml").write_text(SAMPLE.format(n=args.n))
     cfg = load_sample_config(OUT / "sample.yaml")
     print(f"1. campaign of {args.n} points", flush=True)
-    run_campaign(comm, cfg, quiet=True)
+    with log_level(logging.WARNING):
+        run_campaign(comm, cfg)
     res = {}
     models = (("potential", "{kind: potential, hidden: [16, 16]}", 3), ("plain", "{kind: plain, hidden: [16, 16]}", 1))
     for name, model, ens in models:
         (OUT / f"train_{name}.yaml").write_text(TRAIN.format(model=model, epochs=args.epochs, ens=ens, out=name))
         t0 = time.perf_counter()
-        r = train(comm, load_train_config(OUT / f"train_{name}.yaml"), quiet=True)
+        with log_level(logging.WARNING):
+            r = train(comm, load_train_config(OUT / f"train_{name}.yaml"))
         m = r["metrics"]["test"]
         res[name] = {"test": m, "train_s": time.perf_counter() - t0}
         print(f"2. {name:>9} (ensemble {ens}): held-out stress rel. L2 {100 * m['stress_rel_l2']:.3f} %, tangent "

@@ -36,6 +36,7 @@ import h5py  # noqa: F401  (before dolfinx writes files)
 import numpy as np
 
 import fe2ml  # noqa: F401
+from fe2ml.parallel import log_level
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"surrogate_P_rel_l2": 0.01, "surrogate_reaction": 0.005, "hybrid_P_max_where_surrogate": 0.01}
@@ -160,13 +161,16 @@ def main():
     _configs(work, SIZES[size], args.members)
     t0 = time.perf_counter()
     print(f"[verify] {size}: campaign", flush=True)
-    run_campaign(comm, load_sample_config(work / "sample.yaml"), quiet=True)
+    with log_level(logging.WARNING):
+        run_campaign(comm, load_sample_config(work / "sample.yaml"))
     print(f"[verify] training a {args.members}-member ensemble ({time.perf_counter() - t0:.0f} s)", flush=True)
-    rep = train(comm, load_train_config(work / "train.yaml"), quiet=True)
+    with log_level(logging.WARNING):
+        rep = train(comm, load_train_config(work / "train.yaml"))
     summaries = {}
     for name in ("fe2", "surrogate", "hybrid"):
         print(f"[verify] run {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        summaries[name] = run(comm, load_run_config(work / f"{name}.yaml"), quiet=True)
+        with log_level(logging.WARNING):
+            summaries[name] = run(comm, load_run_config(work / f"{name}.yaml"))
     from fe2ml.surrogate.checkpoint import load_checkpoint
 
     floor = float(load_checkpoint(work / "surrogate" / "checkpoint.pt")["stress_floor"])

@@ -224,7 +224,7 @@ def test_a_failed_round_keeps_the_model_and_the_run_goes_on(tmp_path, tissue_rve
 
     monkeypatch.setattr(train_mod, "fit_members", diverge)
     path = _plate(tmp_path, "fails", COLD, tissue_rve, steps=2)
-    s = run(MPI.COMM_SELF, load_run_config(path), quiet=True)
+    s = run(MPI.COMM_SELF, load_run_config(path))
     assert s["status"] == "completed"
     lrn = s["learning"]
     assert lrn["rounds"] == 0 and lrn["failed_rounds"] == 1

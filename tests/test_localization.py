@@ -102,10 +102,10 @@ def test_learned_localization_and_bad_input(tmp_path):
     (tmp_path / "s.yaml").write_text("rve:\n  dim: 2\n" + textwrap.indent(textwrap.dedent(RVE), "  ")
                                      + "design: {method: sobol, n: 96, seed: 0, space: stretch, stretch: [0.85, 1.2]}\n"
                                        "output: log\n")
-    run_campaign(MPI.COMM_SELF, load_sample_config(tmp_path / "s.yaml"), quiet=True)
+    run_campaign(MPI.COMM_SELF, load_sample_config(tmp_path / "s.yaml"))
     (tmp_path / "t.yaml").write_text("data: [log]\nmodel: {kind: localization, hidden: [32, 32]}\n"
                                      "train: {epochs: 3000, lr: 0.005, patience: 400, seed: 0}\noutput: loc\n")
-    rep = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    rep = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"))
     m = rep["metrics"]["test"]
     assert m["stretch_rel"] < 0.03 and m["J_rel"] < 0.03  # held-out relative error <= 3 %
     # measured on what varies (λ − 1, J − 1): a constant model, the mean of the data, must fail these bounds

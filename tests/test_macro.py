@@ -173,8 +173,7 @@ def test_warm_start_changes_only_the_cost_and_quadrature_degree_the_rule(tmp_pat
     results = {}
     for name, extra in (("warm", ""), ("cold", "warm_start: false\n"), ("q2", "quadrature_degree: 2\n")):
         (tmp_path / f"{name}.yaml").write_text(textwrap.dedent(RUN) + extra)
-        results[name] = run(MPI.COMM_SELF, load_run_config(tmp_path / f"{name}.yaml", output=str(tmp_path / name)),
-                            quiet=True)
+        results[name] = run(MPI.COMM_SELF, load_run_config(tmp_path / f"{name}.yaml", output=str(tmp_path / name)))
         results[name]["rows"] = _rows(tmp_path / name / "reactions.csv")[1]
     w, c, q = results["warm"], results["cold"], results["q2"]
     assert np.abs(w["rows"] - c["rows"]).max() <= 1e-8 * np.abs(w["rows"]).max()

@@ -171,10 +171,10 @@ def test_training_accuracy_reproducibility_and_resume(tmp_path):
     _synthetic_log(tmp_path / "log", nan_rows=3)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN))
     cfg = load_train_config(tmp_path / "t.yaml")
-    r1 = train(MPI.COMM_SELF, cfg, quiet=True)
+    r1 = train(MPI.COMM_SELF, cfg)
     assert r1["skipped"] == 3 and r1["records"] == 157
     assert r1["metrics"]["test"]["stress_rel_l2"] < 0.01 and r1["metrics"]["test"]["tangent_rel_l2"] < 0.05
-    r2 = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml", output=str(tmp_path / "out2")), quiet=True)
+    r2 = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml", output=str(tmp_path / "out2")))
     assert r1["metrics"] == r2["metrics"]  # reproducible with a fixed seed
     for f in ("checkpoint.pt", "metrics.json", "loss.png", "parity_P.png", "parity_A.png"):
         assert (tmp_path / "out" / f).exists()
@@ -184,7 +184,7 @@ def test_training_accuracy_reproducibility_and_resume(tmp_path):
     Pe, _ = nh_response(F, 1.0, 3.0)
     assert np.abs(P[0] - Pe).max() < 0.02 * np.abs(Pe).max()
     r3 = train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml", output=str(tmp_path / "out3")),
-               resume=str(tmp_path / "out" / "checkpoint.pt"), quiet=True)
+               resume=str(tmp_path / "out" / "checkpoint.pt"))
     assert r3["resumed_from"] and r3["metrics"]["validation"]["stress_rel_l2"] <= \
         1.05 * r1["metrics"]["validation"]["stress_rel_l2"]
 
@@ -198,7 +198,7 @@ def test_torchscript_export_matches(tmp_path):
 
     _synthetic_log(tmp_path / "log", n=60)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 30"))
-    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"))
     out = export_checkpoint(tmp_path / "out" / "checkpoint.pt", tmp_path / "m.pt")
     import warnings
 
@@ -227,7 +227,7 @@ def test_surrogate_bad_inputs(tmp_path):
         SurrogateLaw(tmp_path / "junk.pt", dim=2)
     _synthetic_log(tmp_path / "log", n=60)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 600", "epochs: 20"))
-    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"))
     ck = tmp_path / "out" / "checkpoint.pt"
     with pytest.raises(ConfigError, match="checkpoint is for 2D, the run is 3D"):
         SurrogateLaw(ck, dim=3)
@@ -240,13 +240,13 @@ def test_surrogate_bad_inputs(tmp_path):
     _synthetic_log(tmp_path / "tiny", n=10, fingerprint="nh")
     (tmp_path / "tiny.yaml").write_text(textwrap.dedent(TRAIN).replace("[log]", "[tiny]"))
     with pytest.raises(ConfigError, match="only 10 usable records"):
-        train(MPI.COMM_SELF, load_train_config(tmp_path / "tiny.yaml"), quiet=True)
+        train(MPI.COMM_SELF, load_train_config(tmp_path / "tiny.yaml"))
     with LogWriter(tmp_path / "noA", "x", 0, fingerprint="nh", attrs={}, dim=2) as w:
         F = np.eye(2)[None].repeat(30, 0)
         w.add(F, np.zeros((30, 2, 2)), np.full((30, 2, 2, 2, 2), np.nan), point_id=np.arange(30))
     (tmp_path / "noA.yaml").write_text(textwrap.dedent(TRAIN).replace("[log]", "[noA]"))
     with pytest.raises(ConfigError, match="hold no tangents"):
-        train(MPI.COMM_SELF, load_train_config(tmp_path / "noA.yaml"), quiet=True)
+        train(MPI.COMM_SELF, load_train_config(tmp_path / "noA.yaml"))
     assert ck.read_bytes() == before
     (tmp_path / "bad.yaml").write_text(textwrap.dedent(TRAIN).replace("kind: potential", "kind: oracle"))
     with pytest.raises(ConfigError, match="model.kind: expected potential, plain or localization"):
@@ -314,9 +314,9 @@ def test_hybrid_falls_back_outside_the_training_data(tmp_path, tissue_rve):
         output: log
     """))
     cfg = load_sample_config(tmp_path / "s.yaml")
-    run_campaign(MPI.COMM_SELF, cfg, quiet=True)
+    run_campaign(MPI.COMM_SELF, cfg)
     (tmp_path / "t.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 150") + "ensemble: 2\n")
-    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"), quiet=True)
+    train(MPI.COMM_SELF, load_train_config(tmp_path / "t.yaml"))
     # calibration: factors fitted on the validation split, coverage measured on the test split; recomputed here
     # from the log and the trained ensemble
     from fe2ml.surrogate.gate import relative_error, relative_spread
@@ -410,7 +410,7 @@ def test_training_device_and_dtype_options(tmp_path):
     _synthetic_log(tmp_path / "log", n=80)
     (tmp_path / "t32.yaml").write_text(textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 200")
                                        + "device: cpu\ndtype: float32\n")
-    r = train(MPI.COMM_SELF, load_train_config(tmp_path / "t32.yaml"), quiet=True)
+    r = train(MPI.COMM_SELF, load_train_config(tmp_path / "t32.yaml"))
     assert r["metrics"]["test"]["stress_rel_l2"] < 0.1
     ck = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert all(v.dtype == torch.float64 and v.device.type == "cpu" for v in ck["members"][0].values()
@@ -434,7 +434,7 @@ def test_training_device_and_dtype_options(tmp_path):
     (tmp_path / "tcuda.yaml").write_text(textwrap.dedent(TRAIN).replace("output: out", "output: out_cuda")
                                          + "device: cuda\n")
     with pytest.raises(ConfigError, match="cuda requested, but this machine has no CUDA device"):
-        train(MPI.COMM_SELF, load_train_config(tmp_path / "tcuda.yaml"), quiet=True)
+        train(MPI.COMM_SELF, load_train_config(tmp_path / "tcuda.yaml"))
     with pytest.raises(ConfigError, match="no CUDA device"):
         SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2, device="cuda:0")
     r = subprocess.run([str(Path(sys.executable).parent / "fe2ml"), "train", str(tmp_path / "tcuda.yaml")],
@@ -455,8 +455,8 @@ def test_mini_batch_training_fits_as_well_as_full_batch(tmp_path):
     (tmp_path / "full.yaml").write_text(text.replace("output: out", "output: full"))
     (tmp_path / "mini.yaml").write_text(text.replace("seed: 1}", "seed: 1, batch_size: 32}")
                                         .replace("output: out", "output: mini"))
-    full = train(MPI.COMM_SELF, load_train_config(tmp_path / "full.yaml"), quiet=True)
-    mini = train(MPI.COMM_SELF, load_train_config(tmp_path / "mini.yaml"), quiet=True)
+    full = train(MPI.COMM_SELF, load_train_config(tmp_path / "full.yaml"))
+    mini = train(MPI.COMM_SELF, load_train_config(tmp_path / "mini.yaml"))
     # same epochs, 9 optimiser steps per epoch instead of 1: at least as good, and good in absolute terms
     assert mini["metrics"]["test"]["stress_rel_l2"] < 0.02
     assert mini["metrics"]["test"]["stress_rel_l2"] <= full["metrics"]["test"]["stress_rel_l2"]
@@ -502,7 +502,7 @@ def test_streamed_training_reads_tangents_from_the_logs(tmp_path, monkeypatch):
         cfg = tmp_path / f"w{workers}.yaml"
         cfg.write_text(text.replace("seed: 1}", f"seed: 1, batch_size: 32, stream: true, workers: {workers}}}")
                        .replace("output: out", f"output: w{workers}"))
-        res[workers] = train(MPI.COMM_SELF, load_train_config(cfg), quiet=True)
+        res[workers] = train(MPI.COMM_SELF, load_train_config(cfg))
     r0, r2 = res[0], res[2]
     assert r0["records"] == 420 and r0["skipped"] == 0
     assert r0["metrics"]["test"]["stress_rel_l2"] < 0.02 and r0["metrics"]["test"]["tangent_rel_l2"] < 0.1

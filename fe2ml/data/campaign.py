@@ -54,7 +54,7 @@ def done_point_ids(folder: Path, campaign_id: str) -> set:
     return done
 
 
-def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: float = 2.0, part: int = 0,
+def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int = 0,
                  parts: int = 1) -> dict:
     """Run (or resume) a sampling campaign; every rank writes its own part file.
 
@@ -76,7 +76,7 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
     mine = np.array_split(todo, size)[rank]
     finite = cfg.rve.kinematics == "finite"
     run_id = comm.bcast(uuid.uuid4().hex[:8] + (f"p{part}" if parts > 1 else "") if rank == 0 else None, root=0)
-    if not quiet and rank == 0:
+    if rank == 0:
         log.info(f"fe2ml sample: {cfg.path} -> {cfg.output}: campaign {campaign_id}, RVE {fp}, {n} design points, "
               f"{len(done)} already logged, {len(todo)} to do on {size} rank(s)")
     attrs = {"source_kind": "campaign", "source_id": campaign_id, "design": json.dumps(cfg.design),
@@ -123,7 +123,7 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
             t3 = time.perf_counter()
             t_eval += t2 - t1
             t_log += t3 - t2
-            if not quiet and rank == 0 and (time.perf_counter() - last > log_every or c + 1 == len(mine)):
+            if rank == 0 and (time.perf_counter() - last > log_every or c + 1 == len(mine)):
                 last = time.perf_counter()
                 log.info(f"  rank 0: {c + 1}/{len(mine)} points ({(c + 1) / (last - t0):.1f} points/s per rank)")
     except Exception as e:  # noqa: BLE001 - collected and re-raised collectively below
@@ -145,7 +145,7 @@ def run_campaign(comm, cfg: SampleConfig, *, quiet: bool = False, log_every: flo
     if rank == 0:
         out = {"campaign_id": campaign_id, "fingerprint": fp, "designed": n, "skipped": len(done), "new": len(todo),
                "wall_s": wall, "eval_s": [s["eval"] for s in stats], "log_s": [s["log"] for s in stats]}
-        if not quiet:
+        if log.isEnabledFor(logging.INFO):
             log.info(f"  done: {len(todo)} new records in {wall:.1f} s ({len(todo) / max(wall, 1e-9):.1f} records/s), "
                   f"log writing {max(out['log_s']):.3f} s of {wall:.1f} s")
     return out

@@ -160,11 +160,10 @@ class Learner:
         fingerprint: the RVE fingerprint (of the initial data and of the new checkpoints).
         rve_desc: the RVE description stored in the checkpoints.
         runlog: the run's ``run.log`` logger.
-        quiet: no console lines.
     """
 
     def __init__(self, comm, options: LearnOptions, law, rounds: Path, *, fingerprint: str, rve_desc: dict,
-                 runlog: logging.Logger, quiet: bool = False):
+                 runlog: logging.Logger):
         self.comm = comm
         self.options = options
         self.law = law
@@ -172,7 +171,6 @@ class Learner:
         self.fingerprint = fingerprint
         self.rve_desc = rve_desc
         self.runlog = runlog
-        self.quiet = quiet
         d = law.dim
         self.initial = _empty(d)
         if options.data:
@@ -293,7 +291,7 @@ class Learner:
         line = (f"learning round {k} after step {step}: {rec['records']} records ({rec['new']} new), refitted in "
                 f"{rec['retrain_s']:.1f} s, test stress rel. L2 {100 * rec['test_stress_rel_l2']:.2f} %")
         self.runlog.info(line)
-        if not self.quiet and self.comm.rank == 0:
+        if self.comm.rank == 0:
             log.info("  " + line)
         return rec
 
@@ -302,7 +300,7 @@ class Learner:
         self.rounds.append(rec)
         line = f"learning round after step {rec['step']} failed, the current model stays: {why}"
         self.runlog.warning(line)
-        if not self.quiet and self.comm.rank == 0:
+        if self.comm.rank == 0:
             log.warning("  " + line)
         return rec
 

@@ -186,7 +186,6 @@ class Run:
     logger: MacroLogger | None
     runlog: logging.Logger
     start: int
-    quiet: bool
     audit: Audit | None = None
     learner: Learner | None = None
     log_counts: dict[str, int] = field(default_factory=dict)  # parts of earlier attempts: their kept records
@@ -261,7 +260,7 @@ def _recorder(comm, cfg: RunConfig, rve, say) -> MacroLogger | None:
     return logger
 
 
-def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, allow_changed: bool = False) -> Run:
+def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = False) -> Run:
     """Everything a run needs, built collectively: output folder, RVE, recorder, law, macro mesh and problem.
 
     With ``restart`` the problem continues from the checkpoint in ``cfg.output`` (same number of ranks), after
@@ -273,9 +272,7 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
     _prepare_output(comm, out)
     runlog = _run_log(comm, out)
 
-    def say(msg):
-        if not quiet:
-            log.info(msg)
+    say = log.info
 
     say(f"fe2ml run: {cfg.path} -> {out} ({cfg.dim}D, {cfg.kinematics} strain, material {cfg.kind}, "
         f"{comm.size} rank(s))")
@@ -346,14 +343,14 @@ def build(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, a
         lo = cfg.surrogate["learn"]
         learner = collective(comm, lambda: Learner(comm, lo, law, folder.surrogate_rounds,
                                                    fingerprint=rve_fingerprint(rve), rve_desc=rve_description(rve),
-                                                   runlog=runlog, quiet=quiet))
+                                                   runlog=runlog))
         if "learning" in meta:  # a restart continues with the gathered records and the last round's model
             collective(comm, lambda: learner.restore(meta["learning"], meta["arrays"]))
         say(f"  learning: refit {lo.members} member(s) every >= {lo.every} step(s) once {lo.min_new} new fallback "
             f"records exist ({len(learner.initial[0])} initial records"
             + (", cold start: the RVEs answer until the first round)" if law.model is None else ")"))
     return Run(comm=comm, cfg=cfg, out=out, prob=prob, law=law, writer=writer, logger=logger, runlog=runlog,
-               start=start, quiet=quiet, audit=audit, learner=learner, log_counts=log_counts)
+               start=start, audit=audit, learner=learner, log_counts=log_counts)
 
 
 def loop(r: Run) -> None:
@@ -396,7 +393,7 @@ def loop(r: Run) -> None:
                 extra["learning"], arrays = r.learner.state()
             prob.save_checkpoint(RunFolder(r.out).checkpoint, meta_extra=extra, arrays_extra=arrays)
             r.runlog.info("step %d/%d t=%.6g Newton its %d cuts %d", k, cfg.steps, prob.t, rec.iterations, rec.cuts)
-            if not r.quiet:
+            if log.isEnabledFor(logging.INFO):
                 progress_line(k, cfg.steps, prob.t, rec, comm)
             if k < cfg.steps and comm.allreduce(stop["flag"], op=MPI.LOR):
                 raise RunInterrupted("SIGTERM received")
@@ -419,7 +416,7 @@ def finish(r: Run, t0: float) -> dict:
     summary = {}
     if r.comm.rank == 0:
         summary = RunFolder(r.out).read_summary()
-        if not r.quiet:
+        if log.isEnabledFor(logging.INFO):
             ts = summary["time_split_s"]
             log.info(f"  done in {time.perf_counter() - t0:.1f} s: constitutive/RVE {ts['rve_or_constitutive']:.2f} s, "
                   f"macro assembly {ts['macro_assembly']:.2f} s, macro solve {ts['macro_solve']:.2f} s; "
@@ -429,7 +426,7 @@ def finish(r: Run, t0: float) -> dict:
     return summary
 
 
-def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, allow_changed: bool = False) -> dict:
+def run(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = False) -> dict:
     """Run a macro problem (FE², surrogate, hybrid or analytic) and write its outputs to ``cfg.output``.
 
     :func:`build` → :func:`loop` → :func:`finish`.
@@ -437,7 +434,6 @@ def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, all
     Args:
         comm: the macro communicator.
         cfg: :class:`fe2ml.macro.config.RunConfig`.
-        quiet: no progress output.
         restart: continue from the checkpoint in ``cfg.output`` (same number of ranks).
         allow_changed: with ``restart``, accept a config, RVE or checkpoint that changed (recorded in run.log).
 
@@ -449,7 +445,7 @@ def run(comm, cfg: RunConfig, *, quiet: bool = False, restart: bool = False, all
             the last converged step are kept).
     """
     t0 = time.perf_counter()
-    r = build(comm, cfg, quiet=quiet, restart=restart, allow_changed=allow_changed)
+    r = build(comm, cfg, restart=restart, allow_changed=allow_changed)
     try:
         loop(r)
     except RunInterrupted:

@@ -346,21 +346,20 @@ def assemble_checkpoint(states: list, kind: str, margs: dict, dim: int, kinemati
     return core, preds
 
 
-def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = False) -> dict:
+def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     """Train (an ensemble of) surrogate(s); rank 0 writes the checkpoint and the report.
 
     Args:
         comm: communicator (ensemble members are spread over its ranks).
         cfg: :class:`TrainConfig`.
         resume: checkpoint to start the members from (same model arguments; refined on the data of cfg).
-        quiet: no progress output.
 
     Returns:
         The metrics dict (rank 0).
     """
     torch.set_default_dtype(torch.float64)
     if cfg.model["kind"] == "localization":
-        return train_localization(comm, cfg, quiet=quiet)
+        return train_localization(comm, cfg)
     t0 = time.perf_counter()
     device = resolve_device(cfg.device, f"{cfg.path}: device")  # before anything is read or written
     start = load_checkpoint(resume) if resume is not None else None  # refused before the data is read
@@ -393,13 +392,13 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
         margs = {"hidden": tuple(cfg.model["hidden"])}
     else:
         margs["hidden"] = tuple(margs["hidden"])
-    if not quiet and comm.rank == 0:
+    if comm.rank == 0:
         log.info(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE "
               f"{info['fingerprint']}, "
               f"{info['dim']}D {info['kinematics']}; split {len(tr)}/{len(va)}/{len(te)}; {cfg.model['kind']} model "
               f"{margs}; ensemble {cfg.ensemble} on {comm.size} rank(s), device {device}, {cfg.dtype}")
     def prog(k, ep, lt, lv):
-        if not quiet and comm.rank == 0:
+        if comm.rank == 0:
             log.info(f"  member {k}: epoch {ep:5d} train loss {lt:.3e} validation loss {lv:.3e}")
 
     fitted = fit_members(comm, F, P, A, tr, va, kind=cfg.model["kind"], margs=margs, dim=info["dim"],
@@ -433,7 +432,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     plot_parity(P[idx], preds[name][0], cfg.output / "parity_P.png", title=f"P̄ parity ({name})", symbol="P")
     plot_parity(A[idx].reshape(len(idx), info["dim"] ** 2, -1), preds[name][1].reshape(len(idx), info["dim"] ** 2, -1),
                 cfg.output / "parity_A.png", title=f"Ā parity ({name})", symbol="A")
-    if not quiet:
+    if log.isEnabledFor(logging.INFO):
         for s, m in metrics.items():
             log.info(f"  {s:>10}: stress rel. L2 {100 * m['stress_rel_l2']:.3f} %, tangent rel. L2 "
                   f"{100 * m['tangent_rel_l2']:.3f} % ({m['n']} records)")
@@ -448,7 +447,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None, quiet: bool = Fa
     return report
 
 
-def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
+def train_localization(comm, cfg: TrainConfig) -> dict:
     """Fit the per-cell largest principal stretch and J as functions of F̄ (rank 0)."""
     t0 = time.perf_counter()
     if comm.rank != 0:
@@ -499,7 +498,7 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
             best = (lv, {k: v.clone() for k, v in m.net.state_dict().items()}, ep)
         elif ep - best[2] > cfg.train["patience"]:
             break
-        if not quiet and ep % 500 == 0:
+        if ep % 500 == 0:
             log.info(f"  epoch {ep:5d} train loss {float(lt.detach()):.3e} validation loss {lv:.3e}")
     m.net.load_state_dict(best[1])
     metrics = {}
@@ -527,7 +526,7 @@ def train_localization(comm, cfg: TrainConfig, *, quiet=False) -> dict:
     pr = m.predict(F[idx])
     plot_parity(lam[idx], pr["stretch"], cfg.output / "parity_stretch.png", title="cell stretch parity",
                 symbol="cell")
-    if not quiet:
+    if log.isEnabledFor(logging.INFO):
         for s_, mm in metrics.items():
             log.info(f"  {s_:>10}: cell stretch rel. error {100 * mm['stretch_rel']:.3f} % (of λ−1: "
                   f"{100 * mm['stretch_minus_1_rel_l2']:.2f} %), J {100 * mm['J_rel']:.3f} % (of J−1: "
