@@ -23,13 +23,23 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from mpi4py import MPI
 
 import numpy as np
 
+from fe2ml.data.config import load_sample_config
 from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.files import atomic_write
+from fe2ml.hpc import check_config, submit, write_job_script
+from fe2ml.macro.config import load_run_config
+from fe2ml.macro.folder import RunFolder
+from fe2ml.materials import VOIGT_ORDER, to_voigt
+from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
 from fe2ml.parallel import install_console_logging
+from fe2ml.surrogate.config import load_train_config
 
 __all__ = ["main"]
 
@@ -37,8 +47,6 @@ log = logging.getLogger("fe2ml.cli")
 
 
 def _voigt_table(C: np.ndarray) -> str:
-    from fe2ml.materials import VOIGT_ORDER, to_voigt
-
     d = C.shape[0]
     labels = [f"{i + 1}{j + 1}" for i, j in VOIGT_ORDER[d]]
     M = to_voigt(C)
@@ -68,7 +76,7 @@ def _output_file(out: Path, what: str, comm) -> Path:
 
 def cmd_homogenize(args, comm) -> int:
     """Run ``fe2ml homogenize``: the computation is :mod:`fe2ml.micro.homogenize`; here the report is printed."""
-    from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.micro.homogenize import homogenize_finite, homogenize_linear
 
     t0 = time.perf_counter()
@@ -148,8 +156,7 @@ def _write_plots(args, mesh, cfg, finite: dict | None) -> None:
 
 def cmd_run(args, comm) -> int:
     """Run ``fe2ml run``."""
-    from fe2ml.macro.config import load_run_config
-    from fe2ml.macro.folder import RunFolder
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.macro.run import run
 
     if args.allow_changed and not args.restart:
@@ -179,8 +186,8 @@ def cmd_run(args, comm) -> int:
 
 def cmd_sample(args, comm) -> int:
     """Run ``fe2ml sample``."""
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.data.campaign import run_campaign
-    from fe2ml.data.config import load_sample_config
 
     cfg = load_sample_config(args.config, output=args.output)
     if not (args.parts >= 1 and 0 <= args.part < args.parts):
@@ -191,12 +198,14 @@ def cmd_sample(args, comm) -> int:
 
 def cmd_inspect(args, comm) -> int:
     """Run ``fe2ml inspect``: summary of a log (files or folders) and optional plot of the sampled space."""
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.data.reader import find_parts, read_logs
 
     if comm.rank != 0:
         return 0
     parts = find_parts(args.paths)
 
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.data.schema import open_part
 
     fps: dict = {}
@@ -227,6 +236,7 @@ def cmd_inspect(args, comm) -> int:
                 print(f"  cell-level: {cs.shape[1]} cells per record, max principal cell stretch "
                       f"[{np.nanmin(cs):.4f}, {np.nanmax(cs):.4f}]")
         if args.plot:
+            # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
             from fe2ml.plotting import plot_strain_space
 
             out = args.plot if len(fp_list) == 1 else str(Path(args.plot).with_suffix("")) + f"_{fp}.png"
@@ -237,7 +247,7 @@ def cmd_inspect(args, comm) -> int:
 
 def cmd_train(args, comm) -> int:
     """Run ``fe2ml train``."""
-    from fe2ml.surrogate.config import load_train_config
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.surrogate.train import train
 
     cfg = load_train_config(args.config, output=args.output)
@@ -251,11 +261,13 @@ def cmd_export(args, comm) -> int:
         return 0
     out = _output_file(Path(args.out), "export", comm)
     if args.resave:
+        # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
         from fe2ml.surrogate.checkpoint import resave_checkpoint
 
         resave_checkpoint(args.checkpoint, out)
         print(f"fe2ml export: wrote {out} (safe checkpoint format; load it wherever {args.checkpoint} was used)")
         return 0
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.surrogate.export import export_checkpoint
 
     export_checkpoint(args.checkpoint, out)
@@ -265,6 +277,7 @@ def cmd_export(args, comm) -> int:
 
 def cmd_localize(args, comm) -> int:
     """Run ``fe2ml localize``."""
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.localization import localize
 
     localize(comm, args.run_dir, step=args.step, points=args.points, fields=args.fields or (), model=args.model)
@@ -273,8 +286,6 @@ def cmd_localize(args, comm) -> int:
 
 def cmd_check(args, comm) -> int:
     """Run ``fe2ml check``."""
-    from fe2ml.hpc import check_config
-
     kind = check_config(args.config, comm=comm)
     if comm.rank == 0:
         print(f"fe2ml check: {args.config} is a valid {kind} config")
@@ -285,7 +296,6 @@ def cmd_submit(args, comm) -> int:
     """Run ``fe2ml submit``."""
     if comm.rank != 0:
         return 0
-    from fe2ml.hpc import submit, write_job_script
 
     script = write_job_script(args.config, scheduler=args.scheduler, nodes=args.nodes,
                               ntasks_per_node=args.ntasks_per_node, time=args.time, account=args.account,
@@ -298,6 +308,7 @@ def cmd_submit(args, comm) -> int:
 
 def cmd_demo(args, comm) -> int:
     """Run ``fe2ml demo``."""
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.demo import run_demo
 
     run_demo(comm, args.output, quick=args.quick)
@@ -380,9 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fe2ml`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from mpi4py import MPI
-
-    import fe2ml  # noqa: F401  (dolfinx_solver before mpi4py/petsc4py)
 
     comm = MPI.COMM_WORLD
     install_console_logging(comm)  # rank 0's progress on stdout, every rank's warnings on stderr
@@ -395,7 +403,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err = "interrupted"
     except Exception:  # a bug: never leave the other ranks waiting in a collective
-        import traceback
 
         traceback.print_exc()
         sys.stderr.flush()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from fe2ml.errors import ConfigError
 
@@ -22,8 +23,6 @@ __all__ = ["NewtonOptions", "check_keys", "load_yaml", "number", "parse_newton",
 
 def load_yaml(path: str | os.PathLike) -> dict:
     """Read a YAML mapping, with a clear error for a missing file or malformed YAML."""
-    import yaml
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")

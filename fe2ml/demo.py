@@ -22,9 +22,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from fe2ml.data.campaign import run_campaign
+from fe2ml.data.config import load_sample_config
 from fe2ml.files import atomic_write
+from fe2ml.localization import localize
+from fe2ml.macro.config import load_run_config
+from fe2ml.macro.run import run
+from fe2ml.micro.config import load_rve_mesh
 from fe2ml.parallel import log_level
+from fe2ml.plotting import plot_lines, plot_rve
+from fe2ml.surrogate.config import load_train_config
+from fe2ml.surrogate.train import train
 
 __all__ = ["run_demo"]
 
@@ -39,8 +49,6 @@ RVE = {"dim": 2, "mesh": {"generate": "cells_2d", "n_cells": 5, "volume_fraction
 
 def _yaml(comm, path: Path, data) -> Path:
     """Rank 0 writes the YAML file; every rank gets its path after a barrier."""
-    import yaml
-
     if comm.rank == 0:
         atomic_write(path, yaml.safe_dump(data, sort_keys=False))
     comm.barrier()
@@ -49,14 +57,6 @@ def _yaml(comm, path: Path, data) -> Path:
 
 def run_demo(comm, out, *, quick: bool = False) -> dict:
     """Run the demo; returns the summary (rank 0)."""
-    from fe2ml.data.campaign import run_campaign
-    from fe2ml.data.config import load_sample_config
-    from fe2ml.localization import localize
-    from fe2ml.macro.config import load_run_config
-    from fe2ml.macro.run import run
-    from fe2ml.surrogate.config import load_train_config
-    from fe2ml.surrogate.train import train
-
     t_all = time.perf_counter()
     out = Path(out).resolve()
     rank0 = comm.rank == 0
@@ -93,9 +93,6 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
             run_campaign(comm, scfg)
     t_sample = time.perf_counter() - t0
     if rank0:
-        from fe2ml.micro.config import load_rve_mesh
-        from fe2ml.plotting import plot_rve
-
         plot_rve(load_rve_mesh(scfg.rve), out / "rve.png", title="tissue RVE: cells (colours) in matrix (grey)")
     say(f"2/6 campaign done in {t_sample:.1f} s -> {out / 'rve_data'}")
     tcfg = _yaml(comm, out / "train.yaml", {"data": ["rve_data"], "model": {"kind": "potential", "hidden": [16, 16]},
@@ -146,7 +143,6 @@ def run_demo(comm, out, *, quick: bool = False) -> dict:
 
     a, b = rows("surrogate"), rows("rve")
     dev = float(np.max(np.abs(a[:, 1] - b[:, 1]) / np.abs(b[:, 1])))
-    from fe2ml.plotting import plot_lines
 
     plot_lines({"FE² (nested RVEs)": (np.r_[0, b[:, 0]], np.r_[0, b[:, 1]]),
                 "neural surrogate": (np.r_[0, a[:, 0]], np.r_[0, a[:, 1]])}, out / "reactions_fe2_vs_surrogate.png",

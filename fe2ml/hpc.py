@@ -19,7 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.config import load_yaml
+from fe2ml.data.config import load_sample_config
 from fe2ml.errors import ConfigError
+from fe2ml.macro.config import load_run_config
+from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
+from fe2ml.surrogate.config import load_train_config
 
 __all__ = ["check_config", "config_kind", "write_job_script"]
 
@@ -45,8 +49,6 @@ def check_config(path, comm=None) -> str:
     """Validate a config completely (keys, types, files, meshes and tags, checkpoints); returns its kind."""
     kind = config_kind(path)
     if kind == "run":
-        from fe2ml.macro.config import load_run_config
-
         cfg = load_run_config(path)
         if cfg.mesh.kind == "file":  # expressions at the corners of the mesh file's bounding box
             from fe2ml.micro.mesh import read_meshio  # deferred: meshio is read only for this check
@@ -54,27 +56,20 @@ def check_config(path, comm=None) -> str:
             X = np.asarray(read_meshio(cfg.mesh.file).points, dtype=float)[:, : cfg.dim]
             cfg.check_expressions(X.min(axis=0), X.max(axis=0))
         if cfg.rve is not None:
-            from fe2ml.micro.config import load_rve_mesh
-
             load_rve_mesh(cfg.rve, comm=comm)
     elif kind == "sample":
-        from fe2ml.data.config import load_sample_config
-        from fe2ml.micro.config import load_rve_mesh
-
         load_rve_mesh(load_sample_config(path).rve, comm=comm)
     elif kind == "train":
-        from fe2ml.surrogate.config import load_train_config
-
         cfg = load_train_config(path)
+        # deferred: torch, h5py or meshio only for the check that needs them
         from fe2ml.surrogate.checkpoint import resolve_device
 
         resolve_device(cfg.device, f"{path}: device")
+        # deferred: torch, h5py or meshio only for the check that needs them
         from fe2ml.data.reader import read_logs
 
         read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, fields=["F"])
     else:
-        from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
-
         load_rve_mesh(load_homogenize_config(path), comm=comm)
     return kind
 

@@ -24,6 +24,7 @@ import logging
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from fe2ml.data.fingerprint import rve_fingerprint
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 
 def read_quadrature(run_dir: Path, step: int | None):
     """(step, t, x (n,d), F (n,d,d), recorded cells or None) of a run's quadrature.h5."""
-    import h5py
-
     q = RunFolder(run_dir).quadrature
     if not q.is_file():
         raise ConfigError(f"{run_dir}: no quadrature.h5 (not an fe2ml run folder, or a run from before "
@@ -73,6 +72,7 @@ class LocalizationModel:
     """A trained localization checkpoint: F̄ -> per-cell largest principal stretch and J."""
 
     def __init__(self, path, *, dim: int, fingerprint: str | None = None):
+        # deferred: torch only with a localization model (--model)
         from fe2ml.surrogate.checkpoint import build_localization_model, check_checkpoint, load_checkpoint
 
         ck = load_checkpoint(path)
@@ -198,8 +198,6 @@ def localize(comm, run_dir, *, step=None, points=None, fields=(), model=None) ->
 
 def _write_points_xdmf(path: Path, x: np.ndarray, fields: dict) -> None:
     """Quadrature points as a Polyvertex XDMF (HDF5 beside it) with point data, for ParaView."""
-    import h5py
-
     h5 = path.with_suffix(".h5")
     n, d = x.shape
     xyz = np.zeros((n, 3))

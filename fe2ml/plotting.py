@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -19,9 +20,11 @@ __all__ = [
 
 
 def _plt():
+    # deferred: matplotlib (Agg backend first) only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: matplotlib (Agg backend first) only when a figure is drawn
     import matplotlib.pyplot as plt
 
     return plt
@@ -39,6 +42,7 @@ def plot_rve(mesh, path: str | os.PathLike, *, title: str = "") -> None:
         title: figure title.
     """
     plt = _plt()
+    # deferred: matplotlib (Agg backend first) only when a figure is drawn
     from matplotlib.collections import PolyCollection
 
     ids = mesh.cell_ids
@@ -250,12 +254,12 @@ def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out,
         title: figure title.
     """
     plt = _plt()
-    from pathlib import Path
 
     out = Path(out)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if len(x) >= 3:
         try:
+            # deferred: matplotlib (Agg backend first) only when a figure is drawn
             from matplotlib.tri import Triangulation
 
             tri = Triangulation(x[:, 0], x[:, 1])

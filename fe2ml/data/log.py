@@ -33,6 +33,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from fe2ml.data.schema import (
@@ -105,8 +106,6 @@ class LogWriter:
     def __init__(self, folder, run_id: str, rank: int, *, fingerprint: str, attrs: dict, dim: int,
                  n_cells: int = 0, n_phases: int = 0, flush_every: int = 64, flush_seconds: float = 30.0,
                  check_folder: bool = True):
-        import h5py
-
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -301,8 +300,6 @@ def truncate_part(path, n: int) -> int:
     rewritten to a temporary file and renamed over the old one, so a kill during the repair leaves the old part
     intact.
     """
-    import h5py
-
     path = Path(path)
     with atomic_target(path) as tmp:  # renamed over the part after both files are closed
         with open_part(path) as src:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,8 +149,6 @@ class _LazyParts:
     parts: list
 
     def _file(self, k):
-        import os
-
         if getattr(self, "_pid", None) != os.getpid():  # a new worker: never reuse handles across a fork
             self._files: dict = {}
             self._pid = os.getpid()
@@ -248,6 +247,7 @@ class RowBlocks(_LazyParts):
         return len(self.blocks)
 
     def __getitem__(self, b):
+        # deferred: torch only for the streamed training loader
         import torch
 
         k, recs, rows = self.blocks[b]
@@ -304,6 +304,7 @@ class RVEDataset(_LazyParts):
         return int(self.offsets[-1])
 
     def __getitem__(self, i):
+        # deferred: torch only for the streamed training loader
         import torch
 
         if not 0 <= i < len(self):

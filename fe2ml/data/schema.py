@@ -6,8 +6,10 @@ imports the other. The layout and the field list are documented in :mod:`fe2ml.d
 
 from __future__ import annotations
 
+import importlib.metadata as md
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from fe2ml.errors import Fe2mlError
@@ -29,8 +31,6 @@ BASE_FIELDS = {
 
 def dataset_names(f) -> list[str]:
     """Paths of every dataset in an open HDF5 file (``F``, ``cells/stretch``, ...), in visiting order."""
-    import h5py
-
     out: list[str] = []
     f.visititems(lambda name, obj: out.append(name) if isinstance(obj, h5py.Dataset) else None)
     return out
@@ -51,8 +51,6 @@ class LogError(Fe2mlError):
 
 def versions() -> dict:
     """Versions of fe2ml and its main dependencies."""
-    import importlib.metadata as md
-
     out = {}
     for pkg in ("fe2ml", "fenics-dolfinx", "dolfinx-solver-real", "petsc4py", "mpi4py", "numpy", "h5py", "torch",
                 "gmsh"):
@@ -74,8 +72,6 @@ def open_part(path):
     Raises:
         LogError: not readable HDF5, not an fe2ml log, or another schema version.
     """
-    import h5py
-
     try:
         # plain read first: fails fast on damaged files (an SWMR reader retries checksums for a long time)
         f = h5py.File(path, "r", locking=False)

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from mpi4py import MPI
+
+import dolfinx
 import numpy as np
+import ufl
 
 from fe2ml.errors import ConfigError
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
@@ -53,8 +57,6 @@ class AnalyticLaw(FormLaw, ConstitutiveLaw):
 
     def stress_form(self, F: Any, tag: int) -> Any:
         """P(F) of phase ``tag`` as UFL: ∂W/∂F at finite strain, C : sym(F − I) at small strain."""
-        import ufl
-
         if self.kinematics == "finite":
             Fv = ufl.variable(F)
             return ufl.diff(self.energy_form(Fv, tag), Fv)
@@ -97,11 +99,6 @@ class AnalyticLaw(FormLaw, ConstitutiveLaw):
 
     def _compile(self) -> tuple:
         if self._kernels is None:
-            from mpi4py import MPI
-
-            import dolfinx
-            import ufl
-
             d = self.dim
             if d == 2:
                 msh = dolfinx.mesh.create_unit_square(MPI.COMM_SELF, 1, 1)

@@ -182,6 +182,7 @@ class Learner:
         self.current: str | None = None  # the checkpoint the law answers with (a round's), None: the initial one
 
     def _read_initial(self):
+        # deferred: torch only when a round is fitted (the run config parses learn: without it)
         from fe2ml.data.reader import read_logs
 
         def read():
@@ -230,8 +231,10 @@ class Learner:
         return self._round(step)
 
     def _round(self, step: int) -> dict:
+        # deferred: torch only when a round is fitted (the run config parses learn: without it)
         import torch
 
+        # deferred: torch only when a round is fitted (the run config parses learn: without it)
         from fe2ml.surrogate.checkpoint import save_checkpoint
         from fe2ml.surrogate.train import TrainingFailed, assemble_checkpoint, fit_members, split_indices
 
@@ -314,6 +317,7 @@ class Learner:
 
     def restore(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         """Continue from :meth:`state`: the gathered records, the rounds, and the law answers with the last round."""
+        # deferred: torch only when a round is fitted (the run config parses learn: without it)
         from fe2ml.surrogate.checkpoint import load_checkpoint
 
         self.new_since = int(meta["new_since"])

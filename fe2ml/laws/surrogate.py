@@ -26,6 +26,7 @@ from mpi4py import MPI
 
 import numpy as np
 import torch
+from scipy.stats import beta
 
 from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter
@@ -387,8 +388,6 @@ class Audit:
         ``bound95`` is the one-sided 95 % (Clopper–Pearson) upper confidence bound on the fraction of the points the
         surrogate answered whose error exceeds the target; ``exceeded`` is true when any audited point did.
         """
-        from scipy.stats import beta
-
         e = np.asarray(self.errors)
         n, k = len(e), int(np.sum(e > self.options.target))
         bound = 1.0 if n == 0 or k == n else float(beta.ppf(0.95, k + 1, n - k))

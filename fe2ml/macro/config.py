@@ -348,6 +348,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
     if kind in ("surrogate", "hybrid") and surrogate is not None and surrogate["checkpoint"] is not None:
+        # deferred: torch only when a surrogate checkpoint is checked
         from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
 
         ck = load_checkpoint(s_ckp)

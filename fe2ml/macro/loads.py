@@ -145,6 +145,7 @@ def mark_boundaries(comm, msh, boundaries: dict[str, np.ndarray]) -> Boundaries:
         msh: the dolfinx mesh.
         boundaries: name -> local facet indices.
     """
+    # deferred: the light run config reads the load specs; only the forms need dolfinx/UFL
     import dolfinx
     import ufl
 
@@ -194,6 +195,7 @@ class Loads:
 
 def dirichlet_conditions(V, bnd: Boundaries, specs: Sequence[DirichletSpec]) -> tuple[list, dict, list]:
     """Dirichlet conditions of ``specs`` on space V: (bcs, reaction dofs per boundary, updates of t)."""
+    # deferred: the light run config reads the load specs; only the forms need dolfinx/UFL
     import dolfinx
 
     msh = V.mesh
@@ -232,6 +234,7 @@ def dirichlet_conditions(V, bnd: Boundaries, specs: Sequence[DirichletSpec]) -> 
 
 def traction_term(v, bnd: Boundaries, spec: TractionSpec) -> tuple[Any, Callable[[float], None]]:
     """∫ T·v ds over the boundary for a nominal traction: (form, update of t)."""
+    # deferred: the light run config reads the load specs; only the forms need dolfinx/UFL
     import dolfinx
     import ufl
 
@@ -250,6 +253,7 @@ def traction_term(v, bnd: Boundaries, spec: TractionSpec) -> tuple[Any, Callable
 
 def pressure_term(v, F, bnd: Boundaries, spec: PressureSpec, *, finite: bool) -> tuple[Any, Callable[[float], None]]:
     """External work of a pressure: −∫ p J F⁻ᵀN·v dA (finite strain, follows the deformation) or −∫ p N·v dA."""
+    # deferred: the light run config reads the load specs; only the forms need dolfinx/UFL
     import dolfinx
     import ufl
 

@@ -24,7 +24,13 @@ from pathlib import Path
 
 from mpi4py import MPI
 
+import basix.ufl
+import dolfinx
 import numpy as np
+import ufl
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
 
 from fe2ml.errors import ConfigError, MeshError
 from fe2ml.macro.config import MeshSpec, parse_mesh
@@ -55,8 +61,6 @@ class MacroMesh:
 
 
 def _boundaries(msh, lo, hi):
-    import dolfinx
-
     d = msh.topology.dim
     fdim = d - 1
     msh.topology.create_connectivity(fdim, d)
@@ -101,9 +105,6 @@ def _facet_groups(m, dim: int) -> dict:
 
 def _match_facet_groups(comm, msh, groups: dict, lo, hi) -> dict:
     """Boundary facets of the distributed mesh whose midpoints are those of a file's facet group."""
-    import dolfinx
-    from scipy.spatial import cKDTree
-
     d = msh.topology.dim
     fdim = d - 1
     msh.topology.create_connectivity(fdim, d)
@@ -134,11 +135,6 @@ def _bbox(comm, msh):
 
 def _from_arrays(comm, points, cells, cell_type, phases):
     """Create a distributed mesh from arrays held on rank 0; phases follow original_cell_index."""
-    import basix.ufl
-    import dolfinx
-    import ufl
-
-
     gdim, name, perm = CELL_TYPES[cell_type]
     if comm.rank == 0:
         c = cells if perm is None else cells[:, perm]
@@ -163,8 +159,6 @@ def _from_arrays(comm, points, cells, cell_type, phases):
 
 def _tile(rm, n, eps):
     """Tile an RVE mesh n times per axis, scale by eps, merge coincident nodes."""
-    from scipy.spatial import cKDTree
-
     lo, hi = rm.box
     L = hi - lo
     pts, cells, ph = [], [], []
@@ -181,8 +175,6 @@ def _tile(rm, n, eps):
     pairs = tree.query_pairs(1e-9 * eps * L.max(), output_type="ndarray")
     rep = np.arange(len(X))
     # union of coincident nodes: map each to the smallest index in its group
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
 
     G = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(X), len(X)))
     _, lab = connected_components(G, directed=False)
@@ -195,6 +187,7 @@ def _tile(rm, n, eps):
 
 
 def _plate_with_hole(comm, size, radius, h, h_hole):
+    # deferred: gmsh only for the generators that mesh with it
     import dolfinx.io.gmsh as dgmsh
     import gmsh
 
@@ -241,6 +234,7 @@ def _ring(comm, radii, h):
 
     Returns the mesh and the named facet groups ``inner`` (r = a) and ``outer`` (r = b).
     """
+    # deferred: gmsh only for the generators that mesh with it
     import dolfinx.io.gmsh as dgmsh
     import gmsh
 
@@ -285,8 +279,6 @@ def create_macro_mesh(comm, spec: MeshSpec | dict, *, where: str = "mesh", rve_m
     Returns:
         :class:`MacroMesh`.
     """
-    import dolfinx  # deferred: the mesh module's generators and readers read without it
-
     if isinstance(spec, dict):
         dim = 3 if spec.get("generate") == "box" or len(spec.get("size", spec.get("n", [0, 0]))) == 3 else 2
         spec = parse_mesh(spec, dim, where, Path("."))

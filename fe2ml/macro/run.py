@@ -28,6 +28,7 @@ from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.files import atomic_write
 from fe2ml.laws.analytic import AnalyticLaw
 from fe2ml.laws.base import ConstitutiveLaw
+from fe2ml.laws.learning import Learner
 from fe2ml.laws.rve import build_rank_rve, rve_law
 from fe2ml.macro.config import RunConfig, check_boundaries
 from fe2ml.macro.folder import RunFolder
@@ -141,6 +142,7 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
             return rve_law(rve, warm_start=cfg.warm_start, recorder=recorder,
                            cells=cfg.localize or (recorder is not None and recorder.cells), comm=comm,
                            balance=cfg.balance)
+        # deferred: torch only for surrogate and hybrid runs
         from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw, fallback_writer
 
         s = cfg.surrogate
@@ -327,6 +329,7 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
     audit = None
     if cfg.surrogate is not None and cfg.surrogate["audit"] is not None:
+        # deferred: torch only for surrogate and hybrid runs
         from fe2ml.laws.surrogate import Audit, HybridLaw, SurrogateLaw
 
         if not isinstance(law, SurrogateLaw) or not isinstance(rve, HyperelasticRVE):
@@ -338,8 +341,6 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
             f"(target error {audit.options.target:g})")
     learner = None
     if cfg.surrogate is not None and cfg.surrogate["learn"] is not None:
-        from fe2ml.laws.learning import Learner
-
         lo = cfg.surrogate["learn"]
         learner = collective(comm, lambda: Learner(comm, lo, law, folder.surrogate_rounds,
                                                    fingerprint=rve_fingerprint(rve), rve_desc=rve_description(rve),

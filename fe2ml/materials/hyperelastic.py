@@ -65,6 +65,7 @@ def _unit(a, name):
 
 def plane_strain_3d(F):
     """The 3x3 UFL deformation gradient of a 2D one (F33 = 1, plane strain); a 3x3 one is returned as it is."""
+    # deferred: configs build materials without UFL; only their energies need it
     import ufl
 
     if ufl.shape(F) == (3, 3):
@@ -82,6 +83,7 @@ def invariants(F, fibres=()):
     Returns:
         dict with I1, I2, I3, J, I1b, I2b and I4, I6 (and I4b, I6b) for the first two fibres.
     """
+    # deferred: configs build materials without UFL; only their energies need it
     import ufl
 
     C = F.T * F
@@ -180,6 +182,7 @@ class HolzapfelGasserOgden(HyperelasticMaterial):
 
     def energy(self, F):
         """W(F)."""
+        # deferred: configs build materials without UFL; only their energies need it
         import ufl
 
         inv = invariants(F)
@@ -278,6 +281,7 @@ class ExpressionEnergy(HyperelasticMaterial):
 
     def energy(self, F):
         """W(F) as UFL."""
+        # deferred: configs build materials without UFL; only their energies need it
         import ufl
 
         env = {**invariants(F, self.fibres), **{k: float(v) for k, v in self.params.items()}}

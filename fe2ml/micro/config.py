@@ -20,17 +20,20 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fe2ml.config import NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
 from fe2ml.errors import ConfigError, MeshError
 from fe2ml.materials import HYPERELASTIC, build_material
-from fe2ml.micro.finite import HyperelasticRVE
 from fe2ml.micro.geometry import GENERATORS, generate_mesh
-from fe2ml.micro.linear import LinearRVE
 from fe2ml.micro.mesh import RVEMesh, read_mesh
-from fe2ml.micro.reduction import BCS, SolverOptions
+from fe2ml.micro.options import BCS, SolverOptions
+
+if TYPE_CHECKING:  # the solvers, for annotations only
+    from fe2ml.micro.finite import HyperelasticRVE
+    from fe2ml.micro.linear import LinearRVE
 
 __all__ = [
     "LOAD_PATHS",
@@ -325,6 +328,10 @@ def build_rve(cfg: HomogenizeConfig, mesh: RVEMesh) -> LinearRVE | HyperelasticR
         cfg: validated RVE config.
         mesh: its mesh (from :func:`load_rve_mesh`).
     """
+    # deferred: the solvers import dolfinx and petsc4py; the config module reads without them
+    from fe2ml.micro.finite import HyperelasticRVE
+    from fe2ml.micro.linear import LinearRVE
+
     if cfg.kinematics == "finite":
         return HyperelasticRVE(mesh, cfg.materials, bc=cfg.bc, formulation=cfg.formulation, degree=cfg.degree,
                                tol=cfg.tol, newton=cfg.newton, solver=cfg.solver)

@@ -31,7 +31,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from mpi4py import MPI
+from petsc4py import PETSc
+
+import basix.ufl
+import dolfinx
+import dolfinx.fem.petsc
 import numpy as np
+import scipy.sparse as sp
+import ufl
 
 from fe2ml.config import NewtonOptions
 from fe2ml.errors import ConfigError, MaterialError, SolverError
@@ -119,14 +127,6 @@ class HyperelasticRVE(RVEBox):
     def __init__(self, mesh: RVEMesh, materials: dict, *, bc: str = "periodic", formulation: str = "auto",
                  degree: int = 1, tol: float = 1e-8, newton: NewtonOptions | None = None,
                  solver: SolverOptions | None = None):
-        from mpi4py import MPI
-        from petsc4py import PETSc
-
-        import basix.ufl
-        import dolfinx
-        import dolfinx.fem.petsc  # noqa: F401
-        import ufl
-
         if bc not in BCS:
             raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
         if formulation not in ("auto", "displacement", "mixed"):
@@ -248,8 +248,6 @@ class HyperelasticRVE(RVEBox):
         self.elem_phase = np.asarray(self.phase_tags.values)
 
         if bc == "traction":
-            import scipy.sparse as sp
-
             vu = ufl.split(v)[0] if formulation == "mixed" else v
             self.G_r = sp.csr_matrix(self.T_sp.T @ mean_gradient_constraints(self.Z, vu, d))
         else:
@@ -301,8 +299,6 @@ class HyperelasticRVE(RVEBox):
         self.z.x.array[:] = self.U @ H.ravel() + self.T_sp @ z
 
     def _residual(self, lam) -> np.ndarray:
-        import dolfinx.fem.petsc
-
         t0 = time.perf_counter()
         with self.Rvec.localForm() as loc:
             loc.set(0.0)
@@ -312,10 +308,6 @@ class HyperelasticRVE(RVEBox):
         return R
 
     def _factor(self):
-        from petsc4py import PETSc
-
-        import dolfinx.fem.petsc
-
         t0 = time.perf_counter()
         self.Kt.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(self.Kt, self.Kt_form)
@@ -326,8 +318,6 @@ class HyperelasticRVE(RVEBox):
         else:
             self.Kt.PtAP(self.T, result=self._Kr_base)
         if self.bc == "traction":
-            import scipy.sparse as sp
-
             ia, ja, va = self._Kr_base.getValuesCSR()
             nr = self.n_reduced
             Ks = sp.csr_matrix((va, ja, ia), shape=(nr, nr))
@@ -528,8 +518,6 @@ class HyperelasticRVE(RVEBox):
 
     def cell_quantities(self) -> CellQuantities:
         """Cell- and phase-level quantities at the current state (see :class:`CellQuantities`)."""
-        import dolfinx.fem.petsc
-
         vec = dolfinx.fem.petsc.assemble_vector(self.Q_form)
         Qe = vec.array.reshape(-1, NQ)[self._qdofs]
         vec.destroy()
@@ -611,11 +599,6 @@ class HyperelasticRVE(RVEBox):
             state: converged state (from :meth:`solve` or :attr:`EvalResult.states`).
             time_value: time stamp.
         """
-        from mpi4py import MPI
-
-        import dolfinx
-        import dolfinx.fem.petsc
-
         H = state.F - np.eye(self.d)
         self._set_state(H, state.z)
         vec = dolfinx.fem.petsc.assemble_vector(self.Q_form)

@@ -22,6 +22,7 @@ reuses the mesh.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -39,6 +40,7 @@ MATRIX, INCLUSION = 1, 2
 
 
 def _gmsh_start():
+    # deferred: gmsh only when a mesh is generated
     import gmsh
 
     if not gmsh.isInitialized():
@@ -445,8 +447,6 @@ def generate_mesh(name: str, params: dict, out_dir: str | os.PathLike, *, comm=N
     Raises:
         ConfigError: unknown generator, unknown or invalid parameter.
     """
-    import inspect
-
     if name not in GENERATORS:
         raise ConfigError(f"mesh.generate: unknown generator {name!r}; allowed: {', '.join(GENERATORS)}")
     fn, _ = GENERATORS[name]

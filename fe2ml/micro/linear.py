@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from mpi4py import MPI
+from petsc4py import PETSc
+
+import dolfinx
+import dolfinx.fem.petsc
 import numpy as np
+import scipy.sparse as sp
+import ufl
 
 from fe2ml.errors import ConfigError, SolverError
 from fe2ml.materials import VOIGT_ORDER, LinearMaterial, to_voigt
@@ -110,13 +117,6 @@ class LinearRVE(RVEBox):
     def __init__(self, mesh: RVEMesh, materials: dict[int, LinearMaterial], *, bc: str = "periodic",
                  degree: int = 1, tol: float = 1e-8, petsc_options: dict | None = None,
                  solver: SolverOptions | None = None):
-        from mpi4py import MPI
-        from petsc4py import PETSc
-
-        import dolfinx
-        import dolfinx.fem.petsc  # noqa: F401
-        import ufl
-
         if bc not in BCS:
             raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
         if degree not in (1, 2):
@@ -188,10 +188,6 @@ class LinearRVE(RVEBox):
     # -- core -------------------------------------------------------------------------------
     def _reduced_operator(self):
         """Assemble K, form K_r = Pᵀ K P (+ traction constraints) and factorise."""
-        from petsc4py import PETSc
-
-        import dolfinx.fem.petsc
-
         self.Kt.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(self.Kt, self.a_form)
         self.Kt.assemble()
@@ -201,8 +197,6 @@ class LinearRVE(RVEBox):
             self.Kt.PtAP(self.T, result=self._Kr_base)
         Kr = self._Kr_base
         if self.bc == "traction":
-            import scipy.sparse as sp
-
             ia, ja, va = Kr.getValuesCSR()
             n = self.n_reduced
             Ks = sp.csr_matrix((va, ja, ia), shape=(n, n))
@@ -308,8 +302,6 @@ class LinearRVE(RVEBox):
         Returns:
             Tuple ``(w, u)`` of dolfinx Functions on the RVE displacement space.
         """
-        import dolfinx
-
         eps = self._strain(H)
         if self._result is None:
             self.homogenize()

@@ -142,9 +142,11 @@ def read_meshio(path: str | os.PathLike):
     Raises:
         MeshError: missing or unreadable file.
     """
+    # deferred: meshio/scipy only where a mesh is read or checked (the RVE config stays light)
     import contextlib
     import io
 
+    # deferred: meshio/scipy only where a mesh is read or checked (the RVE config stays light)
     import meshio
 
     p = Path(path)
@@ -243,6 +245,7 @@ def periodic_node_map(points: np.ndarray, *, tol: float = 1e-8, strict: bool = T
     Raises:
         MeshError: when ``strict`` and the node sets on opposite faces do not match.
     """
+    # deferred: meshio/scipy only where a mesh is read or checked (the RVE config stays light)
     from scipy.spatial import cKDTree
 
     x = np.asarray(points, dtype=np.float64)
@@ -304,6 +307,7 @@ def identify_cells(mesh: RVEMesh, cell_phases: list[int], *, tol: float = 1e-8) 
     Returns:
         (M,) int array, cell id per element (0..n-1, ordered by first element), -1 elsewhere.
     """
+    # deferred: meshio/scipy only where a mesh is read or checked (the RVE config stays light)
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 

@@ -15,18 +15,22 @@ The reduced operator is ``K.PtAP(T)`` (T is called the reduction, not P, which i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from petsc4py import PETSc
 
+import basix.ufl
+import dolfinx
+import dolfinx.fem.petsc
 import numpy as np
+import scipy.sparse as sp
+import ufl
 
 from fe2ml.errors import ConfigError, MeshError
 from fe2ml.micro.mesh import CELL_TYPES, RVEMesh, periodic_node_map
+from fe2ml.micro.options import AUTO_ITERATIVE_DOFS, BCS, SolverOptions  # re-exported
 
 __all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "RVEBox", "SolverOptions", "augmented_block", "build_reduction",
            "check_materials", "configure_solver", "destroy_petsc", "mat_from_scipy", "mean_gradient_constraints",
            "mixed_fieldsplit", "near_nullspace", "rigid_modes", "to_dolfinx"]
-
-BCS = ("periodic", "affine", "traction")
 
 
 def to_dolfinx(comm, rm: RVEMesh):
@@ -40,10 +44,6 @@ def to_dolfinx(comm, rm: RVEMesh):
         Tuple ``(mesh, phase_tags, cell_ids)``: dolfinx mesh, MeshTags of phases, and an array of
         biological-cell ids indexed by local dolfinx cell.
     """
-    import basix.ufl
-    import dolfinx
-    import ufl
-
     d, name, perm = CELL_TYPES[rm.cell_type]
     cells = rm.cells if perm is None else rm.cells[:, perm]
     el = basix.ufl.element("Lagrange", name, 1, shape=(rm.dim,))
@@ -63,8 +63,6 @@ def mat_from_scipy(S, bsize: int = 1):
     The reduction T of a displacement space has the nodal blocks of d dofs on both sides; with ``bsize = d`` the
     reduced operator TᵀKT inherits them, and GAMG aggregates nodes instead of single dofs (half the set-up).
     """
-    from petsc4py import PETSc
-
     S = S.tocsr()
     S.sort_indices()
     M = PETSc.Mat().createAIJ(size=S.shape, bsize=bsize, csr=(S.indptr.astype(PETSc.IntType),
@@ -80,36 +78,6 @@ def check_materials(mesh: RVEMesh, materials: dict) -> None:
     if missing:
         raise MeshError(f"{mesh.source}: phase tag(s) {missing} have no material "
                         f"(materials given for {sorted(materials)})")
-
-
-AUTO_ITERATIVE_DOFS = 60_000  # ``solver: auto`` is iterative from this many displacement dofs on
-
-
-@dataclass(frozen=True)
-class SolverOptions:
-    """The linear solver of an RVE's reduced system.
-
-    Attributes:
-        type: ``direct`` (MUMPS Cholesky/LDLᵀ, one factorization reused for the Newton step and the d² tangent
-            right-hand sides), ``iterative`` (conjugate gradients preconditioned by PETSc's algebraic multigrid
-            GAMG with the nodal blocks and the rigid-body near-nullspace; for the mixed formulation MINRES with the
-            field split of :func:`mixed_fieldsplit`; the preconditioner is reused for the tangent's right-hand
-            sides), or ``auto`` (iterative from ``AUTO_ITERATIVE_DOFS`` displacement dofs on, direct below).
-        rtol: relative residual tolerance of the iterative solver. C̄ and Ā are computed from the condensed
-            energy, so their error is quadratic in it; the Newton iterations converge to the Newton tolerance
-            whatever it is.
-        max_it: its iteration limit.
-    """
-
-    type: str = "auto"
-    rtol: float = 1e-5
-    max_it: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.type not in ("auto", "direct", "iterative"):
-            raise ConfigError(f"solver.type: expected auto, direct or iterative, got {self.type!r}")
-        if not 0 < self.rtol < 1 or self.max_it < 1:
-            raise ConfigError(f"solver: rtol in (0, 1) and max_it >= 1 expected, got {self}")
 
 
 def configure_solver(ksp, options: SolverOptions, *, ndofs: int, saddle: bool, factor: str = "cholesky",
@@ -174,8 +142,6 @@ def augmented_block(Kr, n_u: int, ratio: np.ndarray):
     Returns:
         (PETSc matrix [[A + B W Bᵀ, B], [Bᵀ, −D]] with W = diag(μ_e/|e|), the diagonal −D).
     """
-    import scipy.sparse as sp
-
     ia, ja, va = Kr.getValuesCSR()
     n = Kr.getSize()[0]
     K = sp.csr_matrix((va, ja, ia), shape=(n, n))
@@ -195,8 +161,6 @@ def mixed_fieldsplit(ksp, n_u: int, n: int, nns, schur_diag: np.ndarray, prefix:
     pair (P2–P0) uniformly in K/μ. PETSc flips its sign so the preconditioner is positive definite, as MINRES
     needs.
     """
-    from petsc4py import PETSc
-
     pc = ksp.getPC()
     pc.setType("fieldsplit")
     isu = PETSc.IS().createStride(n_u, 0, 1, comm=PETSc.COMM_SELF)
@@ -260,8 +224,6 @@ def rigid_modes(T_sp, X: np.ndarray, n_u: int, umap=None) -> np.ndarray:
 
 def near_nullspace(modes: np.ndarray):
     """A PETSc near-nullspace of the given orthonormal modes (k, n), for algebraic multigrid."""
-    from petsc4py import PETSc
-
     vecs = []
     for m in modes:
         v = PETSc.Vec().createSeq(len(m), comm=PETSc.COMM_SELF)
@@ -326,8 +288,6 @@ def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap
     Returns:
         (T as scipy CSR, number of reduced displacement dofs, fixed block or None).
     """
-    import scipy.sparse as sp
-
     nb, d = X.shape
     umap = np.arange(nb * d) if umap is None else umap
     pmap = np.zeros(0, dtype=np.int64) if pmap is None else pmap
@@ -362,10 +322,6 @@ def build_reduction(X, lo, hi, bc: str, *, tol: float, source: str, n: int, umap
 
 def mean_gradient_constraints(V, v, d: int) -> np.ndarray:
     """G (n, d²) with G[:, (i,j)] = ∫ ∂_j v_i dx: the constraint ∫ ∇w = 0 of minimal kinematic BCs."""
-    import dolfinx
-    import dolfinx.fem.petsc
-    import ufl
-
     msh = V.mesh
     Eij = dolfinx.fem.Constant(msh, np.zeros((d, d)))
     form = dolfinx.fem.form(ufl.inner(ufl.grad(v), Eij) * ufl.dx(domain=msh))

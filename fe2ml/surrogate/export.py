@@ -5,6 +5,7 @@ derivatives of the network (no autograd at run time), and carries the checkpoint
 kinematics and RVE fingerprint as attributes. Load it anywhere with ``torch.jit.load(OUT.pt)``.
 """
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -120,8 +121,6 @@ def export_checkpoint(checkpoint, out):
     Raises:
         ConfigError: the checkpoint cannot be exported (plain or invariant models, missing file).
     """
-    import warnings
-
     ck = load_checkpoint(checkpoint)
     margs = {k: v for k, v in ck["model"].items() if k != "kind"}
     members = []

@@ -18,6 +18,7 @@ Plane strain (d = 2) embeds F in 3D with F33 = 1 for the invariants.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as Fn
@@ -117,8 +118,6 @@ class _Base(nn.Module):
         ``batch``: points per chunk (default 1024 on the CPU, where small chunks stay in cache, and 65536 on an
         accelerator, where large chunks fill it; the chunk bounds the memory of the tangent either way).
         """
-        import numpy as np
-
         ref = self.p_scale
         if batch is None:
             batch = 1024 if ref.device.type == "cpu" else 65536
@@ -272,8 +271,6 @@ class PotentialModel(_Base):
         Returns:
             A function F (n,d,d) ndarray -> (P, A) ndarrays, or None for models without the closed form.
         """
-        import numpy as np
-
         if self.features != "general" or not isinstance(self.net, MLP):
             return None
         d = self.dim
