@@ -1,6 +1,6 @@
 """The package follows the pipeline: no import circle, and no stage imports a later one.
 
-Stages, earliest first (ARCHITECTURE.md): helpers (errors, expr, parallel, config, plotting) < materials < micro
+Stages, earliest first (ARCHITECTURE.md): helpers (errors, expr, files, parallel, config, plotting) < materials < micro
 < data < surrogate < laws < macro < localization, hpc < demo < cli. Lazy imports inside functions count too.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fe2ml"
-STAGE = {"errors": 0, "expr": 0, "parallel": 0, "config": 0, "plotting": 0, "materials": 1, "micro": 2, "data": 3,
+STAGE = {"errors": 0, "expr": 0, "files": 0, "parallel": 0, "config": 0, "plotting": 0, "materials": 1, "micro": 2, "data": 3,
          "surrogate": 4, "laws": 5, "macro": 6, "localization": 7, "hpc": 7, "demo": 8, "cli": 9}
 
 
