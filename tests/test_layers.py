@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fe2ml"
-STAGE = {"errors": 0, "expr": 0, "files": 0, "parallel": 0, "config": 0, "plotting": 0, "materials": 1, "micro": 2, "data": 3,
-         "surrogate": 4, "laws": 5, "macro": 6, "localization": 7, "hpc": 7, "demo": 8, "cli": 9}
+STAGE = {"errors": 0, "expr": 0, "files": 0, "parallel": 0, "config": 0, "plotting": 0, "materials": 1, "micro": 2,
+         "data": 3, "surrogate": 4, "laws": 5, "macro": 6, "localization": 7, "hpc": 7, "demo": 8, "cli": 9}
 
 
 def _modules():
