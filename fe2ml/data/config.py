@@ -21,7 +21,7 @@ from fe2ml.data.design import design_points
 from fe2ml.errors import ConfigError
 from fe2ml.micro.config import LOAD_PATHS, HomogenizeConfig, parse_rve_ref
 
-__all__ = ["SampleConfig", "load_sample_config"]
+__all__ = ["RunLogOptions", "SampleConfig", "load_sample_config", "parse_run_log"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +131,30 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
     return SampleConfig(path=p, rve=rve, design=design, output=Path(out) if output is not None else p.parent / out,
                         flush_every=fl, cells=cells, text=p.read_text())
+
+
+@dataclass(frozen=True)
+class RunLogOptions:
+    """``log:`` of a run: where its RVE evaluations are logged, and what.
+
+    Attributes:
+        folder: the log folder (resolved).
+        all_iterations: log every Newton iteration's evaluations (default: the converged ones only).
+        cells: log the cell-level quantities too.
+    """
+
+    folder: Path
+    all_iterations: bool = False
+    cells: bool = True
+
+
+def parse_run_log(raw, where: str, base: Path) -> RunLogOptions:
+    """Validate a run's ``log:`` mapping (errors name ``where`` and the key)."""
+    if not isinstance(raw, dict) or "folder" not in raw:
+        raise ConfigError(f"{where}: expected a mapping {{folder: PATH, all_iterations: false, cells: true}}")
+    check_keys(raw, ("folder", "all_iterations", "cells"), where)
+    for flag in ("all_iterations", "cells"):
+        if flag in raw and not isinstance(raw[flag], bool):
+            raise ConfigError(f"{where}.{flag}: expected true or false, got {raw[flag]!r}")
+    return RunLogOptions(folder=base / str(raw["folder"]), all_iterations=raw.get("all_iterations", False),
+                         cells=raw.get("cells", True))

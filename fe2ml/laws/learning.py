@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -29,121 +28,12 @@ from mpi4py import MPI
 
 import numpy as np
 
-from fe2ml.config import check_keys, number
 from fe2ml.errors import ConfigError
+from fe2ml.surrogate.config import LearnOptions, parse_learn  # re-exported
 
 __all__ = ["LearnOptions", "Learner", "parse_learn"]
 
 log = logging.getLogger(__name__)
-
-MODEL_DEFAULT = {"kind": "potential", "hidden": [16, 16], "features": "general", "convex": False}
-
-
-@dataclass(frozen=True)
-class LearnOptions:
-    """``material.learn`` of a hybrid run.
-
-    Attributes:
-        min_new: new fallback records (all ranks) needed for a round.
-        every: at least this many load steps between rounds.
-        epochs: epochs of a warm-started round (early stopping with ``patience``).
-        first_epochs: epochs of the first round of a cold start (fresh members).
-        members: ensemble size of the refitted checkpoints.
-        lr: learning rate of the first round of a cold start.
-        warm_lr: learning rate of a warm-started round (small: Adam's first steps move every weight by about the
-            learning rate, which would throw a fitted network away from its optimum).
-        patience, seed: optimiser settings (member k has seed ``seed + k``).
-        data: log files/folders of the initial records (required with a checkpoint: its training data).
-        model: the model of a cold start (with a checkpoint, the checkpoint's model is kept).
-        loss: Sobolev loss weights ``{stress, tangent, relative}``.
-    """
-
-    min_new: int = 64
-    every: int = 1
-    epochs: int = 300
-    first_epochs: int = 2000
-    members: int = 2
-    lr: float = 0.01
-    warm_lr: float = 0.002
-    patience: int = 200
-    seed: int = 0
-    data: tuple[Path, ...] = ()
-    model: dict = field(default_factory=lambda: dict(MODEL_DEFAULT))
-    loss: dict = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.1, "relative": False})
-
-
-def _count(raw: dict, key: str, default: int, where: str, lo: int) -> int:
-    v = raw.get(key, default)
-    if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-        raise ConfigError(f"{where}.{key}: expected an integer >= {lo}, got {v!r}")
-    return v
-
-
-def parse_learn(raw, where: str, base: Path, *, has_checkpoint: bool) -> LearnOptions:
-    """Validate ``material.learn`` (errors name ``where`` and the key).
-
-    Args:
-        raw: the mapping.
-        where: ``"<file>: material.learn"``.
-        base: the folder relative data paths are relative to.
-        has_checkpoint: whether the run starts from a checkpoint (then ``data`` is required, ``model`` refused).
-    """
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping like {{min_new: 64, every: 1, epochs: 300, members: 2}}")
-    check_keys(raw, ("min_new", "every", "epochs", "first_epochs", "members", "lr", "warm_lr", "patience", "seed",
-                     "data", "model", "loss"), where)
-    data = raw.get("data", [])
-    data = [data] if isinstance(data, str) else data
-    if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-        raise ConfigError(f"{where}.data: expected a log folder or a list of log files/folders, got {data!r}")
-    paths = tuple(base / d for d in data)
-    for d in paths:
-        if not d.exists():
-            raise ConfigError(f"{where}.data: {d} not found")
-    if has_checkpoint and not paths:
-        raise ConfigError(f"{where}.data: a run that starts from a checkpoint must name the logs it was trained on "
-                          "(refitting on the run's records alone would forget them); or start cold with "
-                          "checkpoint: null")
-    model = dict(MODEL_DEFAULT)
-    if "model" in raw:
-        if has_checkpoint:
-            raise ConfigError(f"{where}.model: the checkpoint's model is refitted; model applies to a cold start "
-                              "(checkpoint: null) only")
-        m = raw["model"]
-        if not isinstance(m, dict):
-            raise ConfigError(f"{where}.model: expected a mapping {{kind: potential, hidden: [16, 16]}}")
-        check_keys(m, ("kind", "hidden", "features", "convex"), f"{where}.model")
-        model.update(m)
-        if model["kind"] not in ("potential", "plain"):
-            raise ConfigError(f"{where}.model.kind: expected potential or plain, got {model['kind']!r}")
-        hid = model["hidden"]
-        if not isinstance(hid, list) or not hid or not all(isinstance(h, int) and h > 0 for h in hid):
-            raise ConfigError(f"{where}.model.hidden: expected a list of positive layer widths, got {hid!r}")
-        if model["features"] not in ("general", "isotropic") or not isinstance(model["convex"], bool):
-            raise ConfigError(f"{where}.model: features general|isotropic, convex true|false")
-        if model["kind"] == "plain":
-            model = {"kind": "plain", "hidden": hid}
-    loss = raw.get("loss", {}) or {}
-    if not isinstance(loss, dict):
-        raise ConfigError(f"{where}.loss: expected a mapping {{stress: 1.0, tangent: 0.1}}")
-    check_keys(loss, ("stress", "tangent", "relative"), f"{where}.loss")
-    loss = {"stress": number(loss.get("stress", 1.0), f"{where}.loss.stress"),
-            "tangent": number(loss.get("tangent", 0.1), f"{where}.loss.tangent"),
-            "relative": bool(loss.get("relative", False))}
-    if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
-        raise ConfigError(f"{where}.loss: weights must be >= 0 and not both 0")
-    seed = raw.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"{where}.seed: expected an integer, got {seed!r}")
-    return LearnOptions(min_new=_count(raw, "min_new", 64, where, 1), every=_count(raw, "every", 1, where, 1),
-                        epochs=_count(raw, "epochs", 300, where, 1),
-                        first_epochs=_count(raw, "first_epochs", 2000, where, 1),
-                        members=_count(raw, "members", 2, where, 1),
-                        lr=number(raw.get("lr", 0.01), f"{where}.lr", positive=True),
-                        warm_lr=number(raw.get("warm_lr", 0.002), f"{where}.warm_lr", positive=True),
-                        patience=_count(raw, "patience", 200, where, 1), seed=seed, data=paths, model=model,
-                        loss=loss)
-
 
 def _empty(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.zeros((0, d, d)), np.zeros((0, d, d)), np.zeros((0, d, d, d, d))

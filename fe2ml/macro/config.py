@@ -42,13 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
+from fe2ml.data.config import RunLogOptions, parse_run_log
 from fe2ml.errors import ConfigError
 from fe2ml.expr import check_samples, compile_expression
-from fe2ml.laws.learning import parse_learn
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.materials import build_material
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
-from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds
+from fe2ml.surrogate.config import SurrogateOptions, parse_surrogate_options
+from fe2ml.surrogate.gate import Gate
 
 __all__ = ["MeshSpec", "RunConfig", "check_boundaries", "load_run_config", "parse_mesh"]
 
@@ -186,8 +187,8 @@ class RunConfig:
     warm_start: bool
     output: Path
     raw: dict = field(default_factory=dict)
-    log: dict | None = None
-    surrogate: dict | None = None
+    log: RunLogOptions | None = None
+    surrogate: SurrogateOptions | None = None
     localize: bool = False
     mesh_rve: HomogenizeConfig | None = None  # mesh.rve of a tiled_rve mesh
     pressures: list[PressureSpec] = field(default_factory=list)
@@ -238,128 +239,15 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         mesh_rve = parse_rve_ref(mesh["rve"], p, f"{f}: mesh.rve", base, dim)
         if mesh_rve.dim != dim:
             raise ConfigError(f"{f}: mesh.rve: the RVE is {mesh_rve.dim}D but dim is {dim}")
-    mat = raw["material"]
-    if not isinstance(mat, dict):
-        raise ConfigError(f"{f}: material: expected a mapping with kind: rve | analytic")
-    kind = mat.get("kind")
-    if kind not in ("rve", "analytic", "surrogate", "hybrid"):
-        raise ConfigError(f"{f}: material.kind: expected rve, analytic, surrogate or hybrid, got {kind!r}")
-    rve = analytic = None
-    surrogate: dict | None = None
-    s_ckp = Path()
-    if kind in ("surrogate", "hybrid"):
-        allowed = (("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device", "learn",
-                    "balance") if kind == "hybrid" else ("kind", "checkpoint", "rve", "orientation", "audit", "device"))
-        check_keys(mat, allowed, f"{f}: material")
-        ck = mat.get("checkpoint", "")
-        s_ckp_or_none: Path | None = None
-        if ck is None and kind == "hybrid":
-            if "learn" not in mat:
-                raise ConfigError(f"{f}: material.checkpoint: null (a cold start) needs material.learn, which trains "
-                                  "the first model during the run")
-        elif not isinstance(ck, str) or not ck:
-            raise ConfigError(f"{f}: material.checkpoint: expected the path of a checkpoint.pt"
-                              + (" (or null with learn: a cold start)" if kind == "hybrid" else ""))
-        else:
-            s_ckp = s_ckp_or_none = base / ck
-            if not s_ckp.is_file():
-                raise ConfigError(f"{f}: material.checkpoint: {s_ckp} not found")
-        th = mat.get("threshold", {}) or {}
-        if not isinstance(th, dict):
-            raise ConfigError(f"{f}: material.threshold: expected a mapping like {{error: 0.01, distance: 0.0, "
-                              "density: 2.0}")
-        check_keys(th, ("spread", "error", "distance", "density"), f"{f}: material.threshold")
-        tw = f"{f}: material.threshold"
-        thresholds = Thresholds(**{k: number(th[k], f"{tw}.{k}") for k in ("spread", "error", "distance", "density")
-                                   if k in th})
-        audit = mat.get("audit")
-        if audit is not None:
-            aw = f"{f}: material.audit"
-            if not isinstance(audit, dict):
-                raise ConfigError(f"{aw}: expected a mapping {{fraction: 0.02, seed: 0, target: 0.01}}")
-            check_keys(audit, ("fraction", "seed", "target"), aw)
-            frac = number(audit.get("fraction", 0.02), f"{aw}.fraction")
-            if not 0 < frac <= 1:
-                raise ConfigError(f"{aw}.fraction: expected a number in (0, 1], got {frac!r}")
-            seed = audit.get("seed", 0)
-            if not isinstance(seed, int) or isinstance(seed, bool):
-                raise ConfigError(f"{aw}.seed: expected an integer, got {seed!r}")
-            target = number(audit.get("target", thresholds.error if thresholds.error is not None else 0.01),
-                            f"{aw}.target", positive=True)
-            if "rve" not in mat:
-                raise ConfigError(f"{aw}: needs material.rve (the audit solves the true RVE)")
-            audit = AuditOptions(fraction=frac, seed=seed, target=target)
-        device = mat.get("device", "cpu")
-        if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (
-                device.startswith("cuda:") and device[5:].isdigit())):
-            raise ConfigError(f"{f}: material.device: expected auto, cpu, cuda or cuda:K, got {device!r}")
-        learn = None
-        if "learn" in mat:
-            learn = parse_learn(mat["learn"], f"{f}: material.learn", base, has_checkpoint=s_ckp_or_none is not None)
-            for key in ("spread", "error"):
-                if getattr(thresholds, key) is not None and learn.members < 2:
-                    raise ConfigError(f"{f}: material.threshold.{key}: needs 2 or more members; material.learn.members "
-                                      f"is {learn.members}")
-        surrogate = {"checkpoint": s_ckp_or_none, "thresholds": thresholds, "audit": audit, "device": device,
-                     "log": (base / str(mat["log"])) if mat.get("log") else None, "learn": learn}
-        if kind == "hybrid" and "rve" not in mat:
-            raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
-        if "rve" in mat:
-            rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
-        kin_default = "finite"
-    elif kind == "rve":
-        check_keys(mat, ("kind", "rve", "orientation", "balance"), f"{f}: material")
-        if "rve" not in mat:
-            raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
-        rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
-        if rve.dim != dim:
-            raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
-        kin_default = rve.kinematics
-    else:
-        check_keys(mat, ("kind", "phases", "material"), f"{f}: material")
-        if ("phases" in mat) == ("material" in mat):
-            raise ConfigError(f"{f}: material: analytic needs exactly one of 'phases' (per macro tag) or 'material'")
-        if "material" in mat:
-            analytic = {0: build_material(mat["material"], f"{f}: material.material")}
-        else:
-            if not isinstance(mat["phases"], dict) or not mat["phases"]:
-                raise ConfigError(f"{f}: material.phases: expected a mapping tag -> material")
-            analytic = {}
-            for t, spec in mat["phases"].items():
-                try:
-                    ti = int(t)
-                except (TypeError, ValueError):
-                    raise ConfigError(f"{f}: material.phases: tag {t!r} is not an integer") from None
-                analytic[ti] = build_material(spec, f"{f}: material.phases.{ti}")
-        hyper = [hasattr(m, "energy") for m in analytic.values()]
-        if any(hyper) and not all(hyper):
-            raise ConfigError(f"{f}: material: mix of hyperelastic and linear materials")
-        kin_default = "finite" if all(hyper) else "small"
-        if mesh_spec.kind == "tiled_rve" and mesh_rve is None:
-            raise ConfigError(f"{f}: mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile "
-                              "(homogenize keys or the path of a homogenize YAML)")
-    balance = mat.get("balance", True)  # kinds rve and hybrid (check_keys refuses it for the others)
-    if not isinstance(balance, bool):
-        raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
-    orientation = mat.get("orientation")
-    if orientation is not None:
-        orientation = _orientation(orientation, f"{f}: material.orientation", dim, exprs)
-    kin = raw.get("kinematics", kin_default)
+    m = _material(raw["material"], p, base, dim, exprs)
+    if m.kind == "analytic" and mesh_spec.kind == "tiled_rve" and mesh_rve is None:
+        raise ConfigError(f"{f}: mesh.rve: generate tiled_rve with analytic materials needs the RVE to tile "
+                          "(homogenize keys or the path of a homogenize YAML)")
+    kin = raw.get("kinematics", m.kinematics)
     if kin not in ("small", "finite"):
         raise ConfigError(f"{f}: kinematics: expected small or finite, got {kin!r}")
-    if kind in ("surrogate", "hybrid") and surrogate is not None and surrogate["checkpoint"] is not None:
-        # deferred: torch only when a surrogate checkpoint is checked
-        from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
-
-        ck = load_checkpoint(s_ckp)
-        resolve_device(mat.get("device", "cpu"), f"{f}: material.device")  # a CUDA device that is not there
-        kin_default = ck["kinematics"]
-        if ck["dim"] != dim:
-            raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
-        if kind == "hybrid" and surrogate is not None:
-            surrogate["thresholds"].check(Gate(ck), f"{f}: material.threshold")
-    if kin != kin_default:
-        raise ConfigError(f"{f}: kinematics {kin} does not fit the materials (they are {kin_default}-strain laws)")
+    if kin != m.kinematics:
+        raise ConfigError(f"{f}: kinematics {kin} does not fit the materials (they are {m.kinematics}-strain laws)")
     degree = raw.get("degree", 1)
     if degree not in (1, 2) or isinstance(degree, bool):
         raise ConfigError(f"{f}: degree: expected 1 or 2, got {degree!r}")
@@ -369,6 +257,126 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     steps = raw.get("steps", 10)
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100000:
         raise ConfigError(f"{f}: steps: expected an integer >= 1, got {steps!r}")
+    bcs, trs, prs = _loads(raw, f, dim, exprs)
+    ws = raw.get("warm_start", True)
+    if not isinstance(ws, bool):
+        raise ConfigError(f"{f}: warm_start: expected true or false, got {ws!r}")
+    out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
+    if not isinstance(out, str):
+        raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
+    log = None
+    if raw.get("log") is not None:
+        log = parse_run_log(raw["log"], f"{f}: log", base)
+        if m.kind != "rve":
+            raise ConfigError(f"{f}: log: logging needs material.kind rve (there are no RVE evaluations to log)")
+    loc = raw.get("localize", False)
+    if not isinstance(loc, bool):
+        raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
+    if loc and m.kind != "rve":
+        raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
+    cfg = RunConfig(path=p, dim=dim, mesh=mesh_spec, kind=m.kind, rve=m.rve, analytic=m.analytic, kinematics=kin,
+                    degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps,
+                    newton=parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON), warm_start=ws,
+                    output=(base / out) if output is None else Path(out), raw=raw, log=log, surrogate=m.surrogate,
+                    localize=loc, mesh_rve=mesh_rve, pressures=prs, orientation=m.orientation, balance=m.balance,
+                    expressions=tuple(exprs))
+    box = mesh_spec.bounding_box()
+    if box is not None:  # otherwise (a mesh file, tiled RVEs) once the mesh is there: check_config, run.build
+        cfg.check_expressions(*box)
+    return cfg
+
+
+@dataclass(frozen=True)
+class _Material:
+    """The ``material:`` section of a run, validated (what :class:`RunConfig` takes from it)."""
+
+    kind: str
+    kinematics: str  # what the materials are: small or finite strain
+    rve: HomogenizeConfig | None = None
+    analytic: dict | None = None
+    surrogate: SurrogateOptions | None = None
+    orientation: Callable[[np.ndarray], np.ndarray] | None = None
+    balance: bool = True
+
+
+_MATERIAL_KEYS = {"hybrid": ("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device",
+                             "learn", "balance"),
+                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device"),
+                  "rve": ("kind", "rve", "orientation", "balance"), "analytic": ("kind", "phases", "material")}
+
+
+def _material(mat, p: Path, base: Path, dim: int, exprs: list[Expression]) -> _Material:
+    """``material:`` of a run: its kind, RVE, analytic laws or surrogate, frame and balance."""
+    f = str(p)
+    if not isinstance(mat, dict):
+        raise ConfigError(f"{f}: material: expected a mapping with kind: rve | analytic")
+    kind = mat.get("kind")
+    if kind not in _MATERIAL_KEYS:
+        raise ConfigError(f"{f}: material.kind: expected rve, analytic, surrogate or hybrid, got {kind!r}")
+    check_keys(mat, _MATERIAL_KEYS[kind], f"{f}: material")
+    rve = analytic = surrogate = None
+    if kind == "analytic":
+        analytic, kin = _analytic(mat, f)
+    else:
+        if kind == "rve" and "rve" not in mat:
+            raise ConfigError(f"{f}: material.rve: missing (the homogenize keys, or a path to a homogenize YAML)")
+        if kind != "rve":
+            surrogate = parse_surrogate_options(mat, kind, f, base)
+        if "rve" in mat:
+            rve = parse_rve_ref(mat["rve"], p, f"{f}: material.rve", base, dim)
+            if kind == "rve" and rve.dim != dim:
+                raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
+        kin = rve.kinematics if kind == "rve" and rve is not None else "finite"
+        if surrogate is not None and surrogate.checkpoint is not None:
+            kin = _check_surrogate(surrogate, mat, kind, f, dim)
+    balance = mat.get("balance", True)  # kinds rve and hybrid (check_keys refuses it for the others)
+    if not isinstance(balance, bool):
+        raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
+    orientation = mat.get("orientation")
+    if orientation is not None:
+        orientation = _orientation(orientation, f"{f}: material.orientation", dim, exprs)
+    return _Material(kind=kind, kinematics=kin, rve=rve, analytic=analytic, surrogate=surrogate,
+                     orientation=orientation, balance=balance)
+
+
+def _analytic(mat: dict, f: str) -> tuple[dict, str]:
+    """Analytic materials (one everywhere, or one per macro phase tag) and their kinematics."""
+    if ("phases" in mat) == ("material" in mat):
+        raise ConfigError(f"{f}: material: analytic needs exactly one of 'phases' (per macro tag) or 'material'")
+    if "material" in mat:
+        analytic = {0: build_material(mat["material"], f"{f}: material.material")}
+    else:
+        if not isinstance(mat["phases"], dict) or not mat["phases"]:
+            raise ConfigError(f"{f}: material.phases: expected a mapping tag -> material")
+        analytic = {}
+        for t, spec in mat["phases"].items():
+            try:
+                ti = int(t)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{f}: material.phases: tag {t!r} is not an integer") from None
+            analytic[ti] = build_material(spec, f"{f}: material.phases.{ti}")
+    hyper = [hasattr(m, "energy") for m in analytic.values()]
+    if any(hyper) and not all(hyper):
+        raise ConfigError(f"{f}: material: mix of hyperelastic and linear materials")
+    return analytic, "finite" if all(hyper) else "small"
+
+
+def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int) -> str:
+    """Load the checkpoint safely and check it against the run; returns its kinematics."""
+    # deferred: torch only when a surrogate checkpoint is checked
+    from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
+
+    ck = load_checkpoint(s.checkpoint)
+    resolve_device(mat.get("device", "cpu"), f"{f}: material.device")  # a CUDA device that is not there
+    if ck["dim"] != dim:
+        raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
+    if kind == "hybrid":
+        s.thresholds.check(Gate(ck), f"{f}: material.threshold")
+    return ck["kinematics"]
+
+
+def _loads(raw: dict, f: str, dim: int, exprs: list[Expression]):
+    """``bcs``, ``tractions`` and ``pressures`` of a run, their values compiled (and registered in ``exprs``)."""
     bcs = []
     for k, b in enumerate(raw.get("bcs", []) or []):
         w = f"{f}: bcs[{k}]"
@@ -385,9 +393,8 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         bad = [c for c in comps if not 0 <= c < dim]
         if bad:
             raise ConfigError(f"{w}.components: component(s) {bad} do not exist in {dim}D (allowed 0..{dim - 1})")
-        val = b.get("value", 0.0)
         bcs.append(DirichletSpec(boundary=str(b["boundary"]), components=tuple(comps),
-                                 value=_field(val, f"{w}.value", exprs)))
+                                 value=_field(b.get("value", 0.0), f"{w}.value", exprs)))
     trs = []
     for k, b in enumerate(raw.get("tractions", []) or []):
         w = f"{f}: tractions[{k}]"
@@ -410,40 +417,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         prs.append(PressureSpec(boundary=str(b["boundary"]), value=_of_t(b["value"], f"{w}.value", exprs)))
     if not bcs:
         raise ConfigError(f"{f}: bcs: at least one Dirichlet condition is needed to remove rigid motions")
-    newton = parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON)
-    ws = raw.get("warm_start", True)
-    if not isinstance(ws, bool):
-        raise ConfigError(f"{f}: warm_start: expected true or false, got {ws!r}")
-    out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
-    if not isinstance(out, str):
-        raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
-    out_p = (base / out) if output is None else Path(out)
-    log: dict | None = raw.get("log")
-    if log is not None:
-        if not isinstance(log, dict) or "folder" not in log:
-            raise ConfigError(f"{f}: log: expected a mapping {{folder: PATH, all_iterations: false, cells: true}}")
-        check_keys(log, ("folder", "all_iterations", "cells"), f"{f}: log")
-        if kind != "rve":
-            raise ConfigError(f"{f}: log: logging needs material.kind rve (there are no RVE evaluations to log)")
-        for flag in ("all_iterations", "cells"):
-            if flag in log and not isinstance(log[flag], bool):
-                raise ConfigError(f"{f}: log.{flag}: expected true or false, got {log[flag]!r}")
-        log = {"folder": base / str(log["folder"]), "all_iterations": log.get("all_iterations", False),
-               "cells": log.get("cells", True)}
-    loc = raw.get("localize", False)
-    if not isinstance(loc, bool):
-        raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
-    if loc and kind != "rve":
-        raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
-    cfg = RunConfig(path=p, dim=dim, mesh=mesh_spec, kind=kind, rve=rve, analytic=analytic, kinematics=kin,
-                    degree=degree, quadrature_degree=qd, bcs=bcs, tractions=trs, steps=steps, newton=newton,
-                    warm_start=ws, output=out_p, raw=raw, log=log, surrogate=surrogate, localize=loc,
-                    mesh_rve=mesh_rve, pressures=prs, orientation=orientation, balance=balance,
-                    expressions=tuple(exprs))
-    box = mesh_spec.bounding_box()
-    if box is not None:  # otherwise (a mesh file, tiled RVEs) once the mesh is there: check_config, run.build
-        cfg.check_expressions(*box)
-    return cfg
+    return bcs, trs, prs
 
 
 def _compiled(v, names, where, reg: list[Expression]):

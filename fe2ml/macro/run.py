@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 def identity(cfg: RunConfig, rve) -> dict:
     """What a run is: its config (path and SHA-256 of the text), its RVE fingerprint, its surrogate checkpoint."""
-    ck = cfg.surrogate["checkpoint"] if cfg.surrogate is not None else None
+    ck = cfg.surrogate.checkpoint if cfg.surrogate is not None else None
     return {"config": str(Path(cfg.path).resolve()), "config_sha256": _sha256(Path(cfg.path).read_bytes()),
             "rve_fingerprint": rve_fingerprint(rve) if rve is not None else None,
             "checkpoint": str(ck) if ck is not None else None,
@@ -147,10 +147,10 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
 
         s = cfg.surrogate
         if cfg.kind == "surrogate":
-            return SurrogateLaw(s["checkpoint"], dim=cfg.dim, kinematics=cfg.kinematics,
-                                fingerprint=rve_fingerprint(rve) if rve is not None else None, device=s["device"])
-        writer = fallback_writer(comm, s["log"], rve, dim=cfg.dim) if s["log"] is not None else None
-        return HybridLaw(s["checkpoint"], rve, thresholds=s["thresholds"], writer=writer, device=s["device"],
+            return SurrogateLaw(s.checkpoint, dim=cfg.dim, kinematics=cfg.kinematics,
+                                fingerprint=rve_fingerprint(rve) if rve is not None else None, device=s.device)
+        writer = fallback_writer(comm, s.log, rve, dim=cfg.dim) if s.log is not None else None
+        return HybridLaw(s.checkpoint, rve, thresholds=s.thresholds, writer=writer, device=s.device,
                          comm=comm, balance=cfg.balance)
 
     return collective(comm, make)
@@ -250,15 +250,15 @@ def _recorder(comm, cfg: RunConfig, rve, say) -> MacroLogger | None:
 
     def check():
         if comm.rank == 0:  # before any rank creates its part
-            check_folder_writable(cfg.log["folder"])
-            check_fingerprint(cfg.log["folder"], rve_fingerprint(rve))
+            check_folder_writable(cfg.log.folder)
+            check_fingerprint(cfg.log.folder, rve_fingerprint(rve))
 
     collective(comm, check)
     run_id = comm.bcast(uuid.uuid4().hex[:8] if comm.rank == 0 else None, root=0)
     logger = collective(comm, lambda: make_macro_logger(
-        comm, rve, cfg.log["folder"], run_id=run_id, config_text=cfg.path.read_text(),
-        all_iterations=cfg.log["all_iterations"], cells=cfg.log["cells"]))
-    say(f"  logging RVE evaluations to {cfg.log['folder']} (run {run_id})")
+        comm, rve, cfg.log.folder, run_id=run_id, config_text=cfg.path.read_text(),
+        all_iterations=cfg.log.all_iterations, cells=cfg.log.cells))
+    say(f"  logging RVE evaluations to {cfg.log.folder} (run {run_id})")
     return logger
 
 
@@ -287,7 +287,7 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
     logger = _recorder(comm, cfg, rve, say)
     law = build_law(comm, cfg, recorder=logger, rve=rve)
     if cfg.kind in ("surrogate", "hybrid"):
-        say(f"  {cfg.kind} law from {cfg.surrogate['checkpoint']}")
+        say(f"  {cfg.kind} law from {cfg.surrogate.checkpoint}")
 
     def tile_loader():  # the RVE that tiled_rve repeats: mesh.rve (direct numerical simulation), else the law's
         return load_rve_mesh(cfg.mesh_rve, comm=comm) if cfg.mesh_rve is not None else rve_mesh
@@ -328,20 +328,20 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
     _register_log_parts(comm, out, [str(w.path) for w in _log_writers(logger, law)])
     writer = RunWriter(prob, out, config_path=str(Path(cfg.path).resolve()), restart_step=start)
     audit = None
-    if cfg.surrogate is not None and cfg.surrogate["audit"] is not None:
+    if cfg.surrogate is not None and cfg.surrogate.audit is not None:
         # deferred: torch only for surrogate and hybrid runs
         from fe2ml.laws.surrogate import Audit, HybridLaw, SurrogateLaw
 
         if not isinstance(law, SurrogateLaw) or not isinstance(rve, HyperelasticRVE):
             raise ConfigError(f"{cfg.path}: material.audit needs a surrogate or hybrid law and a finite-strain RVE")
-        audit = Audit(comm, rve, cfg.surrogate["audit"], writer=law.writer if isinstance(law, HybridLaw) else None)
+        audit = Audit(comm, rve, cfg.surrogate.audit, writer=law.writer if isinstance(law, HybridLaw) else None)
         if "audit" in meta:  # a restart continues the audit's record
             audit.restore(meta["audit"])
         say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "
             f"(target error {audit.options.target:g})")
     learner = None
-    if cfg.surrogate is not None and cfg.surrogate["learn"] is not None:
-        lo = cfg.surrogate["learn"]
+    if cfg.surrogate is not None and cfg.surrogate.learn is not None:
+        lo = cfg.surrogate.learn
         learner = collective(comm, lambda: Learner(comm, lo, law, folder.surrogate_rounds,
                                                    fingerprint=rve_fingerprint(rve), rve_desc=rve_description(rve),
                                                    runlog=runlog))
