@@ -492,3 +492,54 @@ def test_orientation_config_in_2d_and_3d(tmp_path):
         (tmp_path / "bad.yaml").write_text(text)
         with pytest.raises(ConfigError, match=re.escape(msg)):
             load_run_config(tmp_path / "bad.yaml").orientation(X)
+
+
+@pytest.mark.parametrize("case", ["3d_traction", "2d_follower_pressure"])
+def test_iterative_macro_solver_gives_the_direct_answer_with_quadratic_newton(case):
+    # CG (GMRES with a follower pressure) + GAMG with the rigid-body near-nullspace against MUMPS: the same
+    # reactions and displacements to 1e-6, and the same Newton iteration counts (the Krylov tolerance tied to the
+    # Newton residual keeps the convergence quadratic)
+    from fe2ml.macro.config import MacroSolverOptions
+    from fe2ml.macro.loads import PressureSpec
+
+    if case == "3d_traction":
+        spec = {"generate": "box", "size": [2.0, 1.0, 1.0], "n": [6, 3, 3]}
+        law = AnalyticLaw({0: NeoHookean(mu=1.0, K=10.0)}, dim=3)
+        kw = dict(dirichlet=[DirichletSpec("left", (0, 1, 2), 0.0), DirichletSpec("right", (0,), lambda x, t: 0.3 * t)],
+                  tractions=[TractionSpec("top", (0.0, 0.0, lambda t: -0.05 * t))])
+    else:
+        spec = {"generate": "rectangle", "size": [2.0, 1.0], "n": [10, 5]}
+        law = AnalyticLaw({0: NeoHookean(mu=1.0, K=10.0)}, dim=2)
+        kw = dict(dirichlet=[DirichletSpec("left", (0, 1), 0.0)], pressures=[PressureSpec("top", lambda t: 0.15 * t)])
+    runs = {}
+    for kind in ("direct", "iterative"):
+        prob = MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law, solver=MacroSolverOptions(type=kind), **kw)
+        assert prob.solver_kind == kind
+        _run(prob, 2)
+        runs[kind] = (prob.reactions()["left"], prob.u.x.array.copy(), [h.iterations for h in prob.history],
+                      [h.residuals for h in prob.history], prob.krylov_iterations)
+        prob.close()
+    (Rd, ud, itd, _, _), (Ri, ui, iti, resi, kry) = runs["direct"], runs["iterative"]
+    assert np.abs(Rd).max() > 1e-3 and np.abs(ud).max() > 1e-2
+    assert np.abs(Ri - Rd).max() < 1e-6 * np.abs(Rd).max()
+    assert COMM.allreduce(np.abs(ui - ud).max(), op=MPI.MAX) < 1e-6 * COMM.allreduce(np.abs(ud).max(), op=MPI.MAX)
+    assert iti == itd and kry > 0
+    for r in resi:  # quadratic: each residual at most ~ the square of the last one, relative to the first
+        rel = np.asarray(r) / r[0]
+        for a, b in zip(rel[1:-1], rel[2:], strict=False):
+            assert b < 10 * a**2 + 1e-10, rel
+
+
+def test_macro_solver_option_is_validated(tmp_path):
+    from fe2ml.macro.config import load_run_config
+
+    base = ("dim: 2\nmesh: {generate: rectangle, size: [1.0, 1.0], n: [2, 2]}\nmaterial: {kind: analytic, material: "
+            "{material: neo_hookean, mu: 1.0, K: 4.0}}\nbcs: [{boundary: left, value: 0.0}]\n")
+    for solver, msg in (("{type: cg}", "solver.type: expected auto, direct or iterative"),
+                        ("{rtol: 2.0}", "rtol in (0, 1)"), ("{max_it: 0.5}", "solver.max_it: expected an integer"),
+                        ("{colour: red}", "unknown key"), ("iterative", "solver: expected a mapping")):
+        (tmp_path / "s.yaml").write_text(base + f"solver: {solver}\n")
+        with pytest.raises(ConfigError, match=re.escape(msg)):
+            load_run_config(tmp_path / "s.yaml")
+    (tmp_path / "s.yaml").write_text(base + "solver: {type: iterative, rtol: 1.0e-6}\n")
+    assert load_run_config(tmp_path / "s.yaml").solver.type == "iterative"

@@ -226,6 +226,7 @@ def test_restart_of_a_run_whose_mesh_is_a_relative_file(tmp_path):
     assert "restarting after step 3" in r.stdout, r.stdout
 
 
+@pytest.mark.serial  # a child python under mpiexec cannot start MPI
 def test_stage_configs_import_without_dolfinx_petsc4py_or_torch():
     code = textwrap.dedent("""
         import sys

@@ -25,6 +25,8 @@ Keys::
     material.orientation: {e1: [EXPR x3], e2: [EXPR x3]}   3D: the RVE's x and y axes (orthonormalised)
     steps: int                                    load steps over t in (0, 1] (default 10)
     newton: {rtol: 1e-9, atol: 1e-12, max_it: 20, max_cuts: 6}
+    solver: {type: auto, rtol: 1e-8, max_it: 2000}   macro linear solver: direct (MUMPS) | iterative (CG/GMRES +
+                                                  GAMG) | auto (iterative from 100,000 dofs on)
     warm_start: true                              RVE solves start from the point's last state
     output: PATH                                  run folder (default: results/<config name>)
     log: {folder: PATH, all_iterations: false, cells: true}   log RVE evaluations to HDF5 (material.kind rve)
@@ -51,10 +53,53 @@ from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
 from fe2ml.surrogate.config import SurrogateOptions, parse_surrogate_options
 from fe2ml.surrogate.gate import Gate
 
-__all__ = ["MeshSpec", "RunConfig", "check_boundaries", "load_run_config", "parse_mesh"]
+__all__ = ["MACRO_AUTO_ITERATIVE_DOFS", "MacroSolverOptions", "MeshSpec", "RunConfig", "check_boundaries",
+           "load_run_config", "parse_macro_solver", "parse_mesh"]
 
 RUN_KEYS = ("dim", "mesh", "material", "kinematics", "degree", "quadrature_degree", "bcs", "tractions", "pressures",
-            "steps", "newton", "warm_start", "output", "log", "localize")
+            "steps", "newton", "solver", "warm_start", "output", "log", "localize")
+
+MACRO_AUTO_ITERATIVE_DOFS = 100_000  # ``solver: auto`` is iterative from this many macro displacement dofs on
+
+
+@dataclass(frozen=True)
+class MacroSolverOptions:
+    """The linear solver of the macro Newton steps (``solver:`` of a run; the same meaning as an RVE's).
+
+    Attributes:
+        type: ``direct`` (MUMPS LU), ``iterative`` (CG, or GMRES with a follower pressure, preconditioned by GAMG
+            with the rigid-body near-nullspace), or ``auto`` (iterative from ``MACRO_AUTO_ITERATIVE_DOFS`` dofs on).
+        rtol: the loosest relative Krylov tolerance; each Newton step uses min(rtol, 0.01 |R| / |R_0|).
+        max_it: the Krylov iteration limit of one Newton step.
+    """
+
+    type: str = "auto"
+    rtol: float = 1e-8
+    max_it: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.type not in ("auto", "direct", "iterative"):
+            raise ConfigError(f"solver.type: expected auto, direct or iterative, got {self.type!r}")
+        if not 0 < self.rtol < 1 or not isinstance(self.max_it, int) or self.max_it < 1:
+            raise ConfigError(f"solver: rtol in (0, 1) and an integer max_it >= 1 expected, got rtol {self.rtol}, "
+                              f"max_it {self.max_it!r}")
+
+
+def parse_macro_solver(raw, where: str) -> MacroSolverOptions:
+    """``solver:`` of a run (errors name ``where`` and the key)."""
+    if raw is None:
+        return MacroSolverOptions()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping {{type: auto | direct | iterative, rtol: 1e-8, max_it: 2000}}")
+    check_keys(raw, ("type", "rtol", "max_it"), where)
+    max_it = raw.get("max_it", 2000)
+    if not isinstance(max_it, int) or isinstance(max_it, bool):
+        raise ConfigError(f"{where}.max_it: expected an integer >= 1, got {max_it!r}")
+    try:
+        return MacroSolverOptions(type=raw.get("type", "auto"), rtol=number(raw.get("rtol", 1e-8), f"{where}.rtol"),
+                                  max_it=max_it)
+    except ConfigError as e:
+        raise ConfigError(f"{where.rsplit(': ', 1)[0]}: {e}") from None
 
 
 GENERATORS = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}
@@ -195,6 +240,7 @@ class RunConfig:
     orientation: Callable[[np.ndarray], np.ndarray] | None = None  # frames(X (n, d)) -> Q (n, d, d)
     balance: bool = True  # kinds rve and hybrid: spread the RVE solves over the ranks (fe2ml.laws.farm)
     expressions: tuple[Expression, ...] = ()  # every expression of the config, for check_expressions
+    solver: MacroSolverOptions = field(default_factory=MacroSolverOptions)
 
     def check_expressions(self, lo, hi) -> None:
         """Evaluate every expression at sample points: t in [0, 1] and the corners and centre of the box [lo, hi].
@@ -279,7 +325,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
                     newton=parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON), warm_start=ws,
                     output=(base / out) if output is None else Path(out), raw=raw, log=log, surrogate=m.surrogate,
                     localize=loc, mesh_rve=mesh_rve, pressures=prs, orientation=m.orientation, balance=m.balance,
-                    expressions=tuple(exprs))
+                    expressions=tuple(exprs), solver=parse_macro_solver(raw.get("solver"), f"{f}: solver"))
     box = mesh_spec.bounding_box()
     if box is not None:  # otherwise (a mesh file, tiled RVEs) once the mesh is there: check_config, run.build
         cfg.check_expressions(*box)

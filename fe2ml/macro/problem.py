@@ -36,6 +36,7 @@ from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError, Fe2mlError, SolverError
 from fe2ml.files import atomic_target, atomic_write
 from fe2ml.laws.base import ConstitutiveLaw, FormLaw
+from fe2ml.macro.config import MACRO_AUTO_ITERATIVE_DOFS, MacroSolverOptions
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, build_loads, mark_boundaries
 from fe2ml.parallel import collective, fault_point
 
@@ -71,13 +72,15 @@ class MacroProblem:
             :func:`~fe2ml.macro.loads.frames_from_axes` in 3D); the law sees Qᵀ F̄ Q and returns Q P̄ Qᵀ (and Ā
             rotated alike).
         newton: :class:`fe2ml.config.NewtonOptions` (default ``MACRO_NEWTON``).
+        solver: the linear solver of the Newton steps (:class:`~fe2ml.macro.config.MacroSolverOptions`; default
+            ``auto``: MUMPS below ``MACRO_AUTO_ITERATIVE_DOFS`` dofs, Krylov + GAMG from there on).
     """
 
     def __init__(self, comm, mmesh, *, law: ConstitutiveLaw | FormLaw, kinematics: str | None = None,
                  degree: int = 1, quadrature_degree: int | None = None, dirichlet: Sequence[DirichletSpec] = (),
                  tractions: Sequence[TractionSpec] = (), pressures: Sequence[PressureSpec] = (),
                  orientation: Callable[[np.ndarray], np.ndarray] | None = None,
-                 newton: NewtonOptions | None = None):
+                 newton: NewtonOptions | None = None, solver: MacroSolverOptions | None = None):
         self.comm = comm
         self.mm = mmesh
         msh = mmesh.mesh
@@ -133,12 +136,10 @@ class MacroProblem:
         self.A = dolfinx.fem.petsc.create_matrix(self.J_form)
         self.b = dolfinx.fem.petsc.create_vector(V)
         self.du = dolfinx.fem.Function(V)
-        self.ksp = PETSc.KSP().create(comm)
-        self.ksp.setOptionsPrefix("fe2ml_macro_")
-        self.ksp.setType("preonly")
-        self.ksp.getPC().setType("lu")
-        self.ksp.getPC().setFactorSolverType("mumps")
-        self.ksp.setFromOptions()
+        self.solver = solver or MacroSolverOptions()
+        self.solver_kind = self._make_solver(symmetric=not (self.loads.follower is not None
+                                                            and kinematics == "finite"))
+        self.krylov_iterations = 0
         self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
         self.history: list[StepRecord] = []
         self.t = 0.0
@@ -155,6 +156,60 @@ class MacroProblem:
                 raise ConfigError(f"orientation: expected orthonormal frames of shape (n, {d}, {d}) at the "
                                   "quadrature points")
             self.Q = Q
+
+    def _make_solver(self, *, symmetric: bool) -> str:
+        """The KSP of the Newton steps; returns ``direct`` or ``iterative``.
+
+        Direct: MUMPS LU. Iterative: conjugate gradients (GMRES where a follower pressure makes the tangent
+        unsymmetric) preconditioned by PETSc's smoothed-aggregation GAMG, which is given the nodal block size and
+        the rigid-body modes of the displacement space as its near-nullspace (what an elasticity operator's coarse
+        grids must represent). Dirichlet rows are identity rows with the columns zeroed, so the operator stays
+        symmetric. The Krylov tolerance of each step is tied to the Newton residual (:meth:`_solve_increment`).
+        """
+        opts = self.solver
+        ndofs = self.V.dofmap.index_map.size_global * self.V.dofmap.index_map_bs
+        kind = opts.type if opts.type != "auto" else ("iterative" if ndofs >= MACRO_AUTO_ITERATIVE_DOFS else "direct")
+        self.ksp = ksp = PETSc.KSP().create(self.comm)
+        ksp.setOptionsPrefix("fe2ml_macro_")
+        if kind == "direct":
+            ksp.setType("preonly")
+            ksp.getPC().setType("lu")
+            ksp.getPC().setFactorSolverType("mumps")
+        else:
+            ksp.setType("cg" if symmetric else "gmres")
+            ksp.getPC().setType("gamg")
+            ksp.setTolerances(rtol=opts.rtol, atol=0.0, max_it=opts.max_it)
+            ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            self.A.setBlockSize(self.d)
+            self.A.setNearNullSpace(self._rigid_modes())
+        ksp.setFromOptions()
+        return kind
+
+    def _rigid_modes(self):
+        """Translations and rotations of the displacement space, orthonormalised: GAMG's near-nullspace."""
+        d = self.d
+        imap = self.V.dofmap.index_map
+        X = self.V.tabulate_dof_coordinates()[: imap.size_local, :d]
+        X = X - self.comm.allreduce(X.sum(axis=0)) / max(self.comm.allreduce(len(X)), 1)
+        modes = []
+        for i in range(d):
+            m = np.zeros((len(X), d))
+            m[:, i] = 1.0
+            modes.append(m)
+        for a, b in [(0, 1)] if d == 2 else [(0, 1), (1, 2), (2, 0)]:
+            m = np.zeros((len(X), d))
+            m[:, a], m[:, b] = -X[:, b], X[:, a]
+            modes.append(m)
+        vecs = []
+        for m in modes:  # Gram–Schmidt in the global inner product
+            v = self.A.createVecRight()
+            v.array[:] = m.ravel()
+            for w in vecs:
+                v.axpy(-v.dot(w), w)
+            v.scale(1.0 / v.norm())
+            vecs.append(v)
+        self._modes = vecs  # kept alive with the matrix
+        return PETSc.NullSpace().create(vectors=vecs, comm=self.comm)
 
     def _law_terms(self, v, du):
         """Residual ∫ P̄ : ∇v dx and Jacobian ∫ (Ā : ∇du) : ∇v dx of a quadrature-point law.
@@ -286,19 +341,26 @@ class MacroProblem:
         self.timers["assembly_s"] += time.perf_counter() - t0
         return self.b.norm()
 
-    def _solve_increment(self) -> bool:
+    def _solve_increment(self, forcing: float = 1.0) -> bool:
+        """One Newton step J du = −R; ``forcing``: |R| / |R of the step's first iteration|.
 
+        An iterative solve stops at the relative tolerance min(solver.rtol, 0.01 · forcing): the Krylov error falls
+        with the Newton residual, so the Newton iterations keep converging quadratically.
+        """
         t0 = time.perf_counter()
         self.A.zeroEntries()
         dolfinx.fem.petsc.assemble_matrix(self.A, self.J_form, bcs=self.bcs)
         self.A.assemble()
         t1 = time.perf_counter()
         self.ksp.setOperators(self.A)
+        if self.solver_kind == "iterative":
+            self.ksp.setTolerances(rtol=max(min(self.solver.rtol, 0.01 * forcing), 1e-14))
         self.b.scale(-1.0)  # J du = −b; on Dirichlet rows du = g − u
         ok = True
         try:
             self.ksp.solve(self.b, self.du.x.petsc_vec)
             ok = self.ksp.getConvergedReason() > 0
+            self.krylov_iterations += self.ksp.getIterationNumber()
         except PETSc.Error:
             ok = False
         self.du.x.scatter_forward()
@@ -332,7 +394,7 @@ class MacroProblem:
                 return True, res, None
             if len(res) > opts.max_it:
                 break
-            if not self._solve_increment():
+            if not self._solve_increment(r / r0 if r0 > 0 else 1.0):
                 return False, res, "macro linear solve failed"
         return False, res, f"macro Newton did not converge in {opts.max_it} iterations (|r| = {res[-1]:.3e})"
 
@@ -518,6 +580,9 @@ class MacroProblem:
 
     def close(self):
         """Free PETSc objects."""
+        for v in getattr(self, "_modes", []):
+            v.destroy()
+        self._modes = []
         for name in ("ksp", "A", "b"):
             obj = getattr(self, name, None)
             if obj is not None:

@@ -301,7 +301,8 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
         try:
             return MacroProblem(comm, mm, law=law, kinematics=cfg.kinematics, degree=cfg.degree,
                                 quadrature_degree=cfg.quadrature_degree, dirichlet=cfg.bcs, tractions=cfg.tractions,
-                                pressures=cfg.pressures, orientation=cfg.orientation, newton=cfg.newton)
+                                pressures=cfg.pressures, orientation=cfg.orientation, newton=cfg.newton,
+                                solver=cfg.solver)
         except ConfigError as e:
             raise ConfigError(f"{cfg.path}: {e}") from None
 
