@@ -58,6 +58,13 @@ def number(v: object, where: str, *, positive: bool = False) -> float:
     return float(v)
 
 
+def flag(v: object, where: str) -> bool:
+    """A true/false config value; a clear error for anything else (``yes``, 1, a string)."""
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: expected true or false, got {v!r}")
+    return v
+
+
 def check_keys(d: dict, allowed, where: str) -> None:
     """Refuse keys of ``d`` that are not in ``allowed``, listing what is allowed."""
     unknown = sorted(str(k) for k in d if k not in allowed)

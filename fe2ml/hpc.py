@@ -23,6 +23,7 @@ from fe2ml.data.config import load_sample_config
 from fe2ml.errors import ConfigError
 from fe2ml.macro.config import load_run_config
 from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
+from fe2ml.micro.mesh import read_meshio
 from fe2ml.surrogate.config import load_train_config
 
 __all__ = ["check_config", "config_kind", "write_job_script"]
@@ -51,8 +52,6 @@ def check_config(path, comm=None) -> str:
     if kind == "run":
         cfg = load_run_config(path)
         if cfg.mesh.kind == "file":  # expressions at the corners of the mesh file's bounding box
-            from fe2ml.micro.mesh import read_meshio  # deferred: meshio is read only for this check
-
             X = np.asarray(read_meshio(cfg.mesh.file).points, dtype=float)[:, : cfg.dim]
             cfg.check_expressions(X.min(axis=0), X.max(axis=0))
         if cfg.rve is not None:
@@ -61,12 +60,11 @@ def check_config(path, comm=None) -> str:
         load_rve_mesh(load_sample_config(path).rve, comm=comm)
     elif kind == "train":
         cfg = load_train_config(path)
-        # deferred: torch, h5py or meshio only for the check that needs them
+        # deferred: torch and h5py only for the check of a train config
+        from fe2ml.data.reader import read_logs
         from fe2ml.surrogate.checkpoint import resolve_device
 
         resolve_device(cfg.device, f"{path}: device")
-        # deferred: torch, h5py or meshio only for the check that needs them
-        from fe2ml.data.reader import read_logs
 
         read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, fields=["F"])
     else:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import check_keys, load_yaml, number
+from fe2ml.config import check_keys, flag, load_yaml, number
 from fe2ml.data.design import design_points
 from fe2ml.errors import ConfigError
 from fe2ml.micro.config import LOAD_PATHS, HomogenizeConfig, parse_rve_ref
@@ -72,9 +72,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
         b = np.zeros(0)
     if b.shape not in ((2,), (d, d, 2)) or not np.all(np.isfinite(b)) or np.any(b[..., 0] > b[..., 1]):
         raise ConfigError(f"{w}.bounds: expected [lo, hi] (lo <= hi) or a {d}x{d} list of [lo, hi], got {bounds!r}")
-    sym = ds.get("symmetric", False)
-    if not isinstance(sym, bool):
-        raise ConfigError(f"{w}.symmetric: expected true or false, got {sym!r}")
+    sym = flag(ds.get("symmetric", False), f"{w}.symmetric")
     st = ds.get("stretch", [0.8, 1.25])
     rot = ds.get("rotation", [0.0, 0.0])
     for key, val in (("stretch", st), ("rotation", rot)):
@@ -123,9 +121,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     fl = raw.get("flush_every", 64)
     if not isinstance(fl, int) or isinstance(fl, bool) or fl < 1:
         raise ConfigError(f"{f}: flush_every: expected a positive integer, got {fl!r}")
-    cells = raw.get("cells", True)
-    if not isinstance(cells, bool):
-        raise ConfigError(f"{f}: cells: expected true or false, got {cells!r}")
+    cells = flag(raw.get("cells", True), f"{f}: cells")
     out = output if output is not None else raw.get("output", str(Path("rve_data") / p.stem))
     if not isinstance(out, str):
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
@@ -153,8 +149,6 @@ def parse_run_log(raw, where: str, base: Path) -> RunLogOptions:
     if not isinstance(raw, dict) or "folder" not in raw:
         raise ConfigError(f"{where}: expected a mapping {{folder: PATH, all_iterations: false, cells: true}}")
     check_keys(raw, ("folder", "all_iterations", "cells"), where)
-    for flag in ("all_iterations", "cells"):
-        if flag in raw and not isinstance(raw[flag], bool):
-            raise ConfigError(f"{where}.{flag}: expected true or false, got {raw[flag]!r}")
-    return RunLogOptions(folder=base / str(raw["folder"]), all_iterations=raw.get("all_iterations", False),
-                         cells=raw.get("cells", True))
+    return RunLogOptions(folder=base / str(raw["folder"]),
+                         all_iterations=flag(raw.get("all_iterations", False), f"{where}.all_iterations"),
+                         cells=flag(raw.get("cells", True), f"{where}.cells"))

@@ -43,13 +43,23 @@ from pathlib import Path
 
 import numpy as np
 
-from fe2ml.config import MACRO_NEWTON, NewtonOptions, check_keys, load_yaml, number, parse_newton, require_dim_mesh
+from fe2ml.config import (
+    MACRO_NEWTON,
+    NewtonOptions,
+    check_keys,
+    flag,
+    load_yaml,
+    number,
+    parse_newton,
+    require_dim_mesh,
+)
 from fe2ml.data.config import RunLogOptions, parse_run_log
 from fe2ml.errors import ConfigError
 from fe2ml.expr import check_samples, compile_expression
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.materials import build_material
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
+from fe2ml.micro.options import SolverOptions, parse_solver
 from fe2ml.surrogate.config import SurrogateOptions, parse_surrogate_options
 from fe2ml.surrogate.gate import Gate
 
@@ -63,8 +73,8 @@ MACRO_AUTO_ITERATIVE_DOFS = 100_000  # ``solver: auto`` is iterative from this m
 
 
 @dataclass(frozen=True)
-class MacroSolverOptions:
-    """The linear solver of the macro Newton steps (``solver:`` of a run; the same meaning as an RVE's).
+class MacroSolverOptions(SolverOptions):
+    """The linear solver of the macro Newton steps (``solver:`` of a run; the RVE's options, other defaults).
 
     Attributes:
         type: ``direct`` (MUMPS LU), ``iterative`` (CG, or GMRES with a follower pressure, preconditioned by GAMG
@@ -73,33 +83,13 @@ class MacroSolverOptions:
         max_it: the Krylov iteration limit of one Newton step.
     """
 
-    type: str = "auto"
     rtol: float = 1e-8
     max_it: int = 2000
 
-    def __post_init__(self) -> None:
-        if self.type not in ("auto", "direct", "iterative"):
-            raise ConfigError(f"solver.type: expected auto, direct or iterative, got {self.type!r}")
-        if not 0 < self.rtol < 1 or not isinstance(self.max_it, int) or self.max_it < 1:
-            raise ConfigError(f"solver: rtol in (0, 1) and an integer max_it >= 1 expected, got rtol {self.rtol}, "
-                              f"max_it {self.max_it!r}")
 
-
-def parse_macro_solver(raw, where: str) -> MacroSolverOptions:
-    """``solver:`` of a run (errors name ``where`` and the key)."""
-    if raw is None:
-        return MacroSolverOptions()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping {{type: auto | direct | iterative, rtol: 1e-8, max_it: 2000}}")
-    check_keys(raw, ("type", "rtol", "max_it"), where)
-    max_it = raw.get("max_it", 2000)
-    if not isinstance(max_it, int) or isinstance(max_it, bool):
-        raise ConfigError(f"{where}.max_it: expected an integer >= 1, got {max_it!r}")
-    try:
-        return MacroSolverOptions(type=raw.get("type", "auto"), rtol=number(raw.get("rtol", 1e-8), f"{where}.rtol"),
-                                  max_it=max_it)
-    except ConfigError as e:
-        raise ConfigError(f"{where.rsplit(': ', 1)[0]}: {e}") from None
+def parse_macro_solver(raw, f: str) -> MacroSolverOptions:
+    """``solver:`` of a run (errors name the file ``f`` and the key)."""
+    return parse_solver(raw, f, MacroSolverOptions)
 
 
 GENERATORS = {"rectangle": 2, "box": 3, "plate_with_hole": 2, "ring": 2, "tiled_rve": None}
@@ -304,9 +294,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100000:
         raise ConfigError(f"{f}: steps: expected an integer >= 1, got {steps!r}")
     bcs, trs, prs = _loads(raw, f, dim, exprs)
-    ws = raw.get("warm_start", True)
-    if not isinstance(ws, bool):
-        raise ConfigError(f"{f}: warm_start: expected true or false, got {ws!r}")
+    ws = flag(raw.get("warm_start", True), f"{f}: warm_start")
     out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
     if not isinstance(out, str):
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
@@ -315,9 +303,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
         log = parse_run_log(raw["log"], f"{f}: log", base)
         if m.kind != "rve":
             raise ConfigError(f"{f}: log: logging needs material.kind rve (there are no RVE evaluations to log)")
-    loc = raw.get("localize", False)
-    if not isinstance(loc, bool):
-        raise ConfigError(f"{f}: localize: expected true or false, got {loc!r}")
+    loc = flag(raw.get("localize", False), f"{f}: localize")
     if loc and m.kind != "rve":
         raise ConfigError(f"{f}: localize: true needs material.kind rve (use fe2ml localize --model for surrogates)")
     cfg = RunConfig(path=p, dim=dim, mesh=mesh_spec, kind=m.kind, rve=m.rve, analytic=m.analytic, kinematics=kin,
@@ -325,7 +311,7 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
                     newton=parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON), warm_start=ws,
                     output=(base / out) if output is None else Path(out), raw=raw, log=log, surrogate=m.surrogate,
                     localize=loc, mesh_rve=mesh_rve, pressures=prs, orientation=m.orientation, balance=m.balance,
-                    expressions=tuple(exprs), solver=parse_macro_solver(raw.get("solver"), f"{f}: solver"))
+                    expressions=tuple(exprs), solver=parse_macro_solver(raw.get("solver"), f))
     box = mesh_spec.bounding_box()
     if box is not None:  # otherwise (a mesh file, tiled RVEs) once the mesh is there: check_config, run.build
         cfg.check_expressions(*box)
@@ -375,9 +361,7 @@ def _material(mat, p: Path, base: Path, dim: int, exprs: list[Expression]) -> _M
         kin = rve.kinematics if kind == "rve" and rve is not None else "finite"
         if surrogate is not None and surrogate.checkpoint is not None:
             kin = _check_surrogate(surrogate, mat, kind, f, dim)
-    balance = mat.get("balance", True)  # kinds rve and hybrid (check_keys refuses it for the others)
-    if not isinstance(balance, bool):
-        raise ConfigError(f"{f}: material.balance: expected true or false, got {balance!r}")
+    balance = flag(mat.get("balance", True), f"{f}: material.balance")  # kinds rve and hybrid only (check_keys)
     orientation = mat.get("orientation")
     if orientation is not None:
         orientation = _orientation(orientation, f"{f}: material.orientation", dim, exprs)

@@ -62,7 +62,7 @@ class RunWriter:
         if self.rank0 and restart_step == 0:
             with open(self.folder.reactions, "w", newline="") as f:
                 csv.writer(f).writerow(self.csv_header)
-            (self.folder.quadrature).unlink(missing_ok=True)
+            self.folder.quadrature.unlink(missing_ok=True)
         elif self.rank0:  # keep the rows and quadrature data of the checkpointed steps only
             with open(self.folder.reactions, newline="") as f:
                 rows = list(csv.reader(f))
@@ -72,7 +72,7 @@ class RunWriter:
                 w.writerow(self.csv_header)
                 for r in rows[1:restart_step + 1]:
                     w.writerow(r)
-            if (self.folder.quadrature).exists():
+            if self.folder.quadrature.exists():
                 with h5py.File(self.folder.quadrature, "a") as f:
                     for g in [g for g in f if int(g.split("_")[1]) > restart_step]:
                         del f[g]

@@ -29,7 +29,7 @@ from fe2ml.errors import ConfigError, MeshError
 from fe2ml.materials import HYPERELASTIC, build_material
 from fe2ml.micro.geometry import GENERATORS, generate_mesh
 from fe2ml.micro.mesh import RVEMesh, read_mesh
-from fe2ml.micro.options import BCS, SolverOptions
+from fe2ml.micro.options import BCS, SolverOptions, parse_solver
 
 if TYPE_CHECKING:  # the solvers, for annotations only
     from fe2ml.micro.finite import HyperelasticRVE
@@ -224,18 +224,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     if kin == "finite" and not Fs and require_points:
         raise ConfigError(f"{f}: kinematics finite needs F (list of deformation gradients) or load_path")
     newton = parse_newton(raw.get("newton"), f)
-    sv = raw.get("solver", {}) or {}
-    if not isinstance(sv, dict):
-        raise ConfigError(f"{f}: solver: expected a mapping {{type: auto | direct | iterative, rtol, max_it}}")
-    check_keys(sv, ("type", "rtol", "max_it"), f"{f}: solver")
-    mi = sv.get("max_it", 1000)
-    if not isinstance(mi, int) or isinstance(mi, bool):
-        raise ConfigError(f"{f}: solver.max_it: expected a positive integer, got {mi!r}")
-    try:  # SolverOptions checks the type name and the ranges
-        solver = SolverOptions(type=sv.get("type", "auto"), rtol=number(sv.get("rtol", 1e-5), f"{f}: solver.rtol"),
-                               max_it=mi)
-    except ConfigError as e:
-        raise ConfigError(f"{f}: {e}") from None
+    solver = parse_solver(raw.get("solver"), f, SolverOptions)
     fields_ = raw.get("fields", {}) or {}
     if not isinstance(fields_, dict):
         raise ConfigError(f"{f}: fields: expected a mapping {{points: [0, 3]}}")

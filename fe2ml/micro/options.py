@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fe2ml.config import check_keys, number
 from fe2ml.errors import ConfigError
 
-__all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "SolverOptions"]
+__all__ = ["AUTO_ITERATIVE_DOFS", "BCS", "SolverOptions", "parse_solver"]
 
 BCS = ("periodic", "affine", "traction")
 
@@ -38,3 +39,26 @@ class SolverOptions:
             raise ConfigError(f"solver.type: expected auto, direct or iterative, got {self.type!r}")
         if not 0 < self.rtol < 1 or self.max_it < 1:
             raise ConfigError(f"solver: rtol in (0, 1) and max_it >= 1 expected, got {self}")
+
+
+def parse_solver[S: SolverOptions](raw, f: str, cls: type[S]) -> S:
+    """``solver: {type, rtol, max_it}`` of a config as ``cls`` (an RVE's or the macro problem's options).
+
+    Args:
+        raw: the mapping, or None for ``cls``'s defaults.
+        f: the config file, for messages (``f: solver.KEY: ...``).
+        cls: :class:`SolverOptions` or a subclass with its own defaults.
+    """
+    sv = raw or {}
+    if not isinstance(sv, dict):
+        raise ConfigError(f"{f}: solver: expected a mapping {{type: auto | direct | iterative, rtol, max_it}}")
+    check_keys(sv, ("type", "rtol", "max_it"), f"{f}: solver")
+    default = cls()
+    mi = sv.get("max_it", default.max_it)
+    if not isinstance(mi, int) or isinstance(mi, bool):
+        raise ConfigError(f"{f}: solver.max_it: expected an integer >= 1, got {mi!r}")
+    try:  # the options check the type name and the ranges
+        return cls(type=sv.get("type", default.type), rtol=number(sv.get("rtol", default.rtol), f"{f}: solver.rtol"),
+                   max_it=mi)
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fe2ml.config import check_keys, load_yaml, number
+from fe2ml.config import check_keys, flag, load_yaml, number
 from fe2ml.errors import ConfigError
 from fe2ml.surrogate.gate import AuditOptions, Thresholds
 
@@ -85,8 +85,7 @@ def load_train_config(path, *, output=None) -> TrainConfig:
         model.setdefault("convex", False)
         if model["features"] not in ("general", "isotropic"):
             raise ConfigError(f"{f}: model.features: expected general or isotropic, got {model['features']!r}")
-        if not isinstance(model["convex"], bool):
-            raise ConfigError(f"{f}: model.convex: expected true or false")
+        flag(model["convex"], f"{f}: model.convex")
     elif "features" in model or "convex" in model:
         raise ConfigError(f"{f}: model: features/convex apply to kind potential only")
     if model["kind"] == "localization" and (device not in ("auto", "cpu") or dtype != "float64"):
@@ -96,9 +95,7 @@ def load_train_config(path, *, output=None) -> TrainConfig:
         raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
     loss = dict(raw.get("loss", {}) or {})
     check_keys(loss, ("stress", "tangent", "relative"), f"{f}: loss")
-    rel = loss.get("relative", False)
-    if not isinstance(rel, bool):
-        raise ConfigError(f"{f}: loss.relative: expected true or false, got {rel!r}")
+    rel = flag(loss.get("relative", False), f"{f}: loss.relative")
     loss = {"stress": number(loss.get("stress", 1.0), f"{f}: loss.stress"),
             "tangent": number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel}
     if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
@@ -115,8 +112,7 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
         raise ConfigError(f"{f}: train.batch_size: expected a positive integer or null (full batch), got {bs!r}")
     stream, workers = tr.get("stream", False), tr.get("workers", 0)
-    if not isinstance(stream, bool):
-        raise ConfigError(f"{f}: train.stream: expected true or false, got {stream!r}")
+    flag(stream, f"{f}: train.stream")
     if not isinstance(workers, int) or isinstance(workers, bool) or not 0 <= workers <= 64:
         raise ConfigError(f"{f}: train.workers: expected an integer 0..64, got {workers!r}")
     if stream and bs is None:
