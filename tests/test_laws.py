@@ -230,10 +230,11 @@ def test_the_gate_is_per_point_refuses_what_it_cannot_evaluate_and_sees_empty_co
         alone.append(bool(spread_law.flags_last[0]))
     assert together == alone and 0 < sum(together) < len(G)
     # a non-finite prediction always falls back
-    Ps, As = law.model.evaluate_members(F)
-    Ps, As = np.array(Ps), np.array(As)
-    Ps[1, 0, 0, 0] = np.nan
-    assert list(law.flags(F, Ps, As)["nonfinite"]) == [True, False]
+    Fn = F.copy()
+    Fn[0, 0, 0] = np.nan
+    _, _, Ps, finite = law.model.evaluate_gate(Fn)
+    assert list(finite) == [False, True]
+    assert list(law.flags(Fn, Ps, finite)["nonfinite"]) == [True, False]
     # criteria the checkpoint cannot evaluate are refused
     with pytest.raises(ConfigError, match="spread: needs an ensemble of 2 or more members; the checkpoint has 1"):
         HybridLaw(_checkpoint(tmp_path / "one.pt", rve, 1), rve, thresholds=Thresholds(spread=0.02))

@@ -14,6 +14,7 @@ from test_hyper import nh_response  # noqa: E402
 from fe2ml.data.log import LogWriter  # noqa: E402
 from fe2ml.errors import ConfigError  # noqa: E402
 from fe2ml.surrogate.checkpoint import load_checkpoint  # noqa: E402
+from fe2ml.surrogate.closed_form import evaluator  # noqa: E402
 from fe2ml.surrogate.models import PlainModel, PotentialModel  # noqa: E402
 
 COMM = MPI.COMM_WORLD
@@ -103,29 +104,63 @@ def test_convex_isotropic_potential_is_rank_one_convex_and_the_unconstrained_one
     assert worst["icnn_free_inputs"] < -1e-4 and worst["plain"] < -1e-4, worst
 
 
-def test_closed_form_tangent_equals_autograd():
-    for d in (2, 3):
-        for kin in ("finite", "small"):
-            m = PotentialModel(d, kin, hidden=(8, 8, 6))
-            with torch.no_grad():
-                m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale)
-            F = torch.eye(d) + 0.2 * torch.randn(20, d, d)
-            P1, A1 = m._fast(F)
-            P2, A2 = m._autograd(F, False)
-            assert (P1 - P2).abs().max() < 1e-13 and (A1 - A2).abs().max() < 1e-13
+def _closed_form_case(d, features, convex, kin, plain=False):
+    torch.manual_seed(7)
+    if plain:
+        return PlainModel(d, kin, hidden=(8, 7, 6))
+    m = PotentialModel(d, kin, hidden=(8, 7, 6), features=features, convex=convex)
+    with torch.no_grad():
+        m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale) + (2.0 if features == "isotropic" else 0.0)
+        m.p_scale.fill_(1.7)
+        if convex:  # small non-negative weights: pre-activations stay below torch's softplus threshold (20), where
+            for W in [*m.net.Ws, m.net.W_out]:  # torch's softplus turns linear (1e-9 from the smooth closed form)
+                W -= 2.0
+    return m
 
 
-def test_numpy_inference_equals_torch():
-    for d in (2, 3):
-        for kin in ("finite", "small"):
-            m = PotentialModel(d, kin, hidden=(8, 6))
-            with torch.no_grad():
-                m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale)
-                m.p_scale.fill_(1.7)
-            F = torch.eye(d) + 0.2 * torch.randn(30, d, d)
-            P1, A1 = m._autograd(F, False)
-            P2, A2 = m.numpy_evaluator()(F.numpy())
-            assert np.abs(P1.numpy() - P2).max() < 1e-13 and np.abs(A1.numpy() - A2).max() < 1e-13
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("features,convex,kin", [*MODELS, ("isotropic", False, "plain")])
+def test_closed_form_equals_autograd(d, features, convex, kin):
+    # every model kind: the closed form (numpy and torch) against batched automatic differentiation of W (or P)
+    plain = kin == "plain"
+    m = _closed_form_case(d, features, convex, "finite" if plain else kin, plain)
+    F = torch.eye(d) + 0.2 * torch.randn(40, d, d)
+    if plain:
+        with torch.enable_grad():
+            Fg = F.clone().requires_grad_(True)
+            P1 = m.stress(Fg)
+            A1 = torch.stack([torch.autograd.grad(P1[:, i, j].sum(), Fg, retain_graph=True)[0]
+                              for i in range(d) for j in range(d)], 1).reshape(-1, d, d, d, d)
+    else:
+        P1, A1 = m._autograd(F, False)
+    P1, A1 = P1.detach().numpy(), A1.detach().numpy()
+    for P2, A2 in (m.numpy_evaluator()(F.numpy()), m.stress_tangent(F), m.evaluate(F.numpy(), batch=7)):
+        P2, A2 = np.asarray(P2), np.asarray(A2)
+        assert np.abs(P1 - P2).max() < 1e-12 * np.abs(P1).max(), (np.abs(P1 - P2).max(), np.abs(P1).max())
+        assert np.abs(A1 - A2).max() < 1e-12 * np.abs(A1).max(), (np.abs(A1 - A2).max(), np.abs(A1).max())
+    # and against central differences of the closed-form stress (independent of both)
+    f = m.numpy_evaluator()
+    h = 1e-6
+    F0 = F[:5].numpy()
+    _, A = f(F0)
+    for k, l in ((0, 0), (0, 1), (d - 1, 0)):
+        dF = np.zeros((d, d))
+        dF[k, l] = h
+        fd = (f(F0 + dF)[0] - f(F0 - dF)[0]) / (2 * h)
+        assert np.abs(fd - A[..., k, l]).max() < 1e-6 * np.abs(A).max()
+
+
+def test_closed_form_at_a_collapsed_point_and_large_activations():
+    # J ≤ 0 and pre-activations far beyond the softplus range give finite, exact answers (no overflow)
+    for features in ("general", "isotropic"):
+        m = PotentialModel(3, hidden=(6, 5), features=features)
+        with torch.no_grad():
+            m.net.layers[0].bias.fill_(800.0)
+        F = np.array([np.diag([1.2, 1.0, -0.3]), np.eye(3) * 0.0 + np.diag([0.0, 1.0, 1.0])])
+        P, A = m.numpy_evaluator()(F)
+        P1, A1 = m._autograd(torch.tensor(F), False)
+        assert np.isfinite(P).all() and np.isfinite(A).all()
+        assert np.abs(P - P1.numpy()).max() < 1e-10 * (1 + np.abs(P).max())
 
 
 def test_plain_model_tangent_is_its_jacobian():
@@ -377,17 +412,17 @@ def test_models_create_every_tensor_on_the_input_device(d, features, convex, kin
             self.seen |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
             return out
 
+    # the closed form's constants are moved to the device once, when it is prepared; its evaluations and the
+    # training path (autograd with a graph) make every tensor there
     m = PotentialModel(d, kin, hidden=(6, 5), features=features, convex=convex).to("meta")
     F = torch.empty(4, d, d, dtype=torch.float64, device="meta")
-    with Devices() as rec:
-        P, A = m.stress_tangent(F)
-        if features == "general" and not convex:
-            m._fast(F)
-    assert P.device.type == A.device.type == "meta" and rec.seen == {"meta"}, rec.seen
     plain = PlainModel(d, kin).to("meta")
-    with Devices() as rec:
-        plain.stress_tangent(F)
-    assert rec.seen == {"meta"}, rec.seen
+    for model in (m, plain):
+        f = evaluator(model, "torch")
+        with Devices() as rec:
+            P, A = f(F)
+            model.stress_tangent(F, create_graph=True)
+        assert P.device.type == A.device.type == "meta" and rec.seen == {"meta"}, rec.seen
     # the counter-test: the recorder does see a CPU tensor where one is made
     with Devices() as rec:
         _ = F - torch.eye(d, dtype=torch.float64, device="meta") + torch.zeros((), dtype=torch.float64)

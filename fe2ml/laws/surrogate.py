@@ -108,11 +108,7 @@ class SurrogateLaw(ConstitutiveLaw):
         """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
         t0 = time.perf_counter()
         model, _ = self.trained()
-        fast = model.fast_evaluator()
-        if fast is not None and len(F) <= 1024:
-            P, A = fast(F)  # one member, one chunk: no ensemble bookkeeping
-        else:
-            P, A = model.evaluate(F)
+        P, A = model.evaluate(F)
         bad = ~_finite(P, A)
         if bad.any():
             k = int(np.argmax(bad))
@@ -197,12 +193,14 @@ class HybridLaw(SurrogateLaw):
         self.thresholds.check(Gate(ck))
         super().use_checkpoint(ck)
 
-    def flags(self, F: np.ndarray, Ps: np.ndarray, As: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-criterion flags (n,) of the points F̄ with member predictions Ps (K, n, d, d), As (K, n, d, d, d, d)."""
+    def flags(self, F: np.ndarray, Ps: np.ndarray, finite: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-criterion flags (n,) of the points F̄ with member stresses Ps (K, n, d, d) and ``finite`` (n,): whether
+        every member's stress and tangent is finite there."""
         th, (_, gate) = self.thresholds, self.trained()
         x = self.features(F)
-        reasons = {"nonfinite": ~(np.isfinite(Ps).all(axis=(0, 2, 3)) & np.isfinite(As).all(axis=(0, 2, 3, 4, 5))),
-                   "box": gate.box_distance(x) > th.distance}
+        bad = ~np.isfinite(x).all(axis=1)  # such a point falls back whatever its distances
+        x[bad] = 0.0
+        reasons = {"nonfinite": ~finite | bad, "box": gate.box_distance(x) > th.distance}
         if th.density is not None:
             reasons["density"] = gate.density_distance(x, bound=th.density) > th.density
         if th.spread is not None or th.error is not None:
@@ -222,10 +220,8 @@ class HybridLaw(SurrogateLaw):
             P, A = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
             reasons = {"no_model": np.ones(n, dtype=bool)}
         else:
-            Ps, As = self.model.evaluate_members(F)
-            Ps, As = np.array(Ps), np.array(As)
-            P, A = Ps.mean(0), As.mean(0)
-            reasons = self.flags(F, Ps, As)
+            P, A, Ps, finite = self.model.evaluate_gate(F)
+            reasons = self.flags(F, Ps, finite)
         if len(self.held) == n:
             reasons["held"] = self.held.copy()
         flags = np.logical_or.reduce(list(reasons.values()))

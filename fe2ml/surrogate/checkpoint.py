@@ -29,7 +29,7 @@ import torch
 
 from fe2ml.errors import ConfigError
 from fe2ml.files import atomic_target
-from fe2ml.surrogate.models import MLP, PotentialModel, build_model
+from fe2ml.surrogate.models import CPU_CHUNK, MLP, PotentialModel, build_model, chunked
 
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
            "load_checkpoint", "resave_checkpoint", "resolve_device", "save_checkpoint"]
@@ -73,13 +73,6 @@ class EnsembleModel:
         # closed forms in numpy on the CPU (None: the torch path, which runs on the members' device)
         self._np = [m.numpy_evaluator() if self.device.type == "cpu" else None for m in self.members]
 
-    def fast_evaluator(self):
-        """The single member's numpy closed form F (n,d,d) -> (P, A), or None (several members or no closed form).
-
-        The fast path of a one-member surrogate law: no ensemble bookkeeping, no torch per-call overhead.
-        """
-        return self._np[0] if len(self.members) == 1 else None
-
     @classmethod
     def from_states(cls, kind, dim, kinematics, margs, states, *, device: torch.device | str = "cpu"):
         """Build members from state dicts (on ``device``)."""
@@ -98,15 +91,36 @@ class EnsembleModel:
             if f is None:
                 out.append(m.evaluate(F))
             else:  # numpy closed form in chunks (cache friendly, no torch overhead for small batches)
-                F = np.asarray(F, dtype=np.float64)
-                parts = [f(F[i:i + 1024]) for i in range(0, len(F), 1024)] or [f(F)]  # f(F) for no points
-                out.append((np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])))
+                out.append(chunked(f, np.asarray(F, dtype=np.float64)))
         return [o[0] for o in out], [o[1] for o in out]
 
     def evaluate(self, F):
         """Mean P (n,d,d) and A (n,d,d,d,d)."""
-        Ps, As = self.evaluate_members(F)
-        return np.mean(Ps, axis=0), np.mean(As, axis=0)
+        P, A, _, _ = self.evaluate_gate(F)
+        return P, A
+
+    def evaluate_gate(self, F, chunk: int = CPU_CHUNK):
+        """What a gate needs, chunk by chunk: mean P (n,d,d), mean A (n,d,d,d,d), the members' stresses Ps (K,n,d,d)
+        and which points every member answered with a finite P and A (n,).
+
+        Memory: the mean tangent and K stresses per point (no member's tangent is kept), (81 + 9 (K + 1)) · 8 bytes
+        per 3D point.
+        """
+        F = np.asarray(F, dtype=np.float64)
+        n, d, K = len(F), self.dim, len(self.members)
+        P, A = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
+        Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
+        if any(f is None for f in self._np):  # an accelerator: the members' torch path in its own large chunks
+            chunk = max(n, 1)
+        for i in range(0, n, chunk):
+            sl = slice(i, i + chunk)
+            for k, (m, f) in enumerate(zip(self.members, self._np, strict=True)):
+                Pk, Ak = m.evaluate(F[sl]) if f is None else f(F[sl])
+                Ps[k, sl] = Pk
+                ok[sl] &= np.isfinite(Pk).all(axis=(1, 2)) & np.isfinite(Ak).all(axis=(1, 2, 3, 4))
+                P[sl] += Pk
+                A[sl] += Ak
+        return P / K, A / K, Ps, ok
 
     def spread(self, F) -> float:
         """Median relative spread (std over members / RMS stress) on the given points (0 for K = 1)."""

@@ -14,6 +14,7 @@ from torch.nn import functional as Fn
 
 from fe2ml.errors import ConfigError
 from fe2ml.surrogate.checkpoint import load_checkpoint
+from fe2ml.surrogate.closed_form import strain_basis
 from fe2ml.surrogate.models import MLP, build_model
 
 __all__ = ["ExportedEnsemble", "ExportedPotential", "export_checkpoint"]
@@ -37,7 +38,8 @@ class ExportedPotential(nn.Module):
         self.register_buffer("w", model.net.out.weight.detach()[0].clone())
         with torch.enable_grad():
             self.register_buffer("g0", model._reference()[1].detach()[0].clone())
-        self.register_buffer("Bf", model._basis().reshape(-1, d * d).clone())
+        B = torch.as_tensor(strain_basis(d, model.idx)) / model.x_scale.detach().cpu()[:, None, None]  # ∂x_a/∂E
+        self.register_buffer("Bf", B.reshape(-1, d * d).clone())
         self.register_buffer("x_scale", model.x_scale.detach().clone())
         self.register_buffer("p_scale", model.p_scale.detach().clone())
         self.register_buffer("xc", torch.tensor([1.0 if i == j else 2.0**0.5 for i, j in model.idx],

@@ -3,13 +3,15 @@
 - :class:`PotentialModel`: a strain energy W(C) from a network of the Green–Lagrange strain E
   (``features: general`` — any anisotropy, objective by construction) or of the isotropic invariants
   (``features: isotropic``: I1, I2, J), normalised so that W(I) = 0 and P(I) = 0; P = ∂W/∂F and
-  A = ∂²W/∂F² by automatic differentiation (symmetric tangent, energy consistent).
+  A = ∂²W/∂F² (symmetric tangent, energy consistent): in closed form for inference
+  (:mod:`fe2ml.surrogate.closed_form`, numpy on the CPU, torch on an accelerator) and by automatic differentiation
+  where training needs the graph.
   ``convex: true`` makes the network input-convex (non-negative hidden-to-hidden and output weights, convex
   non-decreasing activations). With isotropic invariants the energy is polyconvex: I1 = |F|² and
   I2 = |cof F|² are convex in F and cof F, so the network is also made non-decreasing in them (non-negative
   weights on those two inputs in every layer), and J enters through J − 1 and 1 − J, affine in J (Linden et
   al. 2023). With ``general`` strain features the energy is convex in E, which is not polyconvexity.
-- :class:`PlainModel`: a network F − I -> P (the common baseline), A by automatic differentiation.
+- :class:`PlainModel`: a network F − I -> P (the common baseline), A = ∂P/∂F (closed form or autograd alike).
 - ``kinematics: small``: the features are the small strain ε = sym(F − I) (potential) and
   P = ∂W/∂F = σ.
 
@@ -23,7 +25,21 @@ import torch
 from torch import nn
 from torch.nn import functional as Fn
 
-__all__ = ["MODEL_KINDS", "PlainModel", "PotentialModel", "build_model"]
+from fe2ml.surrogate.closed_form import evaluator
+
+__all__ = ["CPU_CHUNK", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked"]
+
+CPU_CHUNK = 256
+"""Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
+
+
+def chunked(f, F: np.ndarray, chunk: int = CPU_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """P (n,d,d), A (n,d,d,d,d) of ``f`` evaluated chunk by chunk into preallocated arrays (bounded temporaries)."""
+    n, d = len(F), F.shape[-1]
+    P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
+    for i in range(0, n, chunk):
+        P[i:i + chunk], A[i:i + chunk] = f(F[i:i + chunk])
+    return P, A
 
 
 def _mlp(n_in, hidden, n_out, convex=False, monotone=()):
@@ -109,28 +125,32 @@ class _Base(nn.Module):
         raise NotImplementedError
 
     def numpy_evaluator(self):
-        """A numpy closed form F (n,d,d) -> (P, A), or None: this model has none (torch path)."""
-        return None
+        """The closed form in numpy, F (n,d,d) ndarray -> (P, A) ndarrays (:mod:`fe2ml.surrogate.closed_form`).
+
+        The weights are copied: build it again after the model changes.
+        """
+        return evaluator(self, "numpy")
 
     def evaluate(self, F, *, batch: int | None = None):
-        """Numpy in/out contract evaluation (no graph), on the model's device and dtype; float64 numpy out.
+        """Numpy in/out contract evaluation by the closed form, on the model's device; float64 numpy out.
 
-        ``batch``: points per chunk (default 1024 on the CPU, where small chunks stay in cache, and 65536 on an
-        accelerator, where large chunks fill it; the chunk bounds the memory of the tangent either way).
+        ``batch``: points per chunk (default :data:`CPU_CHUNK` on the CPU, where small chunks stay in cache, and
+        65536 on an accelerator, where large chunks fill it; the chunk bounds the memory of the tangent either way).
         """
         ref = self.p_scale
-        if batch is None:
-            batch = 1024 if ref.device.type == "cpu" else 65536
-        F = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(device=ref.device, dtype=ref.dtype)
         d = self.dim
+        F = np.asarray(F, dtype=np.float64)
         if len(F) == 0:  # a rank without points
             return np.zeros((0, d, d)), np.zeros((0, d, d, d, d))
-        Ps, As = [], []
+        if ref.device.type == "cpu":
+            return chunked(self.numpy_evaluator(), F, batch or CPU_CHUNK)
+        f = evaluator(self, "torch")
+        P, A = np.empty((len(F), d, d)), np.empty((len(F), d, d, d, d))
+        batch = batch or 65536
         for i in range(0, len(F), batch):
-            P, A = self.stress_tangent(F[i:i + batch])
-            Ps.append(P.detach())
-            As.append(A.detach())
-        return (torch.cat(Ps).to("cpu", torch.float64).numpy(), torch.cat(As).to("cpu", torch.float64).numpy())
+            Pi, Ai = f(torch.as_tensor(F[i:i + batch], device=ref.device))
+            P[i:i + batch], A[i:i + batch] = Pi.cpu().numpy(), Ai.cpu().numpy()
+        return P, A
 
 
 class PotentialModel(_Base):
@@ -205,128 +225,10 @@ class PotentialModel(_Base):
             lin = n * (x[..., 2] * s[2])
         return self.p_scale * (self.net(x).squeeze(-1) - n0 - lin)
 
-    def _basis(self):
-        """B_a (n_in, d, d): ∂x_a/∂E as a symmetric tensor (x = scaled strain components)."""
-        d = self.dim
-        B = torch.zeros(len(self.idx), d, d, dtype=self.x_scale.dtype, device=self.x_scale.device)
-        for a, (i, j) in enumerate(self.idx):
-            c = (1.0 if i == j else 2.0**0.5) / self.x_scale[a]
-            B[a, i, j] += c if i == j else 0.5 * c
-            if i != j:
-                B[a, j, i] += 0.5 * c
-        return B
-
-    @torch.no_grad()
-    def _fast(self, F):
-        """Closed-form P and A for strain features and a plain MLP.
-
-        Network derivatives are propagated layer by layer (value, gradient and Hessian in the input),
-        then the chain rule gives P = F S, A_iJkL = δ_ik S_JL + F_iM ℂ_MJNL F_kN (finite) or
-        P = S, A = ℂ (small).
-        """
-        d = self.dim
-        I = torch.eye(d, dtype=F.dtype, device=F.device)
-        if self.kinematics == "small":
-            H_ = F - I
-            E = 0.5 * (H_ + H_.transpose(-1, -2))
-        else:
-            E = 0.5 * (F.transpose(-1, -2) @ F - I)
-        B = self._basis()
-        x = torch.stack([E[:, i, j] * (1.0 if i == j else 2.0**0.5) for i, j in self.idx], -1) / self.x_scale
-        n, m = x.shape
-        # layouts (n, m, h) and (n, m*m, h): every product is one large matrix multiplication
-        z = x
-        dz = None
-        d2z = None
-        for lay in self.net.layers:
-            a = z @ lay.weight.T + lay.bias
-            sg = torch.sigmoid(a)
-            Wd = lay.weight.T.expand(n, m, -1) if dz is None else dz @ lay.weight.T
-            d2 = ((sg * (1 - sg))[:, None, None, :] * Wd[:, :, None, :] * Wd[:, None, :, :]).reshape(n, m * m, -1)
-            if d2z is not None:
-                d2 = d2 + sg[:, None, :] * (d2z @ lay.weight.T)
-            z, dz, d2z = Fn.softplus(a), sg[:, None, :] * Wd, d2
-        w = self.net.out.weight[0]
-        g = dz @ w
-        H = (d2z @ w).reshape(n, m, m)
-        with torch.enable_grad():
-            _, g0 = self._reference()
-        g0 = g0.detach()[0]
-        Bf = B.reshape(m, d * d)
-        S = self.p_scale * ((g - g0) @ Bf).reshape(n, d, d)
-        Cc = self.p_scale * (Bf.T @ H @ Bf)  # (n, d², d²) = ℂ_(MJ)(NL)
-        if self.kinematics == "small":
-            return S, Cc.reshape(n, d, d, d, d)
-        P = F @ S
-        # A_iJkL = δ_ik S_JL + Σ_MN F_iM ℂ_MJNL F_kN
-        C5 = Cc.reshape(n, d, d, d, d)
-        T = (F.reshape(n, d, d, 1, 1, 1) * C5.reshape(n, 1, d, d, d, d)).sum(2)      # (n, i, J, N, L)
-        T = (T.reshape(n, d, d, 1, d, d) * F.reshape(n, 1, 1, d, d, 1)).sum(4)       # (n, i, J, k, L)
-        A = T + I.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
-        return P, A
-
-    def numpy_evaluator(self):
-        """Inference in plain numpy (same closed form as :meth:`_fast`, no torch per-call overhead).
-
-        Returns:
-            A function F (n,d,d) ndarray -> (P, A) ndarrays, or None for models without the closed form.
-        """
-        if self.features != "general" or not isinstance(self.net, MLP):
-            return None
-        d = self.dim
-        def host(t):
-            return t.detach().to("cpu", torch.float64).numpy().copy()
-
-        Ws = [(host(lay.weight), host(lay.bias)) for lay in self.net.layers]
-        w = host(self.net.out.weight)[0]
-        B = host(self._basis())
-        m = B.shape[0]
-        Bf = B.reshape(m, d * d)
-        with torch.enable_grad():
-            g0 = host(self._reference()[1])[0]
-        ps = float(self.p_scale)
-        xs = host(self.x_scale)
-        idx = self.idx
-        small = self.kinematics == "small"
-        I = np.eye(d)
-
-        def sig(a):
-            return 0.5 * (1.0 + np.tanh(0.5 * a))
-
-        def f(F):
-            F = np.asarray(F, dtype=np.float64)
-            n = len(F)
-            if n == 0:  # a rank without points
-                return np.zeros((0, d, d)), np.zeros((0, d, d, d, d))
-            H_ = F - I
-            E = 0.5 * (H_ + H_.transpose(0, 2, 1)) if small else 0.5 * (F.transpose(0, 2, 1) @ F - I)
-            x = np.stack([E[:, i, j] * (1.0 if i == j else 2.0**0.5) for i, j in idx], -1) / xs
-            z, dz, d2z = x, None, None
-            for W, b in Ws:
-                a = z @ W.T + b
-                sg = sig(a)
-                Wd = np.broadcast_to(W.T, (n, m, W.shape[0])) if dz is None else dz @ W.T
-                d2 = ((sg * (1 - sg))[:, None, None, :] * Wd[:, :, None, :] * Wd[:, None, :, :]).reshape(n, m * m, -1)
-                if d2z is not None:
-                    d2 = d2 + sg[:, None, :] * (d2z @ W.T)
-                z, dz, d2z = np.logaddexp(0.0, a), sg[:, None, :] * Wd, d2
-            g = dz @ w
-            Hn = (d2z @ w).reshape(n, m, m)
-            S = ps * ((g - g0) @ Bf).reshape(n, d, d)
-            Cc = ps * (Bf.T @ Hn @ Bf)
-            if small:
-                return S, Cc.reshape(n, d, d, d, d)
-            T = (F @ Cc.reshape(n, d, d * d * d)).reshape(n, d * d, d, d)        # (n, iJ, p, l)
-            T = (T.transpose(0, 1, 3, 2) @ F.transpose(0, 2, 1)[:, None]).transpose(0, 1, 3, 2)  # (n, iJ, k, l)
-            T = T.reshape(n, d, d, d, d)
-            return F @ S, T + I.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
-
-        return f
-
     def stress_tangent(self, F, *, create_graph=False):
-        """P = ∂W/∂F and A = ∂²W/∂F² (closed form for strain features, else batched autograd)."""
-        if not create_graph and self.features == "general" and isinstance(self.net, MLP):
-            return self._fast(F)
+        """P = ∂W/∂F and A = ∂²W/∂F² (closed form without a graph, batched autograd with one)."""
+        if not create_graph:
+            return evaluator(self, "torch")(F)
         return self._autograd(F, create_graph)
 
     def _autograd(self, F, create_graph):
@@ -369,7 +271,9 @@ class PlainModel(_Base):
         return self.p_scale * self.net(x).reshape(-1, d, d)
 
     def stress_tangent(self, F, *, create_graph=False):
-        """P and A = ∂P/∂F by autograd."""
+        """P and A = ∂P/∂F (closed form without a graph, autograd with one)."""
+        if not create_graph:
+            return evaluator(self, "torch")(F)
         with torch.enable_grad():
             F = F.detach().requires_grad_(True)
             P = self.stress(F)

@@ -1,0 +1,355 @@
+"""Closed-form stress and tangent of the surrogate networks (no automatic differentiation), in numpy or torch.
+
+Every model the surrogate offers is a layered softplus network N(x) of scaled features x = D y, where y are the
+unscaled features of F (strain components, isotropic invariants or F − I) and D is the scaling (with the two J
+inputs of the isotropic networks folded into one column). Each layer is
+
+    a_k = W_k z_{k−1} + V_k y + b_k,   z_k = softplus(a_k)
+
+(the MLP has V_0 only and W_k for k ≥ 1; the input-convex network has both, with the non-negative W_k⁺ and the
+monotone input weights already applied). Its derivatives in y come in one forward and one backward sweep:
+
+- forward: the input Jacobians J_k = ∂a_k/∂y = W_k diag(σ(a_{k−1})) J_{k−1} + V_k, with J_0 = V_0 the same for
+  every point (so J_1 = σ(a_0) K_1 is one matrix product with K_1 = (W_1 ⊗ V_0) prepared once);
+- backward: the adjoints δ_k = ∂N/∂z_k; then ∂N/∂y = Σ_k (σ(a_k) ∘ δ_k) V_k and, since every pre-activation is
+  affine in what feeds it,
+
+      ∂²N/∂y² = Σ_k J_kᵀ diag(σ'(a_k) ∘ δ_k) J_k        (σ = softplus′, σ' = σ(1 − σ)).
+
+The cost per point is one r·h² product per hidden layer after the first (r = number of features: 6 for 3D strain,
+3 for isotropic invariants), instead of r² backward passes. The chain rule to P̄ and Ā:
+
+- strain features: S = ∂W/∂E, ℂ = ∂²W/∂E², P = F S, A_iJkL = δ_ik S_JL + F_iM ℂ_MJNL F_kN (small strain: P = S,
+  A = ℂ);
+- isotropic invariants of the 3D F (F33 = 1 in plane strain): y = (I1 − 3, I2 − 3, J − 1),
+  P = Σ_a W_a ∂y_a/∂F and A = Σ_ab W_ab ∂y_a/∂F ⊗ ∂y_b/∂F + Σ_a W_a ∂²y_a/∂F², with ∂²I1 = 2 𝟙,
+  ∂²I2_iJkL = 2 (2 F_iJ F_kL + I1 δ_ik δ_JL − δ_ik C_JL − F_iL F_kJ − b_ik δ_JL), ∂²J_iJkL = ε_ikm ε_JLN F_mN,
+  restricted to the in-plane block for d = 2;
+- F − I -> P networks: P = N(x), A = ∂N/∂y (forward Jacobian of every output).
+
+The same code runs on numpy arrays (the CPU path of a rank: no torch per-call overhead) and on torch tensors (an
+accelerator); :func:`evaluator` prepares it once per model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.nn import functional as Fn
+
+__all__ = ["evaluator", "strain_basis"]
+
+_EPS = np.zeros((3, 3, 3))
+for _i, _j, _k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
+    _EPS[_i, _j, _k], _EPS[_i, _k, _j] = 1.0, -1.0
+# ∂²J/∂F_iJ∂F_kL = Σ_mN ε_ikm ε_JLN F_mN, as a (81, 9) matrix acting on F (row-major iJkL, mN)
+_D2J = np.einsum("ikm,jln->ijklmn", _EPS, _EPS).reshape(81, 9)
+
+
+class _Numpy:
+    """The array operations the closed form needs, on numpy."""
+
+    def __init__(self):
+        self.einsum = np.einsum
+
+    @staticmethod
+    def const(a):
+        if isinstance(a, torch.Tensor):
+            a = a.detach().to("cpu", torch.float64).numpy()
+        return np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+
+    @staticmethod
+    def activation(a, value=True):
+        """σ(a) and softplus(a) (None unless ``value``) from one exponential (a capped at 30, where σ = 1 − 1e-13)."""
+        ac = np.minimum(a, 30.0)
+        e = np.exp(ac)
+        s = e / (1.0 + e)
+        return s, (np.log1p(e) + (a - ac) if value else None)
+
+    @staticmethod
+    def with_ones(s):
+        """[s, 1] (n, h + 1)."""
+        out = np.ones((s.shape[0], s.shape[1] + 1))
+        out[:, :-1] = s
+        return out
+
+    @staticmethod
+    def stack(xs, axis):
+        return np.stack(xs, axis)
+
+    @staticmethod
+    def asarray(F):
+        return np.asarray(F, dtype=np.float64)
+
+    @staticmethod
+    def index(i):
+        return np.asarray(i, dtype=np.intp)
+
+    @staticmethod
+    def embed3(F):
+        """(n, 2, 2) -> (n, 3, 3) with F33 = 1."""
+        F3 = np.pad(F, ((0, 0), (0, 1), (0, 1)))
+        F3[:, 2, 2] = 1.0
+        return F3
+
+
+class _Torch:
+    """The same operations on torch tensors of one device and dtype (the model's)."""
+
+    def __init__(self, device, dtype=torch.float64):
+        self.device, self.dtype = device, dtype
+        self.einsum = torch.einsum
+
+    def const(self, a):
+        t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a, dtype=np.float64))
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    @staticmethod
+    def activation(a, value=True):
+        """σ(a) and softplus(a) (None unless ``value``)."""
+        return torch.sigmoid(a), (Fn.softplus(a) if value else None)
+
+    @staticmethod
+    def with_ones(s):
+        """[s, 1] (n, h + 1)."""
+        return Fn.pad(s, (0, 1), value=1.0)
+
+    @staticmethod
+    def stack(xs, axis):
+        return torch.stack(xs, axis)
+
+    def asarray(self, F):
+        return F.to(device=self.device, dtype=self.dtype) if isinstance(F, torch.Tensor) else self.const(F)
+
+    def index(self, i):
+        return torch.tensor(i, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def embed3(F):
+        """(n, 2, 2) -> (n, 3, 3) with F33 = 1."""
+        F3 = Fn.pad(F, (0, 1, 0, 1))
+        F3[:, 2, 2] = 1.0
+        return F3
+
+
+def _layers(net):
+    """(W, V, b) per hidden layer and (w, v, c) of the output, in terms of the scaled inputs x (torch, detached).
+
+    W is None for the first layer; V is None for the MLP's layers after the first; v is None for the MLP.
+    """
+    from fe2ml.surrogate.models import ICNN, MLP  # the models import this module for their fast path
+
+    with torch.no_grad():
+        if isinstance(net, MLP):
+            hidden = [(None if k == 0 else lay.weight, lay.weight if k == 0 else None, lay.bias)
+                      for k, lay in enumerate(net.layers)]
+            return hidden, (net.out.weight, None, net.out.bias)
+        if isinstance(net, ICNN):
+            def inp(V):
+                if not net.monotone:
+                    return V.weight
+                mask = torch.zeros(V.weight.shape[1], dtype=torch.bool, device=V.weight.device)
+                mask[list(net.monotone)] = True
+                return torch.where(mask, Fn.softplus(V.weight), V.weight)
+
+            Ws = [None, *(Fn.softplus(W) for W in net.Ws)]
+            hidden = [(W, inp(V), V.bias) for W, V in zip(Ws, net.Vs, strict=True)]
+            return hidden, (Fn.softplus(net.W_out), inp(net.V_out), net.V_out.bias)
+    raise TypeError(f"no closed form for a network of type {type(net).__name__}")
+
+
+class _Network:
+    """A layered softplus network as a function of the unscaled features y = x D⁻¹ (see the module docstring)."""
+
+    @torch.no_grad()
+    def __init__(self, net, D, ops):
+        hidden, (w, v, c) = _layers(net)
+        Vs = [None if V is None else V @ D for _, V, _ in hidden]
+        V0 = Vs[0]
+        h0, r = V0.shape
+        self.ops, self.r = ops, r
+        self.layers = [(None if W is None else ops.const(W), None if V is None else ops.const(V), ops.const(b))
+                       for (W, _, b), V in zip(hidden, Vs, strict=True)]
+        self.w, self.c = ops.const(w), ops.const(c)
+        self.v = None if v is None else ops.const(v @ D)
+        # first layer: J_0 = V_0 for every point; its Hessian term Σ_i c_i V0_ia V0_ib = c Q_0
+        self.Q0 = ops.const((V0[:, :, None] * V0[:, None, :]).reshape(h0, r * r))
+        # second layer: J_1 = [σ(a_0), 1] K_1 with K_1[i, (a, j)] = V0_ia W1_ji and the last row V1_ja (if any)
+        if len(hidden) > 1:
+            W1, V1 = hidden[1][0], Vs[1]
+            K1 = (V0[:, :, None] * W1.T[:, None, :]).reshape(h0, r * W1.shape[0])
+            last = torch.zeros_like(K1[:1]) if V1 is None else V1.T.reshape(1, -1)
+            self.K1 = ops.const(torch.cat([K1, last]))
+
+    def forward(self, y, value=False):
+        """Per layer: σ(a_k) and J_k (None for the first layer); the last layer's output z when ``value``."""
+        ops, n, L = self.ops, y.shape[0], len(self.layers)
+        acts = []
+        z = None
+        J = None
+        for k, (W, V, b) in enumerate(self.layers):
+            if W is None:
+                a = y @ V.T + b
+            else:
+                a = z @ W.T + b if V is None else z @ W.T + y @ V.T + b
+            if k == 1:
+                J = (ops.with_ones(acts[0][0]) @ self.K1).reshape(n, self.r, -1)
+            elif k > 1:
+                s_prev = acts[-1][0]
+                J = ((J * s_prev[:, None, :]).reshape(n * self.r, -1) @ W.T).reshape(n, self.r, -1)
+                if V is not None:
+                    J = J + V.T[None]
+            s, z = ops.activation(a, value=value or k < L - 1)
+            acts.append((s, J))
+        return acts, z
+
+    def grad_hess(self, y):
+        """∂N/∂y (n, r) and ∂²N/∂y² (n, r, r) of the single-output network."""
+        acts, _ = self.forward(y)
+        n, r = y.shape[0], self.r
+        dz = self.w[0]
+        g = 0.0 if self.v is None else self.v[0]
+        H = 0.0
+        for (W, V, _), (s, J) in zip(reversed(self.layers), reversed(acts), strict=True):
+            c = s * (1.0 - s) * dz
+            da = s * dz
+            if J is None:
+                H = H + (c @ self.Q0).reshape(n, r, r)
+            else:
+                H = H + (J * c[:, None, :]) @ J.swapaxes(1, 2)
+            if V is not None:
+                g = g + da @ V
+            if W is not None:
+                dz = da @ W
+        return g, H
+
+    def jacobian(self, y):
+        """N(x) (n, n_out) and ∂N/∂y (n, n_out, r) of a multi-output network (MLP)."""
+        acts, z = self.forward(y, value=True)
+        s, J = acts[-1]
+        if J is None:  # one hidden layer
+            J = self.layers[0][1].T[None]
+        out = z @ self.w.T + self.c
+        return out, ((J * s[:, None, :]) @ self.w.T).swapaxes(1, 2)
+
+
+def strain_basis(d, idx):
+    """B (m, d, d): ∂y_a/∂E of y_a = E_ij (i = j) or √2 E_ij (i < j), as symmetric tensors."""
+    B = np.zeros((len(idx), d, d))
+    for a, (i, j) in enumerate(idx):
+        if i == j:
+            B[a, i, i] = 1.0
+        else:
+            B[a, i, j] = B[a, j, i] = 0.5 * 2.0**0.5
+    return B
+
+
+def _finite_tangent(eye, F, S, H, Bt, d):
+    """P = F S and A_iJkL = δ_ik S_JL + M_iJa H_ab M_kLb with M_iJa = F_iM B_aMJ (= F_iM ℂ_MJNL F_kN).
+
+    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, m·d) with Bt[M, (a, J)] = B_aMJ.
+    """
+    n, m = F.shape[0], H.shape[1]
+    M = (F.reshape(n * d, d) @ Bt).reshape(n, d, m, d).swapaxes(2, 3).reshape(n, d * d, m)
+    A = (M @ H @ M.swapaxes(1, 2)).reshape(n, d, d, d, d)
+    return F @ S, A + eye.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
+
+
+def evaluator(model, backend: str = "numpy"):
+    """The closed form of ``model`` (a :class:`~fe2ml.surrogate.models.PotentialModel` or ``PlainModel``).
+
+    Args:
+        model: the trained member (its weights are copied: later changes to the model are not seen).
+        backend: ``numpy`` (CPU arrays in, float64 numpy out) or ``torch`` (tensors on the model's device and in its
+            dtype in and out).
+
+    Returns:
+        A function F (n, d, d) -> (P (n, d, d), A (n, d, d, d, d)).
+    """
+    from fe2ml.surrogate.models import PlainModel  # the models import this module for their fast path
+
+    ref = model.x_scale.detach()
+    ops = _Numpy() if backend == "numpy" else _Torch(ref.device, ref.dtype)
+    d = model.dim
+    ps = ops.const(model.p_scale)
+    eye = ops.const(np.eye(d))
+    if isinstance(model, PlainModel):
+        net = _Network(model.net, torch.diag(1.0 / ref), ops)
+
+        def plain(F):
+            F = ops.asarray(F)
+            n = F.shape[0]
+            out, Jac = net.jacobian((F - eye).reshape(n, d * d))
+            return ps * out.reshape(n, d, d), ps * Jac.reshape(n, d, d, d, d)
+
+        return plain
+    if model.features == "general":
+        idx = model.idx
+        m = len(idx)
+        net = _Network(model.net, torch.diag(1.0 / ref), ops)
+        g0 = net.grad_hess(ops.const(np.zeros((1, m))))[0][0]
+        B = strain_basis(d, idx)
+        Bf = ops.const(B.reshape(m, d * d))
+        Bt = ops.const(B.transpose(1, 0, 2).reshape(d, m * d))
+        ii = ops.index([i for i, _ in idx])
+        jj = ops.index([j for _, j in idx])
+        wts = ops.const([1.0 if i == j else 2.0**0.5 for i, j in idx])
+        small = model.kinematics == "small"
+
+        def general(F):
+            F = ops.asarray(F)
+            n = F.shape[0]
+            H_ = F - eye
+            E = 0.5 * (H_ + H_.swapaxes(1, 2)) if small else 0.5 * (F.swapaxes(1, 2) @ F - eye)
+            y = E[:, ii, jj] * wts
+            g, H = net.grad_hess(y)
+            S = ps * ((g - g0) @ Bf).reshape(n, d, d)
+            if small:
+                return S, (Bf.T @ (ps * H) @ Bf).reshape(n, d, d, d, d)
+            return _finite_tangent(eye, F, S, ps * H, Bt, d)
+
+        return general
+    # isotropic invariants: x = (y0/s0, y1/s1, y2/s2, −y2/s3) with y = (I1 − 3, I2 − 3, J − 1)
+    D = torch.cat([torch.diag(1.0 / ref[:3]), torch.cat([0.0 * ref[:2], -1.0 / ref[3:]])[None]])
+    net = _Network(model.net, D, ops)
+    g0 = net.grad_hess(ops.const(np.zeros((1, 3))))[0][0]
+    # P(I) = (2 W_I1 + 4 W_I2 + W_J) I = 0: the energy subtracts n (J − 1)
+    shift = ops.const([0.0, 0.0, 1.0]) * (2 * g0[0] + 4 * g0[1] + g0[2])
+    e3 = ops.const(np.eye(3))
+    e9 = ops.const(np.eye(9))
+    d2J = ops.const(_D2J)
+
+    def isotropic(F):
+        F = ops.asarray(F)
+        n = F.shape[0]
+        F3 = F if d == 3 else ops.embed3(F)
+        C = F3.swapaxes(1, 2) @ F3
+        b = F3 @ F3.swapaxes(1, 2)
+        I1 = C[:, 0, 0] + C[:, 1, 1] + C[:, 2, 2]
+        FC = F3 @ C
+        I2 = 0.5 * (I1 * I1 - ops.einsum("nij,nij->n", C, C))
+        cof = ops.stack([ops.stack([F3[:, (i + 1) % 3, (j + 1) % 3] * F3[:, (i + 2) % 3, (j + 2) % 3]
+                                    - F3[:, (i + 1) % 3, (j + 2) % 3] * F3[:, (i + 2) % 3, (j + 1) % 3]
+                                    for j in range(3)], -1) for i in range(3)], 1)
+        J = (F3[:, 0] * cof[:, 0]).sum(-1)
+        y = ops.stack([I1 - 3.0, I2 - 3.0, J - 1.0], -1)
+        g, H = net.grad_hess(y)
+        Wy = ps * (g - shift)
+        Hy = ps * H
+        dy = ops.stack([2.0 * F3, 2.0 * (I1[:, None, None] * F3 - FC), cof], 1).reshape(n, 3, 9)
+        P3 = (Wy[:, :, None] * dy).sum(1)
+        A3 = (dy.swapaxes(1, 2) @ Hy @ dy)                                              # (n, 9, 9)
+        FF = F3.reshape(n, 9, 1) * F3.reshape(n, 1, 9)                                  # F_iJ F_kL
+        FFt = FF.reshape(n, 3, 3, 3, 3).swapaxes(2, 4).reshape(n, 9, 9)               # F_iL F_kJ
+        dC = (e3.reshape(1, 3, 1, 3, 1) * C.reshape(n, 1, 3, 1, 3)).reshape(n, 9, 9)   # δ_ik C_JL
+        db = (b.reshape(n, 3, 1, 3, 1) * e3.reshape(1, 1, 3, 1, 3)).reshape(n, 9, 9)   # b_ik δ_JL
+        A3 = A3 + (2.0 * Wy[:, 0] + 2.0 * Wy[:, 1] * I1)[:, None, None] * e9[None] \
+            + (2.0 * Wy[:, 1])[:, None, None] * (2.0 * FF - dC - FFt - db) \
+            + Wy[:, 2, None, None] * (F3.reshape(n, 9) @ d2J.T).reshape(n, 9, 9)
+        P3 = P3.reshape(n, 3, 3)
+        A3 = A3.reshape(n, 3, 3, 3, 3)
+        if d == 2:
+            return P3[:, :2, :2], A3[:, :2, :2, :2, :2]
+        return P3, A3
+
+    return isotropic
