@@ -63,8 +63,9 @@ class _Numpy:
         """σ(a) and softplus(a) (None unless ``value``) from one exponential (a capped at 30, where σ = 1 − 1e-13)."""
         ac = np.minimum(a, 30.0)
         e = np.exp(ac)
-        s = e / (1.0 + e)
-        return s, (np.log1p(e) + (a - ac) if value else None)
+        q = 1.0 + e
+        s = e / q
+        return s, (np.log(q) + (a - ac) if value else None)  # log(1 + e): to 1e-16 absolute where e is tiny
 
     @staticmethod
     def with_ones(s):
@@ -174,12 +175,12 @@ class _Network:
         self.v = None if v is None else ops.const(v @ D)
         # first layer: J_0 = V_0 for every point; its Hessian term Σ_i c_i V0_ia V0_ib = c Q_0
         self.Q0 = ops.const((V0[:, :, None] * V0[:, None, :]).reshape(h0, r * r))
-        # second layer: J_1 = [σ(a_0), 1] K_1 with K_1[i, (a, j)] = V0_ia W1_ji and the last row V1_ja (if any)
+        # second layer: J_1 = σ(a_0) K_1 with K_1[i, (a, j)] = V0_ia W1_ji, or [σ(a_0), 1] K_1 with the last row
+        # V1_ja where the input enters the second layer too
         if len(hidden) > 1:
             W1, V1 = hidden[1][0], Vs[1]
             K1 = (V0[:, :, None] * W1.T[:, None, :]).reshape(h0, r * W1.shape[0])
-            last = torch.zeros_like(K1[:1]) if V1 is None else V1.T.reshape(1, -1)
-            self.K1 = ops.const(torch.cat([K1, last]))
+            self.K1 = ops.const(K1 if V1 is None else torch.cat([K1, V1.T.reshape(1, -1)]))
 
     def forward(self, y, value=False):
         """Per layer: σ(a_k) and J_k (None for the first layer); the last layer's output z when ``value``."""
@@ -193,7 +194,8 @@ class _Network:
             else:
                 a = z @ W.T + b if V is None else z @ W.T + y @ V.T + b
             if k == 1:
-                J = (ops.with_ones(acts[0][0]) @ self.K1).reshape(n, self.r, -1)
+                s0 = acts[0][0]
+                J = ((s0 if V is None else ops.with_ones(s0)) @ self.K1).reshape(n, self.r, -1)
             elif k > 1:
                 s_prev = acts[-1][0]
                 J = ((J * s_prev[:, None, :]).reshape(n * self.r, -1) @ W.T).reshape(n, self.r, -1)
@@ -244,15 +246,17 @@ def strain_basis(d, idx):
     return B
 
 
-def _finite_tangent(eye, F, S, H, Bt, d):
+def _finite_tangent(F, S, H, Bt, d):
     """P = F S and A_iJkL = δ_ik S_JL + M_iJa H_ab M_kLb with M_iJa = F_iM B_aMJ (= F_iM ℂ_MJNL F_kN).
 
-    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, m·d) with Bt[M, (a, J)] = B_aMJ.
+    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, d·m) with Bt[M, (J, a)] = B_aMJ.
     """
     n, m = F.shape[0], H.shape[1]
-    M = (F.reshape(n * d, d) @ Bt).reshape(n, d, m, d).swapaxes(2, 3).reshape(n, d * d, m)
+    M = (F.reshape(n * d, d) @ Bt).reshape(n, d * d, m)
     A = (M @ H @ M.swapaxes(1, 2)).reshape(n, d, d, d, d)
-    return F @ S, A + eye.reshape(1, d, 1, d, 1) * S.reshape(n, 1, d, 1, d)
+    for i in range(d):
+        A[:, i, :, i, :] += S
+    return F @ S, A
 
 
 def evaluator(model, backend: str = "numpy"):
@@ -290,7 +294,7 @@ def evaluator(model, backend: str = "numpy"):
         g0 = net.grad_hess(ops.const(np.zeros((1, m))))[0][0]
         B = strain_basis(d, idx)
         Bf = ops.const(B.reshape(m, d * d))
-        Bt = ops.const(B.transpose(1, 0, 2).reshape(d, m * d))
+        Bt = ops.const(B.transpose(1, 2, 0).reshape(d, d * m))
         ii = ops.index([i for i, _ in idx])
         jj = ops.index([j for _, j in idx])
         wts = ops.const([1.0 if i == j else 2.0**0.5 for i, j in idx])
@@ -306,7 +310,7 @@ def evaluator(model, backend: str = "numpy"):
             S = ps * ((g - g0) @ Bf).reshape(n, d, d)
             if small:
                 return S, (Bf.T @ (ps * H) @ Bf).reshape(n, d, d, d, d)
-            return _finite_tangent(eye, F, S, ps * H, Bt, d)
+            return _finite_tangent(F, S, ps * H, Bt, d)
 
         return general
     # isotropic invariants: x = (y0/s0, y1/s1, y2/s2, −y2/s3) with y = (I1 − 3, I2 − 3, J − 1)
@@ -315,8 +319,6 @@ def evaluator(model, backend: str = "numpy"):
     g0 = net.grad_hess(ops.const(np.zeros((1, 3))))[0][0]
     # P(I) = (2 W_I1 + 4 W_I2 + W_J) I = 0: the energy subtracts n (J − 1)
     shift = ops.const([0.0, 0.0, 1.0]) * (2 * g0[0] + 4 * g0[1] + g0[2])
-    e3 = ops.const(np.eye(3))
-    e9 = ops.const(np.eye(9))
     d2J = ops.const(_D2J)
 
     def isotropic(F):
@@ -336,18 +338,20 @@ def evaluator(model, backend: str = "numpy"):
         g, H = net.grad_hess(y)
         Wy = ps * (g - shift)
         Hy = ps * H
+        # 4 W_I2 F_iJ F_kL of ∂²I2 is W_I2 (∂I1 ⊗ ∂I1): added to the Hessian's (I1, I1) entry
+        Hy[:, 0, 0] += Wy[:, 1]
         dy = ops.stack([2.0 * F3, 2.0 * (I1[:, None, None] * F3 - FC), cof], 1).reshape(n, 3, 9)
-        P3 = (Wy[:, :, None] * dy).sum(1)
-        A3 = (dy.swapaxes(1, 2) @ Hy @ dy)                                              # (n, 9, 9)
-        FF = F3.reshape(n, 9, 1) * F3.reshape(n, 1, 9)                                  # F_iJ F_kL
-        FFt = FF.reshape(n, 3, 3, 3, 3).swapaxes(2, 4).reshape(n, 9, 9)               # F_iL F_kJ
-        dC = (e3.reshape(1, 3, 1, 3, 1) * C.reshape(n, 1, 3, 1, 3)).reshape(n, 9, 9)   # δ_ik C_JL
-        db = (b.reshape(n, 3, 1, 3, 1) * e3.reshape(1, 1, 3, 1, 3)).reshape(n, 9, 9)   # b_ik δ_JL
-        A3 = A3 + (2.0 * Wy[:, 0] + 2.0 * Wy[:, 1] * I1)[:, None, None] * e9[None] \
-            + (2.0 * Wy[:, 1])[:, None, None] * (2.0 * FF - dC - FFt - db) \
-            + Wy[:, 2, None, None] * (F3.reshape(n, 9) @ d2J.T).reshape(n, 9, 9)
-        P3 = P3.reshape(n, 3, 3)
+        P3 = (Wy[:, :, None] * dy).sum(1).reshape(n, 3, 3)
+        A3 = dy.swapaxes(1, 2) @ Hy @ dy + ((Wy[:, 2, None] * F3.reshape(n, 9)) @ d2J.T).reshape(n, 9, 9)
+        beta = 2.0 * Wy[:, 1, None, None]
+        bF = beta * F3
         A3 = A3.reshape(n, 3, 3, 3, 3)
+        A3 -= bF[:, :, None, None, :] * F3.swapaxes(1, 2)[:, None, :, :, None]      # F_iL F_kJ
+        bC, bb = beta * C, beta * b
+        for i in range(3):
+            A3[:, i, :, i, :] -= bC                                                   # δ_ik C_JL
+            A3[:, :, i, :, i] -= bb                                                   # b_ik δ_JL
+        A3.reshape(n, 81)[:, ::10] += (2.0 * Wy[:, 0] + 2.0 * Wy[:, 1] * I1)[:, None]  # (2 W_I1 + 2 W_I2 I1) δ_ik δ_JL
         if d == 2:
             return P3[:, :2, :2], A3[:, :2, :2, :2, :2]
         return P3, A3

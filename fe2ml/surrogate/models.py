@@ -29,7 +29,7 @@ from fe2ml.surrogate.closed_form import evaluator
 
 __all__ = ["CPU_CHUNK", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked"]
 
-CPU_CHUNK = 256
+CPU_CHUNK = 512
 """Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
 
 
