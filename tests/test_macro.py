@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers import box_mesh, tissue_rve_yaml
 
-from fe2ml.config import MACRO_NEWTON
+from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError
 from fe2ml.laws.analytic import AnalyticLaw
 from fe2ml.laws.rve import RVELaw
@@ -543,3 +543,36 @@ def test_macro_solver_option_is_validated(tmp_path):
             load_run_config(tmp_path / "s.yaml")
     (tmp_path / "s.yaml").write_text(base + "solver: {type: iterative, rtol: 1.0e-6}\n")
     assert load_run_config(tmp_path / "s.yaml").solver.type == "iterative"
+
+
+def test_krylov_warm_start_saves_iterations_and_an_unconverged_krylov_solve_cuts_the_step():
+    # the first increment of a step starts from the last step's increment, scaled: the same answer (to the
+    # Krylov tolerance) in fewer iterations; a Krylov solve that stops at max_it is a failed attempt (the step is
+    # cut, its reason kept), never an answer
+    from fe2ml.errors import SolverError
+    from fe2ml.macro.config import MacroSolverOptions
+
+    spec = {"generate": "box", "size": [2.0, 1.0, 1.0], "n": [8, 4, 4]}
+    law = AnalyticLaw({0: NeoHookean(mu=1.0, K=10.0)}, dim=3)
+    kw = dict(dirichlet=[DirichletSpec("left", (0, 1, 2), 0.0), DirichletSpec("right", (0,), lambda x, t: 0.3 * t)])
+
+    class Cold(MacroProblem):
+        def _newton(self, t, guess=None):
+            return super()._newton(t, None)
+
+    out = {}
+    for name, cls in (("warm", MacroProblem), ("cold", Cold)):
+        prob = cls(COMM, create_macro_mesh(COMM, spec), law=law, solver=MacroSolverOptions(type="iterative"), **kw)
+        _run(prob, 4)
+        out[name] = (prob.reactions()["left"], prob.krylov_iterations, [h.iterations for h in prob.history])
+        prob.close()
+    (Rw, kw_, itw), (Rc, kc, itc) = out["warm"], out["cold"]
+    assert np.abs(Rw - Rc).max() < 1e-6 * np.abs(Rc).max() and itw == itc
+    assert kw_ < kc, (kw_, kc)
+    prob = MacroProblem(COMM, create_macro_mesh(COMM, spec), law=law,
+                        solver=MacroSolverOptions(type="iterative", rtol=1e-10, max_it=2),
+                        newton=NewtonOptions(max_cuts=1), **kw)
+    with pytest.raises(SolverError, match=r"macro Krylov solve did not converge \(DIVERGED_(MAX_IT|ITS) after 2 iterations"):
+        prob.step(0.5)
+    assert prob.t == 0.0 and np.abs(prob.u.x.array).max() == 0.0  # the last converged state, not a partial answer
+    prob.close()

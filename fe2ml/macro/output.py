@@ -9,8 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import resource
 import time
 from pathlib import Path
+
+from mpi4py import MPI
 
 import dolfinx
 import h5py
@@ -154,6 +157,9 @@ class RunWriter:
         stats = dict(p.law.stats)
         all_stats = self.comm.gather(stats, root=0)
         timers = self.comm.gather(dict(p.timers), root=0)
+        # peak resident memory of each rank so far (ru_maxrss is in KiB on Linux)
+        rss = self.comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, root=0)
+        krylov = self.comm.allreduce(p.krylov_iterations, op=MPI.MAX)
         if not self.rank0:
             return
         cons = [t["constitutive_s"] for t in timers]
@@ -183,8 +189,12 @@ class RunWriter:
             "fallbacks_per_step": [int(sum(v)) for v in zip(*[s.get("fallbacks_per_step", []) for s in all_stats],
                                                              strict=False)],
             "rve_newton_iterations": int(sum(s.get("newton_its", 0) for s in all_stats)),
-            "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals}
-                      for h in p.history],
+            "steps": [{"t": h.t, "newton_iterations": h.iterations, "cuts": h.cuts, "residuals": h.residuals,
+                       "cut_reasons": h.cut_reasons} for h in p.history],
+            "macro_solver": p.solver_kind,
+            "krylov_iterations": krylov,
+            "peak_rss_gib_per_rank": rss,
+            "peak_rss_gib_total": float(np.sum(rss)),
         }
         if any("rve_phases" in s for s in all_stats):  # nested FE²: each rank's RVE seconds by phase
             summary["rve_phases_per_rank_s"] = [s.get("rve_phases", {}) for s in all_stats]

@@ -51,6 +51,7 @@ class StepRecord:
     iterations: int
     residuals: list = field(default_factory=list)
     cuts: int = 0
+    cut_reasons: list = field(default_factory=list)  # why each cut was made (the failed attempt's message)
 
 
 class MacroProblem:
@@ -140,6 +141,7 @@ class MacroProblem:
         self.solver_kind = self._make_solver(symmetric=not (self.loads.follower is not None
                                                             and kinematics == "finite"))
         self.krylov_iterations = 0
+        self._last_increment: tuple[np.ndarray, float] | None = None  # (Δu, Δt) of the last converged (sub)step
         self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
         self.history: list[StepRecord] = []
         self.t = 0.0
@@ -180,6 +182,10 @@ class MacroProblem:
             ksp.getPC().setType("gamg")
             ksp.setTolerances(rtol=opts.rtol, atol=0.0, max_it=opts.max_it)
             ksp.setNormType(PETSc.KSP.NormType.UNPRECONDITIONED)
+            ksp.setInitialGuessNonzero(True)  # the first increment of a step starts from its prediction
+            # the aggregates and prolongations of the first Newton step are kept (the mesh and the sparsity do not
+            # change; the tangent's values do): later setups only recompute the Galerkin coarse operators
+            PETSc.Options().setValue("fe2ml_macro_pc_gamg_reuse_interpolation", "true")
             self.A.setBlockSize(self.d)
             self.A.setNearNullSpace(self._rigid_modes())
         ksp.setFromOptions()
@@ -341,11 +347,15 @@ class MacroProblem:
         self.timers["assembly_s"] += time.perf_counter() - t0
         return self.b.norm()
 
-    def _solve_increment(self, forcing: float = 1.0) -> bool:
-        """One Newton step J du = −R; ``forcing``: |R| / |R of the step's first iteration|.
+    def _solve_increment(self, forcing: float = 1.0, guess: np.ndarray | None = None) -> str | None:
+        """One Newton step J du = −R; returns None, or why it failed (collective).
 
-        An iterative solve stops at the relative tolerance min(solver.rtol, 0.01 · forcing): the Krylov error falls
-        with the Newton residual, so the Newton iterations keep converging quadratically.
+        Args:
+            forcing: |R| / |R of the step's first iteration|. An iterative solve stops at the relative tolerance
+                min(solver.rtol, 0.01 · forcing): the Krylov error falls with the Newton residual, so the Newton
+                iterations keep converging quadratically.
+            guess: the Krylov initial guess of du (this rank's owned entries; iterative solver), e.g. the last
+                step's increment scaled to this one; zero without.
         """
         t0 = time.perf_counter()
         self.A.zeroEntries()
@@ -356,23 +366,34 @@ class MacroProblem:
         if self.solver_kind == "iterative":
             self.ksp.setTolerances(rtol=max(min(self.solver.rtol, 0.01 * forcing), 1e-14))
         self.b.scale(-1.0)  # J du = −b; on Dirichlet rows du = g − u
-        ok = True
+        if self.solver_kind == "iterative":
+            owned = self.du.x.petsc_vec.getLocalSize()
+            self.du.x.petsc_vec.array[:] = 0.0 if guess is None else guess[:owned]
+        why = None
         try:
             self.ksp.solve(self.b, self.du.x.petsc_vec)
-            ok = self.ksp.getConvergedReason() > 0
-            self.krylov_iterations += self.ksp.getIterationNumber()
-        except PETSc.Error:
-            ok = False
+            reason = self.ksp.getConvergedReason()
+            its = self.ksp.getIterationNumber()
+            self.krylov_iterations += its
+            if reason <= 0:
+                why = (f"macro Krylov solve did not converge ({_ksp_reason(reason)} after {its} iterations, rtol "
+                       f"{self.ksp.getTolerances()[0]:.1e}, max_it {self.solver.max_it})"
+                       if self.solver_kind == "iterative" else f"macro direct solve failed ({_ksp_reason(reason)})")
+        except PETSc.Error as e:
+            why = f"macro linear solve failed (PETSc error {e.ierr})"
         self.du.x.scatter_forward()
-        ok = ok and bool(np.all(np.isfinite(self.du.x.array)))
-        ok = self.comm.allreduce(ok, op=MPI.LAND)
-        if ok:
+        if why is None and not np.all(np.isfinite(self.du.x.array)):
+            why = "macro linear solve gave a non-finite increment"
+        whys = self.comm.allgather(why)
+        why = next((w for w in whys if w is not None), None)
+        if why is None:
             self.u.x.array[:] += self.du.x.array
         self.timers["assembly_s"] += t1 - t0
         self.timers["solve_s"] += time.perf_counter() - t1
-        return ok
+        return why
 
-    def _newton(self, t) -> tuple[bool, list, str | None]:
+    def _newton(self, t, guess: np.ndarray | None = None) -> tuple[bool, list, str | None]:
+        """Newton iterations at load parameter t; ``guess``: the Krylov initial guess of the first increment."""
         opts = self.newton
         self._set_loads(t)
         res = []
@@ -394,8 +415,9 @@ class MacroProblem:
                 return True, res, None
             if len(res) > opts.max_it:
                 break
-            if not self._solve_increment(r / r0 if r0 > 0 else 1.0):
-                return False, res, "macro linear solve failed"
+            why = self._solve_increment(r / r0 if r0 > 0 else 1.0, guess if len(res) == 1 else None)
+            if why is not None:
+                return False, res, why
         return False, res, f"macro Newton did not converge in {opts.max_it} iterations (|r| = {res[-1]:.3e})"
 
     def save_checkpoint(self, folder: Path, *, meta_extra: dict | None = None,
@@ -507,18 +529,24 @@ class MacroProblem:
         cuts = 0
         its_total = 0
         residuals: list = []
+        reasons: list[str] = []
         last_msg = None
         while t < t_new - 1e-14:
             target = min(t + dt, t_new)
             u_save = self.u.x.array.copy()
-            ok, res, msg = self._newton(target)
+            guess = None
+            if self._last_increment is not None and self._last_increment[1] > 0:  # linear prediction
+                guess = self._last_increment[0] * ((target - t) / self._last_increment[1])
+            ok, res, msg = self._newton(target, guess)
             if ok:
                 self.law.commit()
                 residuals.append(res)
                 its_total += len(res) - 1
+                self._last_increment = (self.u.x.array - u_save, target - t)
                 t = target
                 continue
             last_msg = msg
+            reasons.append(f"t = {target:.6g}: {msg}")
             self.u.x.array[:] = u_save
             self.u.x.scatter_forward()
             self.law.rollback()
@@ -532,7 +560,7 @@ class MacroProblem:
             dt *= 0.5
         self.t = t_new
         self.law.finish_step()
-        rec = StepRecord(t=t_new, iterations=its_total, residuals=residuals, cuts=cuts)
+        rec = StepRecord(t=t_new, iterations=its_total, residuals=residuals, cuts=cuts, cut_reasons=reasons)
         self.history.append(rec)
         return rec
 
@@ -588,6 +616,12 @@ class MacroProblem:
             if obj is not None:
                 obj.destroy()
                 setattr(self, name, None)
+
+
+def _ksp_reason(code: int) -> str:
+    """PETSc's name of a KSP converged/diverged reason."""
+    names = {v: k for k, v in vars(PETSc.KSP.ConvergedReason).items() if isinstance(v, int)}
+    return names.get(code, str(code))
 
 
 def _cell_values(tags, n_owned):

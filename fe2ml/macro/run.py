@@ -380,6 +380,8 @@ def loop(r: Run) -> None:
             if fault and fault == f"{comm.rank}:{k}":
                 raise RuntimeError(f"injected fault on rank {comm.rank} at step {k} (FE2ML_FAULT)")
             rec = prob.step(k / cfg.steps)
+            for why in rec.cut_reasons:
+                r.runlog.warning("step %d: step cut, %s", k, why)
             if r.audit is not None:
                 a = r.audit.check(k, prob.quadrature_points(), r.law)
                 r.runlog.info("audit step %d: %d points, mean rel. error %.3g, max %.3g", k, a["points"],
