@@ -194,8 +194,11 @@ class HybridLaw(SurrogateLaw):
         super().use_checkpoint(ck)
 
     def flags(self, F: np.ndarray, Ps: np.ndarray, finite: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-criterion flags (n,) of the points F̄ with member stresses Ps (K, n, d, d) and ``finite`` (n,): whether
-        every member's stress and tangent is finite there."""
+        """Per-criterion flags (n,) of the points F̄.
+
+        ``Ps`` (K, n, d, d): the members' stresses; ``finite`` (n,): whether every member's stress and tangent is
+        finite there.
+        """
         th, (_, gate) = self.thresholds, self.trained()
         x = self.features(F)
         bad = ~np.isfinite(x).all(axis=1)  # such a point falls back whatever its distances

@@ -100,8 +100,10 @@ class EnsembleModel:
         return P, A
 
     def evaluate_gate(self, F, chunk: int = CPU_CHUNK):
-        """What a gate needs, chunk by chunk: mean P (n,d,d), mean A (n,d,d,d,d), the members' stresses Ps (K,n,d,d)
-        and which points every member answered with a finite P and A (n,).
+        """What a gate needs, chunk by chunk: the mean P and A, the members' stresses and the finite points.
+
+        Returns mean P (n,d,d), mean A (n,d,d,d,d), the members' stresses Ps (K,n,d,d) and which points every member
+        answered with a finite P and A (n,).
 
         Memory: the mean tangent and K stresses per point (no member's tangent is kept), (81 + 9 (K + 1)) · 8 bytes
         per 3D point.
