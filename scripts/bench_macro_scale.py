@@ -78,7 +78,7 @@ def nh_data(d: int, n: int, seed: int = 0):
     import torch
 
     rng = np.random.default_rng(seed)
-    F = np.eye(d) + rng.uniform(-0.3, 0.3, (3 * n, d, d))
+    F = np.eye(d) + rng.uniform(-0.25, 0.25, (3 * n, d, d))
     F = F[np.linalg.det(F) > 0.6][:n]
     Ft = torch.tensor(F, requires_grad=True)
 
@@ -110,12 +110,12 @@ def checkpoint(d: int, out: Path, rve_yaml: Path) -> Path:
     from fe2ml.surrogate.train import assemble_checkpoint, fit_members, split_indices
 
     t0 = time.perf_counter()
-    F, P, A = nh_data(d, 3000)
+    F, P, A = nh_data(d, 2000)
     tr, va, te = split_indices(len(F), {"validation": 0.15, "test": 0.15, "seed": 0})
     margs = {"hidden": (64, 64), "features": "general", "convex": False}
     states, _ = fit_members(MPI.COMM_SELF, F, P, A, tr, va, kind="potential", margs=margs, dim=d,
                             kinematics="finite", loss={"stress": 1.0, "tangent": 0.1},
-                            train={"epochs": 400, "lr": 0.005, "patience": 400, "seed": 0, "batch_size": None},
+                            train={"epochs": 800, "lr": 0.01, "patience": 800, "seed": 0, "batch_size": None},
                             ensemble=2)
     core, _ = assemble_checkpoint(states, "potential", margs, d, "finite", F, P, A, tr, va, te)
     rve = build_rve(load_run_config(rve_yaml).rve, MPI.COMM_SELF)
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_macro_scale"))
     a = ap.parse_args(argv)
-    out = Path(a.out)
+    out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     say("bench_macro_scale: surrogates (2 members, (64, 64), fitted to neo-Hookean data)")
     cks = {}
