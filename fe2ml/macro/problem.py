@@ -185,7 +185,9 @@ class MacroProblem:
             ksp.setInitialGuessNonzero(True)  # the first increment of a step starts from its prediction
             # the aggregates and prolongations of the first Newton step are kept (the mesh and the sparsity do not
             # change; the tangent's values do): later setups only recompute the Galerkin coarse operators
-            PETSc.Options().setValue("fe2ml_macro_pc_gamg_reuse_interpolation", "true")
+            db = PETSc.Options()
+            if not db.hasName("fe2ml_macro_pc_gamg_reuse_interpolation"):  # PETSC_OPTIONS may say otherwise
+                db.setValue("fe2ml_macro_pc_gamg_reuse_interpolation", "true")
             self.A.setBlockSize(self.d)
             self.A.setNearNullSpace(self._rigid_modes())
         ksp.setFromOptions()
