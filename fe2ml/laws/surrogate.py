@@ -108,8 +108,8 @@ class SurrogateLaw(ConstitutiveLaw):
         """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
         t0 = time.perf_counter()
         model, _ = self.trained()
-        P, A = model.evaluate(F)
-        bad = ~_finite(P, A)
+        P, A, _, ok = model.evaluate_gate(F)
+        bad = ~ok
         if bad.any():
             k = int(np.argmax(bad))
             raise PointFailure(f"the surrogate predicts a non-finite stress or tangent at F̄ = "
@@ -138,10 +138,6 @@ class SurrogateLaw(ConstitutiveLaw):
     def density_distance(self, F) -> np.ndarray:
         """Distance of each point to the nearest training record, in data-density scales."""
         return self.trained()[1].density_distance(self.features(F))
-
-
-def _finite(P: np.ndarray, A: np.ndarray) -> np.ndarray:
-    return np.isfinite(P).all(axis=(1, 2)) & np.isfinite(A).all(axis=(1, 2, 3, 4))
 
 
 class HybridLaw(SurrogateLaw):

@@ -230,8 +230,10 @@ class MacroProblem:
         QA = basix.ufl.quadrature_element(cellname, value_shape=(d, d, d, d), degree=q)
         self.Pq = dolfinx.fem.Function(dolfinx.fem.functionspace(self.msh, QP))
         self.Aq = dolfinx.fem.Function(dolfinx.fem.functionspace(self.msh, QA))
-        self._qdofs_P = self.Pq.function_space.dofmap.list[: self.n_owned]
-        self._qdofs_A = self.Aq.function_space.dofmap.list[: self.n_owned]
+        # the quadrature dofs of the owned points: a slice where they are numbered point by point (the usual
+        # case: an assignment without an index array)
+        self._qdofs_P = _as_slice(self.Pq.function_space.dofmap.list[: self.n_owned].ravel())
+        self._qdofs_A = _as_slice(self.Aq.function_space.dofmap.list[: self.n_owned].ravel())
         dxq = ufl.dx(domain=self.msh, metadata=self.md)
         i, j, k, l_ = ufl.indices(4)
         Jac = ufl.inner(ufl.as_tensor(self.Aq[i, j, k, l_] * ufl.grad(du)[k, l_], (i, j)), ufl.grad(v)) * dxq
@@ -316,8 +318,8 @@ class MacroProblem:
                 P, A = self.law.evaluate(self.rve_frame(F))
                 P = np.einsum("nia,nab,njb->nij", Q, P, Q, optimize=True)
                 A = np.einsum("nia,njb,nkc,nld,nabcd->nijkl", Q, Q, Q, Q, A, optimize=True)
-            self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()] = P.reshape(-1, d * d)
-            self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A.ravel()] = A.reshape(-1, d**4)
+            self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P] = P.reshape(-1, d * d)
+            self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A] = A.reshape(-1, d**4)
             self.Pq.x.scatter_forward()
             self.Aq.x.scatter_forward()
         except Fe2mlError as e:
@@ -592,7 +594,7 @@ class MacroProblem:
         """P̄ at this rank's quadrature points (macro frame), (n_local, d, d), ordered as :meth:`quadrature_points`."""
         d = self.d
         if self.form_law is None:
-            return self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P.ravel()].reshape(-1, d, d)
+            return self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P].reshape(-1, d, d)
         P = np.zeros((self.n_owned, self.nqp, d, d))
         for t, ex in self.P_exprs.items():
             sel = np.where(self.cell_phase == t)[0].astype(np.int32) if t != 0 else self.cells
@@ -618,6 +620,11 @@ class MacroProblem:
             if obj is not None:
                 obj.destroy()
                 setattr(self, name, None)
+
+
+def _as_slice(idx: np.ndarray) -> slice | np.ndarray:
+    """``idx`` as a slice where it is 0, 1, ..., n − 1, else itself."""
+    return slice(0, len(idx)) if np.array_equal(idx, np.arange(len(idx))) else idx
 
 
 def _ksp_reason(code: int) -> str:

@@ -110,7 +110,7 @@ class EnsembleModel:
         """
         F = np.asarray(F, dtype=np.float64)
         n, d, K = len(F), self.dim, len(self.members)
-        P, A = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
+        P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
         Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
         if any(f is None for f in self._np):  # an accelerator: the members' torch path in its own large chunks
             chunk = max(n, 1)
@@ -119,10 +119,17 @@ class EnsembleModel:
             for k, (m, f) in enumerate(zip(self.members, self._np, strict=True)):
                 Pk, Ak = m.evaluate(F[sl]) if f is None else f(F[sl])
                 Ps[k, sl] = Pk
-                ok[sl] &= np.isfinite(Pk).all(axis=(1, 2)) & np.isfinite(Ak).all(axis=(1, 2, 3, 4))
-                P[sl] += Pk
-                A[sl] += Ak
-        return P / K, A / K, Ps, ok
+                # a sum is finite only where every term is (or where it overflows: flagged too)
+                ok[sl] &= np.isfinite(Pk.sum(axis=(1, 2)) + Ak.sum(axis=(1, 2, 3, 4)))
+                if k == 0:
+                    P[sl], A[sl] = Pk, Ak
+                else:
+                    P[sl] += Pk
+                    A[sl] += Ak
+        if K > 1:
+            P /= K
+            A /= K
+        return P, A, Ps, ok
 
     def spread(self, F) -> float:
         """Median relative spread (std over members / RMS stress) on the given points (0 for K = 1)."""
