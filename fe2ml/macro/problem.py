@@ -594,7 +594,7 @@ class MacroProblem:
         """P̄ at this rank's quadrature points (macro frame), (n_local, d, d), ordered as :meth:`quadrature_points`."""
         d = self.d
         if self.form_law is None:
-            return self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P].reshape(-1, d, d)
+            return self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P].reshape(-1, d, d).copy()
         P = np.zeros((self.n_owned, self.nqp, d, d))
         for t, ex in self.P_exprs.items():
             sel = np.where(self.cell_phase == t)[0].astype(np.int32) if t != 0 else self.cells
