@@ -136,16 +136,16 @@ class _Torch:
 def _layers(net):
     """(W, V, b) per hidden layer and (w, v, c) of the output, in terms of the scaled inputs x (torch, detached).
 
-    W is None for the first layer; V is None for the MLP's layers after the first; v is None for the MLP.
+    ``net``: an MLP or an ICNN of :mod:`fe2ml.surrogate.models`, recognised by its parts (this module does not
+    import the models, which import it). W is None for the first layer; V is None for the MLP's layers after the
+    first; v is None for the MLP.
     """
-    from fe2ml.surrogate.models import ICNN, MLP  # the models import this module for their fast path
-
     with torch.no_grad():
-        if isinstance(net, MLP):
+        if hasattr(net, "layers") and hasattr(net, "out"):  # MLP
             hidden = [(None if k == 0 else lay.weight, lay.weight if k == 0 else None, lay.bias)
                       for k, lay in enumerate(net.layers)]
             return hidden, (net.out.weight, None, net.out.bias)
-        if isinstance(net, ICNN):
+        if hasattr(net, "Ws") and hasattr(net, "W_out"):  # ICNN
             def inp(V):
                 if not net.monotone:
                     return V.weight
@@ -270,14 +270,12 @@ def evaluator(model, backend: str = "numpy"):
     Returns:
         A function F (n, d, d) -> (P (n, d, d), A (n, d, d, d, d)).
     """
-    from fe2ml.surrogate.models import PlainModel  # the models import this module for their fast path
-
     ref = model.x_scale.detach()
     ops = _Numpy() if backend == "numpy" else _Torch(ref.device, ref.dtype)
     d = model.dim
     ps = ops.const(model.p_scale)
     eye = ops.const(np.eye(d))
-    if isinstance(model, PlainModel):
+    if not hasattr(model, "features"):  # PlainModel: F − I -> P
         net = _Network(model.net, torch.diag(1.0 / ref), ops)
 
         def plain(F):
