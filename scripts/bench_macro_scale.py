@@ -176,6 +176,8 @@ def run_case(d, points, law, ranks, out, *, solver="iterative", ck=None) -> dict
 
 def evaluations(cks: dict[int, Path], out: Path) -> dict:
     """Figure 1: closed-form evaluations/s/core of every kind, and the hybrid gate's cost per point."""
+    from mpi4py import MPI
+
     import torch
 
     from fe2ml.data.campaign import build_rve
@@ -207,7 +209,7 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
         if d in cks:
             path, rve_yaml = cks[d]
             sur = SurrogateLaw(path, dim=d)
-            rve = build_rve(load_run_config(rve_yaml).rve, __import__("mpi4py").MPI.COMM_SELF)
+            rve = build_rve(load_run_config(rve_yaml).rve, MPI.COMM_SELF)
             hyb = HybridLaw(path, rve, thresholds=Thresholds(**GATE))
             m = 100_000
             G = F[:m]

@@ -145,12 +145,12 @@ class _Base(nn.Module):
         if ref.device.type == "cpu":
             return chunked(self.numpy_evaluator(), F, batch or CPU_CHUNK)
         f = evaluator(self, "torch")
-        P, A = np.empty((len(F), d, d)), np.empty((len(F), d, d, d, d))
-        batch = batch or 65536
-        for i in range(0, len(F), batch):
-            Pi, Ai = f(torch.as_tensor(F[i:i + batch], device=ref.device))
-            P[i:i + batch], A[i:i + batch] = Pi.cpu().numpy(), Ai.cpu().numpy()
-        return P, A
+
+        def on_device(G):
+            P, A = f(torch.as_tensor(G, device=ref.device))
+            return P.cpu().numpy(), A.cpu().numpy()
+
+        return chunked(on_device, F, batch or 65536)
 
 
 class PotentialModel(_Base):
