@@ -30,14 +30,22 @@ def rot(d, t):
 
 
 MODELS = [("general", False, "finite"), ("isotropic", False, "finite"), ("isotropic", True, "finite"),
-          ("general", True, "finite"), ("general", False, "small")]
+          ("general", True, "finite"), ("general", False, "small"), ("anisotropic", False, "finite"),
+          ("anisotropic", True, "finite")]
+FIBRES = {2: [[1.0, 0.0], [0.6, 0.8]], 3: [[1.0, 0.0, 0.0], [0.3, 1.0, -0.4]]}  # two families, one oblique
+
+
+def _pm(d, kin, hidden, features, convex):
+    """A potential model; anisotropic ones get two fibre families."""
+    return PotentialModel(d, kin, hidden=hidden, features=features, convex=convex,
+                          fibres=FIBRES[d] if features == "anisotropic" else None)
 
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("features,convex,kin", MODELS)
 def test_potential_physics_for_random_weights(d, features, convex, kin):
     torch.manual_seed(3)
-    m = PotentialModel(d, kin, hidden=(12, 10), features=features, convex=convex)
+    m = _pm(d, kin, (12, 10), features, convex)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -75,18 +83,19 @@ def _min_rank_one_curvature(m, d, seed, n=200):
     return float(curv.min() / A.abs().max())
 
 
+@pytest.mark.parametrize("features", ["isotropic", "anisotropic"])
 @pytest.mark.parametrize("d", [2, 3])
-def test_convex_isotropic_potential_is_rank_one_convex_and_the_unconstrained_one_is_not(d):
+def test_convex_invariant_potential_is_rank_one_convex_and_the_unconstrained_one_is_not(d, features):
     # polyconvex construction: d²W/ds² >= 0 along every F + s a⊗b, for random weights (scaled up to make the
-    # networks strongly nonlinear); the same network without the monotonicity in I1, I2 (or not input-convex)
-    # loses rank-one convexity somewhere
+    # networks strongly nonlinear); the same network without the monotonicity in I1, I2 (and the fibre invariants)
+    # or not input-convex loses rank-one convexity somewhere
     worst = {}
     for name, convex, monotone in (("polyconvex", True, True), ("icnn_free_inputs", True, False),
                                    ("plain", False, False)):
         lows = []
         for seed in range(6):
             torch.manual_seed(seed)
-            m = PotentialModel(d, "finite", hidden=(12, 10), features="isotropic", convex=convex)
+            m = _pm(d, "finite", (12, 10), features, convex)
             if not monotone and convex:
                 m.net.monotone = ()
             with torch.no_grad():
@@ -108,13 +117,16 @@ def _closed_form_case(d, features, convex, kin, plain=False):
     torch.manual_seed(7)
     if plain:
         return PlainModel(d, kin, hidden=(8, 7, 6))
-    m = PotentialModel(d, kin, hidden=(8, 7, 6), features=features, convex=convex)
+    m = _pm(d, kin, (8, 7, 6), features, convex)
     with torch.no_grad():
-        m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale) + (2.0 if features == "isotropic" else 0.0)
+        m.x_scale[:] = 0.3 + torch.rand_like(m.x_scale) + (2.0 if features != "general" else 0.0)
         m.p_scale.fill_(1.7)
         if convex:  # small non-negative weights: pre-activations stay below torch's softplus threshold (20), where
             for W in [*m.net.Ws, m.net.W_out]:  # torch's softplus turns linear (1e-9 from the smooth closed form)
                 W -= 2.0
+            if features == "anisotropic":  # and the monotone input weights of the six fibre inputs
+                for V in [*m.net.Vs, m.net.V_out]:
+                    V.weight[:, 4:] -= 2.0
     return m
 
 
@@ -152,8 +164,8 @@ def test_closed_form_equals_autograd(d, features, convex, kin):
 
 def test_closed_form_at_a_collapsed_point_and_large_activations():
     # J ≤ 0 and pre-activations far beyond the softplus range give finite, exact answers (no overflow)
-    for features in ("general", "isotropic"):
-        m = PotentialModel(3, hidden=(6, 5), features=features)
+    for features in ("general", "isotropic", "anisotropic"):
+        m = _pm(3, "finite", (6, 5), features, False)
         with torch.no_grad():
             m.net.layers[0].bias.fill_(800.0)
         F = np.array([np.diag([1.2, 1.0, -0.3]), np.eye(3) * 0.0 + np.diag([0.0, 1.0, 1.0])])
@@ -414,7 +426,7 @@ def test_models_create_every_tensor_on_the_input_device(d, features, convex, kin
 
     # the closed form's constants are moved to the device once, when it is prepared; its evaluations and the
     # training path (autograd with a graph) make every tensor there
-    m = PotentialModel(d, kin, hidden=(6, 5), features=features, convex=convex).to("meta")
+    m = _pm(d, kin, (6, 5), features, convex).to("meta")
     F = torch.empty(4, d, d, dtype=torch.float64, device="meta")
     plain = PlainModel(d, kin).to("meta")
     for model in (m, plain):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as Fn
 
-__all__ = ["evaluator", "strain_basis"]
+__all__ = ["evaluator", "reference_shift", "strain_basis"]
 
 _EPS = np.zeros((3, 3, 3))
 for _i, _j, _k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
@@ -235,6 +235,27 @@ class _Network:
         return out, ((J * s[:, None, :]) @ self.w.T).swapaxes(1, 2)
 
 
+def reference_shift(gy, families: int):
+    """Constant gradient s (r,) such that N(y) − s·y has zero stress at F = I and stays polyconvex.
+
+    ``gy``: the network's gradient in the unscaled features y = (I1 − 3, I2 − 3, J − 1, then per fibre family
+    I4 − 1, K4 − 1, ⟨I4 − 1⟩²) at y = 0 (numpy or torch, 1D). At F = I, ∂I1/∂F = 2 𝟙, ∂I2/∂F = 4 𝟙, ∂J/∂F = 𝟙,
+    ∂I4/∂F = 2 a⊗a, ∂K4/∂F = 2 (𝟙 − a⊗a) and ∂⟨I4 − 1⟩²/∂F = 0. Per family the a⊗a part cancels when the I4 and K4
+    slopes are raised to their maximum m = max(N_I4, N_K4) (adding c (I4 − 1) or c (K4 − 1), c ≥ 0: convex terms);
+    the remaining hydrostatic part 2 N_I1 + 4 N_I2 + N_J + 2 Σ m is taken off J − 1 (affine). Works on numpy and
+    torch alike (arithmetic and ``abs`` only, differentiable almost everywhere for training).
+    """
+    n_hyd = 2.0 * gy[0] + 4.0 * gy[1] + gy[2]
+    parts = [0.0 * gy[0], 0.0 * gy[0], None]
+    for k in range(families):
+        g4, g5 = gy[3 + 3 * k], gy[4 + 3 * k]
+        m = 0.5 * (g4 + g5 + abs(g4 - g5))
+        n_hyd = n_hyd + 2.0 * m
+        parts += [g4 - m, g5 - m, 0.0 * g4]
+    parts[2] = n_hyd
+    return parts
+
+
 def strain_basis(d, idx):
     """B (m, d, d): ∂y_a/∂E of y_a = E_ij (i = j) or √2 E_ij (i < j), as symmetric tensors."""
     B = np.zeros((len(idx), d, d))
@@ -311,15 +332,40 @@ def evaluator(model, backend: str = "numpy"):
             return _finite_tangent(F, S, ps * H, Bt, d)
 
         return general
-    # isotropic invariants: x = (y0/s0, y1/s1, y2/s2, −y2/s3) with y = (I1 − 3, I2 − 3, J − 1)
-    D = torch.cat([torch.diag(1.0 / ref[:3]), torch.cat([0.0 * ref[:2], -1.0 / ref[3:]])[None]])
-    net = _Network(model.net, D, ops)
-    g0 = net.grad_hess(ops.const(np.zeros((1, 3))))[0][0]
-    # P(I) = (2 W_I1 + 4 W_I2 + W_J) I = 0: the energy subtracts n (J − 1)
-    shift = ops.const([0.0, 0.0, 1.0]) * (2 * g0[0] + 4 * g0[1] + g0[2])
-    d2J = ops.const(_D2J)
+    return _invariant_form(model, ref, ops, ps)
 
-    def isotropic(F):
+
+def _invariant_form(model, ref, ops, ps):
+    """Closed form of the isotropic and anisotropic invariant networks (features of the 3D F, F33 = 1 in 2D).
+
+    y = (I1 − 3, I2 − 3, J − 1, then per fibre family a: I4 − 1, K4 − 1, M = ⟨I4 − 1⟩²) with I4 = |F a|²,
+    K4 = |g|², g = cof F a. Besides the isotropic terms (module docstring): ∂I4 = 2 F a ⊗ a, ∂²I4 = 2 δ_ik a_J a_L;
+    ∂g_i/∂F_pQ = ε_ipl (F Bᵀ)_lQ with B_MN = ε_JMN a_J, so ∂K4 = 2 E_g F Bᵀ (E_g,pl = ε_ipl g_i) and
+    ∂²K4 = 2 ∂gᵀ∂g + 2 E_g,pr B_QS; ∂M = 2 ⟨I4 − 1⟩ ∂I4 and ∂²M = 2 H(I4 − 1) ∂I4 ⊗ ∂I4 + 2 ⟨I4 − 1⟩ ∂²I4.
+    """
+    d = model.dim
+    fib = np.asarray(model.fibres, dtype=np.float64).reshape(-1, 3)
+    K = len(fib)
+    n_in = 4 + 3 * K
+    r = n_in - 1
+    # x = D y: x3 = −y2 / s3 (the 1 − J input), the fibre inputs follow
+    D = torch.zeros(n_in, r, dtype=torch.float64)
+    for i in range(3):
+        D[i, i] = 1.0 / ref[i]
+    D[3, 2] = -1.0 / ref[3]
+    for j in range(3 * K):
+        D[4 + j, 3 + j] = 1.0 / ref[4 + j]
+    net = _Network(model.net, D.to(ref.device), ops)
+    g0 = net.grad_hess(ops.const(np.zeros((1, r))))[0][0]
+    # P(I) = 0 by polyconvexity-preserving terms (reference_shift)
+    shift = ops.stack(reference_shift([g0[i] for i in range(r)], K), 0)
+    d2J = ops.const(_D2J)
+    a_ = [ops.const(a) for a in fib]
+    B_ = [ops.const(np.einsum("j,jmn->mn", a, _EPS)) for a in fib]
+    aa_ = [ops.const(np.outer(a, a)) for a in fib]
+    eps = ops.const(_EPS)
+
+    def invariant(F):
         F = ops.asarray(F)
         n = F.shape[0]
         F3 = F if d == 3 else ops.embed3(F)
@@ -332,15 +378,43 @@ def evaluator(model, backend: str = "numpy"):
                                     - F3[:, (i + 1) % 3, (j + 2) % 3] * F3[:, (i + 2) % 3, (j + 1) % 3]
                                     for j in range(3)], -1) for i in range(3)], 1)
         J = (F3[:, 0] * cof[:, 0]).sum(-1)
-        y = ops.stack([I1 - 3.0, I2 - 3.0, J - 1.0], -1)
+        ys = [I1 - 3.0, I2 - 3.0, J - 1.0]
+        dys = [2.0 * F3, 2.0 * (I1[:, None, None] * F3 - FC), cof]
+        fibre = []
+        for a, B in zip(a_, B_, strict=True):
+            Fa = F3 @ a
+            I4 = (Fa * Fa).sum(-1)
+            x = I4 - 1.0
+            pos = x > 0
+            mac = x * pos                                                       # ⟨I4 − 1⟩
+            g = cof @ a
+            Eg = ops.einsum("ni,ipl->npl", g, eps)                              # E_g,pl = ε_ipl g_i
+            T = F3 @ B.T
+            dg = ops.einsum("ipl,nlq->nipq", eps, T)                            # ∂g_i/∂F_pQ
+            dI4 = 2.0 * Fa[:, :, None] * a[None, None, :]
+            ys += [x, (g * g).sum(-1) - 1.0, mac * mac]
+            dys += [dI4, 2.0 * Eg @ T, 2.0 * mac[:, None, None] * dI4]
+            fibre.append((pos, mac, Eg, dg.reshape(n, 3, 9)))
+        y = ops.stack(ys, -1)
         g, H = net.grad_hess(y)
         Wy = ps * (g - shift)
         Hy = ps * H
         # 4 W_I2 F_iJ F_kL of ∂²I2 is W_I2 (∂I1 ⊗ ∂I1): added to the Hessian's (I1, I1) entry
         Hy[:, 0, 0] += Wy[:, 1]
-        dy = ops.stack([2.0 * F3, 2.0 * (I1[:, None, None] * F3 - FC), cof], 1).reshape(n, 3, 9)
+        for k, (pos, _, _, _) in enumerate(fibre):  # 2 H(I4 − 1) W_M ∂I4 ⊗ ∂I4 of ∂²M: the (I4, I4) entry
+            Hy[:, 3 + 3 * k, 3 + 3 * k] += 2.0 * Wy[:, 5 + 3 * k] * pos
+        dy = ops.stack(dys, 1).reshape(n, r, 9)
         P3 = (Wy[:, :, None] * dy).sum(1).reshape(n, 3, 3)
         A3 = dy.swapaxes(1, 2) @ Hy @ dy + ((Wy[:, 2, None] * F3.reshape(n, 9)) @ d2J.T).reshape(n, 9, 9)
+        for k, (_, mac, Eg, dg) in enumerate(fibre):
+            W4 = Wy[:, 3 + 3 * k] + 2.0 * mac * Wy[:, 5 + 3 * k]                # ∂²I4 and the ⟨I4 − 1⟩ ∂²I4 of ∂²M
+            W5 = Wy[:, 4 + 3 * k]
+            A3 = A3 + 2.0 * W5[:, None, None] * (dg.swapaxes(1, 2) @ dg)
+            A3 = A3 + (2.0 * W5[:, None, None, None, None] * ops.einsum("npr,qs->npqrs", Eg, B_[k])).reshape(n, 9, 9)
+            A3 = A3.reshape(n, 3, 3, 3, 3)
+            for i in range(3):
+                A3[:, i, :, i, :] += 2.0 * W4[:, None, None] * aa_[k]
+            A3 = A3.reshape(n, 9, 9)
         beta = 2.0 * Wy[:, 1, None, None]
         bF = beta * F3
         A3 = A3.reshape(n, 3, 3, 3, 3)
@@ -354,4 +428,4 @@ def evaluator(model, backend: str = "numpy"):
             return P3[:, :2, :2], A3[:, :2, :2, :2, :2]
         return P3, A3
 
-    return isotropic
+    return invariant

@@ -1,8 +1,11 @@
 """Surrogate models implementing the constitutive contract F̄ (n,d,d) -> P̄ (n,d,d), Ā (n,d,d,d,d).
 
 - :class:`PotentialModel`: a strain energy W(C) from a network of the Green–Lagrange strain E
-  (``features: general`` — any anisotropy, objective by construction) or of the isotropic invariants
-  (``features: isotropic``: I1, I2, J), normalised so that W(I) = 0 and P(I) = 0; P = ∂W/∂F and
+  (``features: general`` — any anisotropy, objective by construction), of the isotropic invariants
+  (``features: isotropic``: I1, I2, J) or of the invariants of C with the RVE's fibre families a_k
+  (``features: anisotropic``: I1, I2, J and per family I4 = a·C a = |F a|², K4 = a·cof(C) a = |cof F a|²
+  (= I5 − I1 I4 + I2, so I5 = a·C² a is carried) and the tension-only ⟨I4 − 1⟩²), normalised so that W(I) = 0
+  and P(I) = 0; P = ∂W/∂F and
   A = ∂²W/∂F² (symmetric tangent, energy consistent): in closed form for inference
   (:mod:`fe2ml.surrogate.closed_form`, numpy on the CPU, torch on an accelerator) and by automatic differentiation
   where training needs the graph.
@@ -11,6 +14,13 @@
   I2 = |cof F|² are convex in F and cof F, so the network is also made non-decreasing in them (non-negative
   weights on those two inputs in every layer), and J enters through J − 1 and 1 − J, affine in J (Linden et
   al. 2023). With ``general`` strain features the energy is convex in E, which is not polyconvexity.
+  With anisotropic invariants the same holds family by family: I4 = |F a|² and ⟨I4 − 1⟩² (a convex,
+  non-decreasing function of I4) are convex in F, K4 = |cof F a|² is convex in cof F, and the network is
+  non-decreasing in all three (Schröder & Neff 2003; Kalina et al. 2024).
+- The stress-free reference (P(I) = 0) is kept by terms that keep polyconvexity: the network's hydrostatic stress
+  at F = I is removed by −n (J − 1) (affine in J), and the fibre part 2 (N_I4 − N_K4) a⊗a by adding
+  c (K4 − 1) when N_I4 > N_K4 or c (I4 − 1) otherwise, with c = |N_I4 − N_K4| ≥ 0 (both convex); see
+  :func:`reference_shift`.
 - :class:`PlainModel`: a network F − I -> P (the common baseline), A = ∂P/∂F (closed form or autograd alike).
 - ``kinematics: small``: the features are the small strain ε = sym(F − I) (potential) and
   P = ∂W/∂F = σ.
@@ -25,9 +35,12 @@ import torch
 from torch import nn
 from torch.nn import functional as Fn
 
-from fe2ml.surrogate.closed_form import evaluator
+from fe2ml.surrogate.closed_form import evaluator, reference_shift
 
-__all__ = ["CPU_CHUNK", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked"]
+__all__ = ["CPU_CHUNK", "FEATURES", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked",
+           "reference_shift"]
+
+FEATURES = ("general", "isotropic", "anisotropic")
 
 CPU_CHUNK = 512
 """Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
@@ -111,6 +124,30 @@ def _embed3(F):
     return F3 + e33
 
 
+def _cofactor3(F):
+    """The cofactor det(F) F⁻ᵀ of (..., 3, 3) by its 2 x 2 minors (defined at det F = 0 too)."""
+    rows = []
+    for i in range(3):
+        i1, i2 = (i + 1) % 3, (i + 2) % 3
+        rows.append(torch.stack([F[..., i1, (j + 1) % 3] * F[..., i2, (j + 2) % 3]
+                                 - F[..., i1, (j + 2) % 3] * F[..., i2, (j + 1) % 3] for j in range(3)], -1))
+    return torch.stack(rows, -2)
+
+
+def unit_fibres(fibres) -> list:
+    """Fibre directions as unit 3-vectors (lists): 2-vectors get a zero third component."""
+    out = []
+    for a in fibres or []:
+        v = np.asarray(a, dtype=np.float64).ravel()
+        if v.size == 2:
+            v = np.append(v, 0.0)
+        n = np.linalg.norm(v) if v.size == 3 else 0.0
+        if not n > 0 or not np.isfinite(n):
+            raise ValueError(f"fibre direction must be a non-zero 2- or 3-vector, got {np.asarray(a).tolist()}")
+        out.append((v / n).tolist())
+    return out
+
+
 class _Base(nn.Module):
     """Common: buffers for normalisation, batched P and A by autograd."""
 
@@ -160,25 +197,39 @@ class PotentialModel(_Base):
         dim: 2 or 3.
         kinematics: ``finite`` or ``small``.
         hidden: hidden layer widths.
-        features: ``general`` (components of E or ε) or ``isotropic`` (I1, I2, J; finite strain only).
-        convex: input-convex network (polyconvex with isotropic features: non-decreasing in I1 and I2 too).
+        features: ``general`` (components of E or ε), ``isotropic`` (I1, I2, J) or ``anisotropic`` (I1, I2, J and
+            I4, K4, ⟨I4 − 1⟩² per fibre family); the invariants need finite kinematics.
+        convex: input-convex network (polyconvex with invariant features: non-decreasing in every convex
+            invariant too).
+        fibres: the fibre families a_k in the RVE frame (``anisotropic`` only): 2- or 3-vectors, normalised here
+            (2-vectors lie in the plane of a plane-strain RVE).
     """
 
     def __init__(self, dim: int, kinematics: str = "finite", hidden=(16, 16), features: str = "general",
-                 convex: bool = False):
+                 convex: bool = False, fibres=None):
         super().__init__(dim, kinematics)
-        if features not in ("general", "isotropic"):
-            raise ValueError(f"features: expected general or isotropic, got {features!r}")
-        if features == "isotropic" and kinematics == "small":
-            raise ValueError("isotropic invariant features need finite kinematics")
+        if features not in FEATURES:
+            raise ValueError(f"features: expected {', '.join(FEATURES)}, got {features!r}")
+        if features != "general" and kinematics == "small":
+            raise ValueError(f"{features} invariant features need finite kinematics")
+        fib = unit_fibres(fibres) if features == "anisotropic" else []
+        if features == "anisotropic" and not fib:
+            raise ValueError("features anisotropic needs the fibre families of the RVE (none given)")
+        if features != "anisotropic" and fibres:
+            raise ValueError(f"fibres apply to features anisotropic only (features is {features})")
         self.features = features
         self.convex = convex
+        self.fibres = fib
         d = dim
         self.idx = [(i, j) for i in range(d) for j in range(i, d)]
-        n_in = len(self.idx) if features == "general" else 4
-        # polyconvexity: non-decreasing in I1 − 3 and I2 − 3 (inputs 0 and 1), free in J − 1 and 1 − J
-        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=(0, 1) if features == "isotropic" else ())
+        n_in = len(self.idx) if features == "general" else 4 + 3 * len(fib)
+        # polyconvexity: non-decreasing in I1 − 3, I2 − 3 (inputs 0, 1) and every fibre invariant (inputs 4...),
+        # free in J − 1 and 1 − J (inputs 2, 3)
+        monotone = () if features == "general" else (0, 1, *range(4, n_in))
+        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=monotone)
         self.register_buffer("x_scale", torch.ones(n_in, dtype=torch.float64))
+        if fib:  # a buffer (it moves with the model); general/isotropic state dicts stay as they were
+            self.register_buffer("a", torch.tensor(fib, dtype=torch.float64))
         self.double()
 
     def features_of(self, F):
@@ -200,7 +251,21 @@ class PotentialModel(_Base):
         I1 = C.diagonal(dim1=-2, dim2=-1).sum(-1)
         I2 = 0.5 * (I1**2 - (C @ C).diagonal(dim1=-2, dim2=-1).sum(-1))
         J = _det3(F3)
-        return torch.stack([I1 - 3.0, I2 - 3.0, J - 1.0, 1.0 - J], -1)
+        cols = [I1 - 3.0, I2 - 3.0, J - 1.0, 1.0 - J]
+        if self.features == "anisotropic":
+            a = self.a.to(F.dtype)
+            Fa = F3 @ a.T                                   # (..., 3, K)
+            Ga = _cofactor3(F3) @ a.T
+            for k in range(a.shape[0]):
+                I4 = (Fa[..., k] ** 2).sum(-1)
+                cols += [I4 - 1.0, (Ga[..., k] ** 2).sum(-1) - 1.0, torch.relu(I4 - 1.0) ** 2]
+        return torch.stack(cols, -1)
+
+    def _y_gradient(self, g0):
+        """Gradient in the unscaled features y (J once) from the gradient in the scaled inputs x (1, n_in)."""
+        s = self.x_scale
+        gx = g0[0] / s
+        return [gx[0], gx[1], gx[2] - gx[3], *gx[4:]]
 
     def _reference(self):
         """Network value and gradient at the reference state (x = 0), differentiable in the weights."""
@@ -212,17 +277,18 @@ class PotentialModel(_Base):
 
     def energy(self, F, ref=None):
         """W(F) (n,) including the normalisation terms (W(I) = 0, P(I) = 0)."""
-        x = self._feat(F) / self.x_scale
+        y = self._feat(F)
+        x = y / self.x_scale
         n0, g0 = self._reference() if ref is None else ref
         # stress-free reference: remove the linear part of the network at the reference state
         if self.features == "general":
             lin = (x * g0).sum(-1)
         else:
-            # P(I) = (2 W_I1 + 4 W_I2 + W_J) I: subtract n (J - 1) (Linden et al.) with n from the network
-            # derivatives at the reference (x3 = J - 1, x4 = 1 - J enter with opposite signs)
-            s = self.x_scale
-            n = 2 * g0[0, 0] / s[0] + 4 * g0[0, 1] / s[1] + g0[0, 2] / s[2] - g0[0, 3] / s[3]
-            lin = n * (x[..., 2] * s[2])
+            # P(I) = 0 by polyconvexity-preserving terms (Linden et al. 2023 for the isotropic part): −s·y with the
+            # J column of y taken once (x3 = J − 1, x4 = 1 − J enter with opposite signs)
+            shift = torch.stack(reference_shift(self._y_gradient(g0), len(self.fibres)))
+            yr = torch.cat([y[..., :3], y[..., 4:]], -1)
+            lin = yr @ shift
         return self.p_scale * (self.net(x).squeeze(-1) - n0 - lin)
 
     def stress_tangent(self, F, *, create_graph=False):
