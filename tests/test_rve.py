@@ -212,3 +212,49 @@ def test_rigid_modes_of_the_reduced_space_are_translations_and_rotations():
             full[inner] = u
             red = np.asarray(T.T @ full.ravel()) / np.maximum(np.asarray(T.T @ np.ones(len(X) * d)), 1)
             assert np.linalg.norm(red - M.T @ (M @ red)) < 1e-10 * np.linalg.norm(red)
+
+
+@pytest.mark.serial
+def test_near_incompressible_matrix_stays_inside_the_hashin_shtrikman_bounds(tmp_path, caplog):
+    # soft cells in a stiff matrix with nu = 0.45: with linear tetrahedra the bulk modulus locks far above the HS
+    # upper bound; the default degree (auto: 2 from nu >= 0.4) is inside both bounds, and degree 1 is warned about
+    import logging
+
+    from fe2ml.micro.config import build_rve, load_rve_mesh, parse_homogenize
+
+    def cfg(extra):
+        raw = {"dim": 3, "mesh": {"generate": "cells_3d", "n_cells": 4, "volume_fraction": 0.25, "seed": 1, "h": 0.3,
+                                  "out_dir": str(tmp_path)},
+               "phases": {1: {"material": "linear_elastic", "E": 10.0, "nu": 0.45},
+                          2: {"material": "linear_elastic", "E": 1.0, "nu": 0.3}}, **extra}
+        return parse_homogenize(raw, tmp_path / "rve.yaml", "rve.yaml", tmp_path, require_points=False)
+
+    def km(E, nu):
+        return E / (3 * (1 - 2 * nu)), E / (2 * (1 + nu))
+
+    (k_m, g_m), (k_c, g_c) = km(10.0, 0.45), km(1.0, 0.3)
+    with caplog.at_level(logging.WARNING, logger="fe2ml"):
+        auto = cfg({})
+        assert auto.degree == 2 and not [r for r in caplog.records if "lock" in r.getMessage()]
+        p1 = cfg({"degree": 1})
+        assert p1.degree == 1 and any("degree 1 with nearly incompressible phase(s) (phase 1: nu = 0.45)"
+                                      in r.getMessage() for r in caplog.records)
+    out = {}
+    for name, c in (("auto", auto), ("p1", p1)):
+        rve = build_rve(c, load_rve_mesh(c, comm=MPI.COMM_SELF))
+        C = rve.homogenize().C
+        v = rve.rve_mesh.element_volumes()
+        fc = v[rve.rve_mesh.phases == 2].sum() / v.sum()
+        fm = 1.0 - fc
+        k = np.einsum("iijj", C) / 9                                   # hydrostatic response
+        g = (np.einsum("ijij", C) - np.einsum("iijj", C) / 3) / 10     # isotropic projection's shear modulus
+        out[name] = (k, g)
+    # HS bounds (3D, well-ordered phases: the matrix is stiffer in bulk and shear), derived independently
+    k_hi = k_m + fc / (1 / (k_c - k_m) + 3 * fm / (3 * k_m + 4 * g_m))
+    k_lo = k_c + fm / (1 / (k_m - k_c) + 3 * fc / (3 * k_c + 4 * g_c))
+    z_m, z_c = g_m / 6 * (9 * k_m + 8 * g_m) / (k_m + 2 * g_m), g_c / 6 * (9 * k_c + 8 * g_c) / (k_c + 2 * g_c)
+    g_hi = g_m + fc / (1 / (g_c - g_m) + fm / (g_m + z_m))
+    g_lo = g_c + fm / (1 / (g_m - g_c) + fc / (g_c + z_c))
+    k, g = out["auto"]
+    assert k_lo < k < k_hi and g_lo < g < g_hi, (k_lo, k, k_hi, g_lo, g, g_hi)
+    assert out["p1"][0] > 1.1 * k_hi  # the counter-test: P1 locks

@@ -126,7 +126,7 @@ class Learner:
 
         # deferred: torch only when a round is fitted (the run config parses learn: without it)
         from fe2ml.surrogate.checkpoint import save_checkpoint
-        from fe2ml.surrogate.train import TrainingFailed, assemble_checkpoint, fit_members, split_indices
+        from fe2ml.surrogate.train import TrainingFailed, assemble_checkpoint, fit_members, model_fibres, split_indices
 
         o = self.options
         t0 = time.perf_counter()
@@ -141,6 +141,9 @@ class Learner:
         margs = ({k_: v for k_, v in ck_now["model"].items() if k_ != "kind"} if not cold else
                  {k_: (tuple(v) if k_ == "hidden" else v) for k_, v in o.model.items() if k_ != "kind"})
         kind = o.model["kind"] if cold else ck_now["model"]["kind"]
+        if cold and kind == "potential":
+            margs.update(model_fibres(margs, self.rve_desc, "material.learn.model.features", "the run's RVE",
+                                      "finite"))
         tr, va, te = split_indices(len(F), {"validation": 0.15, "test": 0.15, "seed": o.seed})
         tcfg = {"epochs": o.first_epochs if cold else o.epochs, "lr": o.lr if cold else o.warm_lr,
                 "patience": o.patience, "seed": o.seed}

@@ -57,7 +57,7 @@ from fe2ml.data.config import RunLogOptions, parse_run_log
 from fe2ml.errors import ConfigError
 from fe2ml.expr import check_samples, compile_expression
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, frames_from_angle, frames_from_axes
-from fe2ml.materials import build_material
+from fe2ml.materials import build_material, fibre_families, same_fibres
 from fe2ml.micro.config import HomogenizeConfig, parse_rve_ref
 from fe2ml.micro.options import SolverOptions, parse_solver
 from fe2ml.surrogate.config import SurrogateOptions, parse_surrogate_options
@@ -360,7 +360,13 @@ def _material(mat, p: Path, base: Path, dim: int, exprs: list[Expression]) -> _M
                 raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
         kin = rve.kinematics if kind == "rve" and rve is not None else "finite"
         if surrogate is not None and surrogate.checkpoint is not None:
-            kin = _check_surrogate(surrogate, mat, kind, f, dim)
+            kin = _check_surrogate(surrogate, mat, kind, f, dim, rve)
+        elif surrogate is not None and surrogate.learn is not None and rve is not None:
+            m = surrogate.learn.model
+            if m.get("features") == "anisotropic" and not fibre_families(rve.materials.values()):
+                raise ConfigError(f"{f}: material.learn.model.features: anisotropic needs fibre directions, and "
+                                  f"material.rve has none (materials: {_material_names(rve)}); use isotropic or "
+                                  "general")
     balance = flag(mat.get("balance", True), f"{f}: material.balance")  # kinds rve and hybrid only (check_keys)
     orientation = mat.get("orientation")
     if orientation is not None:
@@ -391,8 +397,12 @@ def _analytic(mat: dict, f: str) -> tuple[dict, str]:
     return analytic, "finite" if all(hyper) else "small"
 
 
-def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int) -> str:
-    """Load the checkpoint safely and check it against the run; returns its kinematics."""
+def _material_names(rve) -> str:
+    return ", ".join(sorted({type(m).__name__ for m in rve.materials.values()}))
+
+
+def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int, rve=None) -> str:
+    """Load the checkpoint safely and check it against the run (and its RVE); returns its kinematics."""
     # deferred: torch only when a surrogate checkpoint is checked
     from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
 
@@ -400,6 +410,12 @@ def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int
     resolve_device(mat.get("device", "cpu"), f"{f}: material.device")  # a CUDA device that is not there
     if ck["dim"] != dim:
         raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
+    if rve is not None and ck["model"].get("features") == "anisotropic":
+        mine = fibre_families(rve.materials.values())
+        if not same_fibres(ck["model"].get("fibres", []), mine):
+            raise ConfigError(f"{f}: material.checkpoint: its anisotropic model has fibre families "
+                              f"{ck['model'].get('fibres', [])}, material.rve has "
+                              f"{mine or 'none'} ({_material_names(rve)}); train on this RVE's data")
     if kind == "hybrid":
         s.thresholds.check(Gate(ck), f"{f}: material.threshold")
     return ck["kinematics"]

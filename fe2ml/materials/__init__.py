@@ -13,9 +13,11 @@ from fe2ml.materials.hyperelastic import (
     HyperelasticMaterial,
     NeoHookean,
     UFLEnergy,
+    fibre_families,
     invariants,
     parse_energy,
     plane_strain_3d,
+    same_fibres,
 )
 from fe2ml.materials.linear import (
     VOIGT_ORDER,
@@ -44,9 +46,11 @@ __all__ = [
     "UFLEnergy",
     "build_material",
     "from_voigt",
+    "fibre_families",
     "invariants",
     "isotropic_tensor",
     "parse_energy",
     "plane_strain_3d",
+    "same_fibres",
     "to_voigt",
 ]

@@ -40,9 +40,11 @@ __all__ = [
     "HolzapfelGasserOgden",
     "NeoHookean",
     "UFLEnergy",
+    "fibre_families",
     "invariants",
     "plane_strain_3d",
     "parse_energy",
+    "same_fibres",
 ]
 
 
@@ -61,6 +63,29 @@ def _unit(a, name):
     if a.shape == (2,):
         a = np.array([a[0], a[1], 0.0])
     return a / np.linalg.norm(a)
+
+
+def fibre_families(materials) -> list[list[float]]:
+    """The distinct fibre directions (unit 3-vectors, a and −a one family) of an RVE's materials, in phase order.
+
+    ``materials``: material objects or their descriptions (dicts with a ``fibres`` entry, as in a checkpoint's
+    or log's RVE description); materials without fibres contribute none.
+    """
+    out: list[np.ndarray] = []
+    for m in materials:
+        fib = m.get("fibres", ()) if isinstance(m, dict) else getattr(m, "fibres", ())
+        for a in fib or ():
+            v = _unit(a, "fibres")
+            if not any(abs(abs(float(v @ w)) - 1.0) < 1e-9 for w in out):
+                out.append(v)
+    return [np.round(v, 12).tolist() for v in out]
+
+
+def same_fibres(a, b) -> bool:
+    """Whether two lists of fibre families hold the same directions (up to sign and order)."""
+    if len(a) != len(b):
+        return False
+    return all(any(abs(abs(float(np.dot(u, v))) - 1.0) < 1e-8 for v in b) for u in a)
 
 
 def plane_strain_3d(F):

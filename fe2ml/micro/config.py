@@ -6,7 +6,7 @@ Keys (see README for the full reference)::
     mesh: {file: PATH, cell_phases: [..]}   or {generate: NAME, out_dir: PATH, <generator params>}
     phases: {TAG: {material: NAME, ...}}    one material per phase tag
     bc: periodic | affine | traction        default periodic
-    degree: 1 | 2                           default 1
+    degree: auto | 1 | 2                    auto (default): 2 for a linear RVE with a phase of nu >= 0.4, else 1
     strains: [[..], ..]                     optional list of macro strains (d x d) to report σ̄ for
     tol: float                              periodic node matching tolerance (relative), default 1e-8
     kinematics, formulation, F, load_path, newton, fields   finite strain
@@ -17,6 +17,7 @@ Keys (see README for the full reference)::
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,41 @@ __all__ = [
 ]
 
 LOAD_PATHS = ("uniaxial", "biaxial", "shear", "pure_shear")
+
+
+LOCKING_NU = 0.4
+"""Poisson's ratio from which linear (P1) elements lock visibly: the bulk modulus of a random cells_3d RVE with a
+ν = 0.45 matrix comes out 19 % above the Hashin–Shtrikman upper bound with P1 and inside it with P2."""
+
+
+def _poisson(m) -> float | None:
+    """ν of an isotropic phase: linear elastic (nu) or hyperelastic with shear and bulk moduli (mu, K)."""
+    if hasattr(m, "nu"):
+        return float(m.nu)
+    mu, K = getattr(m, "mu", None), getattr(m, "K", None)
+    if isinstance(mu, int | float) and isinstance(K, int | float) and mu > 0 and K > 0:
+        return float((3 * K - 2 * mu) / (2 * (3 * K + mu)))
+    return None
+
+
+def resolve_degree(degree, materials: dict, kinematics: str, formulation: str, where: str) -> int:
+    """The displacement degree of ``degree: auto | 1 | 2``, with a warning where P1 locks.
+
+    Small strain: ``auto`` is 2 when a phase has ν ≥ :data:`LOCKING_NU`, else 1. Finite strain: ``auto`` is 1 (the
+    mixed u/p formulation, automatic from K/μ ≥ 50, treats near incompressibility). A displacement P1 run with such a
+    phase is warned about (its bulk response is too stiff).
+    """
+    nus = {t: _poisson(m) for t, m in materials.items()}
+    locking = {t: nu for t, nu in nus.items() if nu is not None and nu >= LOCKING_NU}
+    if degree == "auto":
+        degree = 2 if kinematics == "small" and locking else 1
+    if degree == 1 and locking and (kinematics == "small" or formulation == "displacement"):
+        which = ", ".join(f"phase {t}: nu = {nu:.3g}" for t, nu in sorted(locking.items()))
+        logging.getLogger("fe2ml").warning(
+            f"{where}: degree 1 with nearly incompressible phase(s) ({which}): linear elements lock and stiffen the "
+            f"bulk response (beyond the Hashin-Shtrikman bounds); use degree: 2"
+            + (" or formulation: mixed" if kinematics == "finite" else ""))
+    return int(degree)
 
 
 def parse_rve_ref(r, p: Path, f: str, base: Path, dim: int | None) -> HomogenizeConfig:
@@ -169,9 +205,9 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     bc = raw.get("bc", "periodic")
     if bc not in BCS:
         raise ConfigError(f"{f}: bc: expected one of {', '.join(BCS)}, got {bc!r}")
-    degree = raw.get("degree", 1)
-    if degree not in (1, 2) or isinstance(degree, bool):
-        raise ConfigError(f"{f}: degree: expected 1 or 2, got {degree!r}")
+    degree = raw.get("degree", "auto")
+    if degree != "auto" and (degree not in (1, 2) or isinstance(degree, bool)):
+        raise ConfigError(f"{f}: degree: expected auto, 1 or 2, got {degree!r}")
     tol = number(raw.get("tol", 1e-8), f"{f}: tol", positive=True)
     strains = raw.get("strains", [])
     if not isinstance(strains, list):
@@ -191,6 +227,7 @@ def parse_homogenize(raw: dict, p: Path, f: str, base: Path, *, require_points: 
     formulation = raw.get("formulation", "auto")
     if formulation not in ("auto", "displacement", "mixed"):
         raise ConfigError(f"{f}: formulation: expected auto, displacement or mixed, got {formulation!r}")
+    degree = resolve_degree(degree, materials, kin, formulation, f)
     if kin == "small" and ("F" in raw or "load_path" in raw):
         raise ConfigError(f"{f}: F and load_path need kinematics: finite (use strains for small strain)")
     if kin == "finite" and "strains" in raw:

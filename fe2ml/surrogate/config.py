@@ -5,7 +5,8 @@ Keys::
     data: [PATH, ...]                 log files or folders (relative to the YAML)
     fingerprint: HEX                  RVE fingerprint (needed when the logs hold several)
     source: ID                        only records of this source id / kind (optional)
-    model: {kind: potential | plain | localization, hidden: [16, 16], features: general | isotropic, convex: false}
+    model: {kind: potential | plain | localization, hidden: [16, 16], features: general | isotropic | anisotropic,
+            convex: false}            anisotropic: invariants with the fibre families of the data's RVE
     loss: {stress: 1.0, tangent: 0.1, relative: false}   Sobolev loss weights (tangent > 0 needs tangents)
     split: {validation: 0.15, test: 0.15, seed: 0}
     train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0, batch_size: null, stream: false, workers: 0}
@@ -26,6 +27,8 @@ from pathlib import Path
 from fe2ml.config import check_keys, flag, load_yaml, number
 from fe2ml.errors import ConfigError
 from fe2ml.surrogate.gate import AuditOptions, Thresholds
+
+FEATURES = ("general", "isotropic", "anisotropic")  # of potential models (the same as models.FEATURES, torch-free)
 
 __all__ = ["LearnOptions", "SurrogateOptions", "TrainConfig", "load_train_config", "parse_learn",
            "parse_surrogate_options"]
@@ -83,8 +86,8 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if model["kind"] == "potential":
         model.setdefault("features", "general")
         model.setdefault("convex", False)
-        if model["features"] not in ("general", "isotropic"):
-            raise ConfigError(f"{f}: model.features: expected general or isotropic, got {model['features']!r}")
+        if model["features"] not in FEATURES:
+            raise ConfigError(f"{f}: model.features: expected {', '.join(FEATURES)}, got {model['features']!r}")
         flag(model["convex"], f"{f}: model.convex")
     elif "features" in model or "convex" in model:
         raise ConfigError(f"{f}: model: features/convex apply to kind potential only")
@@ -221,8 +224,9 @@ def parse_learn(raw, where: str, base: Path, *, has_checkpoint: bool) -> LearnOp
         hid = model["hidden"]
         if not isinstance(hid, list) or not hid or not all(isinstance(h, int) and h > 0 for h in hid):
             raise ConfigError(f"{where}.model.hidden: expected a list of positive layer widths, got {hid!r}")
-        if model["features"] not in ("general", "isotropic") or not isinstance(model["convex"], bool):
-            raise ConfigError(f"{where}.model: features general|isotropic, convex true|false")
+        if model["features"] not in FEATURES or not isinstance(model["convex"], bool):
+            raise ConfigError(f"{where}.model: features {'|'.join(FEATURES)}, convex true|false; got features "
+                              f"{model['features']!r}, convex {model['convex']!r}")
         if model["kind"] == "plain":
             model = {"kind": "plain", "hidden": hid}
     loss = raw.get("loss", {}) or {}

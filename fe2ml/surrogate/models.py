@@ -36,11 +36,10 @@ from torch import nn
 from torch.nn import functional as Fn
 
 from fe2ml.surrogate.closed_form import evaluator, reference_shift
+from fe2ml.surrogate.config import FEATURES
 
 __all__ = ["CPU_CHUNK", "FEATURES", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked",
            "reference_shift"]
-
-FEATURES = ("general", "isotropic", "anisotropic")
 
 CPU_CHUNK = 512
 """Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
@@ -89,6 +88,20 @@ class ICNN(nn.Module):
                                                                                            strict=True)])
         self.W_out = nn.Parameter(torch.randn(n_out, hidden[-1]) * 0.1)
         self.V_out = nn.Linear(n_in, n_out)
+
+    @torch.no_grad()
+    def start_small(self):
+        """After a generic initialisation: shift the raw non-negative weights so that softplus(W) ≈ 1/fan-in.
+
+        Xavier-initialised raw weights give softplus(W) ≈ 0.7 everywhere, so the output of an L-layer network of
+        width h grows like (0.7 h)^L and its first fits spend thousands of epochs pushing every weight down.
+        """
+        for W in [*self.Ws, self.W_out]:
+            W.add_(float(np.log(np.expm1(1.0 / W.shape[1]))))
+        if self.monotone:
+            m = list(self.monotone)
+            for V in [*self.Vs, self.V_out]:
+                V.weight[:, m] += float(np.log(np.expm1(1.0 / V.weight.shape[1])))
 
     def _input(self, V: nn.Linear, x):
         """V x + b with non-negative weights on the monotone inputs."""

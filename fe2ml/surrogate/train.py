@@ -18,6 +18,7 @@ from scipy.spatial import cKDTree
 
 from fe2ml.data.reader import StreamedField, read_logs
 from fe2ml.errors import ConfigError, Fe2mlError
+from fe2ml.materials.hyperelastic import fibre_families, same_fibres
 from fe2ml.plotting import plot_calibration, plot_lines, plot_parity
 from fe2ml.surrogate.checkpoint import (
     FORMAT_VERSION,
@@ -106,6 +107,9 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
                 torch.nn.init.xavier_uniform_(prm)
             else:
                 torch.nn.init.zeros_(prm)
+        net = getattr(model, "net", None)
+        if hasattr(net, "start_small"):  # input-convex networks: small non-negative weights
+            net.start_small()
     model.to(device=device, dtype=dtype)
     stream = isinstance(A, StreamedField)
     Ft, Pt = (torch.as_tensor(x).to(device=device, dtype=dtype) for x in (F, P))
@@ -202,12 +206,27 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
     return hist, best[2]
 
 
-def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
-    """How the per-point spread predicts the per-point error: factors fitted on validation, coverage on test.
+def conformal_quantile(scores: np.ndarray, level: float) -> float:
+    """The split-conformal quantile: the ⌈(n + 1) level⌉-th smallest of n calibration scores (inf beyond n).
 
-    factor50 and factor90 are the 50 % and 90 % quantiles of error/spread on the validation split; the calibrated
-    spread is factor50 x spread. Coverage (k = 1, 2, 3): the fraction of test points (validation when there is no
-    test split) whose true error is at most k x the calibrated spread, measured on points the factors never saw.
+    For a new point exchangeable with the calibration points, P(score ≤ q) ≥ level (Vovk et al. 2005; Angelopoulos
+    & Bates 2023): a finite-sample guarantee with no assumption on the distribution of the scores.
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    k = int(np.ceil((len(s) + 1) * level))
+    return float(s[k - 1]) if 1 <= k <= len(s) else float("inf")
+
+
+def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
+    """How the per-point spread predicts the per-point error: split-conformal factors on validation, coverage on test.
+
+    The scores are error/spread on the validation split. factor90 and factor95 are their split-conformal 90 % and
+    95 % quantiles (:func:`conformal_quantile`): a new point's error is at most factor90 x its spread with probability
+    ≥ 90 % (the hybrid's ``threshold: error`` uses this bound). The calibrated spread is factor x spread with
+    factor = factor95 / 2, so that 2 x the calibrated spread is the 95 % bound (a Gaussian's 2σ). Coverage
+    (k = 1, 2, 3): the fraction of test points (validation when there is no test split) whose true error is at most
+    k x the calibrated spread, measured on points the factors never saw. The validation split also picks the
+    members' early-stopping epoch, a weak use that the test coverage checks.
     """
     def spread_error(idx):
         Ps, _ = ens.evaluate_members(F[idx])
@@ -215,11 +234,16 @@ def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
 
     s_va, e_va = spread_error(va)
     ratio = e_va / np.maximum(s_va, 1e-300)
-    f50, f90 = float(np.quantile(ratio, 0.5)), float(np.quantile(ratio, 0.9))
+    f90, f95 = conformal_quantile(ratio, 0.90), conformal_quantile(ratio, 0.95)
+    if not np.isfinite(f95):  # too few validation points for a 95 % bound: the largest score
+        f95 = float(ratio.max())
+    f90 = min(f90, f95)
+    factor = 0.5 * f95
     split, idx = ("test", te) if len(te) else ("validation", va)
     s_te, e_te = spread_error(idx)
-    return {"factor50": f50, "factor90": f90, "split": split, "n": int(len(idx)),
-            "coverage": [float(np.mean(e_te <= k * f50 * s_te)) for k in (1, 2, 3)],
+    return {"method": "split-conformal", "factor": factor, "factor50": float(np.quantile(ratio, 0.5)),
+            "factor90": f90, "factor95": f95, "split": split, "n": int(len(idx)), "n_calibration": int(len(va)),
+            "coverage": [float(np.mean(e_te <= k * factor * s_te)) for k in (1, 2, 3)],
             "coverage90": float(np.mean(e_te <= f90 * s_te)),
             "spread": s_te.tolist(), "error": e_te.tolist()}
 
@@ -240,6 +264,27 @@ def _bounds(model, F):
     return {"feature_min": x.min(axis=0).tolist(), "feature_max": x.max(axis=0).tolist(),
             "stretch_min": float(lam.min()), "stretch_max": float(lam.max()),
             "J_min": float(np.linalg.det(F).min()), "J_max": float(np.linalg.det(F).max())}
+
+
+def model_fibres(margs: dict, rve_desc: dict, where: str, what: str, kinematics: str) -> dict:
+    """``{"fibres": [...]}`` for an anisotropic potential model from its RVE's description (else ``{}``).
+
+    Raises:
+        ConfigError: invariant features with small kinematics; anisotropic features and an RVE without fibres.
+    """
+    feats = margs.get("features", "general")
+    if feats != "general" and kinematics != "finite":
+        raise ConfigError(f"{where}: {feats} invariant features need finite kinematics; {what} is {kinematics} "
+                          "strain (use features: general)")
+    if feats != "anisotropic":
+        return {}
+    fib = fibre_families((rve_desc or {}).get("materials", {}).values())
+    if not fib:
+        names = sorted({m.get("type", "?") for m in (rve_desc or {}).get("materials", {}).values()})
+        raise ConfigError(f"{where}: anisotropic needs fibre directions, and {what} has none (materials: "
+                          f"{', '.join(names) or 'unknown'}); use features: isotropic or general, or an RVE with "
+                          "fibres (hgo, energy with fibres)")
+    return {"fibres": fib}
 
 
 def member_device(device: torch.device | str, k: int, n_gpus: int | None = None) -> torch.device:
@@ -392,6 +437,11 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
         margs = {"hidden": tuple(cfg.model["hidden"])}
     else:
         margs["hidden"] = tuple(margs["hidden"])
+        margs.update(model_fibres(margs, info["rve"], f"{cfg.path}: model.features",
+                                  f"the RVE of the data ({info['fingerprint']})", info["kinematics"]))
+    if start is not None and not same_fibres(start["model"].get("fibres", []), margs.get("fibres", [])):
+        raise ConfigError(f"--resume {resume}: checkpoint fibre families {start['model'].get('fibres', [])} differ "
+                          f"from those of the data's RVE {margs.get('fibres', [])}")
     if comm.rank == 0:
         log.info(f"fe2ml train: {info['records']} records ({info['skipped']} NaN/inf skipped) of RVE "
               f"{info['fingerprint']}, "
@@ -420,7 +470,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
     if calibration is not None:
         report["calibration"] = {k: v for k, v in calibration.items() if k not in ("spread", "error")}
-        plot_calibration(calibration["factor50"] * np.asarray(calibration["spread"]), np.asarray(calibration["error"]),
+        plot_calibration(calibration["factor"] * np.asarray(calibration["spread"]), np.asarray(calibration["error"]),
                          cfg.output / "calibration.png",
                          title=f"calibration (test split): {100 * calibration['coverage'][1]:.0f} % within 2x")
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
@@ -440,8 +490,9 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
             cov = calibration["coverage"]
             log.info(f"  calibration ({calibration['split']} split, {calibration['n']} points): true error <= k x "
                      f"calibrated spread for {100 * cov[0]:.1f} % (k = 1), {100 * cov[1]:.1f} % (k = 2), "
-                     f"{100 * cov[2]:.1f} % (k = 3); error <= factor90 x spread for "
-                     f"{100 * calibration['coverage90']:.1f} %")
+                     f"{100 * cov[2]:.1f} % (k = 3; split-conformal, 2 x is the 95 % bound); error <= factor90 x "
+                     "spread "
+                     f"(the 90 % bound) for {100 * calibration['coverage90']:.1f} %")
         log.info(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_P.png, parity_A.png"
                  f"{', calibration.png' if calibration is not None else ''} ({time.perf_counter() - t0:.1f} s)")
     return report
