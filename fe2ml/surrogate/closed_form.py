@@ -363,7 +363,8 @@ def _invariant_form(model, ref, ops, ps):
     a_ = [ops.const(a) for a in fib]
     B_ = [ops.const(np.einsum("j,jmn->mn", a, _EPS)) for a in fib]
     aa_ = [ops.const(np.outer(a, a)) for a in fib]
-    eps = ops.const(_EPS)
+    eps9 = ops.const(_EPS.reshape(3, 9))                # g_i -> Σ_i ε_ipl g_i as (p, l)
+    eps93 = ops.const(_EPS.transpose(0, 1, 2).reshape(9, 3))  # T_lQ -> Σ_l ε_ipl T_lQ as ((i, p), Q)
 
     def invariant(F):
         F = ops.asarray(F)
@@ -388,13 +389,13 @@ def _invariant_form(model, ref, ops, ps):
             pos = x > 0
             mac = x * pos                                                       # ⟨I4 − 1⟩
             g = cof @ a
-            Eg = ops.einsum("ni,ipl->npl", g, eps)                              # E_g,pl = ε_ipl g_i
+            Eg = (g @ eps9).reshape(n, 3, 3)                                    # E_g,pl = ε_ipl g_i
             T = F3 @ B.T
-            dg = ops.einsum("ipl,nlq->nipq", eps, T)                            # ∂g_i/∂F_pQ
+            dg = eps93 @ T                                                      # ∂g_i/∂F_pQ as (n, (i, p), Q)
             dI4 = 2.0 * Fa[:, :, None] * a[None, None, :]
             ys += [x, (g * g).sum(-1) - 1.0, mac * mac]
             dys += [dI4, 2.0 * Eg @ T, 2.0 * mac[:, None, None] * dI4]
-            fibre.append((pos, mac, Eg, dg.reshape(n, 3, 9)))
+            fibre.append((pos, mac, Eg, dg.reshape(n, 3, 9)))  # rows i, columns (p, Q)
         y = ops.stack(ys, -1)
         g, H = net.grad_hess(y)
         Wy = ps * (g - shift)
@@ -410,8 +411,8 @@ def _invariant_form(model, ref, ops, ps):
             W4 = Wy[:, 3 + 3 * k] + 2.0 * mac * Wy[:, 5 + 3 * k]                # ∂²I4 and the ⟨I4 − 1⟩ ∂²I4 of ∂²M
             W5 = Wy[:, 4 + 3 * k]
             A3 = A3 + 2.0 * W5[:, None, None] * (dg.swapaxes(1, 2) @ dg)
-            A3 = A3 + (2.0 * W5[:, None, None, None, None] * ops.einsum("npr,qs->npqrs", Eg, B_[k])).reshape(n, 9, 9)
             A3 = A3.reshape(n, 3, 3, 3, 3)
+            A3 += (2.0 * W5[:, None, None] * Eg)[:, :, None, :, None] * B_[k][None, None, :, None, :]
             for i in range(3):
                 A3[:, i, :, i, :] += 2.0 * W4[:, None, None] * aa_[k]
             A3 = A3.reshape(n, 9, 9)
