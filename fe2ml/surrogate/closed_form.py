@@ -349,13 +349,13 @@ def _invariant_form(model, ref, ops, ps):
     n_in = 4 + 3 * K
     r = n_in - 1
     # x = D y: x3 = −y2 / s3 (the 1 − J input), the fibre inputs follow
-    D = torch.zeros(n_in, r, dtype=torch.float64)
+    D = torch.zeros(n_in, r, dtype=ref.dtype, device=ref.device)
     for i in range(3):
         D[i, i] = 1.0 / ref[i]
     D[3, 2] = -1.0 / ref[3]
     for j in range(3 * K):
         D[4 + j, 3 + j] = 1.0 / ref[4 + j]
-    net = _Network(model.net, D.to(ref.device), ops)
+    net = _Network(model.net, D, ops)
     g0 = net.grad_hess(ops.const(np.zeros((1, r))))[0][0]
     # P(I) = 0 by polyconvexity-preserving terms (reference_shift)
     shift = ops.stack(reference_shift([g0[i] for i in range(r)], K), 0)
