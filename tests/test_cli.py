@@ -78,7 +78,7 @@ BAD = {
     "material_without_tag": (GOOD.replace("    bc: periodic", "      7: {material: linear_elastic, E: 5.0, nu: 0.2}\n"
                                           "    bc: periodic"), "tag(s) [7] do not occur"),
     "bad_bc": (GOOD.replace("bc: periodic", "bc: sticky"), "bc: expected one of periodic, affine, traction"),
-    "bad_degree": (GOOD + "    degree: 3\n", "degree: expected 1 or 2"),
+    "bad_degree": (GOOD + "    degree: 3\n", "degree: expected auto, 1 or 2"),
     "bad_strain": (GOOD.replace("[[0.01, 0.0], [0.0, 0.0]]", "[0.01, 0.0]"), "strains[0]: expected a 2x2"),
     "aniso_not_pd": (GOOD.replace("material: linear_elastic, E: 5.0e3, nu: 0.2",
                                   "material: anisotropic, C: [[1,0,0,0,0,0],[0,1,0,0,0,0],[0,0,-1,0,0,0],"
