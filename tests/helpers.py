@@ -148,3 +148,18 @@ def crafted_checkpoints(folder, marker):
                zipped)
     bare.write_bytes(pickle.dumps(_Payload(marker)))
     return zipped, bare
+
+
+def assert_check_and_run_refuse(config, msg, cwd, output="run_out"):
+    """``fe2ml check`` and ``fe2ml run`` of ``config`` both stop with one ``fe2ml: error:`` line holding ``msg``,
+    exit status 2, and write no ``output`` folder."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).parent / "fe2ml"
+    for cmd in ("check", "run"):
+        r = subprocess.run([str(exe), cmd, str(config)], capture_output=True, text=True, cwd=cwd)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(err) == 1 and err[0].startswith("fe2ml: error:") and msg in err[0], \
+            (config, cmd, r.stderr)
+    assert not (Path(cwd) / output).exists()

@@ -2,10 +2,7 @@
 the fibre families come from the RVE, and mismatches are refused with one line."""
 
 import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 from mpi4py import MPI
 
@@ -14,6 +11,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from helpers import assert_check_and_run_refuse  # noqa: E402
 from test_hyper import nh_P  # noqa: E402
 
 from fe2ml.data.log import LogWriter  # noqa: E402
@@ -98,13 +96,7 @@ output: run_out
 def _one_line_error(tmp_path, name, text, msg):
     path = tmp_path / f"{name}.yaml"
     path.write_text(text)
-    exe = Path(sys.executable).parent / "fe2ml"
-    for cmd in ("check", "run"):
-        r = subprocess.run([str(exe), cmd, str(path)], capture_output=True, text=True, cwd=tmp_path)
-        err = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and len(err) == 1 and err[0].startswith("fe2ml: error:") and msg in err[0], \
-            (name, cmd, r.stderr)
-    assert not (tmp_path / "run_out").exists()
+    assert_check_and_run_refuse(path, msg, tmp_path)
 
 
 @pytest.mark.serial

@@ -300,9 +300,7 @@ def test_surrogate_bad_inputs(tmp_path):
         load_train_config(tmp_path / "bad.yaml")
     # gate and audit options the checkpoint cannot serve: `fe2ml check` and `fe2ml run` stop with one line, exit 2,
     # nothing written
-    import subprocess
-    import sys
-    from pathlib import Path
+    from helpers import assert_check_and_run_refuse
 
     run = textwrap.dedent("""\
         dim: 2
@@ -331,16 +329,10 @@ def test_surrogate_bad_inputs(tmp_path):
     if not torch.cuda.is_available():
         bad["device_missing"] = ("hybrid", "device: cuda", "material.device: cuda requested, but this machine has no "
                                                            "CUDA device")
-    bin_ = Path(sys.executable).parent
     for name, (kind, extra, msg) in bad.items():
         cfg_path = tmp_path / f"{name}.yaml"
         cfg_path.write_text(run.replace("KIND", kind).replace("EXTRA", extra))
-        for cmd in (["check", str(cfg_path)], ["run", str(cfg_path)]):
-            r = subprocess.run([str(bin_ / "fe2ml"), *cmd], capture_output=True, text=True, cwd=tmp_path)
-            err = r.stderr.strip().splitlines()
-            assert r.returncode == 2 and len(err) == 1 and err[0].startswith("fe2ml: error:") and msg in err[0], \
-                (name, cmd, r.stderr)
-        assert not (tmp_path / "run_out").exists()
+        assert_check_and_run_refuse(cfg_path, msg, tmp_path)
 
 
 @pytest.mark.serial

@@ -78,7 +78,7 @@ def fibre_families(materials) -> list[list[float]]:
             v = _unit(a, "fibres")
             if not any(abs(abs(float(v @ w)) - 1.0) < 1e-9 for w in out):
                 out.append(v)
-    return [np.round(v, 12).tolist() for v in out]
+    return [v.tolist() for v in out]
 
 
 def same_fibres(a, b) -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as Fn
 
-__all__ = ["evaluator", "reference_shift", "strain_basis"]
+__all__ = ["cofactor3", "evaluator", "reference_shift", "strain_basis"]
 
 _EPS = np.zeros((3, 3, 3))
 for _i, _j, _k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
@@ -246,14 +246,20 @@ def reference_shift(gy, families: int):
     torch alike (arithmetic and ``abs`` only, differentiable almost everywhere for training).
     """
     n_hyd = 2.0 * gy[0] + 4.0 * gy[1] + gy[2]
-    parts = [0.0 * gy[0], 0.0 * gy[0], None]
+    fibres = []
     for k in range(families):
         g4, g5 = gy[3 + 3 * k], gy[4 + 3 * k]
-        m = 0.5 * (g4 + g5 + abs(g4 - g5))
+        m = 0.5 * (g4 + g5 + abs(g4 - g5))  # max(g4, g5)
         n_hyd = n_hyd + 2.0 * m
-        parts += [g4 - m, g5 - m, 0.0 * g4]
-    parts[2] = n_hyd
-    return parts
+        fibres += [g4 - m, g5 - m, 0.0 * g4]
+    return [0.0 * gy[0], 0.0 * gy[0], n_hyd, *fibres]
+
+
+def cofactor3(F, stack=torch.stack):
+    """The cofactor det(F) F⁻ᵀ of (..., 3, 3) by its 2 x 2 minors, defined at det F = 0 too (numpy: np.stack)."""
+    return stack([stack([F[..., (i + 1) % 3, (j + 1) % 3] * F[..., (i + 2) % 3, (j + 2) % 3]
+                         - F[..., (i + 1) % 3, (j + 2) % 3] * F[..., (i + 2) % 3, (j + 1) % 3]
+                         for j in range(3)], -1) for i in range(3)], -2)
 
 
 def strain_basis(d, idx):
@@ -364,7 +370,7 @@ def _invariant_form(model, ref, ops, ps):
     B_ = [ops.const(np.einsum("j,jmn->mn", a, _EPS)) for a in fib]
     aa_ = [ops.const(np.outer(a, a)) for a in fib]
     eps9 = ops.const(_EPS.reshape(3, 9))                # g_i -> Σ_i ε_ipl g_i as (p, l)
-    eps93 = ops.const(_EPS.transpose(0, 1, 2).reshape(9, 3))  # T_lQ -> Σ_l ε_ipl T_lQ as ((i, p), Q)
+    eps93 = ops.const(_EPS.reshape(9, 3))              # T_lQ -> Σ_l ε_ipl T_lQ as ((i, p), Q)
 
     def invariant(F):
         F = ops.asarray(F)
@@ -375,9 +381,7 @@ def _invariant_form(model, ref, ops, ps):
         I1 = C[:, 0, 0] + C[:, 1, 1] + C[:, 2, 2]
         FC = F3 @ C
         I2 = 0.5 * (I1 * I1 - ops.einsum("nij,nij->n", C, C))
-        cof = ops.stack([ops.stack([F3[:, (i + 1) % 3, (j + 1) % 3] * F3[:, (i + 2) % 3, (j + 2) % 3]
-                                    - F3[:, (i + 1) % 3, (j + 2) % 3] * F3[:, (i + 2) % 3, (j + 1) % 3]
-                                    for j in range(3)], -1) for i in range(3)], 1)
+        cof = cofactor3(F3, ops.stack)
         J = (F3[:, 0] * cof[:, 0]).sum(-1)
         ys = [I1 - 3.0, I2 - 3.0, J - 1.0]
         dys = [2.0 * F3, 2.0 * (I1[:, None, None] * F3 - FC), cof]

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 from torch.nn import functional as Fn
 
-from fe2ml.surrogate.closed_form import evaluator, reference_shift
+from fe2ml.materials.hyperelastic import fibre_families
+from fe2ml.surrogate.closed_form import cofactor3, evaluator, reference_shift
 from fe2ml.surrogate.config import FEATURES
 
 __all__ = ["CPU_CHUNK", "FEATURES", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked",
@@ -137,30 +138,6 @@ def _embed3(F):
     return F3 + e33
 
 
-def _cofactor3(F):
-    """The cofactor det(F) F⁻ᵀ of (..., 3, 3) by its 2 x 2 minors (defined at det F = 0 too)."""
-    rows = []
-    for i in range(3):
-        i1, i2 = (i + 1) % 3, (i + 2) % 3
-        rows.append(torch.stack([F[..., i1, (j + 1) % 3] * F[..., i2, (j + 2) % 3]
-                                 - F[..., i1, (j + 2) % 3] * F[..., i2, (j + 1) % 3] for j in range(3)], -1))
-    return torch.stack(rows, -2)
-
-
-def unit_fibres(fibres) -> list:
-    """Fibre directions as unit 3-vectors (lists): 2-vectors get a zero third component."""
-    out = []
-    for a in fibres or []:
-        v = np.asarray(a, dtype=np.float64).ravel()
-        if v.size == 2:
-            v = np.append(v, 0.0)
-        n = np.linalg.norm(v) if v.size == 3 else 0.0
-        if not n > 0 or not np.isfinite(n):
-            raise ValueError(f"fibre direction must be a non-zero 2- or 3-vector, got {np.asarray(a).tolist()}")
-        out.append((v / n).tolist())
-    return out
-
-
 class _Base(nn.Module):
     """Common: buffers for normalisation, batched P and A by autograd."""
 
@@ -225,7 +202,7 @@ class PotentialModel(_Base):
             raise ValueError(f"features: expected {', '.join(FEATURES)}, got {features!r}")
         if features != "general" and kinematics == "small":
             raise ValueError(f"{features} invariant features need finite kinematics")
-        fib = unit_fibres(fibres) if features == "anisotropic" else []
+        fib = fibre_families([{"fibres": fibres}]) if features == "anisotropic" else []
         if features == "anisotropic" and not fib:
             raise ValueError("features anisotropic needs the fibre families of the RVE (none given)")
         if features != "anisotropic" and fibres:
@@ -268,7 +245,7 @@ class PotentialModel(_Base):
         if self.features == "anisotropic":
             a = self.a.to(F.dtype)
             Fa = F3 @ a.T                                   # (..., 3, K)
-            Ga = _cofactor3(F3) @ a.T
+            Ga = cofactor3(F3) @ a.T
             for k in range(a.shape[0]):
                 I4 = (Fa[..., k] ** 2).sum(-1)
                 cols += [I4 - 1.0, (Ga[..., k] ** 2).sum(-1) - 1.0, torch.relu(I4 - 1.0) ** 2]
