@@ -26,6 +26,7 @@ from fe2ml.data.schema import LogError, open_part
 from fe2ml.errors import Fe2mlError
 from fe2ml.micro.config import build_rve as build_rve_from_config
 from fe2ml.micro.config import load_rve_mesh
+from fe2ml.micro.parameters import family_fingerprint, parameter_sets, rve_with
 from fe2ml.parallel import collective
 
 __all__ = ["build_rve", "done_point_ids", "run_campaign"]
@@ -58,38 +59,92 @@ def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int =
                  parts: int = 1) -> dict:
     """Run (or resume) a sampling campaign; every rank writes its own part file.
 
+    A parametric campaign (``parameters:``) runs its parameter sets one after the other, each on all ranks, into
+    the same folder (fingerprint of the family; every record carries its parameter vector ``p``).
+
     Returns:
         dict with the campaign id, number of designed, skipped and new records, and timings (rank 0).
+    """
+    if cfg.parameters is None:
+        F, path_idx = design_points(cfg.design, cfg.rve.dim)
+        return _run_set(comm, cfg, cfg.rve, F, path_idx, np.arange(len(F)), log_every=log_every, part=part,
+                        parts=parts)
+    box = cfg.parameters
+    m = cfg.parameter_sets
+    sets = parameter_sets(box, m, cfg.design["seed"])
+    F, path_idx = design_points(cfg.design, cfg.rve.dim)
+    free = np.flatnonzero(path_idx < 0)
+    fam = family_fingerprint(box)
+    total: dict = {}
+    for k, pv in enumerate(sets):
+        mine = np.sort(np.concatenate([free[k::m], np.flatnonzero(path_idx >= 0)]))
+        rcfg = rve_with(box, pv, f"{cfg.path}: parameter set {k}", cfg.rve.dim)
+        if comm.rank == 0:
+            log.info(f"fe2ml sample: parameter set {k + 1}/{m}: {box.values(pv)}")
+        out = _run_set(comm, cfg, rcfg, F, path_idx, mine, log_every=log_every, part=part, parts=parts,
+                       param=(k, pv, box, fam))
+        if comm.rank == 0:
+            for key in ("designed", "skipped", "new", "wall_s"):
+                total[key] = total.get(key, 0) + out[key]
+            total.setdefault("campaign_ids", []).append(out["campaign_id"])
+            total["fingerprint"] = fam
+    if comm.rank == 0:
+        total["campaign_id"] = total["campaign_ids"][0]
+        total["parameter_sets"] = sets.tolist()
+    return total
+
+
+def _run_set(comm, cfg: SampleConfig, rcfg, F_all, path_all, points, *, log_every: float, part: int, parts: int,
+             param=None) -> dict:
+    """One RVE's share of a campaign: the design points ``points`` (indices into F_all) of the RVE ``rcfg``.
+
+    ``param``: (set index, parameter vector, box, family fingerprint) of a parametric campaign, else None.
     """
     t0 = time.perf_counter()
     rank, size = comm.rank, comm.size
     collective(comm, lambda: check_folder_writable(cfg.output) if rank == 0 else None)
-    rve = collective(comm, lambda: build_rve(cfg.rve, comm))
+    rve = collective(comm, lambda: build_rve(rcfg, comm))
     fp = rve_fingerprint(rve)
-    campaign_id = hashlib.sha256(json.dumps({"design": cfg.design, "fingerprint": fp},
-                                            sort_keys=True).encode()).hexdigest()[:12]
-    F, path_idx = design_points(cfg.design, rve.d)
-    n = len(F)
+    ident = {"design": cfg.design, "fingerprint": fp}
+    if param is not None:
+        ident["parameter_set"] = [int(param[0]), [float(v) for v in param[1]]]
+    campaign_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    # a parametric set's point ids are unique in the folder: set * n_design + design index
+    offset = int(param[0]) * len(F_all) if param is not None else 0
+    F = np.zeros_like(F_all)
+    F[points] = F_all[points]
+    path_idx = path_all
+    n = len(points)
+    folder_fp = fp if param is None else param[3]
     done = done_point_ids(cfg.output, campaign_id) if rank == 0 else None
     done = comm.bcast(done, root=0)
-    todo = np.array([i for i in range(n) if i not in done and i % parts == part], dtype=np.int64)
+    n_done = sum(1 for i in points if i + offset in done)
+    todo = np.array([i for i in points if i + offset not in done and i % parts == part], dtype=np.int64)
     mine = np.array_split(todo, size)[rank]
-    finite = cfg.rve.kinematics == "finite"
-    run_id = comm.bcast(uuid.uuid4().hex[:8] + (f"p{part}" if parts > 1 else "") if rank == 0 else None, root=0)
+    finite = rcfg.kinematics == "finite"
+    run_id = comm.bcast(uuid.uuid4().hex[:8] + (f"p{part}" if parts > 1 else "") +
+                        (f"s{int(param[0])}" if param is not None else "") if rank == 0 else None, root=0)
     if rank == 0:
         log.info(f"fe2ml sample: {cfg.path} -> {cfg.output}: campaign {campaign_id}, RVE {fp}, {n} design points, "
-              f"{len(done)} already logged, {len(todo)} to do on {size} rank(s)")
+                 f"{n_done} already logged, {len(todo)} to do on "
+                 f"{size} rank(s)")
     attrs = {"source_kind": "campaign", "source_id": campaign_id, "design": json.dumps(cfg.design),
-             "config": cfg.text, "rve": json.dumps(rve_description(rve)), "kinematics": cfg.rve.kinematics,
+             "config": cfg.text, "rve": json.dumps(rve_description(rve)), "kinematics": rcfg.kinematics,
              "run_id": run_id, "n_designed": n}
+    pvec = None
+    if param is not None:
+        pvec = np.asarray(param[1], dtype=float)
+        attrs.update({"parameter_box": json.dumps(param[2].as_dict()), "parameter_set": int(param[0]),
+                      "rve_fingerprint": fp})
     n_cells = int(rve.rve_mesh.n_cells) if (finite and cfg.cells) else 0
     n_ph = len(rve.rve_mesh.tags) if (finite and cfg.cells) else 0
 
-    collective(comm, lambda: check_fingerprint(cfg.output, fp) if rank == 0 else None)
+    collective(comm, lambda: check_fingerprint(cfg.output, folder_fp) if rank == 0 else None)
 
     def mk_writer():
-        return LogWriter(cfg.output, run_id, rank, fingerprint=fp, attrs=attrs, dim=rve.d, n_cells=n_cells,
-                         n_phases=n_ph, flush_every=cfg.flush_every, check_folder=False)
+        return LogWriter(cfg.output, run_id, rank, fingerprint=folder_fp, attrs=attrs, dim=rve.d, n_cells=n_cells,
+                         n_phases=n_ph, flush_every=cfg.flush_every, check_folder=False,
+                         parameters=list(param[2].names) if param is not None else None)
 
     writer = collective(comm, mk_writer) if len(todo) else None
     t_eval = 0.0
@@ -106,7 +161,7 @@ def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int =
             A = np.broadcast_to(res.C, (len(mine),) + res.C.shape)
             t_eval += time.perf_counter() - t1
             t1 = time.perf_counter()
-            writer.add(F[mine], P, A, point_id=mine, step=path_idx[mine], rank=rank)
+            writer.add(F[mine], P, A, point_id=mine + offset, step=path_idx[mine], rank=rank, p=pvec)
             t_log += time.perf_counter() - t1
         prev = None
         for c, i in enumerate(mine if finite else []):
@@ -118,8 +173,8 @@ def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int =
             cq = [rve.cell_quantities()] if n_cells or n_ph else None
             prev = (i, state)
             t2 = time.perf_counter()
-            writer.add(F[i][None], P[None], A[None], point_id=[i], step=path_idx[i], rank=rank, newton_its=its,
-                       cells=cq)
+            writer.add(F[i][None], P[None], A[None], point_id=[i + offset], step=path_idx[i], rank=rank,
+                       newton_its=its, cells=cq, p=pvec)
             t3 = time.perf_counter()
             t_eval += t2 - t1
             t_log += t3 - t2
@@ -143,7 +198,7 @@ def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int =
     wall = time.perf_counter() - t0
     out = {}
     if rank == 0:
-        out = {"campaign_id": campaign_id, "fingerprint": fp, "designed": n, "skipped": len(done), "new": len(todo),
+        out = {"campaign_id": campaign_id, "fingerprint": fp, "designed": n, "skipped": n_done, "new": len(todo),
                "wall_s": wall, "eval_s": [s["eval"] for s in stats], "log_s": [s["log"] for s in stats]}
         if log.isEnabledFor(logging.INFO):
             log.info(f"  done: {len(todo)} new records in {wall:.1f} s ({len(todo) / max(wall, 1e-9):.1f} records/s), "

@@ -7,6 +7,10 @@ Keys::
     output: PATH                              log folder (default rve_data/<config name>)
     flush_every: int                          records per flush of each part (default 64)
     cells: true                               log cell quantities (finite strain)
+    parameters: {NAME: [lo, hi], ...}         a family of RVEs (micro/parameters.py): phases.2.mu, mesh.seed, ...
+    parameter_sets: int                       parameter vectors, a scrambled Sobol design over the box (default 8);
+                                              the space-filling F̄ points are dealt to them in turn (point i to set
+                                              i mod M), every named path runs at every set
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from fe2ml.config import check_keys, flag, load_yaml, number
 from fe2ml.data.design import design_points
 from fe2ml.errors import ConfigError
 from fe2ml.micro.config import LOAD_PATHS, HomogenizeConfig, parse_rve_ref
+from fe2ml.micro.parameters import ParameterBox, parameter_sets, parse_parameter_box, rve_with
 
 __all__ = ["RunLogOptions", "SampleConfig", "load_sample_config", "parse_run_log"]
 
@@ -35,6 +40,8 @@ class SampleConfig:
     flush_every: int
     cells: bool
     text: str
+    parameters: ParameterBox | None = None
+    parameter_sets: int = 0
 
 
 def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
@@ -42,7 +49,7 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    check_keys(raw, ("rve", "design", "output", "flush_every", "cells"), f)
+    check_keys(raw, ("rve", "design", "output", "flush_every", "cells", "parameters", "parameter_sets"), f)
     if "rve" not in raw or "design" not in raw:
         raise ConfigError(f"{f}: missing required key '{'rve' if 'rve' not in raw else 'design'}'")
     rve = parse_rve_ref(raw["rve"], p, f"{f}: rve", p.parent, None)
@@ -125,8 +132,21 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     out = output if output is not None else raw.get("output", str(Path("rve_data") / p.stem))
     if not isinstance(out, str):
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
+    box, sets = None, 0
+    if raw.get("parameters") is not None:
+        box = parse_parameter_box(raw["parameters"], raw["rve"], f"{f}: parameters", p.parent, p)
+        sets = raw.get("parameter_sets", 8)
+        if not isinstance(sets, int) or isinstance(sets, bool) or not 1 <= sets <= 4096:
+            raise ConfigError(f"{f}: parameter_sets: expected an integer in 1..4096, got {sets!r}")
+        if design["n"] and design["n"] < sets:
+            raise ConfigError(f"{f}: parameter_sets: {sets} sets but design.n = {design['n']} points; every set needs "
+                              "at least one point (n >= parameter_sets)")
+        for k, pv in enumerate(parameter_sets(box, sets, design["seed"])):
+            rve_with(box, pv, f"{f}: parameter set {k}", rve.dim)
+    elif "parameter_sets" in raw:
+        raise ConfigError(f"{f}: parameter_sets without parameters; give parameters: {{NAME: [lo, hi]}}")
     return SampleConfig(path=p, rve=rve, design=design, output=Path(out) if output is not None else p.parent / out,
-                        flush_every=fl, cells=cells, text=p.read_text())
+                        flush_every=fl, cells=cells, text=p.read_text(), parameters=box, parameter_sets=sets)
 
 
 @dataclass(frozen=True)

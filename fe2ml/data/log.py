@@ -19,10 +19,13 @@ Schema (``SCHEMA_VERSION`` = 1), per record (n = records, d = dimension, c = cel
     cells/<key>  (n,c,...)                     per-cell quantities (volume, F, E, stretch, J, W, sigma,
                                                von_mises, sigma_max, phase), see CellQuantities
     phases/<key> (n,p,...)                     per-phase quantities, peak_E and peak_von_mises (n,p)
+    p (n,k)  float64                           parametric campaigns only: the record's microstructure parameters
 
 File attributes: schema_version, fingerprint, rve (JSON description: mesh hash, materials, BCs,
 discretisation), dim, kinematics, source_kind (campaign | macro_run), source_id, design (JSON, campaigns),
-config (YAML text), fe2ml_version, versions (JSON), created (ISO 8601), rank, n_cells, phase_tags.
+config (YAML text), fe2ml_version, versions (JSON), created (ISO 8601), rank, n_cells, phase_tags; parametric
+campaigns add parameters (JSON list of the k names) and parameter_box (JSON {name: [lo, hi]}), and their fingerprint
+is that of the family (the base RVE config and the parameter names), the RVE of each record being the base with p.
 """
 
 from __future__ import annotations
@@ -105,7 +108,7 @@ class LogWriter:
 
     def __init__(self, folder, run_id: str, rank: int, *, fingerprint: str, attrs: dict, dim: int,
                  n_cells: int = 0, n_phases: int = 0, flush_every: int = 64, flush_seconds: float = 30.0,
-                 check_folder: bool = True):
+                 check_folder: bool = True, parameters: list[str] | None = None):
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -145,6 +148,10 @@ class LogWriter:
         d = dim
         self._shapes = {"F": ((d, d), np.float64), "P": ((d, d), np.float64), "A": ((d, d, d, d), np.float64),
                         **BASE_FIELDS}
+        self.parameters = list(parameters or [])
+        if self.parameters:  # a parametric campaign: every record's microstructure parameter vector
+            f.attrs["parameters"] = json.dumps(self.parameters)
+            self._shapes["p"] = ((len(self.parameters),), np.float64)
         if n_cells or n_phases:
             cq = {"volume": (), "F": (3, 3), "E": (3, 3), "stretch": (3,), "J": (), "W": (), "sigma": (3, 3),
                   "von_mises": (), "sigma_max": ()}
@@ -167,7 +174,7 @@ class LogWriter:
         f.flush()
 
     def add(self, F, P, A, *, point_id, step=-1, iteration=-1, converged=1, x=None, rank=0, newton_its=0,
-            cells=None) -> None:
+            cells=None, p=None) -> None:
         """Buffer a batch of records (arrays with leading dimension n) and flush when due.
 
         Args:
@@ -182,6 +189,7 @@ class LogWriter:
             rank: MPI rank (scalar or (n,)).
             newton_its: RVE Newton iterations (scalar or (n,)).
             cells: list of n :class:`~fe2ml.micro.finite.CellQuantities` (or None).
+            p: the microstructure parameters ((k,) or (n, k)) of a parametric log (required there).
         """
         F = np.asarray(F, dtype=np.float64)
         n = len(F)
@@ -191,7 +199,12 @@ class LogWriter:
         if F.shape != (n, d, d):
             raise LogError(f"{self.path}: F has shape {F.shape[1:]}, the log expects ({d}, {d})")
         # cheap here; arrays are assembled in bulk at flush time
-        self._buf.append((n, F, P, A, point_id, step, iteration, converged, x, rank, newton_its, cells))
+        if self.parameters:
+            if p is None or np.shape(p)[-1:] != (len(self.parameters),):
+                raise LogError(f"{self.path}: every record of a parametric log needs its {len(self.parameters)} "
+                               f"parameter value(s) ({', '.join(self.parameters)})")
+            p = np.broadcast_to(np.asarray(p, dtype=np.float64), (n, len(self.parameters)))
+        self._buf.append((n, F, P, A, point_id, step, iteration, converged, x, rank, newton_its, cells, p))
         self._n_buf += n
         if self._n_buf >= self.flush_every or time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
@@ -216,6 +229,8 @@ class LogWriter:
                 xx[:, : x.shape[1]] = x
             xs.append(xx)
         out["x"] = np.concatenate(xs)
+        if self.parameters:
+            out["p"] = np.concatenate([b[12] for b in buf])
         cell_keys = [k for k in self._shapes if k.startswith(("cells/", "phases/"))]
         if cell_keys:
             allc = [c for b in buf for c in (b[11] if b[11] is not None else [None] * b[0])]

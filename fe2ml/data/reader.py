@@ -116,6 +116,8 @@ def read_logs(paths, *, fingerprint: str | None = None, source: str | None = Non
         with open_part(p) as f:
             if names is None:
                 names = fields or dataset_names(f)
+                if fields and "p" in f and "p" not in names:  # a parametric log: the parameters go with F
+                    names = [*names, "p"]
             try:
                 for k in names:
                     if k not in f:

@@ -91,7 +91,8 @@ class SurrogateLaw(ConstitutiveLaw):
         self.model = EnsembleModel.from_states(ck["model"]["kind"], self.dim, self.kinematics, margs, ck["members"],
                                                device=self.device)
         self.gate = Gate(ck)
-        self.model.evaluate_members(np.eye(self.dim)[None])  # set-up (numpy weights), like an RVE's form compilation
+        if not self.model.parameters:
+            self.model.evaluate_members(np.eye(self.dim)[None])  # set-up (numpy weights), like an RVE's compilation
 
     def trained(self) -> tuple[EnsembleModel, Gate]:
         """The ensemble and its gate.
@@ -128,7 +129,7 @@ class SurrogateLaw(ConstitutiveLaw):
     def features(self, F) -> np.ndarray:
         """The network's unscaled input features of each point, (n, m)."""
         model, _ = self.trained()
-        x = torch.as_tensor(np.asarray(F, dtype=np.float64)).to(model.device)
+        x = torch.as_tensor(model.augment(F)).to(model.device)
         return model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
 
     def distance(self, F) -> np.ndarray:

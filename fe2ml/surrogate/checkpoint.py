@@ -29,7 +29,7 @@ import torch
 
 from fe2ml.errors import ConfigError
 from fe2ml.files import atomic_target
-from fe2ml.surrogate.models import CPU_CHUNK, MLP, PotentialModel, build_model, chunked
+from fe2ml.surrogate.models import CPU_CHUNK, MLP, PotentialModel, build_model, chunked, with_parameters
 
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
            "load_checkpoint", "resave_checkpoint", "resolve_device", "save_checkpoint"]
@@ -72,6 +72,31 @@ class EnsembleModel:
         self.kinematics = members[0].kinematics
         # closed forms in numpy on the CPU (None: the torch path, which runs on the members' device)
         self._np = [m.numpy_evaluator() if self.device.type == "cpu" else None for m in self.members]
+        self.parameters: list[str] = list(getattr(members[0], "parameters_", []))
+        self._p: np.ndarray | None = None
+
+    def bind(self, p) -> None:
+        """The microstructure parameters of the points evaluated from now on (parametric members only).
+
+        ``p``: (k,) for every point, or (n, k) for the n points of each later call (a field of parameters).
+        """
+        p = np.asarray(p, dtype=np.float64)
+        if p.shape[-1:] != (len(self.parameters),) or p.ndim > 2:
+            raise ValueError(f"parameters: expected {len(self.parameters)} value(s) per point "
+                             f"({', '.join(self.parameters)}), got shape {p.shape}")
+        self._p = p
+
+    def augment(self, F) -> np.ndarray:
+        """F (n, d, d) with the bound parameters appended (a non-parametric ensemble: F itself)."""
+        F = np.asarray(F, dtype=np.float64)
+        if not self.parameters or F.shape[-1] != self.dim:
+            return F
+        if self._p is None:
+            raise ValueError(f"a parametric surrogate needs its parameters ({', '.join(self.parameters)}): bind them "
+                             "first")
+        if self._p.ndim == 2 and len(self._p) != len(F):
+            raise ValueError(f"{len(self._p)} parameter vectors are bound for {len(F)} points")
+        return with_parameters(F, self._p)
 
     @classmethod
     def from_states(cls, kind, dim, kinematics, margs, states, *, device: torch.device | str = "cpu"):
@@ -86,6 +111,7 @@ class EnsembleModel:
 
     def evaluate_members(self, F):
         """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""
+        F = self.augment(F)
         out = []
         for m, f in zip(self.members, self._np, strict=True):
             if f is None:
@@ -108,7 +134,7 @@ class EnsembleModel:
         Memory: the mean tangent and K stresses per point (no member's tangent is kept), (81 + 9 (K + 1)) · 8 bytes
         per 3D point.
         """
-        F = np.asarray(F, dtype=np.float64)
+        F = self.augment(F)
         n, d, K = len(F), self.dim, len(self.members)
         P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
         Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)

@@ -40,27 +40,31 @@ from fe2ml.surrogate.closed_form import cofactor3, evaluator, reference_shift
 from fe2ml.surrogate.config import FEATURES
 
 __all__ = ["CPU_CHUNK", "FEATURES", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked",
-           "reference_shift"]
+           "reference_shift", "with_parameters"]
 
 CPU_CHUNK = 512
 """Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
 
 
 def chunked(f, F: np.ndarray, chunk: int = CPU_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """P (n,d,d), A (n,d,d,d,d) of ``f`` evaluated chunk by chunk into preallocated arrays (bounded temporaries)."""
-    n, d = len(F), F.shape[-1]
+    """P (n,d,d), A (n,d,d,d,d) of ``f`` evaluated chunk by chunk into preallocated arrays (bounded temporaries).
+
+    ``F`` may carry parameter columns (n, d, d + k) (:class:`PotentialModel` with ``parameters``).
+    """
+    n, d = len(F), F.shape[1]
     P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
     for i in range(0, n, chunk):
         P[i:i + chunk], A[i:i + chunk] = f(F[i:i + chunk])
     return P, A
 
 
-def _mlp(n_in, hidden, n_out, convex=False, monotone=()):
-    return ICNN(n_in, hidden, n_out, monotone=monotone) if convex else MLP(n_in, hidden, n_out)
+def _mlp(n_in, hidden, n_out, convex=False, monotone=(), n_ctx=0):
+    return (ICNN(n_in, hidden, n_out, monotone=monotone, n_ctx=n_ctx) if convex
+            else MLP(n_in + n_ctx, hidden, n_out))
 
 
 class MLP(nn.Module):
-    """Softplus multilayer perceptron."""
+    """Softplus multilayer perceptron (a context c, when given, is appended to the inputs)."""
 
     def __init__(self, n_in, hidden, n_out):
         super().__init__()
@@ -68,7 +72,9 @@ class MLP(nn.Module):
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)])
         self.out = nn.Linear(dims[-1], n_out)
 
-    def forward(self, x):
+    def forward(self, x, c=None):
+        if c is not None:
+            x = torch.cat([x, c.expand(*x.shape[:-1], c.shape[-1])], -1)
         for lay in self.layers:
             x = Fn.softplus(lay(x))
         return self.out(x)
@@ -79,9 +85,14 @@ class ICNN(nn.Module):
 
     W⁺ = softplus(W) ≥ 0. The inputs listed in ``monotone`` enter every layer with non-negative weights too, so
     the network is also non-decreasing in them (needed to compose it with convex functions of F).
+
+    ``n_ctx > 0`` makes it partially input-convex (Amos et al. 2017): a context c (the microstructure parameters)
+    passes through a free branch u = softplus(L₂ softplus(L₁ c)) and enters layer k as V_k (x ⊙ g_k(u)) + U_k u
+    with gates g_k = softplus(G_k u) ≥ 0, and the output is scaled by exp(s(u)) > 0. Every term stays convex and, for
+    the monotone inputs, non-decreasing in x for any c; nothing is required of the dependence on c.
     """
 
-    def __init__(self, n_in, hidden, n_out, monotone=()):
+    def __init__(self, n_in, hidden, n_out, monotone=(), n_ctx=0):
         super().__init__()
         self.monotone = tuple(monotone)
         self.Vs = nn.ModuleList([nn.Linear(n_in, h) for h in hidden])
@@ -89,6 +100,19 @@ class ICNN(nn.Module):
                                                                                            strict=True)])
         self.W_out = nn.Parameter(torch.randn(n_out, hidden[-1]) * 0.1)
         self.V_out = nn.Linear(n_in, n_out)
+        self.n_ctx = n_ctx
+        if n_ctx:
+            hc = max(16, hidden[0])
+            self.ctx = nn.ModuleList([nn.Linear(n_ctx, hc), nn.Linear(hc, hc)])
+            self.Us = nn.ModuleList([nn.Linear(hc, h) for h in [*hidden, n_out]])
+            self.Gs = nn.ModuleList([nn.Linear(hc, n_in) for _ in range(len(hidden) + 1)])
+            self.S = nn.Linear(hc, n_out)
+            with torch.no_grad():  # start as the plain ICNN: gates 1, no scaling
+                for G in self.Gs:
+                    G.weight.mul_(0.1)
+                    G.bias.fill_(float(np.log(np.expm1(1.0))))
+                self.S.weight.mul_(0.1)
+                self.S.bias.zero_()
 
     @torch.no_grad()
     def start_small(self):
@@ -113,11 +137,22 @@ class ICNN(nn.Module):
         weight = torch.where(mask, Fn.softplus(V.weight), V.weight)
         return x @ weight.T + V.bias
 
-    def forward(self, x):
-        z = Fn.softplus(self._input(self.Vs[0], x))
-        for W, V in zip(self.Ws, self.Vs[1:], strict=True):
-            z = Fn.softplus(z @ Fn.softplus(W).T + self._input(V, x))
-        return z @ Fn.softplus(self.W_out).T + self._input(self.V_out, x)
+    def forward(self, x, c=None):
+        if not self.n_ctx:
+            z = Fn.softplus(self._input(self.Vs[0], x))
+            for W, V in zip(self.Ws, self.Vs[1:], strict=True):
+                z = Fn.softplus(z @ Fn.softplus(W).T + self._input(V, x))
+            return z @ Fn.softplus(self.W_out).T + self._input(self.V_out, x)
+        u = Fn.softplus(self.ctx[1](Fn.softplus(self.ctx[0](c))))
+
+        def term(k, V):
+            return self._input(V, x * Fn.softplus(self.Gs[k](u))) + self.Us[k](u)
+
+        z = Fn.softplus(term(0, self.Vs[0]))
+        for k, (W, V) in enumerate(zip(self.Ws, self.Vs[1:], strict=True)):
+            z = Fn.softplus(z @ Fn.softplus(W).T + term(k + 1, V))
+        out = z @ Fn.softplus(self.W_out).T + term(len(self.Vs), self.V_out)
+        return out * torch.exp(self.S(u))
 
 
 def _det3(F):
@@ -193,11 +228,16 @@ class PotentialModel(_Base):
             invariant too).
         fibres: the fibre families a_k in the RVE frame (``anisotropic`` only): 2- or 3-vectors, normalised here
             (2-vectors lie in the plane of a plane-strain RVE).
+        parameters: names of microstructure parameters p (a parametric surrogate W(F; p)). The model then takes
+            F with the parameter vector appended to its first row, (n, d, d + k) (:func:`with_parameters`); p passes
+            through the free branch of a partially input-convex network, W(I; p) = 0 and P(I; p) = 0 for every p,
+            and the tangent is ∂²W/∂F² at fixed p (automatic differentiation: there is no closed form).
     """
 
     def __init__(self, dim: int, kinematics: str = "finite", hidden=(16, 16), features: str = "general",
-                 convex: bool = False, fibres=None):
+                 convex: bool = False, fibres=None, parameters=None):
         super().__init__(dim, kinematics)
+        self.parameters_ = [str(q) for q in (parameters or [])]
         if features not in FEATURES:
             raise ValueError(f"features: expected {', '.join(FEATURES)}, got {features!r}")
         if features != "general" and kinematics == "small":
@@ -216,15 +256,57 @@ class PotentialModel(_Base):
         # polyconvexity: non-decreasing in I1 − 3, I2 − 3 (inputs 0, 1) and every fibre invariant (inputs 4...),
         # free in J − 1 and 1 − J (inputs 2, 3)
         monotone = () if features == "general" else (0, 1, *range(4, n_in))
-        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=monotone)
-        self.register_buffer("x_scale", torch.ones(n_in, dtype=torch.float64))
+        self.n_in = n_in
+        k = len(self.parameters_)
+        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=monotone, n_ctx=k)
+        self.register_buffer("x_scale", torch.ones(n_in + k, dtype=torch.float64))
+        if k:  # the parameters' mean (their scale is the tail of x_scale)
+            self.register_buffer("p_mean", torch.zeros(k, dtype=torch.float64))
         if fib:  # a buffer (it moves with the model); general/isotropic state dicts stay as they were
             self.register_buffer("a", torch.tensor(fib, dtype=torch.float64))
         self.double()
 
     def features_of(self, F):
-        """Unscaled network inputs (n, n_in) (used for the training-data bounds)."""
-        return self._feat(F)
+        """Unscaled network inputs (n, n_in), then the parameters (used for the training-data bounds and gates)."""
+        F, p = self._split(F)
+        y = self._feat(F)
+        return y if p is None else torch.cat([y, p], -1)
+
+    def _split(self, F):
+        """(F (n, d, d), p (n, k) or None) of a possibly parameter-augmented F."""
+        if not self.parameters_:
+            return F, None
+        d = self.dim
+        if F.shape[-1] != d + len(self.parameters_):
+            raise ValueError(f"a parametric model takes F with its {len(self.parameters_)} parameter(s) appended "
+                             f"(shape (n, {d}, {d + len(self.parameters_)})), got {tuple(F.shape)}")
+        return F[..., :d], F[..., 0, d:]
+
+    def _context(self, p):
+        """Scaled parameters (n, k) or None."""
+        if p is None:
+            return None
+        return (p - self.p_mean) / self.x_scale[self.n_in:]
+
+    def numpy_evaluator(self):
+        """The numpy closed form; None for a parametric model (it is evaluated by automatic differentiation)."""
+        return None if self.parameters_ else super().numpy_evaluator()
+
+    def evaluate(self, F, *, batch: int | None = None):
+        """Numpy in/out evaluation; a parametric model's F carries its parameters (:func:`with_parameters`)."""
+        if not self.parameters_:
+            return super().evaluate(F, batch=batch)
+        dev = self.p_scale.device
+        d = self.dim
+        F = np.asarray(F, dtype=np.float64)
+        if len(F) == 0:
+            return np.zeros((0, d, d)), np.zeros((0, d, d, d, d))
+
+        def f(G):
+            P, A = self._autograd(torch.as_tensor(G, device=dev), False)
+            return P.cpu().numpy(), A.cpu().numpy()
+
+        return chunked(f, F, batch or (CPU_CHUNK if dev.type == "cpu" else 65536))
 
     def _feat(self, F):
         d = self.dim
@@ -252,46 +334,59 @@ class PotentialModel(_Base):
         return torch.stack(cols, -1)
 
     def _y_gradient(self, g0):
-        """Gradient in the unscaled features y (J once) from the gradient in the scaled inputs x (1, n_in)."""
-        s = self.x_scale
-        gx = g0[0] / s
-        return [gx[0], gx[1], gx[2] - gx[3], *gx[4:]]
+        """Gradient in the unscaled features y (J once) from the gradient in the scaled inputs x (m, n_in)."""
+        gx = g0 / self.x_scale[:self.n_in]
+        if not self.parameters_:
+            gx = gx[0]
+            return [gx[0], gx[1], gx[2] - gx[3], *gx[4:]]
+        return [gx[:, 0], gx[:, 1], gx[:, 2] - gx[:, 3], *gx[:, 4:].T]
 
-    def _reference(self):
-        """Network value and gradient at the reference state (x = 0), differentiable in the weights."""
-        x0 = torch.zeros(1, self.x_scale.shape[0], dtype=self.x_scale.dtype, device=self.x_scale.device,
-                         requires_grad=True)
-        n0 = self.net(x0).sum()
-        g0 = torch.autograd.grad(n0, x0, create_graph=True)[0]
+    def _reference(self, c=None):
+        """Network value and gradient at the reference state (x = 0), differentiable in the weights.
+
+        With a context c (n, k): per point, (n,) and (n, n_in); without: a scalar and (1, n_in).
+        """
+        m = 1 if c is None else len(c)
+        x0 = torch.zeros(m, self.n_in, dtype=self.x_scale.dtype, device=self.x_scale.device, requires_grad=True)
+        out = self.net(x0, c).squeeze(-1) if c is not None else self.net(x0)
+        n0 = out.sum() if c is None else out
+        g0 = torch.autograd.grad(out.sum(), x0, create_graph=True)[0]
         return n0, g0
 
     def energy(self, F, ref=None):
-        """W(F) (n,) including the normalisation terms (W(I) = 0, P(I) = 0)."""
+        """W(F) (n,) including the normalisation terms (W(I) = 0, P(I) = 0; for every p when parametric)."""
+        F, p = self._split(F)
+        return self._energy(F, p, ref)
+
+    def _energy(self, F, p, ref=None):
         y = self._feat(F)
-        x = y / self.x_scale
-        n0, g0 = self._reference() if ref is None else ref
+        x = y / self.x_scale[:self.n_in]
+        c = self._context(p)
+        n0, g0 = self._reference(c) if ref is None else ref
         # stress-free reference: remove the linear part of the network at the reference state
         if self.features == "general":
             lin = (x * g0).sum(-1)
         else:
             # P(I) = 0 by polyconvexity-preserving terms (Linden et al. 2023 for the isotropic part): −s·y with the
             # J column of y taken once (x3 = J − 1, x4 = 1 − J enter with opposite signs)
-            shift = torch.stack(reference_shift(self._y_gradient(g0), len(self.fibres)))
+            shift = torch.stack(reference_shift(self._y_gradient(g0), len(self.fibres)), -1)
             yr = torch.cat([y[..., :3], y[..., 4:]], -1)
-            lin = yr @ shift
-        return self.p_scale * (self.net(x).squeeze(-1) - n0 - lin)
+            lin = (yr * shift).sum(-1)
+        out = self.net(x).squeeze(-1) if c is None else self.net(x, c).squeeze(-1)
+        return self.p_scale * (out - n0 - lin)
 
     def stress_tangent(self, F, *, create_graph=False):
         """P = ∂W/∂F and A = ∂²W/∂F² (closed form without a graph, batched autograd with one)."""
-        if not create_graph:
+        if not create_graph and not self.parameters_:
             return evaluator(self, "torch")(F)
         return self._autograd(F, create_graph)
 
     def _autograd(self, F, create_graph):
-        """P and A by batched autograd (one backward pass per tangent column)."""
+        """P and A by batched autograd (one backward pass per tangent column), at fixed parameters."""
+        F, p = self._split(F)
         with torch.enable_grad():
             F = F.detach().requires_grad_(True)
-            W = self.energy(F).sum()
+            W = self._energy(F, p).sum()
             P = torch.autograd.grad(W, F, create_graph=True)[0]
             A = _columns(P, F, self.dim, create_graph)
         return (P, A) if create_graph else (P.detach(), A.detach())
@@ -338,6 +433,20 @@ class PlainModel(_Base):
 
 
 MODEL_KINDS = ("potential", "plain")
+
+
+def with_parameters(F: np.ndarray, p) -> np.ndarray:
+    """F (n, d, d) with the parameter vector(s) p ((k,) for all points or (n, k)) appended to the first row.
+
+    Returns (n, d, d + k): the input of a parametric :class:`PotentialModel` (the other rows' extra columns are 0).
+    """
+    F = np.asarray(F, dtype=np.float64)
+    n, d = len(F), F.shape[1]
+    p = np.broadcast_to(np.asarray(p, dtype=np.float64), (n, np.shape(p)[-1]))
+    out = np.zeros((n, d, d + p.shape[1]))
+    out[:, :, :d] = F
+    out[:, 0, d:] = p
+    return out
 
 
 def build_model(kind: str, dim: int, kinematics: str, **kw) -> _Base:

@@ -30,7 +30,7 @@ from fe2ml.surrogate.checkpoint import (
 )
 from fe2ml.surrogate.config import TrainConfig
 from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
-from fe2ml.surrogate.models import build_model
+from fe2ml.surrogate.models import build_model, with_parameters
 
 __all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", "member_device", "split_indices",
            "train", "train_localization"]
@@ -69,6 +69,16 @@ def load_data(cfg: TrainConfig):
         raise ConfigError(f"{cfg.path}: only {len(F)} usable records (need at least 20 for train/validation/test)")
     info = {"fingerprint": data.fingerprint, "dim": data.dim, "kinematics": data.kinematics, "skipped": skipped,
             "records": int(len(F)), "rve": data.rve}
+    if "p" in data.arrays:  # a parametric campaign: the parameters ride along with F (models.with_parameters)
+        names = json.loads(data.attrs[0]["parameters"])
+        if any(json.loads(a.get("parameters", "[]")) != names for a in data.attrs):
+            raise ConfigError(f"{cfg.path}: data: the logs hold parametric campaigns of different parameters; "
+                              "train on one family at a time")
+        boxes = [json.loads(a.get("parameter_box", "{}")) for a in data.attrs]
+        info["parameters"] = {"names": names,
+                              "box": {n: [min(b[n][0] for b in boxes if n in b), max(b[n][1] for b in boxes if n in b)]
+                                      for n in names}}
+        F = with_parameters(F, data["p"][ok])
     return F, P, A, info
 
 
@@ -260,6 +270,7 @@ def _density(model, F) -> dict:
 
 def _bounds(model, F):
     x = model.features_of(torch.as_tensor(F)).detach().numpy()
+    F = F[:, :, :F.shape[1]]  # without the parameter columns of a parametric model
     lam = np.sqrt(np.clip(np.linalg.eigvalsh(np.einsum("nki,nkj->nij", F, F)), 0, None))
     return {"feature_min": x.min(axis=0).tolist(), "feature_max": x.max(axis=0).tolist(),
             "stretch_min": float(lam.min()), "stretch_max": float(lam.max()),
@@ -342,6 +353,8 @@ def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kine
         else:
             x = model.features_of(torch.as_tensor(F[tr])).detach()
             model.x_scale[:] = torch.clamp(x.std(0), min=1e-8) if len(tr) > 1 else 1.0
+            if hasattr(model, "p_mean"):  # parametric: centre the parameters too
+                model.p_mean[:] = x[:, model.n_in:].mean(0)
             model.p_scale.fill_(float(np.sqrt(np.mean(P[tr] ** 2))) or 1.0)
         prog = (lambda ep, lt, lv, k=k: progress(k, ep, lt, lv)) if progress is not None else None
         try:
@@ -439,6 +452,17 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
         margs["hidden"] = tuple(margs["hidden"])
         margs.update(model_fibres(margs, info["rve"], f"{cfg.path}: model.features",
                                   f"the RVE of the data ({info['fingerprint']})", info["kinematics"]))
+    if "parameters" in info:
+        if cfg.model["kind"] != "potential":
+            raise ConfigError(f"{cfg.path}: model.kind: the data is a parametric campaign "
+                              f"({', '.join(info['parameters']['names'])}); it needs kind: potential")
+        if "fibre.angle" in info["parameters"]["names"] and margs.get("features") == "anisotropic":
+            raise ConfigError(f"{cfg.path}: model.features: anisotropic invariants use fixed fibre directions, and "
+                              "the data varies fibre.angle; use features: general or isotropic")
+        margs["parameters"] = list(info["parameters"]["names"])
+    if start is not None and list(start["model"].get("parameters") or []) != list(margs.get("parameters") or []):
+        raise ConfigError(f"--resume {resume}: checkpoint parameters {start['model'].get('parameters') or []} differ "
+                          f"from those of the data {margs.get('parameters') or []}")
     if start is not None and not same_fibres(start["model"].get("fibres", []), margs.get("fibres", [])):
         raise ConfigError(f"--resume {resume}: checkpoint fibre families {start['model'].get('fibres', [])} differ "
                           f"from those of the data's RVE {margs.get('fibres', [])}")
@@ -465,6 +489,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     ckpt = {**core, "rve_fingerprint": info["fingerprint"],
             "data_fingerprint": dfp, "records": info["records"], "skipped": info["skipped"],
             "rve": info["rve"], "config": cfg.path.read_text(), "resumed_from": str(resume) if resume else None,
+            "parameters": info.get("parameters"),
             "train_s": time.perf_counter() - t0}
     save_checkpoint(ckpt, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
