@@ -51,7 +51,7 @@ class ParameterBox:
         return {n: (round(float(v)) if i else float(v)) for n, v, i in zip(self.names, p, self.integer, strict=True)}
 
     def snap(self, p) -> np.ndarray:
-        """p with the integer parameters rounded."""
+        """The vector p with its integer parameters rounded."""
         p = np.array(p, dtype=float)
         p[..., self.integer] = np.round(p[..., self.integer])
         return p
