@@ -74,7 +74,7 @@ def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int =
     sets = parameter_sets(box, m, cfg.design["seed"])
     F, path_idx = design_points(cfg.design, cfg.rve.dim)
     free = np.flatnonzero(path_idx < 0)
-    fam = family_fingerprint(box)
+    fam = family_fingerprint(box, cfg.rve.dim)
     total: dict = {}
     for k, pv in enumerate(sets):
         mine = np.sort(np.concatenate([free[k::m], np.flatnonzero(path_idx >= 0)]))

@@ -76,6 +76,7 @@ class SurrogateLaw(ConstitutiveLaw):
         self.ck: dict | None = None
         self.model: EnsembleModel | None = None
         self.gate: Gate | None = None
+        self.params: np.ndarray | None = None
         self.last_F = np.zeros((0, dim, dim))
         self.last_P = np.zeros((0, dim, dim))
         self.answered = np.zeros(0, dtype=bool)
@@ -90,9 +91,20 @@ class SurrogateLaw(ConstitutiveLaw):
         self.ck = ck
         self.model = EnsembleModel.from_states(ck["model"]["kind"], self.dim, self.kinematics, margs, ck["members"],
                                                device=self.device)
+        if getattr(self, "params", None) is not None and self.model.parameters:
+            self.model.bind(self.params)
         self.gate = Gate(ck)
         if not self.model.parameters:
             self.model.evaluate_members(np.eye(self.dim)[None])  # set-up (numpy weights), like an RVE's compilation
+
+    def set_parameters(self, p: np.ndarray) -> None:
+        """Bind the microstructure parameters of a parametric checkpoint.
+
+        ``p``: (k,) everywhere, or (n, k) per point of this rank, ordered as the points the macro problem evaluates.
+        """
+        self.params = np.asarray(p, dtype=np.float64)
+        if self.model is not None:
+            self.model.bind(self.params)
 
     def trained(self) -> tuple[EnsembleModel, Gate]:
         """The ensemble and its gate.
@@ -168,10 +180,11 @@ class HybridLaw(SurrogateLaw):
     """
 
     def __init__(self, checkpoint, rve: HyperelasticRVE, *, thresholds: Thresholds | None = None,
-                 writer: LogWriter | None = None, device: str = "cpu", comm=None, balance: bool = True):
+                 writer: LogWriter | None = None, device: str = "cpu", comm=None, balance: bool = True,
+                 fingerprint: str | None = None):
         self.rve = rve
         self.thresholds = thresholds if thresholds is not None else Thresholds()
-        super().__init__(checkpoint, dim=rve.d, fingerprint=rve_fingerprint(rve), device=device)
+        super().__init__(checkpoint, dim=rve.d, fingerprint=fingerprint or rve_fingerprint(rve), device=device)
         self.farm = RVEFarm(rve, comm, balance=balance)
         self.cost: dict[int, float] = {}  # last solve time of each point that fell back
         self.writer = writer

@@ -37,6 +37,7 @@ Keys::
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,7 @@ class RunConfig:
     balance: bool = True  # kinds rve and hybrid: spread the RVE solves over the ranks (fe2ml.laws.farm)
     expressions: tuple[Expression, ...] = ()  # every expression of the config, for check_expressions
     solver: MacroSolverOptions = field(default_factory=MacroSolverOptions)
+    parameters: RunParameters | None = None  # the microstructure parameters of a parametric surrogate
 
     def check_expressions(self, lo, hi) -> None:
         """Evaluate every expression at sample points: t in [0, 1] and the corners and centre of the box [lo, hi].
@@ -311,7 +313,8 @@ def load_run_config(path, *, output: str | None = None, base: Path | None = None
                     newton=parse_newton(raw.get("newton"), f, defaults=MACRO_NEWTON), warm_start=ws,
                     output=(base / out) if output is None else Path(out), raw=raw, log=log, surrogate=m.surrogate,
                     localize=loc, mesh_rve=mesh_rve, pressures=prs, orientation=m.orientation, balance=m.balance,
-                    expressions=tuple(exprs), solver=parse_macro_solver(raw.get("solver"), f))
+                    expressions=tuple(exprs), solver=parse_macro_solver(raw.get("solver"), f),
+                    parameters=m.parameters)
     box = mesh_spec.bounding_box()
     if box is not None:  # otherwise (a mesh file, tiled RVEs) once the mesh is there: check_config, run.build
         cfg.check_expressions(*box)
@@ -329,11 +332,30 @@ class _Material:
     surrogate: SurrogateOptions | None = None
     orientation: Callable[[np.ndarray], np.ndarray] | None = None
     balance: bool = True
+    parameters: RunParameters | None = None
+
+
+@dataclass(frozen=True)
+class RunParameters:
+    """``material.parameters`` of a run with a parametric surrogate.
+
+    Attributes:
+        names: the checkpoint's parameter names, in its order; box: its trained {name: [lo, hi]}.
+        constant: the parameter vector (k,) when every value is a number, else None (a field).
+        values: X (n, d) -> p (n, k), the parameters at the macro points.
+        family: the fingerprint of the RVE family of ``material.rve`` (None without it).
+    """
+
+    names: tuple
+    box: dict
+    constant: np.ndarray | None
+    values: Callable[[np.ndarray], np.ndarray]
+    family: str | None = None
 
 
 _MATERIAL_KEYS = {"hybrid": ("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device",
-                             "learn", "balance"),
-                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device"),
+                             "learn", "balance", "parameters"),
+                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device", "parameters"),
                   "rve": ("kind", "rve", "orientation", "balance"), "analytic": ("kind", "phases", "material")}
 
 
@@ -346,7 +368,7 @@ def _material(mat, p: Path, base: Path, dim: int, exprs: list[Expression]) -> _M
     if kind not in _MATERIAL_KEYS:
         raise ConfigError(f"{f}: material.kind: expected rve, analytic, surrogate or hybrid, got {kind!r}")
     check_keys(mat, _MATERIAL_KEYS[kind], f"{f}: material")
-    rve = analytic = surrogate = None
+    rve = analytic = surrogate = params = None
     if kind == "analytic":
         analytic, kin = _analytic(mat, f)
     else:
@@ -360,7 +382,7 @@ def _material(mat, p: Path, base: Path, dim: int, exprs: list[Expression]) -> _M
                 raise ConfigError(f"{f}: material.rve: the RVE is {rve.dim}D but dim is {dim}")
         kin = rve.kinematics if kind == "rve" and rve is not None else "finite"
         if surrogate is not None and surrogate.checkpoint is not None:
-            kin = _check_surrogate(surrogate, mat, kind, f, dim, rve)
+            kin, params, rve = _check_surrogate(surrogate, mat, kind, f, dim, rve, p, base, exprs)
         elif surrogate is not None and surrogate.learn is not None and rve is not None:
             m = surrogate.learn.model
             if m.get("features") == "anisotropic" and not fibre_families(rve.materials.values()):
@@ -371,8 +393,11 @@ def _material(mat, p: Path, base: Path, dim: int, exprs: list[Expression]) -> _M
     orientation = mat.get("orientation")
     if orientation is not None:
         orientation = _orientation(orientation, f"{f}: material.orientation", dim, exprs)
+    if "parameters" in mat and params is None:
+        raise ConfigError(f"{f}: material.parameters: only for a parametric surrogate checkpoint (trained on a "
+                          "campaign with parameters:)")
     return _Material(kind=kind, kinematics=kin, rve=rve, analytic=analytic, surrogate=surrogate,
-                     orientation=orientation, balance=balance)
+                     orientation=orientation, balance=balance, parameters=params)
 
 
 def _analytic(mat: dict, f: str) -> tuple[dict, str]:
@@ -401,8 +426,13 @@ def _material_names(rve) -> str:
     return ", ".join(sorted({type(m).__name__ for m in rve.materials.values()}))
 
 
-def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int, rve=None) -> str:
-    """Load the checkpoint safely and check it against the run (and its RVE); returns its kinematics."""
+def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int, rve, p: Path, base: Path,
+                     exprs: list[Expression]):
+    """Load the checkpoint safely and check it against the run (and its RVE).
+
+    Returns its kinematics, the run's parameters (a parametric checkpoint) and the RVE (for a parametric hybrid:
+    ``material.rve`` with the run's parameters).
+    """
     # deferred: torch only when a surrogate checkpoint is checked
     from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
 
@@ -410,6 +440,12 @@ def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int
     resolve_device(mat.get("device", "cpu"), f"{f}: material.device")  # a CUDA device that is not there
     if ck["dim"] != dim:
         raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
+    params = None
+    if ck.get("parameters"):
+        params, rve = _run_parameters(mat, ck, kind, f, dim, rve, p, base, exprs)
+    elif "parameters" in mat:
+        raise ConfigError(f"{f}: material.parameters: the checkpoint {s.checkpoint} is not parametric (it was trained "
+                          "on one RVE); remove material.parameters")
     if rve is not None and ck["model"].get("features") == "anisotropic":
         mine = fibre_families(rve.materials.values())
         if not same_fibres(ck["model"].get("fibres", []), mine):
@@ -418,7 +454,70 @@ def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int
                               f"{mine or 'none'} ({_material_names(rve)}); train on this RVE's data")
     if kind == "hybrid":
         s.thresholds.check(Gate(ck), f"{f}: material.threshold")
-    return ck["kinematics"]
+    return ck["kinematics"], params, rve
+
+
+def _run_parameters(mat: dict, ck: dict, kind: str, f: str, dim: int, rve, p: Path, base: Path,
+                    exprs: list[Expression]):
+    """``material.parameters`` against a parametric checkpoint: every name, numbers or expressions of x, y, z."""
+    names = tuple(ck["parameters"]["names"])
+    box = {n: [float(v) for v in ck["parameters"]["box"][n]] for n in names}
+    w = f"{f}: material.parameters"
+    if mat.get("learn") is not None:
+        raise ConfigError(f"{f}: material.learn: in-run learning refits on the fallback RVE's records, which carry no "
+                          "parameters; a parametric checkpoint is refined by a parametric campaign and fe2ml train")
+    raw = mat.get("parameters")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{w}: the checkpoint is parametric; give every parameter as a number or an expression of "
+                          f"x, y, z: {{{', '.join(f'{n}: VALUE' for n in names)}}} (trained box "
+                          f"{', '.join(f'{n} in [{a:g}, {b:g}]' for n, (a, b) in box.items())})")
+    unknown = [str(k) for k in raw if str(k) not in names]
+    missing = [n for n in names if n not in {str(k) for k in raw}]
+    if unknown or missing:
+        raise ConfigError(f"{w}: " + (f"unknown parameter(s) {unknown}; " if unknown else "")
+                          + (f"missing {missing}; " if missing else "")
+                          + f"the checkpoint's parameters are {list(names)}")
+    vals = {str(k): v for k, v in raw.items()}
+    numbers = all(isinstance(vals[n], int | float) and not isinstance(vals[n], bool) for n in names)
+    fields = {}
+    for n in names:
+        fields[n] = _compiled(vals[n], {"x", "y", "z", "pi"}, f"{w}.{n}", exprs)
+
+    def values(X):
+        X = np.asarray(X, dtype=float)
+        z = X[:, 2] if X.shape[1] > 2 else np.zeros(len(X))
+        return np.stack([np.broadcast_to(np.asarray(fields[n](x=X[:, 0], y=X[:, 1], z=z, pi=np.pi), dtype=float),
+                                         len(X)) for n in names], -1)
+
+    const = np.array([float(vals[n]) for n in names]) if numbers else None
+    family = None
+    if const is not None:
+        out = [n for n, v in zip(names, const, strict=True) if not box[n][0] <= v <= box[n][1]]
+        if out:
+            msg = f"{w}: " + ", ".join(f"{n} = {vals[n]:g} outside the trained [{box[n][0]:g}, {box[n][1]:g}]"
+                                       for n in out)
+            if kind == "surrogate":
+                raise ConfigError(msg + "; use material.kind: hybrid (it falls back to the RVE) or retrain on a wider "
+                                  "box")
+            logging.getLogger("fe2ml").warning(msg + ": the hybrid answers with the RVE of these parameters")
+    if "rve" in mat:
+        # deferred: the parameter module (micro stage) only for parametric runs
+        from fe2ml.micro.parameters import family_fingerprint, parse_parameter_box, rve_with
+
+        pbox = parse_parameter_box(box, mat["rve"], f"{f}: material.rve", base, p)
+        family = family_fingerprint(pbox, dim)
+        if family != ck.get("rve_fingerprint"):
+            raise ConfigError(f"{f}: material.rve: its RVE family {family} differs from the checkpoint's "
+                              f"{ck.get('rve_fingerprint')} (give the base RVE of the parametric campaign)")
+        if const is not None:
+            rve = rve_with(pbox, const, f"{f}: material.rve", dim)
+    if kind == "hybrid":
+        if const is None:
+            raise ConfigError(f"{w}: a hybrid run needs constant parameters (its fallback is one RVE); a parameter "
+                              "field needs material.kind: surrogate")
+        if "rve" not in mat:
+            raise ConfigError(f"{f}: material.rve: a parametric hybrid needs the base RVE of its campaign")
+    return RunParameters(names=names, box=box, constant=const, values=values, family=family), rve
 
 
 def _loads(raw: dict, f: str, dim: int, exprs: list[Expression]):

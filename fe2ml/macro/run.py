@@ -146,12 +146,18 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
         from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw, fallback_writer
 
         s = cfg.surrogate
+        family = cfg.parameters.family if cfg.parameters is not None else None  # a parametric checkpoint's RVEs
         if cfg.kind == "surrogate":
-            return SurrogateLaw(s.checkpoint, dim=cfg.dim, kinematics=cfg.kinematics,
-                                fingerprint=rve_fingerprint(rve) if rve is not None else None, device=s.device)
-        writer = fallback_writer(comm, s.log, rve, dim=cfg.dim) if s.log is not None else None
-        return HybridLaw(s.checkpoint, rve, thresholds=s.thresholds, writer=writer, device=s.device,
-                         comm=comm, balance=cfg.balance)
+            law = SurrogateLaw(s.checkpoint, dim=cfg.dim, kinematics=cfg.kinematics,
+                               fingerprint=family or (rve_fingerprint(rve) if rve is not None else None),
+                               device=s.device)
+        else:
+            writer = fallback_writer(comm, s.log, rve, dim=cfg.dim) if s.log is not None else None
+            law = HybridLaw(s.checkpoint, rve, thresholds=s.thresholds, writer=writer, device=s.device,
+                            comm=comm, balance=cfg.balance, fingerprint=family)
+        if cfg.parameters is not None and cfg.parameters.constant is not None:
+            law.set_parameters(cfg.parameters.constant)
+        return law
 
     return collective(comm, make)
 
@@ -307,6 +313,8 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
             raise ConfigError(f"{cfg.path}: {e}") from None
 
     prob = collective(comm, mkprob)
+    if cfg.parameters is not None and cfg.parameters.constant is None:  # a field of parameters: one vector per point
+        collective(comm, lambda: law.set_parameters(cfg.parameters.values(prob.quadrature_points())))
     if logger is not None:
         logger.set_points(*prob.quadrature_point_ids())
     say(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "

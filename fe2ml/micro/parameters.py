@@ -179,17 +179,41 @@ def parameter_sets(box: ParameterBox, m: int, seed: int = 0) -> np.ndarray:
     return box.snap(lo + u * (hi - lo))
 
 
-def family_fingerprint(box: ParameterBox) -> str:
-    """Fingerprint of a family of RVEs: the base config and the parameter names (not their ranges)."""
+def family_fingerprint(box: ParameterBox, dim: int | None = None) -> str:
+    """Fingerprint of a family of RVEs: the base config without the parameters' values, and their names.
+
+    The base is normalised (string keys, numbers as floats, dim, kinematics, bc, degree and formulation as the
+    validated config resolves them), so that a run's ``material.rve`` and the campaign's ``rve`` match when they
+    describe the same family however they are written.
+    """
     import hashlib
     import json
+
+    from fe2ml.micro.config import parse_homogenize
 
     def norm(o):
         if isinstance(o, dict):
             return {str(k): norm(v) for k, v in o.items()}
         if isinstance(o, list):
             return [norm(v) for v in o]
+        if isinstance(o, str | int | float) and not isinstance(o, bool) and _number(o) is not None:
+            return float(o)
         return o
 
-    key = json.dumps({"base": norm(box.base), "parameters": list(box.names)}, sort_keys=True, default=str)
+    cfg = parse_homogenize(box.base, box.base_path, str(box.base_path), box.base_dir, require_points=False,
+                           default_dim=dim)
+    raw = norm(box.base)
+    raw.update({"dim": float(cfg.dim), "kinematics": cfg.kinematics, "bc": cfg.bc, "degree": float(cfg.degree),
+                "formulation": cfg.formulation})
+    for k in ("strains", "F", "load_path", "fields", "newton", "solver"):  # how it is solved, not what it is
+        raw.pop(k, None)
+    for name in box.names:
+        if name == FIBRE_ANGLE:
+            for ph in raw.get("phases", {}).values():
+                if isinstance(ph, dict) and "fibres" in ph:
+                    ph["fibres"] = None
+            continue
+        node, key = _lookup(raw, name.split("."), name, "parameters")
+        node[key] = None
+    key = json.dumps({"base": raw, "parameters": list(box.names)}, sort_keys=True, default=str)
     return "family-" + hashlib.sha256(key.encode()).hexdigest()[:12]
