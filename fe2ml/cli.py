@@ -255,6 +255,16 @@ def cmd_train(args, comm) -> int:
     return 0
 
 
+def cmd_identify(args, comm) -> int:
+    """Run ``fe2ml identify``: microstructure parameters from macro measurements, with a Laplace posterior."""
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
+    from fe2ml.identify import identify, load_identify_config
+
+    cfg = load_identify_config(args.config, output=args.output)
+    identify(comm, cfg)
+    return 0
+
+
 def cmd_export(args, comm) -> int:
     """Run ``fe2ml export``: TorchScript module of a checkpoint, or (``--resave``) the checkpoint in the safe format."""
     if comm.rank != 0:
@@ -352,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", default=None, help="refine this checkpoint on the config's data")
     tr.add_argument("--output", default=None, help="output folder (overrides the config's output)")
     tr.set_defaults(func=cmd_train)
+    idf = sub.add_parser("identify", help="microstructure parameters from measured reaction curves, with uncertainty")
+    idf.add_argument("config", help="YAML config (keys: run, unknowns, data, noise, check, max_iterations, output)")
+    idf.add_argument("--output", default=None, help="output folder (overrides the config)")
+    idf.set_defaults(func=cmd_identify)
     ex = sub.add_parser("export", help="TorchScript module of a potential surrogate checkpoint")
     ex.add_argument("checkpoint")
     ex.add_argument("out")

@@ -134,6 +134,10 @@ class SurrogateLaw(ConstitutiveLaw):
         self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
         return P, A
 
+    def parameter_derivative(self, F: np.ndarray) -> np.ndarray:
+        """∂P̄/∂p (n, d, d, k) at F̄ and the bound parameters (parametric checkpoints)."""
+        return self.trained()[0].parameter_derivative(F)
+
     def surrogate_mask(self) -> np.ndarray | None:
         """Which points of the last evaluation the surrogate answered (the others went to the RVE)."""
         return self.answered

@@ -29,7 +29,15 @@ import torch
 
 from fe2ml.errors import ConfigError
 from fe2ml.files import atomic_target
-from fe2ml.surrogate.models import CPU_CHUNK, MLP, PotentialModel, build_model, chunked, with_parameters
+from fe2ml.surrogate.models import (
+    CPU_CHUNK,
+    MLP,
+    PotentialModel,
+    build_model,
+    chunked,
+    stress_parameter_derivative,
+    with_parameters,
+)
 
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
            "load_checkpoint", "resave_checkpoint", "resolve_device", "save_checkpoint"]
@@ -156,6 +164,14 @@ class EnsembleModel:
             P /= K
             A /= K
         return P, A, Ps, ok
+
+    def parameter_derivative(self, F) -> np.ndarray:
+        """Mean ∂P/∂p (n, d, d, k) over the members at F (with the bound parameters)."""
+        F = self.augment(F)
+        if not self.parameters:
+            raise ValueError("the surrogate is not parametric: it has no parameter derivative")
+        x = torch.as_tensor(F, device=self.device)
+        return np.mean([stress_parameter_derivative(m, x).cpu().numpy() for m in self.members], axis=0)
 
     def spread(self, F) -> float:
         """Median relative spread (std over members / RMS stress) on the given points (0 for K = 1)."""

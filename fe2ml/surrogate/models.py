@@ -40,7 +40,7 @@ from fe2ml.surrogate.closed_form import cofactor3, evaluator, reference_shift
 from fe2ml.surrogate.config import FEATURES
 
 __all__ = ["CPU_CHUNK", "FEATURES", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked",
-           "reference_shift", "with_parameters"]
+           "reference_shift", "stress_parameter_derivative", "with_parameters"]
 
 CPU_CHUNK = 512
 """Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
@@ -390,6 +390,23 @@ class PotentialModel(_Base):
             P = torch.autograd.grad(W, F, create_graph=True)[0]
             A = _columns(P, F, self.dim, create_graph)
         return (P, A) if create_graph else (P.detach(), A.detach())
+
+
+def stress_parameter_derivative(model: PotentialModel, F: torch.Tensor) -> torch.Tensor:
+    """∂P/∂p (n, d, d, k) of a parametric potential model at parameter-augmented F (n, d, d + k).
+
+    The sensitivity of the homogenized stress to the microstructure parameters at fixed F̄, by automatic
+    differentiation (d² backward passes): what the forward sensitivities of a macro problem need.
+    """
+    Fd, p = model._split(F)
+    d = model.dim
+    with torch.enable_grad():
+        Fd = Fd.detach().requires_grad_(True)
+        p = p.detach().requires_grad_(True)
+        W = model._energy(Fd, p).sum()
+        P = torch.autograd.grad(W, Fd, create_graph=True)[0]
+        rows = [torch.autograd.grad(P[:, i, j].sum(), p, retain_graph=True)[0] for i in range(d) for j in range(d)]
+    return torch.stack(rows, 1).reshape(len(F), d, d, p.shape[-1]).detach()
 
 
 def _columns(P, F, d, create_graph):

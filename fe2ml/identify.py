@@ -1,0 +1,480 @@
+"""``fe2ml identify``: microstructure parameters from macro measurements, with their uncertainty.
+
+Given a run whose material is a parametric surrogate (``material.kind: surrogate``, ``material.parameters``), the
+unknown parameters θ (a subset of p, constant over the body) and measured reaction curves and boundary mean
+displacements (a CSV with the columns of the run's ``reactions.csv``), find θ by Gauss–Newton (Levenberg–Marquardt)
+on the weighted least-squares misfit plus a Gaussian prior, where every Jacobian comes from the forward
+sensitivities of the macro equilibrium (:meth:`fe2ml.macro.problem.MacroProblem.parameter_sensitivities`: one
+tangent and k solves per load step, not a run per parameter). The uncertainty is the Laplace approximation of the
+posterior at the estimate, Σ = (Jᵀ W J + Σ_prior⁻¹)⁻¹ with W the inverse noise variances; correlations above 0.95
+flag parameter pairs the data cannot separate. An optional final FE² run with nested RVEs at the estimate shows
+whether the surrogate was right there.
+
+Config keys::
+
+    run: PATH                                 the run YAML (a parametric surrogate; its values start the search)
+    unknowns: {NAME: {prior: uniform | {mean: m, std: s}, start: x}}   NAME: a parameter of the checkpoint
+    data: {file: PATH, columns: [right_R1, right_u2_mean, ...]}          CSV with a column t (load steps of the run)
+    noise: {relative: auto | s} | {absolute: {COLUMN: sigma}}            default relative: auto (estimated)
+    check: true | false                        final nested FE² run at the estimate (needs material.rve)
+    max_iterations: 30
+    output: PATH                               identify.json and identify.png
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from fe2ml.config import check_keys, load_yaml, number
+from fe2ml.errors import ConfigError, Fe2mlError
+from fe2ml.macro.config import RunConfig, load_run_config
+
+__all__ = ["IdentifyConfig", "ForwardModel", "identify", "load_identify_config"]
+
+log = logging.getLogger(__name__)
+
+CORRELATED = 0.95
+"""|correlation| above which two parameters are reported as not separately identifiable by the data."""
+
+
+@dataclass(frozen=True)
+class IdentifyConfig:
+    """Validated ``fe2ml identify`` configuration."""
+
+    path: Path
+    run: RunConfig
+    unknowns: tuple          # names, in order
+    start: np.ndarray        # (m,)
+    lo: np.ndarray           # (m,) the trained box (the search stays inside it)
+    hi: np.ndarray
+    prior_mean: np.ndarray   # (m,) nan where uniform
+    prior_std: np.ndarray    # (m,) inf where uniform
+    times: np.ndarray        # (T,) data times
+    columns: tuple           # (C,) data columns
+    data: np.ndarray         # (T, C)
+    noise: dict
+    check: bool
+    max_iterations: int
+    output: Path
+
+
+_COLUMN = re.compile(r"^(?P<b>.+)_(?:R(?P<r>\d)|u(?P<u>\d)_mean)$")
+
+
+def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
+    """Load and validate an identify YAML (errors name the file and the key)."""
+    p = Path(path)
+    raw = load_yaml(p)
+    f = str(p)
+    check_keys(raw, ("run", "unknowns", "data", "noise", "check", "max_iterations", "output"), f)
+    for key in ("run", "unknowns", "data"):
+        if key not in raw:
+            raise ConfigError(f"{f}: missing required key '{key}'")
+    if not isinstance(raw["run"], str):
+        raise ConfigError(f"{f}: run: expected the path of a run YAML, got {raw['run']!r}")
+    rp = p.parent / raw["run"]
+    if not rp.is_file():
+        raise ConfigError(f"{f}: run: {rp} not found")
+    run = load_run_config(rp)
+    if run.kind != "surrogate" or run.parameters is None:
+        raise ConfigError(f"{f}: run: {rp} must use a parametric surrogate (material.kind: surrogate with "
+                          f"material.parameters); it has material.kind {run.kind}"
+                          + ("" if run.parameters is not None else " without parameters"))
+    pr = run.parameters
+    unk = raw["unknowns"]
+    if not isinstance(unk, dict) or not unk:
+        raise ConfigError(f"{f}: unknowns: expected a mapping of parameter names, e.g. "
+                          f"{{{pr.names[0]}: {{prior: uniform}}}}")
+    names, start, lo, hi, pm, ps = [], [], [], [], [], []
+    for name, spec in unk.items():
+        name = str(name)
+        w = f"{f}: unknowns.{name}"
+        if name not in pr.names:
+            raise ConfigError(f"{w}: not a parameter of the checkpoint; its parameters are {list(pr.names)}")
+        spec = {} if spec is None else spec
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{w}: expected a mapping {{prior: uniform | {{mean: M, std: S}}, start: X}}")
+        check_keys(spec, ("prior", "start"), w)
+        a, b = pr.box[name]
+        prior = spec.get("prior", "uniform")
+        if prior == "uniform":
+            pm.append(np.nan)
+            ps.append(np.inf)
+        elif isinstance(prior, dict) and set(prior) == {"mean", "std"}:
+            pm.append(number(prior["mean"], f"{w}.prior.mean"))
+            ps.append(number(prior["std"], f"{w}.prior.std", positive=True))
+        else:
+            raise ConfigError(f"{w}.prior: expected uniform (over the trained box [{a:g}, {b:g}]) or "
+                              f"{{mean: M, std: S}}, got {prior!r}")
+        i = pr.names.index(name)
+        x0 = spec.get("start", pr.constant[i] if pr.constant is not None else 0.5 * (a + b))
+        x0 = number(x0, f"{w}.start")
+        if not a <= x0 <= b:
+            raise ConfigError(f"{w}.start: {x0:g} is outside the trained box [{a:g}, {b:g}]")
+        names.append(name)
+        start.append(x0)
+        lo.append(a)
+        hi.append(b)
+    if pr.constant is None:
+        raise ConfigError(f"{f}: run: material.parameters of {rp} must be constants (the unknowns are constant over "
+                          "the body)")
+    dat = raw["data"]
+    if not isinstance(dat, dict) or "file" not in dat or "columns" not in dat:
+        raise ConfigError(f"{f}: data: expected {{file: measured.csv, columns: [right_R1, right_u2_mean]}}")
+    check_keys(dat, ("file", "columns"), f"{f}: data")
+    cols = dat["columns"]
+    if not isinstance(cols, list) or not cols or not all(isinstance(c, str) for c in cols):
+        raise ConfigError(f"{f}: data.columns: expected a list of column names, got {cols!r}")
+    reac = [s.boundary for s in run.bcs]
+    reported = list(dict.fromkeys(reac + [s.boundary for s in run.tractions] + [s.boundary for s in run.pressures]))
+    allowed = ([f"{b}_R{c + 1}" for b in dict.fromkeys(reac) for c in range(run.dim)]
+               + [f"{b}_u{c + 1}_mean" for b in reported for c in range(run.dim)])
+    bad = [c for c in cols if c not in allowed]
+    if bad:
+        raise ConfigError(f"{f}: data.columns: {bad} do not match the run's boundaries; allowed: "
+                          f"{', '.join(allowed)}")
+    fp = p.parent / str(dat["file"])
+    times, values = _read_csv(fp, cols, f"{f}: data.file")
+    steps = np.arange(1, run.steps + 1) / run.steps
+    off = [t for t in times if np.min(np.abs(steps - t)) > 1e-9]
+    if off:
+        raise ConfigError(f"{f}: data.file: time(s) {off[:3]} are not load steps of the run (t = k/{run.steps}, "
+                          f"k = 1..{run.steps}; t = 0 carries no information)")
+    noise = raw.get("noise", {"relative": "auto"})
+    if not isinstance(noise, dict) or len(noise) != 1 or next(iter(noise)) not in ("relative", "absolute"):
+        raise ConfigError(f"{f}: noise: expected {{relative: auto | S}} or {{absolute: {{COLUMN: SIGMA}}}}, "
+                          f"got {noise!r}")
+    if "relative" in noise and noise["relative"] != "auto":
+        noise = {"relative": number(noise["relative"], f"{f}: noise.relative", positive=True)}
+    if "absolute" in noise:
+        ab = noise["absolute"]
+        if not isinstance(ab, dict) or set(map(str, ab)) != set(cols):
+            raise ConfigError(f"{f}: noise.absolute: expected a standard deviation for every data column {cols}")
+        noise = {"absolute": {str(k): number(v, f"{f}: noise.absolute.{k}", positive=True) for k, v in ab.items()}}
+    mi = raw.get("max_iterations", 30)
+    if not isinstance(mi, int) or isinstance(mi, bool) or not 1 <= mi <= 1000:
+        raise ConfigError(f"{f}: max_iterations: expected an integer 1..1000, got {mi!r}")
+    check = raw.get("check", False)
+    if not isinstance(check, bool):
+        raise ConfigError(f"{f}: check: expected true or false, got {check!r}")
+    if check and run.rve is None:
+        raise ConfigError(f"{f}: check: the final FE² run needs material.rve in {rp} (the base RVE of the campaign)")
+    out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
+    return IdentifyConfig(path=p, run=run, unknowns=tuple(names), start=np.array(start), lo=np.array(lo),
+                          hi=np.array(hi), prior_mean=np.array(pm), prior_std=np.array(ps), times=times,
+                          columns=tuple(cols), data=values, noise=noise, check=check, max_iterations=mi,
+                          output=Path(out) if output is not None else p.parent / out)
+
+
+def _read_csv(path: Path, cols, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Columns t and ``cols`` of a CSV file, (T,) and (T, C), with one-line errors."""
+    if not path.is_file():
+        raise ConfigError(f"{where}: {path} not found")
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ConfigError(f"{where}: {path} cannot be read ({e})") from None
+    if not rows:
+        raise ConfigError(f"{where}: {path} is empty")
+    head = [h.strip() for h in rows[0]]
+    missing = [c for c in ["t", *cols] if c not in head]
+    if missing:
+        raise ConfigError(f"{where}: {path} has no column(s) {missing}; its columns are {head}")
+    idx = [head.index(c) for c in ["t", *cols]]
+    try:
+        arr = np.array([[float(r[i]) for i in idx] for r in rows[1:] if r], dtype=float)
+    except (ValueError, IndexError):
+        raise ConfigError(f"{where}: {path}: a row is short or not numeric") from None
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise ConfigError(f"{where}: {path}: no rows, or a value that is not finite")
+    keep = arr[:, 0] > 1e-12
+    return arr[keep, 0], arr[keep, 1:]
+
+
+def _columns(names) -> list[tuple[str, str, int]]:
+    """(reactions | mean_displacements, boundary, component) of each data column."""
+    out = []
+    for c in names:
+        m = _COLUMN.match(c)
+        out.append(("reactions" if m.group("r") else "mean_displacements", m.group("b"),
+                    int(m.group("r") or m.group("u")) - 1))
+    return out
+
+
+def _outputs(prob, cols) -> np.ndarray:
+    """The data columns of a macro problem's converged state (collective)."""
+    R = prob.reactions()
+    U = prob.mean_displacements()
+    return np.array([(R if k == "reactions" else U)[b][c] for k, b, c in cols])
+
+
+class ForwardModel:
+    """The run's macro problem with its parametric surrogate, evaluated at any θ (collective).
+
+    ``y(θ)`` (T, C) at the data times and, with ``jacobian``, dy/dθ (T, C, m) from forward sensitivities.
+    """
+
+    def __init__(self, comm, cfg: IdentifyConfig):
+        # deferred: dolfinx and torch only where the forward model is built
+        from fe2ml.macro.mesh import create_macro_mesh
+        from fe2ml.macro.problem import MacroProblem
+        from fe2ml.macro.run import build_law
+        from fe2ml.parallel import collective
+
+        run = cfg.run
+        self.comm = comm
+        self.cfg = cfg
+        self.law = build_law(comm, run)
+        mm = collective(comm, lambda: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
+        self.prob = collective(comm, lambda: MacroProblem(
+            comm, mm, law=self.law, kinematics=run.kinematics, degree=run.degree,
+            quadrature_degree=run.quadrature_degree, dirichlet=run.bcs, tractions=run.tractions,
+            pressures=run.pressures, orientation=run.orientation, newton=run.newton, solver=run.solver))
+        pr = run.parameters
+        self.base = np.array(pr.constant, dtype=float)
+        self.idx = [pr.names.index(n) for n in cfg.unknowns]
+        self.steps = np.arange(1, run.steps + 1) / run.steps
+        self.rows = [int(np.argmin(np.abs(self.steps - t))) for t in cfg.times]
+        self.cols = _columns(cfg.columns)
+        self.runs = 0
+
+    def __call__(self, theta, *, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Solve the load history at θ from the undeformed state; y (T, C) and dy/dθ (T, C, m) or None."""
+        prob = self.prob
+        p = self.base.copy()
+        p[self.idx] = theta
+        self.law.set_parameters(p)
+        prob.u.x.array[:] = 0.0
+        prob.u.x.scatter_forward()
+        prob.t = 0.0
+        prob._last_increment = None
+        prob._rref = 0.0
+        prob.history.clear()
+        T, C, m = len(self.steps), len(self.cols), len(self.idx)
+        y = np.zeros((T, C))
+        J = np.zeros((T, C, m)) if jacobian else None
+        want = set(self.rows)
+        for i, t in enumerate(self.steps):
+            prob.step(float(t))
+            if i not in want:
+                continue
+            y[i] = _outputs(prob, self.cols)
+            if jacobian:
+                s = prob.parameter_sensitivities()
+                for jc, (k, b, c) in enumerate(self.cols):
+                    J[i, jc] = s[k][b][self.idx, c]
+        self.runs += 1
+        return y[self.rows], (J[self.rows] if jacobian else None)
+
+
+def _weights(cfg: IdentifyConfig, rel: float | None) -> np.ndarray:
+    """Inverse noise standard deviations (T, C) of the data."""
+    if "absolute" in cfg.noise:
+        sig = np.array([cfg.noise["absolute"][c] for c in cfg.columns])[None, :] * np.ones_like(cfg.data)
+    else:
+        s = cfg.noise["relative"] if rel is None else rel
+        sig = s * np.maximum(np.abs(cfg.data), 1e-12 * np.max(np.abs(cfg.data)))
+    return 1.0 / sig
+
+
+def identify(comm, cfg: IdentifyConfig) -> dict:
+    """Run the identification; rank 0 writes identify.json and identify.png and returns the report."""
+    t0 = time.perf_counter()
+    if comm.rank == 0:
+        try:
+            cfg.output.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"{cfg.path}: output {cfg.output} cannot be created ({e.strerror})") from None
+    fwd = ForwardModel(comm, cfg)
+    t_setup = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    y0, _ = fwd(cfg.start, jacobian=False)  # one plain surrogate run: the cost unit of the identification
+    t_run = time.perf_counter() - t1
+    rel0 = cfg.noise.get("relative")
+    rel = 0.01 if rel0 == "auto" else None  # the weights' scale does not move the least-squares estimate
+    Wt = _weights(cfg, rel)
+    scale = cfg.hi - cfg.lo
+    has_prior = np.isfinite(cfg.prior_std)
+
+    def objective(y, th):
+        r = ((y - cfg.data) * Wt).ravel()
+        pr = np.where(has_prior, (th - np.nan_to_num(cfg.prior_mean)) / np.where(has_prior, cfg.prior_std, 1.0), 0)
+        return 0.5 * (r @ r + pr @ pr), r
+
+    th = cfg.start.astype(float).copy()
+    y, J = fwd(th)
+    phi, r = objective(y, th)
+    lam = 1e-3
+    hist = [{"theta": th.tolist(), "objective": phi}]
+    converged = False
+    for it in range(cfg.max_iterations):
+        Jr = (J * Wt[..., None]).reshape(-1, len(th)) * scale  # in scaled variables z = θ / scale
+        g = Jr.T @ r + np.where(has_prior, (th - np.nan_to_num(cfg.prior_mean)) / np.where(has_prior, cfg.prior_std,
+                                                                                          1.0) ** 2, 0) * scale
+        H = Jr.T @ Jr + np.diag(np.where(has_prior, (scale / np.where(has_prior, cfg.prior_std, 1.0)) ** 2, 0))
+        accepted = False
+        for _ in range(12):
+            dz = np.linalg.solve(H + lam * np.diag(np.diag(H) + 1e-12 * np.trace(H)), -g)
+            trial = np.clip(th + dz * scale, cfg.lo, cfg.hi)
+            try:
+                yt, Jt = fwd(trial)
+            except Fe2mlError:
+                lam *= 10
+                continue
+            phit, rt = objective(yt, trial)
+            if phit < phi:
+                step = np.max(np.abs(trial - th) / scale)
+                th, y, J, r = trial, yt, Jt, rt
+                rel_drop = (phi - phit) / max(phi, 1e-300)
+                phi = phit
+                lam = max(lam / 10, 1e-9)
+                accepted = True
+                break
+            lam *= 10
+        hist.append({"theta": th.tolist(), "objective": phi})
+        if comm.rank == 0:
+            vals = ", ".join(f"{n} = {v:.6g}" for n, v in zip(cfg.unknowns, th, strict=True))
+            log.info(f"  iteration {it + 1}: {vals}, misfit {phi:.4e} ({fwd.runs} forward runs)")
+        if not accepted or step < 1e-6 or rel_drop < 1e-10:
+            converged = True
+            break
+    # Laplace approximation at the estimate
+    res = y - cfg.data
+    N, m = res.size, len(th)
+    if rel0 == "auto":  # the relative noise level from the residuals
+        s_hat = float(np.sqrt(np.sum((res / np.maximum(np.abs(cfg.data), 1e-300)) ** 2) / max(N - m, 1)))
+        Wt = _weights(cfg, s_hat)
+        noise = {"relative": s_hat, "estimated": True}
+        zq = float(stats.t.ppf(0.975, max(N - m, 1)))
+    else:
+        noise = {**cfg.noise, "estimated": False}
+        zq = 1.959963984540054
+    Jw = (J * Wt[..., None]).reshape(-1, m)
+    Hp = Jw.T @ Jw + np.diag(np.where(has_prior, 1.0 / np.where(has_prior, cfg.prior_std, 1.0) ** 2, 0.0))
+    cov = np.linalg.pinv(Hp)
+    sd = np.sqrt(np.clip(np.diag(cov), 0, None))
+    corr = cov / np.maximum(np.outer(sd, sd), 1e-300)
+    pairs = [[cfg.unknowns[a], cfg.unknowns[b], float(corr[a, b])] for a in range(m) for b in range(a + 1, m)
+             if abs(corr[a, b]) > CORRELATED]
+    t_identify = time.perf_counter() - t0
+    report = {
+        "unknowns": list(cfg.unknowns), "estimate": th.tolist(), "std": sd.tolist(), "covariance": cov.tolist(),
+        "correlation": corr.tolist(), "interval95": np.stack([th - zq * sd, th + zq * sd], 1).tolist(),
+        "not_identifiable_pairs": pairs, "noise": noise, "converged": converged, "iterations": len(hist) - 1,
+        "forward_runs": fwd.runs, "history": hist,
+        "misfit_rel_rms": float(np.sqrt(np.mean((res / np.maximum(np.abs(cfg.data), 1e-300)) ** 2))),
+        "time_s": {"setup": t_setup, "one_surrogate_run": t_run, "identification": t_identify},
+        "cost_in_surrogate_runs": t_identify / max(t_setup + t_run, 1e-12),
+        "columns": list(cfg.columns), "times": cfg.times.tolist(), "data": cfg.data.tolist(), "fit": y.tolist(),
+        "start": cfg.start.tolist(), "start_fit": y0.tolist(),
+    }
+    if cfg.check:
+        report["fe2_check"] = fe2_check(comm, cfg, th, y)
+    if comm.rank == 0:
+        (cfg.output / "identify.json").write_text(json.dumps(report, indent=1))
+        plot_identify(report, cfg.output / "identify.png")
+        for n, v, s_, (a, b) in zip(cfg.unknowns, th, sd, report["interval95"], strict=True):
+            log.info(f"  {n} = {v:.6g} ± {s_:.3g} (95 %: [{a:.6g}, {b:.6g}])")
+        for a, b, c in pairs:
+            log.warning(f"  {a} and {b} are correlated {c:+.3f} (|correlation| > {CORRELATED}): the data barely "
+                        "separate them; their intervals are wide together")
+        log.info(f"  {fwd.runs} forward runs in {t_identify:.1f} s = {report['cost_in_surrogate_runs']:.1f} x one "
+                 f"surrogate run ({t_setup + t_run:.2f} s with set-up); wrote {cfg.output}/identify.json, "
+                 "identify.png")
+    return report
+
+
+def fe2_check(comm, cfg: IdentifyConfig, theta, y_sur) -> dict:
+    """Nested FE² (the RVE of the estimated parameters at every point) against the surrogate's fit."""
+    from fe2ml.laws.rve import build_rank_rve, rve_law
+    from fe2ml.macro.mesh import create_macro_mesh
+    from fe2ml.macro.problem import MacroProblem
+    from fe2ml.micro.parameters import parse_parameter_box, rve_with
+    from fe2ml.parallel import collective
+
+    run = cfg.run
+    pr = run.parameters
+    p = np.array(pr.constant, dtype=float)
+    p[[pr.names.index(n) for n in cfg.unknowns]] = theta
+    raw = load_yaml(run.path)["material"]["rve"]
+    box = parse_parameter_box(pr.box, raw, f"{run.path}: material.rve", run.path.parent, run.path)
+    rcfg = rve_with(box, p, f"{run.path}: material.rve", run.dim)
+    t0 = time.perf_counter()
+    rve, _ = build_rank_rve(comm, rcfg)
+    law = collective(comm, lambda: rve_law(rve, comm=comm))
+    mm = collective(comm, lambda: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
+    prob = collective(comm, lambda: MacroProblem(
+        comm, mm, law=law, kinematics=run.kinematics, degree=run.degree, quadrature_degree=run.quadrature_degree,
+        dirichlet=run.bcs, tractions=run.tractions, pressures=run.pressures, orientation=run.orientation,
+        newton=run.newton, solver=run.solver))
+    cols = _columns(cfg.columns)
+    steps = np.arange(1, run.steps + 1) / run.steps
+    rows = [int(np.argmin(np.abs(steps - t))) for t in cfg.times]
+    y = np.zeros((len(steps), len(cfg.columns)))
+    for i, t in enumerate(steps):
+        prob.step(float(t))
+        if comm.rank == 0:
+            log.info(f"  FE² check: step {i + 1}/{len(steps)}")
+        y[i] = _outputs(prob, cols)
+    y = y[rows]
+    err = np.abs(y_sur - y) / np.maximum(np.abs(y), 1e-300)
+    return {"fe2": y.tolist(), "surrogate_vs_fe2_max_rel": float(err.max()),
+            "surrogate_vs_fe2_rel_rms": float(np.sqrt(np.mean(err**2))),
+            "data_vs_fe2_rel_rms": float(np.sqrt(np.mean(((cfg.data - y) / np.maximum(np.abs(y), 1e-300)) ** 2))),
+            "time_s": time.perf_counter() - t0}
+
+
+def plot_identify(report: dict, path) -> None:
+    """Fit (data, start, estimate and FE² check per column) and the Laplace posterior of the first two unknowns."""
+    from fe2ml.plotting import _plt
+
+    plt = _plt()
+    two = len(report["unknowns"]) >= 2
+    fig, axs = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2), squeeze=False)
+    ax = axs[0, 0]
+    t = np.array(report["times"])
+    data, fit, st = np.array(report["data"]), np.array(report["fit"]), np.array(report["start_fit"])
+    for c, name in enumerate(report["columns"]):
+        s = max(np.max(np.abs(data[:, c])), 1e-300)
+        ax.plot(t, data[:, c] / s, "o", label=f"{name} data")
+        ax.plot(t, fit[:, c] / s, "-", label=f"{name} fit")
+        ax.plot(t, st[:, c] / s, ":", color="gray")
+        if "fe2_check" in report:
+            ax.plot(t, np.array(report["fe2_check"]["fe2"])[:, c] / s, "x", label=f"{name} FE² at estimate")
+    ax.set_xlabel("load parameter t")
+    ax.set_ylabel("value / max |data|")
+    ax.set_title("fit (dotted: start)")
+    ax.legend(fontsize=7)
+    if two:
+        ax = axs[0, 1]
+        mu = np.array(report["estimate"][:2])
+        C = np.array(report["covariance"])[:2, :2]
+        w, V = np.linalg.eigh(C)
+        a = np.linspace(0, 2 * np.pi, 200)
+        for k, lab in ((1.0, "1σ"), (np.sqrt(stats.chi2.ppf(0.95, 2)), "95 %")):
+            e = mu[:, None] + V @ (k * np.sqrt(np.clip(w, 0, None))[:, None] * np.array([np.cos(a), np.sin(a)]))
+            ax.plot(e[0], e[1], label=lab)
+        ax.plot(*mu, "k+", ms=10, label="estimate")
+        ax.set_xlabel(report["unknowns"][0])
+        ax.set_ylabel(report["unknowns"][1])
+        ax.set_title(f"Laplace posterior (correlation {np.array(report['correlation'])[0, 1]:+.2f})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def replace_run(cfg: IdentifyConfig, **kw) -> IdentifyConfig:
+    """A copy of the config with other fields (e.g. data of a new noise draw)."""
+    return dataclasses.replace(cfg, **kw)
