@@ -87,9 +87,11 @@ class ICNN(nn.Module):
     the network is also non-decreasing in them (needed to compose it with convex functions of F).
 
     ``n_ctx > 0`` makes it partially input-convex (Amos et al. 2017): a context c (the microstructure parameters)
-    passes through a free branch u = softplus(L₂ softplus(L₁ c)) and enters layer k as V_k (x ⊙ g_k(u)) + U_k u
-    with gates g_k = softplus(G_k u) ≥ 0, and the output is scaled by exp(s(u)) > 0. Every term stays convex and, for
-    the monotone inputs, non-decreasing in x for any c; nothing is required of the dependence on c.
+    passes through a free branch u = softplus(L₂ softplus(L₁ c)) and enters layer k as
+    W_k⁺ (z_k ⊙ h_k(u)) + V_k (x ⊙ g_k(u)) + U_k u with gates h_k = softplus(H_k u) ≥ 0 and g_k = softplus(G_k u) ≥ 0,
+    and the output is scaled by exp(s(u)) > 0. Every term stays convex and, for the monotone inputs, non-decreasing in
+    x for any c (non-negative combinations of convex non-decreasing functions); nothing is required of the dependence
+    on c.
     """
 
     def __init__(self, n_in, hidden, n_out, monotone=(), n_ctx=0):
@@ -106,9 +108,10 @@ class ICNN(nn.Module):
             self.ctx = nn.ModuleList([nn.Linear(n_ctx, hc), nn.Linear(hc, hc)])
             self.Us = nn.ModuleList([nn.Linear(hc, h) for h in [*hidden, n_out]])
             self.Gs = nn.ModuleList([nn.Linear(hc, n_in) for _ in range(len(hidden) + 1)])
+            self.Hs = nn.ModuleList([nn.Linear(hc, h) for h in hidden])  # gates of the hidden state
             self.S = nn.Linear(hc, n_out)
             with torch.no_grad():  # start as the plain ICNN: gates 1, no scaling
-                for G in self.Gs:
+                for G in [*self.Gs, *self.Hs]:
                     G.weight.mul_(0.1)
                     G.bias.fill_(float(np.log(np.expm1(1.0))))
                 self.S.weight.mul_(0.1)
@@ -150,8 +153,8 @@ class ICNN(nn.Module):
 
         z = Fn.softplus(term(0, self.Vs[0]))
         for k, (W, V) in enumerate(zip(self.Ws, self.Vs[1:], strict=True)):
-            z = Fn.softplus(z @ Fn.softplus(W).T + term(k + 1, V))
-        out = z @ Fn.softplus(self.W_out).T + term(len(self.Vs), self.V_out)
+            z = Fn.softplus((z * Fn.softplus(self.Hs[k](u))) @ Fn.softplus(W).T + term(k + 1, V))
+        out = (z * Fn.softplus(self.Hs[-1](u))) @ Fn.softplus(self.W_out).T + term(len(self.Vs), self.V_out)
         return out * torch.exp(self.S(u))
 
 
