@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fe2ml.config import load_yaml
-from fe2ml.errors import ConfigError
+from fe2ml.errors import ConfigError, MaterialError
 
 __all__ = ["ParameterBox", "family_fingerprint", "parameter_sets", "parse_parameter_box", "rve_with"]
 
@@ -159,7 +159,7 @@ def rve_with(box: ParameterBox, p, where: str, dim: int | None = None):
     try:
         return parse_homogenize(raw, box.base_path, f"{where} (parameters {vals})", box.base_dir,
                                 require_points=False, default_dim=dim)
-    except ConfigError as e:
+    except (ConfigError, MaterialError) as e:  # e.g. a modulus <= 0 at these parameters
         raise ConfigError(str(e)) from None
 
 
