@@ -351,11 +351,13 @@ class RunParameters:
     constant: np.ndarray | None
     values: Callable[[np.ndarray], np.ndarray]
     family: str | None = None
+    realizations: tuple = ()  # material.realizations: the seeds (mesh.seed levels) to run, one macro run each
 
 
 _MATERIAL_KEYS = {"hybrid": ("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device",
                              "learn", "balance", "parameters"),
-                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device", "parameters"),
+                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device", "parameters",
+                                "realizations"),
                   "rve": ("kind", "rve", "orientation", "balance"), "analytic": ("kind", "phases", "material")}
 
 
@@ -467,6 +469,26 @@ def _run_parameters(mat: dict, ck: dict, kind: str, f: str, dim: int, rve, p: Pa
         raise ConfigError(f"{f}: material.learn: in-run learning refits on the fallback RVE's records, which carry no "
                           "parameters; a parametric checkpoint is refined by a parametric campaign and fe2ml train")
     raw = mat.get("parameters")
+    levels = {str(k): [float(x) for x in v] for k, v in (ck["model"].get("levels") or {}).items()}
+    seeds: tuple = ()
+    if "realizations" in mat:
+        if "mesh.seed" not in levels:
+            raise ConfigError(f"{f}: material.realizations: the checkpoint has no realizations (train on a campaign "
+                              "with parameters: {mesh.seed: [lo, hi]})")
+        rz = mat["realizations"]
+        if rz == "all":
+            seeds = tuple(levels["mesh.seed"])
+        elif isinstance(rz, list) and rz and all(isinstance(x, int) and not isinstance(x, bool) for x in rz):
+            bad = [x for x in rz if float(x) not in levels["mesh.seed"]]
+            if bad:
+                raise ConfigError(f"{f}: material.realizations: seed(s) {bad} were not trained; trained seeds: "
+                                  f"{[int(x) for x in levels['mesh.seed']]}")
+            seeds = tuple(float(x) for x in rz)
+        else:
+            raise ConfigError(f"{f}: material.realizations: expected all or a list of trained seeds, got {rz!r}")
+        if len(seeds) < 2:
+            raise ConfigError(f"{f}: material.realizations: need at least 2 realizations for a spread")
+        raw = {**(raw or {}), **({} if raw and "mesh.seed" in raw else {"mesh.seed": int(seeds[0])})}
     if not isinstance(raw, dict):
         raise ConfigError(f"{w}: the checkpoint is parametric; give every parameter as a number or an expression of "
                           f"x, y, z: {{{', '.join(f'{n}: VALUE' for n in names)}}} (trained box "
@@ -490,6 +512,13 @@ def _run_parameters(mat: dict, ck: dict, kind: str, f: str, dim: int, rve, p: Pa
                                          len(X)) for n in names], -1)
 
     const = np.array([float(vals[n]) for n in names]) if numbers else None
+    for n, lv in levels.items():
+        if not (isinstance(vals[n], int | float) and not isinstance(vals[n], bool)):
+            raise ConfigError(f"{w}.{n}: a realization seed is a trained integer, not a field; trained: "
+                              f"{[int(x) for x in lv]}")
+        if float(vals[n]) not in lv:
+            raise ConfigError(f"{w}.{n}: seed {vals[n]} was not trained (the surrogate knows realizations "
+                              f"{[int(x) for x in lv]} only)")
     family = None
     if const is not None:
         out = [n for n, v in zip(names, const, strict=True) if not box[n][0] <= v <= box[n][1]]
@@ -517,7 +546,8 @@ def _run_parameters(mat: dict, ck: dict, kind: str, f: str, dim: int, rve, p: Pa
                               "field needs material.kind: surrogate")
         if "rve" not in mat:
             raise ConfigError(f"{f}: material.rve: a parametric hybrid needs the base RVE of its campaign")
-    return RunParameters(names=names, box=box, constant=const, values=values, family=family), rve
+    return RunParameters(names=names, box=box, constant=const, values=values, family=family,
+                         realizations=seeds), rve
 
 
 def _loads(raw: dict, f: str, dim: int, exprs: list[Expression]):

@@ -235,12 +235,17 @@ class PotentialModel(_Base):
             F with the parameter vector appended to its first row, (n, d, d + k) (:func:`with_parameters`); p passes
             through the free branch of a partially input-convex network, W(I; p) = 0 and P(I; p) = 0 for every p,
             and the tangent is ∂²W/∂F² at fixed p (automatic differentiation: there is no closed form).
+        levels: {name: [values]} of categorical parameters (the realizations ``mesh.seed``): they enter one-hot, so
+            that each trained realization has its own context (there is nothing to interpolate between seeds).
     """
 
     def __init__(self, dim: int, kinematics: str = "finite", hidden=(16, 16), features: str = "general",
-                 convex: bool = False, fibres=None, parameters=None):
+                 convex: bool = False, fibres=None, parameters=None, levels=None):
         super().__init__(dim, kinematics)
         self.parameters_ = [str(q) for q in (parameters or [])]
+        self.levels = {str(k): [float(v) for v in vs] for k, vs in (levels or {}).items()}
+        if any(k not in self.parameters_ for k in self.levels):
+            raise ValueError(f"levels of {sorted(self.levels)}: not among the parameters {self.parameters_}")
         if features not in FEATURES:
             raise ValueError(f"features: expected {', '.join(FEATURES)}, got {features!r}")
         if features != "general" and kinematics == "small":
@@ -261,7 +266,12 @@ class PotentialModel(_Base):
         monotone = () if features == "general" else (0, 1, *range(4, n_in))
         self.n_in = n_in
         k = len(self.parameters_)
-        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=monotone, n_ctx=k)
+        # categorical parameters (realizations: mesh.seed) enter one-hot, one context input per trained level
+        self._cat = [(self.parameters_.index(q), torch.tensor(vs, dtype=torch.float64))
+                     for q, vs in self.levels.items()]
+        self._cont = [j for j, q in enumerate(self.parameters_) if q not in self.levels]
+        n_ctx = len(self._cont) + sum(len(vs) for vs in self.levels.values())
+        self.net = _mlp(n_in, list(hidden), 1, convex, monotone=monotone, n_ctx=n_ctx)
         self.register_buffer("x_scale", torch.ones(n_in + k, dtype=torch.float64))
         if k:  # the parameters' mean (their scale is the tail of x_scale)
             self.register_buffer("p_mean", torch.zeros(k, dtype=torch.float64))
@@ -289,7 +299,13 @@ class PotentialModel(_Base):
         """Scaled parameters (n, k) or None."""
         if p is None:
             return None
-        return (p - self.p_mean) / self.x_scale[self.n_in:]
+        c = (p - self.p_mean) / self.x_scale[self.n_in:]
+        if not self._cat:
+            return c
+        cols = [c[..., self._cont]]
+        for j, vs in self._cat:
+            cols.append((torch.abs(p[..., j:j + 1] - vs.to(p.device)) < 0.5).to(p.dtype))
+        return torch.cat(cols, -1)
 
     def numpy_evaluator(self):
         """The numpy closed form; None for a parametric model (it is evaluated by automatic differentiation)."""

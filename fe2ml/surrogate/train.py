@@ -41,6 +41,10 @@ STREAM_METRIC_RECORDS = 20000  # a streamed fit's train-split metrics are measur
 VALIDATION_CHUNK = 8192  # records per piece of the validation loss (its tangents' intermediates grow with it)
 
 
+REALIZATION = "mesh.seed"
+"""The parameter that numbers RVE realizations: categorical in a parametric model (``levels``)."""
+
+
 def _rel(a, b):
     return float(np.sqrt(np.sum((a - b) ** 2)) / max(np.sqrt(np.sum(b**2)), 1e-300))
 
@@ -460,6 +464,9 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
             raise ConfigError(f"{cfg.path}: model.features: anisotropic invariants use fixed fibre directions, and "
                               "the data varies fibre.angle; use features: general or isotropic")
         margs["parameters"] = list(info["parameters"]["names"])
+        if REALIZATION in margs["parameters"]:  # realizations: one level per seed of the data
+            j = margs["parameters"].index(REALIZATION)
+            margs["levels"] = {REALIZATION: sorted({float(v) for v in F[:, 0, F.shape[1] + j]})}
     if start is not None and list(start["model"].get("parameters") or []) != list(margs.get("parameters") or []):
         raise ConfigError(f"--resume {resume}: checkpoint parameters {start['model'].get('parameters') or []} differ "
                           f"from those of the data {margs.get('parameters') or []}")
