@@ -30,6 +30,7 @@ from mpi4py import MPI
 
 import numpy as np
 
+from fe2ml.config import load_yaml
 from fe2ml.data.config import load_sample_config
 from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.files import atomic_write
@@ -88,6 +89,8 @@ def cmd_homogenize(args, comm) -> int:
     if comm.rank == 0:
         print(f"fe2ml homogenize: {cfg.path} ({cfg.dim}D, bc={cfg.bc}, degree={cfg.degree}, ranks={comm.size})",
               flush=True)
+    if args.realizations is not None or args.cells is not None:
+        return _homogenize_realizations(args, cfg, comm)
     mesh = load_rve_mesh(cfg, comm=comm)
     t_mesh = time.perf_counter() - t0
     if cfg.kinematics == "finite":
@@ -116,6 +119,31 @@ def cmd_homogenize(args, comm) -> int:
         print(f"  ε̄ = {np.round(e, 6).tolist()}  ->  σ̄ = {np.round(s, 6).tolist()}")
     _write_json_report(args, report, indent=1)
     _write_plots(args, mesh, cfg, None)
+    return 0
+
+
+def _homogenize_realizations(args, cfg, comm) -> int:
+    """``fe2ml homogenize --realizations N [--cells ...]``: the spread over random realizations of the RVE."""
+    from fe2ml.micro.representative import plot_realizations, realizations_report
+
+    def progress(k, m, dt):
+        if comm.rank == 0:
+            print(f"\r  rank 0: realization {k}/{m} ({dt:.1f} s)", end="" if k < m else "\n", flush=True)
+
+    report = realizations_report(comm, cfg, load_yaml(args.config), args.realizations or 8, args.cells,
+                                 progress=progress)
+    if report is None:
+        return 0
+    print(f"  {report['quantity']} over {report['rows'][0]['realizations']} realizations (mean, std, coefficient of "
+          "variation):")
+    for r in report["rows"]:
+        head = f"  {r['n_cells']} cells: " if r["n_cells"] else "  "
+        print(head + ", ".join(f"{c} {r['mean'][c]:.5g} ± {r['std'][c]:.3g} ({100 * r['cv'][c]:.2f} %)"
+                               for c in report["components"]))
+    _write_json_report(args, report, indent=1)
+    png = str(Path(args.json).with_suffix("")) + "_realizations.png" if args.json else "realizations.png"
+    plot_realizations(report, png)
+    print(f"  wrote {png}")
     return 0
 
 
@@ -333,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("config", help="YAML config (keys: dim, mesh, phases, bc, degree, strains, tol)")
     h.add_argument("--json", default=None, help="write the result (C, voigt, volume, ndofs, time_s, ...) here")
     h.add_argument("--plot", default=None, help="draw the RVE (phases and numbered cells) to this PNG")
+    h.add_argument("--realizations", type=int, default=None,
+                   help="representativeness: homogenize seeds 0..N-1 and report the spread (mean, std, CV)")
+    h.add_argument("--cells", type=int, nargs="+", default=None,
+                   help="with --realizations: repeat for these numbers of cells (h scaled with the cell size)")
     h.add_argument("--curve", default=None,
                    help="finite strain: PNG of the homogenized stress-strain curve (default: next to --json)")
     h.set_defaults(func=cmd_homogenize)
