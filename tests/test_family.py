@@ -422,3 +422,21 @@ def test_bad_identify_configs_are_one_line_errors(family, edit, msg):
     _w(p, p.read_text().replace(*edit))
     with pytest.raises(ConfigError, match=re.escape(msg)):
         load_identify_config(p)
+
+
+def test_a_tight_gaussian_prior_holds_its_parameter(family):
+    """prior: {mean, std} enters the misfit and the Laplace precision: with std = 1e-4 the estimate of mu_c stays at
+    the prior mean (data from mu_c = 3 say otherwise) and its posterior std is at most the prior's."""
+    from fe2ml.identify import ForwardModel, identify, load_identify_config
+
+    folder, _, _ = family
+    comm = MPI.COMM_WORLD
+    times = [1 / 3, 2 / 3, 1.0]
+    _truth_csv(folder, np.ones((3, 2)), "ones.csv", times)
+    fwd = ForwardModel(comm, load_identify_config(_identify_yaml(folder, "id_p0", "ones.csv")))
+    y, _ = fwd(np.array([3.0, 0.25]), jacobian=False)
+    p = _identify_yaml(folder, "id_prior", _truth_csv(folder, y, "exact_p.csv", times))
+    _w(p, p.read_text().replace("phases.2.mu: {start: 5.0}",
+                                "phases.2.mu: {start: 5.0, prior: {mean: 4.0, std: 1.0e-4}}"))
+    rep = identify(comm, load_identify_config(p))
+    assert abs(rep["estimate"][0] - 4.0) < 5e-4 and rep["std"][0] <= 1.0e-4 * (1 + 1e-9)

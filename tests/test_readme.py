@@ -35,14 +35,15 @@ def test_yaml_blocks_use_real_keys():
 
     homogenize = {"dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation", "F",
                   "load_path", "newton", "fields"}
-    sample = {"rve", "design", "output", "flush_every", "cells"}
+    sample = {"rve", "design", "output", "flush_every", "cells", "parameters", "parameter_sets"}
+    identify = {"run", "unknowns", "data", "noise", "check", "max_iterations", "output"}
     train = {"data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output", "device",
              "dtype"}
     blocks = _blocks()
     assert len(blocks) >= 4
     for text in blocks:
         keys = set(yaml.safe_load(text))
-        ok = [keys <= set(RUN_KEYS), keys <= homogenize, keys <= sample, keys <= train]
+        ok = [keys <= set(RUN_KEYS), keys <= homogenize, keys <= sample, keys <= train, keys <= identify]
         assert any(ok), f"README YAML block with unknown keys: {sorted(keys)}"
 
 
