@@ -15,6 +15,8 @@ Config keys::
     run: PATH                                 the run YAML (a parametric surrogate; its values start the search)
     unknowns: {NAME: {prior: uniform | {mean: m, std: s}, start: x}}   NAME: a parameter of the checkpoint
     data: {file: PATH, columns: [right_R1, right_u2_mean, ...]}          CSV with a column t (load steps of the run)
+    experiments: [{run: PATH, data: {...}}, ...]   instead of run and data: several tests of the same tissue (e.g.
+                                              uniaxial and confined), all with the same parametric checkpoint
     noise: {relative: auto | s} | {absolute: {COLUMN: sigma}}            default relative: auto (estimated)
     check: true | false                        final nested FE² run at the estimate (needs material.rve)
     max_iterations: 30
@@ -24,7 +26,6 @@ Config keys::
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import re
@@ -39,7 +40,7 @@ from fe2ml.config import check_keys, load_yaml, number
 from fe2ml.errors import ConfigError, Fe2mlError
 from fe2ml.macro.config import RunConfig, load_run_config
 
-__all__ = ["IdentifyConfig", "ForwardModel", "identify", "load_identify_config"]
+__all__ = ["Experiment", "ForwardModel", "IdentifyConfig", "identify", "load_identify_config"]
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,28 @@ CORRELATED = 0.95
 
 
 @dataclass(frozen=True)
+class Experiment:
+    """One measured test: its run config, the data times (T,), columns (C,) and values (T, C)."""
+
+    run: RunConfig
+    times: np.ndarray
+    columns: tuple
+    data: np.ndarray
+
+
+@dataclass(frozen=True)
 class IdentifyConfig:
     """Validated ``fe2ml identify`` configuration."""
 
     path: Path
-    run: RunConfig
+    run: RunConfig           # the first experiment's run (the parameters and their box)
     unknowns: tuple          # names, in order
     start: np.ndarray        # (m,)
     lo: np.ndarray           # (m,) the trained box (the search stays inside it)
     hi: np.ndarray
     prior_mean: np.ndarray   # (m,) nan where uniform
     prior_std: np.ndarray    # (m,) inf where uniform
-    times: np.ndarray        # (T,) data times
-    columns: tuple           # (C,) data columns
-    data: np.ndarray         # (T, C)
+    experiments: tuple       # Experiment, ...
     noise: dict
     check: bool
     max_iterations: int
@@ -76,20 +85,44 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    check_keys(raw, ("run", "unknowns", "data", "noise", "check", "max_iterations", "output"), f)
-    for key in ("run", "unknowns", "data"):
-        if key not in raw:
-            raise ConfigError(f"{f}: missing required key '{key}'")
-    if not isinstance(raw["run"], str):
-        raise ConfigError(f"{f}: run: expected the path of a run YAML, got {raw['run']!r}")
-    rp = p.parent / raw["run"]
-    if not rp.is_file():
-        raise ConfigError(f"{f}: run: {rp} not found")
-    run = load_run_config(rp)
-    if run.kind != "surrogate" or run.parameters is None:
-        raise ConfigError(f"{f}: run: {rp} must use a parametric surrogate (material.kind: surrogate with "
-                          f"material.parameters); it has material.kind {run.kind}"
-                          + ("" if run.parameters is not None else " without parameters"))
+    check_keys(raw, ("run", "unknowns", "data", "experiments", "noise", "check", "max_iterations", "output"), f)
+    if "experiments" in raw:
+        if "run" in raw or "data" in raw:
+            raise ConfigError(f"{f}: give either run and data, or experiments (a list of {{run, data}})")
+        exps = raw["experiments"]
+        if not isinstance(exps, list) or not exps or not all(isinstance(e, dict) for e in exps):
+            raise ConfigError(f"{f}: experiments: expected a list of {{run: PATH, data: {{file, columns}}}}")
+        for k, e in enumerate(exps):
+            check_keys(e, ("run", "data"), f"{f}: experiments[{k}]")
+        where = [f"{f}: experiments[{k}]" for k in range(len(exps))]
+    else:
+        exps = [{"run": raw.get("run"), "data": raw.get("data")}]
+        where = [f]
+    if "unknowns" not in raw:
+        raise ConfigError(f"{f}: missing required key 'unknowns'")
+    runs = []
+    for e, w in zip(exps, where, strict=True):
+        for key in ("run", "data"):
+            if e.get(key) is None:
+                raise ConfigError(f"{w}: missing required key '{key}'")
+        if not isinstance(e["run"], str):
+            raise ConfigError(f"{w}: run: expected the path of a run YAML, got {e['run']!r}")
+        rp = p.parent / e["run"]
+        if not rp.is_file():
+            raise ConfigError(f"{w}: run: {rp} not found")
+        run = load_run_config(rp)
+        if run.kind != "surrogate" or run.parameters is None:
+            raise ConfigError(f"{w}: run: {rp} must use a parametric surrogate (material.kind: surrogate with "
+                              f"material.parameters); it has material.kind {run.kind}"
+                              + ("" if run.parameters is not None else " without parameters"))
+        if run.parameters.constant is None:
+            raise ConfigError(f"{w}: run: material.parameters of {rp} must be constants (the unknowns are constant "
+                              "over the body)")
+        if runs and (run.parameters.names != runs[0].parameters.names or run.parameters.box != runs[0].parameters.box):
+            raise ConfigError(f"{w}: run: {rp} uses another parametric checkpoint than the first experiment")
+        runs.append(run)
+    run = runs[0]
+    rp = run.path
     pr = run.parameters
     unk = raw["unknowns"]
     if not isinstance(unk, dict) or not unk:
@@ -117,18 +150,48 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
             raise ConfigError(f"{w}.prior: expected uniform (over the trained box [{a:g}, {b:g}]) or "
                               f"{{mean: M, std: S}}, got {prior!r}")
         i = pr.names.index(name)
-        x0 = spec.get("start", pr.constant[i] if pr.constant is not None else 0.5 * (a + b))
-        x0 = number(x0, f"{w}.start")
+        x0 = number(spec.get("start", pr.constant[i]), f"{w}.start")
         if not a <= x0 <= b:
             raise ConfigError(f"{w}.start: {x0:g} is outside the trained box [{a:g}, {b:g}]")
         names.append(name)
         start.append(x0)
         lo.append(a)
         hi.append(b)
-    if pr.constant is None:
-        raise ConfigError(f"{f}: run: material.parameters of {rp} must be constants (the unknowns are constant over "
-                          "the body)")
-    dat = raw["data"]
+    experiments = []
+    all_cols: list[str] = []
+    for e, w, run_k in zip(exps, where, runs, strict=True):
+        experiments.append(_experiment(e["data"], run_k, w, p.parent))
+        all_cols += list(experiments[-1].columns)
+    noise = raw.get("noise", {"relative": "auto"})
+    if not isinstance(noise, dict) or len(noise) != 1 or next(iter(noise)) not in ("relative", "absolute"):
+        raise ConfigError(f"{f}: noise: expected {{relative: auto | S}} or {{absolute: {{COLUMN: SIGMA}}}}, "
+                          f"got {noise!r}")
+    if "relative" in noise and noise["relative"] != "auto":
+        noise = {"relative": number(noise["relative"], f"{f}: noise.relative", positive=True)}
+    if "absolute" in noise:
+        ab = noise["absolute"]
+        if not isinstance(ab, dict) or set(map(str, ab)) != set(all_cols):
+            raise ConfigError(f"{f}: noise.absolute: expected a standard deviation for every data column "
+                              f"{sorted(set(all_cols))}")
+        noise = {"absolute": {str(k): number(v, f"{f}: noise.absolute.{k}", positive=True) for k, v in ab.items()}}
+    mi = raw.get("max_iterations", 30)
+    if not isinstance(mi, int) or isinstance(mi, bool) or not 1 <= mi <= 1000:
+        raise ConfigError(f"{f}: max_iterations: expected an integer 1..1000, got {mi!r}")
+    check = raw.get("check", False)
+    if not isinstance(check, bool):
+        raise ConfigError(f"{f}: check: expected true or false, got {check!r}")
+    if check and any(r.rve is None for r in runs):
+        raise ConfigError(f"{f}: check: the final FE² run needs material.rve in every run (the base RVE of the "
+                          "campaign)")
+    out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
+    return IdentifyConfig(path=p, run=run, unknowns=tuple(names), start=np.array(start), lo=np.array(lo),
+                          hi=np.array(hi), prior_mean=np.array(pm), prior_std=np.array(ps),
+                          experiments=tuple(experiments), noise=noise, check=check, max_iterations=mi,
+                          output=Path(out) if output is not None else p.parent / out)
+
+
+def _experiment(dat, run: RunConfig, f: str, base: Path) -> Experiment:
+    """Validate one experiment's ``data`` against its run's boundaries and load steps."""
     if not isinstance(dat, dict) or "file" not in dat or "columns" not in dat:
         raise ConfigError(f"{f}: data: expected {{file: measured.csv, columns: [right_R1, right_u2_mean]}}")
     check_keys(dat, ("file", "columns"), f"{f}: data")
@@ -143,37 +206,13 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
     if bad:
         raise ConfigError(f"{f}: data.columns: {bad} do not match the run's boundaries; allowed: "
                           f"{', '.join(allowed)}")
-    fp = p.parent / str(dat["file"])
-    times, values = _read_csv(fp, cols, f"{f}: data.file")
+    times, values = _read_csv(base / str(dat["file"]), cols, f"{f}: data.file")
     steps = np.arange(1, run.steps + 1) / run.steps
     off = [t for t in times if np.min(np.abs(steps - t)) > 1e-9]
     if off:
         raise ConfigError(f"{f}: data.file: time(s) {off[:3]} are not load steps of the run (t = k/{run.steps}, "
                           f"k = 1..{run.steps}; t = 0 carries no information)")
-    noise = raw.get("noise", {"relative": "auto"})
-    if not isinstance(noise, dict) or len(noise) != 1 or next(iter(noise)) not in ("relative", "absolute"):
-        raise ConfigError(f"{f}: noise: expected {{relative: auto | S}} or {{absolute: {{COLUMN: SIGMA}}}}, "
-                          f"got {noise!r}")
-    if "relative" in noise and noise["relative"] != "auto":
-        noise = {"relative": number(noise["relative"], f"{f}: noise.relative", positive=True)}
-    if "absolute" in noise:
-        ab = noise["absolute"]
-        if not isinstance(ab, dict) or set(map(str, ab)) != set(cols):
-            raise ConfigError(f"{f}: noise.absolute: expected a standard deviation for every data column {cols}")
-        noise = {"absolute": {str(k): number(v, f"{f}: noise.absolute.{k}", positive=True) for k, v in ab.items()}}
-    mi = raw.get("max_iterations", 30)
-    if not isinstance(mi, int) or isinstance(mi, bool) or not 1 <= mi <= 1000:
-        raise ConfigError(f"{f}: max_iterations: expected an integer 1..1000, got {mi!r}")
-    check = raw.get("check", False)
-    if not isinstance(check, bool):
-        raise ConfigError(f"{f}: check: expected true or false, got {check!r}")
-    if check and run.rve is None:
-        raise ConfigError(f"{f}: check: the final FE² run needs material.rve in {rp} (the base RVE of the campaign)")
-    out = output if output is not None else raw.get("output", str(Path("results") / p.stem))
-    return IdentifyConfig(path=p, run=run, unknowns=tuple(names), start=np.array(start), lo=np.array(lo),
-                          hi=np.array(hi), prior_mean=np.array(pm), prior_std=np.array(ps), times=times,
-                          columns=tuple(cols), data=values, noise=noise, check=check, max_iterations=mi,
-                          output=Path(out) if output is not None else p.parent / out)
+    return Experiment(run=run, times=times, columns=tuple(cols), data=values)
 
 
 def _read_csv(path: Path, cols, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -220,9 +259,10 @@ def _outputs(prob, cols) -> np.ndarray:
 
 
 class ForwardModel:
-    """The run's macro problem with its parametric surrogate, evaluated at any θ (collective).
+    """The macro problems of the experiments with their parametric surrogate, evaluated at any θ (collective).
 
-    ``y(θ)`` (T, C) at the data times and, with ``jacobian``, dy/dθ (T, C, m) from forward sensitivities.
+    ``y(θ)`` (N,): every experiment's data columns at its data times, flattened and concatenated; with ``jacobian``,
+    dy/dθ (N, m) from forward sensitivities.
     """
 
     def __init__(self, comm, cfg: IdentifyConfig):
@@ -232,60 +272,70 @@ class ForwardModel:
         from fe2ml.macro.run import build_law
         from fe2ml.parallel import collective
 
-        run = cfg.run
         self.comm = comm
         self.cfg = cfg
-        self.law = build_law(comm, run)
-        mm = collective(comm, lambda: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
-        self.prob = collective(comm, lambda: MacroProblem(
-            comm, mm, law=self.law, kinematics=run.kinematics, degree=run.degree,
-            quadrature_degree=run.quadrature_degree, dirichlet=run.bcs, tractions=run.tractions,
-            pressures=run.pressures, orientation=run.orientation, newton=run.newton, solver=run.solver))
-        pr = run.parameters
-        self.base = np.array(pr.constant, dtype=float)
+        self.parts = []
+        for exp in cfg.experiments:
+            run = exp.run
+            law = build_law(comm, run)
+            mm = collective(comm, lambda run=run: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
+            prob = collective(comm, lambda run=run, mm=mm, law=law: MacroProblem(
+                comm, mm, law=law, kinematics=run.kinematics, degree=run.degree,
+                quadrature_degree=run.quadrature_degree, dirichlet=run.bcs, tractions=run.tractions,
+                pressures=run.pressures, orientation=run.orientation, newton=run.newton, solver=run.solver))
+            steps = np.arange(1, run.steps + 1) / run.steps
+            self.parts.append({"law": law, "prob": prob, "steps": steps, "cols": _columns(exp.columns),
+                               "rows": [int(np.argmin(np.abs(steps - t))) for t in exp.times],
+                               "base": np.array(run.parameters.constant, dtype=float)})
+        pr = cfg.run.parameters
         self.idx = [pr.names.index(n) for n in cfg.unknowns]
-        self.steps = np.arange(1, run.steps + 1) / run.steps
-        self.rows = [int(np.argmin(np.abs(self.steps - t))) for t in cfg.times]
-        self.cols = _columns(cfg.columns)
         self.runs = 0
 
     def __call__(self, theta, *, jacobian: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Solve the load history at θ from the undeformed state; y (T, C) and dy/dθ (T, C, m) or None."""
-        prob = self.prob
-        p = self.base.copy()
-        p[self.idx] = theta
-        self.law.set_parameters(p)
-        prob.u.x.array[:] = 0.0
-        prob.u.x.scatter_forward()
-        prob.t = 0.0
-        prob._last_increment = None
-        prob._rref = 0.0
-        prob.history.clear()
-        T, C, m = len(self.steps), len(self.cols), len(self.idx)
-        y = np.zeros((T, C))
-        J = np.zeros((T, C, m)) if jacobian else None
-        want = set(self.rows)
-        for i, t in enumerate(self.steps):
-            prob.step(float(t))
-            if i not in want:
-                continue
-            y[i] = _outputs(prob, self.cols)
-            if jacobian:
-                s = prob.parameter_sensitivities()
-                for jc, (k, b, c) in enumerate(self.cols):
-                    J[i, jc] = s[k][b][self.idx, c]
+        """Solve every experiment's load history at θ from the undeformed state; y (N,) and dy/dθ (N, m) or None."""
+        ys, Js = [], []
+        m = len(self.idx)
+        for part in self.parts:
+            prob, law = part["prob"], part["law"]
+            p = part["base"].copy()
+            p[self.idx] = theta
+            law.set_parameters(p)
+            prob.u.x.array[:] = 0.0
+            prob.u.x.scatter_forward()
+            prob.t, prob._last_increment, prob._rref = 0.0, None, 0.0
+            prob.history.clear()
+            T, C = len(part["steps"]), len(part["cols"])
+            y = np.zeros((T, C))
+            J = np.zeros((T, C, m))
+            want = set(part["rows"])
+            for i, t in enumerate(part["steps"]):
+                prob.step(float(t))
+                if i not in want:
+                    continue
+                y[i] = _outputs(prob, part["cols"])
+                if jacobian:
+                    sens = prob.parameter_sensitivities()
+                    for jc, (k, b, c) in enumerate(part["cols"]):
+                        J[i, jc] = sens[k][b][self.idx, c]
+            ys.append(y[part["rows"]].ravel())
+            Js.append(J[part["rows"]].reshape(-1, m))
         self.runs += 1
-        return y[self.rows], (J[self.rows] if jacobian else None)
+        return np.concatenate(ys), (np.concatenate(Js) if jacobian else None)
+
+
+def _data(cfg: IdentifyConfig) -> np.ndarray:
+    """Every experiment's data, flattened and concatenated as :class:`ForwardModel` returns y."""
+    return np.concatenate([e.data.ravel() for e in cfg.experiments])
 
 
 def _weights(cfg: IdentifyConfig, rel: float | None) -> np.ndarray:
-    """Inverse noise standard deviations (T, C) of the data."""
+    """Inverse noise standard deviations (N,) of the data."""
+    d = _data(cfg)
     if "absolute" in cfg.noise:
-        sig = np.array([cfg.noise["absolute"][c] for c in cfg.columns])[None, :] * np.ones_like(cfg.data)
-    else:
-        s = cfg.noise["relative"] if rel is None else rel
-        sig = s * np.maximum(np.abs(cfg.data), 1e-12 * np.max(np.abs(cfg.data)))
-    return 1.0 / sig
+        return 1.0 / np.concatenate([np.tile([cfg.noise["absolute"][c] for c in e.columns], len(e.times))
+                                     for e in cfg.experiments])
+    s = cfg.noise["relative"] if rel is None else rel
+    return 1.0 / (s * np.maximum(np.abs(d), 1e-12 * np.max(np.abs(d))))
 
 
 def identify(comm, cfg: IdentifyConfig) -> dict:
@@ -299,17 +349,19 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
     fwd = ForwardModel(comm, cfg)
     t_setup = time.perf_counter() - t0
     t1 = time.perf_counter()
-    y0, _ = fwd(cfg.start, jacobian=False)  # one plain surrogate run: the cost unit of the identification
+    y0, _ = fwd(cfg.start, jacobian=False)  # one plain surrogate run of every experiment: the cost unit
     t_run = time.perf_counter() - t1
+    data = _data(cfg)
     rel0 = cfg.noise.get("relative")
-    rel = 0.01 if rel0 == "auto" else None  # the weights' scale does not move the least-squares estimate
-    Wt = _weights(cfg, rel)
+    Wt = _weights(cfg, 0.01 if rel0 == "auto" else None)  # their scale does not move the least-squares estimate
     scale = cfg.hi - cfg.lo
     has_prior = np.isfinite(cfg.prior_std)
+    pstd = np.where(has_prior, cfg.prior_std, 1.0)
+    pmean = np.nan_to_num(cfg.prior_mean)
 
     def objective(y, th):
-        r = ((y - cfg.data) * Wt).ravel()
-        pr = np.where(has_prior, (th - np.nan_to_num(cfg.prior_mean)) / np.where(has_prior, cfg.prior_std, 1.0), 0)
+        r = (y - data) * Wt
+        pr = np.where(has_prior, (th - pmean) / pstd, 0.0)
         return 0.5 * (r @ r + pr @ pr), r
 
     th = cfg.start.astype(float).copy()
@@ -319,11 +371,10 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
     hist = [{"theta": th.tolist(), "objective": phi}]
     converged = False
     for it in range(cfg.max_iterations):
-        Jr = (J * Wt[..., None]).reshape(-1, len(th)) * scale  # in scaled variables z = θ / scale
-        g = Jr.T @ r + np.where(has_prior, (th - np.nan_to_num(cfg.prior_mean)) / np.where(has_prior, cfg.prior_std,
-                                                                                          1.0) ** 2, 0) * scale
-        H = Jr.T @ Jr + np.diag(np.where(has_prior, (scale / np.where(has_prior, cfg.prior_std, 1.0)) ** 2, 0))
-        accepted = False
+        Jr = J * Wt[:, None] * scale  # in scaled variables z = θ / scale
+        g = Jr.T @ r + np.where(has_prior, (th - pmean) / pstd**2, 0.0) * scale
+        H = Jr.T @ Jr + np.diag(np.where(has_prior, (scale / pstd) ** 2, 0.0))
+        accepted, step, rel_drop = False, 0.0, 0.0
         for _ in range(12):
             dz = np.linalg.solve(H + lam * np.diag(np.diag(H) + 1e-12 * np.trace(H)), -g)
             trial = np.clip(th + dz * scale, cfg.lo, cfg.hi)
@@ -334,10 +385,9 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
                 continue
             phit, rt = objective(yt, trial)
             if phit < phi:
-                step = np.max(np.abs(trial - th) / scale)
-                th, y, J, r = trial, yt, Jt, rt
+                step = float(np.max(np.abs(trial - th) / scale))
                 rel_drop = (phi - phit) / max(phi, 1e-300)
-                phi = phit
+                th, y, J, r, phi = trial, yt, Jt, rt, phit
                 lam = max(lam / 10, 1e-9)
                 accepted = True
                 break
@@ -350,18 +400,19 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
             converged = True
             break
     # Laplace approximation at the estimate
-    res = y - cfg.data
+    res = y - data
     N, m = res.size, len(th)
+    rel_res = res / np.maximum(np.abs(data), 1e-300)
     if rel0 == "auto":  # the relative noise level from the residuals
-        s_hat = float(np.sqrt(np.sum((res / np.maximum(np.abs(cfg.data), 1e-300)) ** 2) / max(N - m, 1)))
+        s_hat = float(np.sqrt(np.sum(rel_res**2) / max(N - m, 1)))
         Wt = _weights(cfg, s_hat)
         noise = {"relative": s_hat, "estimated": True}
         zq = float(stats.t.ppf(0.975, max(N - m, 1)))
     else:
         noise = {**cfg.noise, "estimated": False}
         zq = 1.959963984540054
-    Jw = (J * Wt[..., None]).reshape(-1, m)
-    Hp = Jw.T @ Jw + np.diag(np.where(has_prior, 1.0 / np.where(has_prior, cfg.prior_std, 1.0) ** 2, 0.0))
+    Jw = J * Wt[:, None]
+    Hp = Jw.T @ Jw + np.diag(np.where(has_prior, 1.0 / pstd**2, 0.0))
     cov = np.linalg.pinv(Hp)
     sd = np.sqrt(np.clip(np.diag(cov), 0, None))
     corr = cov / np.maximum(np.outer(sd, sd), 1e-300)
@@ -372,12 +423,10 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
         "unknowns": list(cfg.unknowns), "estimate": th.tolist(), "std": sd.tolist(), "covariance": cov.tolist(),
         "correlation": corr.tolist(), "interval95": np.stack([th - zq * sd, th + zq * sd], 1).tolist(),
         "not_identifiable_pairs": pairs, "noise": noise, "converged": converged, "iterations": len(hist) - 1,
-        "forward_runs": fwd.runs, "history": hist,
-        "misfit_rel_rms": float(np.sqrt(np.mean((res / np.maximum(np.abs(cfg.data), 1e-300)) ** 2))),
+        "forward_runs": fwd.runs, "history": hist, "misfit_rel_rms": float(np.sqrt(np.mean(rel_res**2))),
         "time_s": {"setup": t_setup, "one_surrogate_run": t_run, "identification": t_identify},
         "cost_in_surrogate_runs": t_identify / max(t_setup + t_run, 1e-12),
-        "columns": list(cfg.columns), "times": cfg.times.tolist(), "data": cfg.data.tolist(), "fit": y.tolist(),
-        "start": cfg.start.tolist(), "start_fit": y0.tolist(),
+        "experiments": _split(cfg, data, y, y0), "start": cfg.start.tolist(),
     }
     if cfg.check:
         report["fe2_check"] = fe2_check(comm, cfg, th, y)
@@ -390,48 +439,67 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
             log.warning(f"  {a} and {b} are correlated {c:+.3f} (|correlation| > {CORRELATED}): the data barely "
                         "separate them; their intervals are wide together")
         log.info(f"  {fwd.runs} forward runs in {t_identify:.1f} s = {report['cost_in_surrogate_runs']:.1f} x one "
-                 f"surrogate run ({t_setup + t_run:.2f} s with set-up); wrote {cfg.output}/identify.json, "
-                 "identify.png")
+                 f"surrogate run of the experiments ({t_setup + t_run:.2f} s with set-up); wrote "
+                 f"{cfg.output}/identify.json, identify.png")
     return report
 
 
+def _split(cfg: IdentifyConfig, *arrays) -> list[dict]:
+    """Per experiment: its run, times, columns, and each flattened array back as (T, C) (data, fit, start fit)."""
+    out, k = [], 0
+    for e in cfg.experiments:
+        n = e.data.size
+        parts = [a[k:k + n].reshape(e.data.shape).tolist() for a in arrays]
+        out.append({"run": str(e.run.path), "times": e.times.tolist(), "columns": list(e.columns), "data": parts[0],
+                    "fit": parts[1], "start_fit": parts[2]})
+        k += n
+    return out
+
+
 def fe2_check(comm, cfg: IdentifyConfig, theta, y_sur) -> dict:
-    """Nested FE² (the RVE of the estimated parameters at every point) against the surrogate's fit."""
+    """Nested FE² (the RVE of the estimated parameters at every point) of every experiment against the fit."""
+    # deferred: dolfinx only for the check
     from fe2ml.laws.rve import build_rank_rve, rve_law
     from fe2ml.macro.mesh import create_macro_mesh
     from fe2ml.macro.problem import MacroProblem
     from fe2ml.micro.parameters import parse_parameter_box, rve_with
     from fe2ml.parallel import collective
 
-    run = cfg.run
-    pr = run.parameters
-    p = np.array(pr.constant, dtype=float)
-    p[[pr.names.index(n) for n in cfg.unknowns]] = theta
-    raw = load_yaml(run.path)["material"]["rve"]
-    box = parse_parameter_box(pr.box, raw, f"{run.path}: material.rve", run.path.parent, run.path)
-    rcfg = rve_with(box, p, f"{run.path}: material.rve", run.dim)
     t0 = time.perf_counter()
-    rve, _ = build_rank_rve(comm, rcfg)
-    law = collective(comm, lambda: rve_law(rve, comm=comm))
-    mm = collective(comm, lambda: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
-    prob = collective(comm, lambda: MacroProblem(
-        comm, mm, law=law, kinematics=run.kinematics, degree=run.degree, quadrature_degree=run.quadrature_degree,
-        dirichlet=run.bcs, tractions=run.tractions, pressures=run.pressures, orientation=run.orientation,
-        newton=run.newton, solver=run.solver))
-    cols = _columns(cfg.columns)
-    steps = np.arange(1, run.steps + 1) / run.steps
-    rows = [int(np.argmin(np.abs(steps - t))) for t in cfg.times]
-    y = np.zeros((len(steps), len(cfg.columns)))
-    for i, t in enumerate(steps):
-        prob.step(float(t))
-        if comm.rank == 0:
-            log.info(f"  FE² check: step {i + 1}/{len(steps)}")
-        y[i] = _outputs(prob, cols)
-    y = y[rows]
+    ys = []
+    for e in cfg.experiments:
+        run = e.run
+        pr = run.parameters
+        p = np.array(pr.constant, dtype=float)
+        p[[pr.names.index(n) for n in cfg.unknowns]] = theta
+        raw = load_yaml(run.path)["material"]["rve"]
+        box = parse_parameter_box(pr.box, raw, f"{run.path}: material.rve", run.path.parent, run.path)
+        rcfg = rve_with(box, p, f"{run.path}: material.rve", run.dim)
+        rve, _ = build_rank_rve(comm, rcfg)
+        law = collective(comm, lambda rve=rve: rve_law(rve, comm=comm))
+        mm = collective(comm, lambda run=run: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
+        prob = collective(comm, lambda run=run, mm=mm, law=law: MacroProblem(
+            comm, mm, law=law, kinematics=run.kinematics, degree=run.degree,
+            quadrature_degree=run.quadrature_degree, dirichlet=run.bcs, tractions=run.tractions,
+            pressures=run.pressures, orientation=run.orientation, newton=run.newton, solver=run.solver))
+        cols = _columns(e.columns)
+        steps = np.arange(1, run.steps + 1) / run.steps
+        rows = [int(np.argmin(np.abs(steps - t))) for t in e.times]
+        y = np.zeros((len(steps), len(cols)))
+        for i, t in enumerate(steps):
+            prob.step(float(t))
+            if comm.rank == 0:
+                log.info(f"  FE² check {run.path.name}: step {i + 1}/{len(steps)}")
+            y[i] = _outputs(prob, cols)
+        ys.append(y[rows].ravel())
+        law.close()
+        prob.close()
+    y = np.concatenate(ys)
     err = np.abs(y_sur - y) / np.maximum(np.abs(y), 1e-300)
-    return {"fe2": y.tolist(), "surrogate_vs_fe2_max_rel": float(err.max()),
+    data = _data(cfg)
+    return {"fe2": _split(cfg, y, y, y), "surrogate_vs_fe2_max_rel": float(err.max()),
             "surrogate_vs_fe2_rel_rms": float(np.sqrt(np.mean(err**2))),
-            "data_vs_fe2_rel_rms": float(np.sqrt(np.mean(((cfg.data - y) / np.maximum(np.abs(y), 1e-300)) ** 2))),
+            "data_vs_fe2_rel_rms": float(np.sqrt(np.mean(((data - y) / np.maximum(np.abs(y), 1e-300)) ** 2))),
             "time_s": time.perf_counter() - t0}
 
 
@@ -443,19 +511,22 @@ def plot_identify(report: dict, path) -> None:
     two = len(report["unknowns"]) >= 2
     fig, axs = plt.subplots(1, 2 if two else 1, figsize=(11 if two else 6, 4.2), squeeze=False)
     ax = axs[0, 0]
-    t = np.array(report["times"])
-    data, fit, st = np.array(report["data"]), np.array(report["fit"]), np.array(report["start_fit"])
-    for c, name in enumerate(report["columns"]):
-        s = max(np.max(np.abs(data[:, c])), 1e-300)
-        ax.plot(t, data[:, c] / s, "o", label=f"{name} data")
-        ax.plot(t, fit[:, c] / s, "-", label=f"{name} fit")
-        ax.plot(t, st[:, c] / s, ":", color="gray")
-        if "fe2_check" in report:
-            ax.plot(t, np.array(report["fe2_check"]["fe2"])[:, c] / s, "x", label=f"{name} FE² at estimate")
+    fe2 = report.get("fe2_check", {}).get("fe2")
+    for k, e in enumerate(report["experiments"]):
+        t = np.array(e["times"])
+        data, fit, st = np.array(e["data"]), np.array(e["fit"]), np.array(e["start_fit"])
+        tag = f"{Path(e['run']).stem}: " if len(report["experiments"]) > 1 else ""
+        for c, name in enumerate(e["columns"]):
+            s = max(np.max(np.abs(data[:, c])), 1e-300)
+            ax.plot(t, data[:, c] / s, "o", label=f"{tag}{name} data")
+            ax.plot(t, fit[:, c] / s, "-", label=f"{tag}{name} fit")
+            ax.plot(t, st[:, c] / s, ":", color="gray")
+            if fe2 is not None:
+                ax.plot(t, np.array(fe2[k]["data"])[:, c] / s, "x", color="k")
     ax.set_xlabel("load parameter t")
     ax.set_ylabel("value / max |data|")
-    ax.set_title("fit (dotted: start)")
-    ax.legend(fontsize=7)
+    ax.set_title("fit (dotted: start" + ("; x: FE² at the estimate)" if fe2 is not None else ")"))
+    ax.legend(fontsize=6)
     if two:
         ax = axs[0, 1]
         mu = np.array(report["estimate"][:2])
@@ -463,8 +534,8 @@ def plot_identify(report: dict, path) -> None:
         w, V = np.linalg.eigh(C)
         a = np.linspace(0, 2 * np.pi, 200)
         for k, lab in ((1.0, "1σ"), (np.sqrt(stats.chi2.ppf(0.95, 2)), "95 %")):
-            e = mu[:, None] + V @ (k * np.sqrt(np.clip(w, 0, None))[:, None] * np.array([np.cos(a), np.sin(a)]))
-            ax.plot(e[0], e[1], label=lab)
+            el = mu[:, None] + V @ (k * np.sqrt(np.clip(w, 0, None))[:, None] * np.array([np.cos(a), np.sin(a)]))
+            ax.plot(el[0], el[1], label=lab)
         ax.plot(*mu, "k+", ms=10, label="estimate")
         ax.set_xlabel(report["unknowns"][0])
         ax.set_ylabel(report["unknowns"][1])
@@ -473,8 +544,3 @@ def plot_identify(report: dict, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def replace_run(cfg: IdentifyConfig, **kw) -> IdentifyConfig:
-    """A copy of the config with other fields (e.g. data of a new noise draw)."""
-    return dataclasses.replace(cfg, **kw)

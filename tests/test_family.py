@@ -380,7 +380,7 @@ def test_identify_recovers_exact_parameters_and_its_interval_covers_at_nominal_r
     _truth_csv(folder, np.ones((3, 2)), "ones.csv", times)
     truth = np.array([3.0, 0.25])
     fwd = ForwardModel(comm, load_identify_config(_identify_yaml(folder, "id_t", "ones.csv")))
-    y, _ = fwd(truth, jacobian=False)
+    y = fwd(truth, jacobian=False)[0].reshape(3, 2)
     cfg = load_identify_config(_identify_yaml(folder, "id_exact", _truth_csv(folder, y, "exact.csv", times)))
     rep = identify(comm, cfg)
     assert np.allclose(rep["estimate"], truth, rtol=1e-6)
@@ -434,7 +434,7 @@ def test_a_tight_gaussian_prior_holds_its_parameter(family):
     times = [1 / 3, 2 / 3, 1.0]
     _truth_csv(folder, np.ones((3, 2)), "ones.csv", times)
     fwd = ForwardModel(comm, load_identify_config(_identify_yaml(folder, "id_p0", "ones.csv")))
-    y, _ = fwd(np.array([3.0, 0.25]), jacobian=False)
+    y = fwd(np.array([3.0, 0.25]), jacobian=False)[0].reshape(3, 2)
     p = _identify_yaml(folder, "id_prior", _truth_csv(folder, y, "exact_p.csv", times))
     _w(p, p.read_text().replace("phases.2.mu: {start: 5.0}",
                                 "phases.2.mu: {start: 5.0, prior: {mean: 4.0, std: 1.0e-4}}"))
