@@ -124,6 +124,7 @@ def cmd_homogenize(args, comm) -> int:
 
 def _homogenize_realizations(args, cfg, comm) -> int:
     """``fe2ml homogenize --realizations N [--cells ...]``: the spread over random realizations of the RVE."""
+    # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
     from fe2ml.micro.representative import plot_realizations, realizations_report
 
     def progress(k, m, dt):

@@ -505,7 +505,7 @@ def fe2_check(comm, cfg: IdentifyConfig, theta, y_sur) -> dict:
 
 def plot_identify(report: dict, path) -> None:
     """Fit (data, start, estimate and FE² check per column) and the Laplace posterior of the first two unknowns."""
-    from fe2ml.plotting import _plt
+    from fe2ml.plotting import _plt  # deferred: matplotlib only when a figure is drawn
 
     plt = _plt()
     two = len(report["unknowns"]) >= 2

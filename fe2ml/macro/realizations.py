@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 def run_realizations(comm, cfg: RunConfig) -> dict:
     """Run every realization of ``cfg.parameters.realizations``; rank 0 writes the outputs and returns the summary."""
+    # deferred: dolfinx only when a run is made (the module is imported by macro.run, which these import)
     from fe2ml.macro.mesh import create_macro_mesh
     from fe2ml.macro.problem import MacroProblem
     from fe2ml.macro.run import _prepare_output, build_law
@@ -120,7 +121,7 @@ def run_realizations(comm, cfg: RunConfig) -> dict:
 
 
 def _plot(path, t, Y, name) -> None:
-    from fe2ml.plotting import _plt
+    from fe2ml.plotting import _plt  # deferred: matplotlib only when a figure is drawn
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))

@@ -10,14 +10,19 @@ cached by its generator parameters, so sets that share them share the mesh file.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import qmc
 
 from fe2ml.config import load_yaml
 from fe2ml.errors import ConfigError, MaterialError
+from fe2ml.micro.config import parse_homogenize
 
 __all__ = ["ParameterBox", "family_fingerprint", "parameter_sets", "parse_parameter_box", "rve_with"]
 
@@ -140,8 +145,6 @@ def rve_with(box: ParameterBox, p, where: str, dim: int | None = None):
     Raises:
         ConfigError: the modified RVE config is invalid (e.g. a modulus <= 0); the message names the values.
     """
-    from fe2ml.micro.config import parse_homogenize
-
     vals = box.values(p)
     raw = copy.deepcopy(box.base)
     for name, v in vals.items():
@@ -165,10 +168,6 @@ def rve_with(box: ParameterBox, p, where: str, dim: int | None = None):
 
 def parameter_sets(box: ParameterBox, m: int, seed: int = 0) -> np.ndarray:
     """M parameter vectors (M, k): a scrambled Sobol design over the box (integer parameters rounded)."""
-    import warnings
-
-    from scipy.stats import qmc
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Sobol balance warning for M not a power of 2
         u = qmc.Sobol(len(box.names), scramble=True, seed=seed).random(m)
@@ -186,11 +185,6 @@ def family_fingerprint(box: ParameterBox, dim: int | None = None) -> str:
     validated config resolves them), so that a run's ``material.rve`` and the campaign's ``rve`` match when they
     describe the same family however they are written.
     """
-    import hashlib
-    import json
-
-    from fe2ml.micro.config import parse_homogenize
-
     def norm(o):
         if isinstance(o, dict):
             return {str(k): norm(v) for k, v in o.items()}

@@ -97,7 +97,7 @@ def realizations_report(comm, cfg: HomogenizeConfig, raw: dict, n: int, cells: l
 
 def plot_realizations(report: dict, path) -> None:
     """Coefficient of variation of each component against the number of cells (or the values of one size)."""
-    from fe2ml.plotting import _plt
+    from fe2ml.plotting import _plt  # deferred: matplotlib only when a figure is drawn
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.2))
