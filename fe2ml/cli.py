@@ -201,6 +201,12 @@ def cmd_run(args, comm) -> int:
         run(comm, cfg, restart=True, allow_changed=args.allow_changed)
         return 0
     cfg = load_run_config(args.config, output=args.output)
+    if cfg.parameters is not None and cfg.parameters.realizations:  # stochastic FE²: one history per realization
+        # deferred: a subcommand imports only its own stage (no dolfinx or torch for check, inspect, submit)
+        from fe2ml.macro.realizations import run_realizations
+
+        run_realizations(comm, cfg)
+        return 0
     folder = RunFolder(cfg.output)
     msg = folder.claim(cfg.path, overwrite=args.overwrite) if comm.rank == 0 else None
     msg = comm.bcast(msg, root=0)

@@ -82,6 +82,7 @@ def main():
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
     from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.realizations import run_realizations
     from fe2ml.macro.run import run
     from fe2ml.micro.config import build_rve, load_rve_mesh
     from fe2ml.micro.parameters import rve_with
@@ -145,7 +146,7 @@ def main():
         _plot(work / "variance.png", P_ref, P_sur)
     say("stochastic strip with the surrogate")
     with log_level(logging.WARNING):
-        run(comm, load_run_config(work / "stochastic.yaml"))
+        run_realizations(comm, load_run_config(work / "stochastic.yaml"))
     say(f"the strip as nested FE², once per realization ({len(seeds)} runs)")
     R = []
     for k in seeds:

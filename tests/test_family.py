@@ -440,3 +440,127 @@ def test_a_tight_gaussian_prior_holds_its_parameter(family):
                                 "phases.2.mu: {start: 5.0, prior: {mean: 4.0, std: 1.0e-4}}"))
     rep = identify(comm, load_identify_config(p))
     assert abs(rep["estimate"][0] - 4.0) < 5e-4 and rep["std"][0] <= 1.0e-4 * (1 + 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------- realizations
+SEEDS_RVE = """\
+  dim: 2
+  kinematics: finite
+  mesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.3, seed: 0, h: 0.12}
+  phases:
+    1: {material: neo_hookean, mu: 10.0, K: 30.0}
+    2: {material: neo_hookean, mu: 1.0, K: 10.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """A campaign over four realizations (mesh.seed 0..3, one parameter set each) and its surrogate."""
+    from fe2ml.data.campaign import run_campaign
+    from fe2ml.data.config import load_sample_config
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
+
+    comm = MPI.COMM_WORLD
+    folder = Path(comm.bcast(str(tmp_path_factory.mktemp("seeds")) if comm.rank == 0 else None, root=0))
+    _w(folder / "sample.yaml", f"rve:\n{SEEDS_RVE}parameters:\n  mesh.seed: [0, 3]\nparameter_sets: 4\n"
+       "design: {method: sobol, n: 64, space: stretch, stretch: [0.9, 1.25], rotation: [-30, 30]}\noutput: log\n")
+    run_campaign(comm, load_sample_config(folder / "sample.yaml"))
+    _w(folder / "train.yaml", "data: [log]\nmodel: {kind: potential, hidden: [16, 16], features: general}\n"
+       "loss: {stress: 1.0, tangent: 0.1}\nsplit: {validation: 0.15, test: 0.15, seed: 0}\n"
+       "train: {epochs: 300, lr: 0.01, patience: 300, seed: 0}\nensemble: 1\noutput: sur\n")
+    train(comm, load_train_config(folder / "train.yaml"))
+    comm.barrier()
+    return folder
+
+
+def test_seed_campaign_has_one_set_per_realization_and_the_model_is_categorical(seeds):
+    from fe2ml.data.reader import read_logs
+    from fe2ml.surrogate.checkpoint import load_checkpoint
+
+    data = read_logs(seeds / "log", converged_only=True)
+    assert sorted(np.unique(data["p"][:, 0]).tolist()) == [0.0, 1.0, 2.0, 3.0]
+    ck = load_checkpoint(seeds / "sur" / "checkpoint.pt")
+    assert ck["model"]["levels"] == {"mesh.seed": [0.0, 1.0, 2.0, 3.0]}
+
+
+def test_realizations_run_gives_the_spread_of_the_single_realization_runs(seeds):
+    """material.realizations: all against four separate runs, one per seed (material.parameters: {mesh.seed: k}):
+    the mean and the standard deviation (ddof = 1) of the reaction at every step agree to 1e-10."""
+    from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.realizations import run_realizations
+    from fe2ml.macro.run import run
+
+    comm = MPI.COMM_WORLD
+    head = STRIP + f"material:\n  kind: surrogate\n  checkpoint: {seeds}/sur/checkpoint.pt\n"
+    _w(seeds / "all.yaml", head + "  realizations: all\noutput: r_all\n")
+    s = run_realizations(comm, load_run_config(seeds / "all.yaml"))
+    R = []
+    for k in range(4):
+        _w(seeds / f"one{k}.yaml", head + f"  parameters: {{mesh.seed: {k}}}\noutput: r_one{k}\n")
+        run(comm, load_run_config(seeds / f"one{k}.yaml"))
+        with open(seeds / f"r_one{k}" / "reactions.csv") as f:
+            R.append([float(r["right_R1"]) for r in csv.DictReader(f)])
+    R = np.array(R)
+    if comm.rank == 0:
+        assert s["realizations"] == [0, 1, 2, 3]
+        with open(seeds / "r_all" / "realizations.csv") as f:
+            rows = list(csv.DictReader(f))
+        m = np.array([float(r["right_R1_mean"]) for r in rows])
+        sd = np.array([float(r["right_R1_std"]) for r in rows])
+        assert np.allclose(m, R.mean(0), rtol=1e-10) and np.allclose(sd, R.std(0, ddof=1), rtol=1e-8)
+        assert sd[-1] > 1e-4 * abs(m[-1])  # the realizations differ
+        for name in ("realizations.png", "realizations.h5", "summary.json"):
+            assert (seeds / "r_all" / name).is_file()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("mat, msg", [
+    ("  realizations: [0, 7]\n", "seed(s) [7] were not trained"),
+    ("  realizations: [1]\n", "at least 2 realizations"),
+    ("  parameters: {mesh.seed: 9}\n", "seed 9 was not trained"),
+    ("  parameters: {mesh.seed: \"x\"}\n", "a realization seed is a trained integer, not a field"),
+])
+def test_bad_realizations_refused(seeds, tmp_path, mat, msg):
+    _w(tmp_path / "r.yaml", STRIP + f"material:\n  kind: surrogate\n  checkpoint: {seeds}/sur/checkpoint.pt\n{mat}"
+       "output: run_out\n")
+    assert_check_and_run_refuse(tmp_path / "r.yaml", msg, tmp_path)
+
+
+@pytest.mark.serial
+def test_realizations_need_a_seed_checkpoint(family, tmp_path):
+    folder, _, _ = family
+    _w(tmp_path / "r.yaml", STRIP + f"material:\n  kind: surrogate\n  checkpoint: {folder}/sur/checkpoint.pt\n"
+       "  realizations: all\n  parameters: {phases.2.mu: 3.0, mesh.volume_fraction: 0.25}\noutput: run_out\n")
+    assert_check_and_run_refuse(tmp_path / "r.yaml", "the checkpoint has no realizations", tmp_path)
+
+
+@pytest.mark.serial
+def test_homogenize_realizations_matches_seed_by_seed_homogenization(tmp_path):
+    """`homogenize --realizations 4 --cells 2 4`: the reported mean and std of C̄ equal those of the four seeds
+    homogenized one by one (plain `homogenize --json` of the config with that seed and number of cells)."""
+    rve = ("dim: 2\nmesh: {generate: cells_2d, n_cells: 2, volume_fraction: 0.3, seed: 0, h: 0.1}\nphases:\n"
+           "  1: {material: linear_elastic, E: 10.0, nu: 0.3}\n  2: {material: linear_elastic, E: 1.0, nu: 0.3}\n")
+    _w(tmp_path / "rve.yaml", rve)
+    r = subprocess.run([EXE, "homogenize", "rve.yaml", "--realizations", "4", "--cells", "2", "4", "--json",
+                        "rep.json"], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert (tmp_path / "rep_realizations.png").is_file()
+    for row in rep["rows"]:
+        c = row["n_cells"]
+        vals = []
+        for s in range(4):
+            h = 0.1 * (2 / c) ** 0.5
+            _w(tmp_path / f"s{s}_{c}.yaml", rve.replace("seed: 0", f"seed: {s}").replace("n_cells: 2", f"n_cells: {c}")
+               .replace("h: 0.1", f"h: {h!r}"))
+            r1 = subprocess.run([EXE, "homogenize", f"s{s}_{c}.yaml", "--json", f"s{s}_{c}.json"], capture_output=True,
+                                text=True, cwd=tmp_path)
+            assert r1.returncode == 0, r1.stderr
+            vals.append(json.loads((tmp_path / f"s{s}_{c}.json").read_text())["C"][0][0][0][0])
+        assert np.isclose(row["mean"]["C1111"], np.mean(vals), rtol=1e-10)
+        assert np.isclose(row["std"]["C1111"], np.std(vals, ddof=1), rtol=1e-8) and row["std"]["C1111"] > 0
+    r = subprocess.run([EXE, "homogenize", "rve.yaml", "--realizations", "1"], capture_output=True, text=True,
+                       cwd=tmp_path)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "at least 2 realizations" in err[0]

@@ -1,7 +1,7 @@
 """The package follows the pipeline: no import circle, and no stage imports a later one.
 
 Stages, earliest first (ARCHITECTURE.md): helpers (errors, expr, files, parallel, config, plotting) < materials < micro
-< data < surrogate < laws < macro < localization, hpc < demo < cli. Lazy imports inside functions count too.
+< data < surrogate < laws < macro < localization, hpc, identify < demo < cli. Lazy imports inside functions count too.
 """
 
 import ast
@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "fe2ml"
 STAGE = {"errors": 0, "expr": 0, "files": 0, "parallel": 0, "config": 0, "plotting": 0, "materials": 1, "micro": 2,
-         "data": 3, "surrogate": 4, "laws": 5, "macro": 6, "localization": 7, "hpc": 7, "demo": 8, "cli": 9}
+         "data": 3, "surrogate": 4, "laws": 5, "macro": 6, "localization": 7, "hpc": 7, "identify": 7, "demo": 8,
+         "cli": 9}
 
 
 def _modules():

@@ -456,13 +456,9 @@ def run(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = Fa
         Fe2mlError: on every rank, for bad input or a load that cannot be carried (outputs up to
             the last converged step are kept).
     """
-    if cfg.parameters is not None and cfg.parameters.realizations:  # stochastic FE²: one history per realization
-        from fe2ml.macro.realizations import run_realizations
-
-        if restart:
-            raise ConfigError(f"{cfg.path}: material.realizations: a run over realizations has no restart; run it "
-                              "again")
-        return run_realizations(comm, cfg)
+    if cfg.parameters is not None and cfg.parameters.realizations:
+        raise ConfigError(f"{cfg.path}: material.realizations: run it with fe2ml.macro.realizations.run_realizations "
+                          "(what fe2ml run does for it); a run over realizations has no restart")
     t0 = time.perf_counter()
     r = build(comm, cfg, restart=restart, allow_changed=allow_changed)
     try:
