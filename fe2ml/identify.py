@@ -76,7 +76,7 @@ class IdentifyConfig:
     noise: dict
     check: bool
     max_iterations: int
-    correct: int = 0
+    correct: int
     output: Path
 
 
