@@ -1,8 +1,8 @@
 """Stochastic FE² verified against direct RVE solves over the realizations of a random tissue RVE.
 
-The RVE: three random cells (30 % area, 20 times softer than the matrix) in a periodic matrix, 2D finite strain; its realizations are the generator's
-seeds 0..15 (``mesh.seed`` as the campaign's parameter: one parameter set per seed). A parametric surrogate learns
-every realization (the seed enters one-hot: ``levels``).
+The RVE: three random cells (30 % area, 20 times softer than the matrix) in a periodic matrix, 2D finite strain;
+its realizations are the generator's seeds 0..15 (``mesh.seed`` as the campaign's parameter: one parameter set per
+seed). A parametric surrogate learns every realization (the seed enters one-hot: ``levels``).
 
 1. Per macro F̄ (uniaxial, biaxial, simple shear), the mean and the variance over the 16 realizations of every
    component of P̄, from the surrogate and from the RVE solved directly for every seed: the relative error of the
