@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,3 +71,42 @@ def test_example_block3d_quick_runs_the_3d_chain_and_compares_hybrid_with_fe2(tm
         assert (tmp_path / "b" / "results" / run / "fields.xdmf").is_file()
         assert (tmp_path / "b" / "results" / run / f"localization_step{rep['steps']}" / "points.xdmf").is_file()
     assert (tmp_path / "b" / "block3d.png").stat().st_size > 10_000
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_verify_identify_quick_identifies_within_its_intervals(tmp_path):
+    """CI size of scripts/verify_identify.py: campaigns, parametric and single-RVE surrogates, nested FE² data of two
+    tests, identification of 3 noise draws with an FE² correction; the full-size floors are measurements of the
+    script, here: the estimates lie in the box, the report holds every figure, and the FE² correction does not
+    make the estimate worse on average."""
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "verify_identify.py"), "--quick", "--out",
+                        str(tmp_path / "v")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "v" / "report.json").read_text())
+    est = np.array(rep["estimates"])
+    assert est.shape == (3, 2) and np.all((est[:, 0] >= 2.0) & (est[:, 0] <= 20.0))
+    assert np.all((est[:, 1] >= 0.1) & (est[:, 1] <= 0.4))
+    for key in ("parametric_rel_l2", "parametric_over_single", "coverage95", "cost_in_surrogate_runs", "fe2_check"):
+        assert key in rep
+    assert np.mean(rep["identify_rel_error_mean"]) <= np.mean(rep["surrogate_only_rel_error_mean"]) + 0.01
+    assert (tmp_path / "v" / "identify.png").is_file()
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_verify_stochastic_quick_runs_every_comparison(tmp_path):
+    """CI size of scripts/verify_stochastic.py: 8 realizations; the surrogate's mean of P̄ over them is within 10 %
+    of the direct RVE solves at every point (the variance floor is a measurement of the full size)."""
+    import json
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "verify_stochastic.py"), "--quick", "--out",
+                        str(tmp_path / "s")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rep = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert rep["realizations"] == 8 and set(rep["points"]) == {"uniaxial", "biaxial", "shear"}
+    assert all(p["mean_rel_error"] < 0.1 for p in rep["points"].values())
+    assert rep["strip"]["mean_rel_error"] < 0.1
+    assert (tmp_path / "s" / "stochastic" / "realizations.png").is_file()
