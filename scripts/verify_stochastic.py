@@ -36,7 +36,7 @@ from fe2ml.parallel import log_level
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = 0.10
 SIZES = {
-    "full": {"seeds": 16, "rve_h": 0.05, "n": 1024, "epochs": 4000, "hidden": [32, 32], "steps": 3},
+    "full": {"seeds": 16, "rve_h": 0.05, "n": 1024, "epochs": 10000, "hidden": [32, 32], "steps": 3},
     "quick": {"seeds": 8, "rve_h": 0.1, "n": 256, "epochs": 1000, "hidden": [16, 16], "steps": 2},
 }
 RVE = """\
@@ -60,7 +60,7 @@ def _configs(work: Path, s: dict) -> None:
     (work / "train.yaml").write_text(
         f"data: [log]\nmodel: {{kind: potential, hidden: {s['hidden']}, features: general}}\n"
         "loss: {stress: 1.0, tangent: 0.1}\nsplit: {validation: 0.15, test: 0.05, seed: 0}\n"
-        f"train: {{epochs: {s['epochs']}, lr: 0.005, patience: 600, seed: 0}}\nensemble: 1\noutput: surrogate\n")
+        f"train: {{epochs: {s['epochs']}, lr: 0.005, patience: 3000, seed: 0}}\nensemble: 1\noutput: surrogate\n")
     nested = "".join("  " + line + "\n" for line in rve.splitlines())
     head = "dim: 2\nmesh: {generate: rectangle, size: [4.0, 1.0], n: [4, 1]}\n"
     tail = ("bcs:\n  - {boundary: left, components: [0], value: 0.0}\n"
