@@ -588,3 +588,17 @@ def test_fe2_correction_moves_the_estimate_towards_the_fe2_truth(family):
     e_cor = np.abs(np.array(rep["estimate"]) - truth) / truth
     assert len(rep["fe2_corrections"]) == 2
     assert np.linalg.norm(e_cor) < np.linalg.norm(e_sur), (e_sur, e_cor)
+
+
+def test_fibre_angle_parameter_sets_both_families(tmp_path):
+    from fe2ml.micro.parameters import parse_parameter_box, rve_with
+
+    raw = {"dim": 2, "kinematics": "finite", "mesh": {"generate": "cells_2d", "n_cells": 1, "seed": 0},
+           "phases": {1: {"material": "hgo", "mu": 1.0, "K": 3.0, "k1": 2.0, "k2": 1.0, "fibres": [[1.0, 0.0]]},
+                      2: {"material": "neo_hookean", "mu": 0.5, "K": 2.0}}}
+    box = parse_parameter_box({"fibre.angle": [0, 60]}, raw, "p", tmp_path, tmp_path / "x.yaml")
+    cfg = rve_with(box, [30.0], "p", 2)
+    a = np.array(cfg.materials[1].fibres)
+    a = a[:, :2] if a.shape[1] == 3 and np.allclose(a[:, 2], 0) else a  # stored as 3-vectors in the plane
+    assert np.allclose(a, [[np.cos(np.pi / 6), np.sin(np.pi / 6)], [np.cos(np.pi / 6), -np.sin(np.pi / 6)]])
+    assert raw["phases"][1]["fibres"] == [[1.0, 0.0]]  # the base is not modified
