@@ -594,8 +594,7 @@ class MacroProblem:
         else:
             Q = self.Q
             G = np.einsum("nia,nabm,njb->nijm", Q, self.law.parameter_derivative(self.rve_frame(F)), Q, optimize=True)
-        k = G.shape[-1] if len(G) else self.comm.allreduce(0, op=MPI.MAX)
-        k = self.comm.allreduce(k, op=MPI.MAX)
+        k = self.comm.allreduce(G.shape[-1] if len(G) else 0, op=MPI.MAX)  # a rank may own no points
         P0 = self.Pq.x.array.copy()
         A = self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A].reshape(-1, d, d, d, d)
         self.A.zeroEntries()
