@@ -275,10 +275,7 @@ class ForwardModel:
 
     def __init__(self, comm, cfg: IdentifyConfig):
         # deferred: dolfinx and torch only where the forward model is built
-        from fe2ml.macro.mesh import create_macro_mesh
-        from fe2ml.macro.problem import MacroProblem
-        from fe2ml.macro.run import build_law
-        from fe2ml.parallel import collective
+        from fe2ml.macro.run import build_law, macro_problem
 
         self.comm = comm
         self.cfg = cfg
@@ -286,11 +283,7 @@ class ForwardModel:
         for exp in cfg.experiments:
             run = exp.run
             law = build_law(comm, run)
-            mm = collective(comm, lambda run=run: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
-            prob = collective(comm, lambda run=run, mm=mm, law=law: MacroProblem(
-                comm, mm, law=law, kinematics=run.kinematics, degree=run.degree,
-                quadrature_degree=run.quadrature_degree, dirichlet=run.bcs, tractions=run.tractions,
-                pressures=run.pressures, orientation=run.orientation, newton=run.newton, solver=run.solver))
+            prob = macro_problem(comm, run, law)
             steps = np.arange(1, run.steps + 1) / run.steps
             self.parts.append({"law": law, "prob": prob, "steps": steps, "cols": _columns(exp.columns),
                                "rows": [int(np.argmin(np.abs(steps - t))) for t in exp.times],
@@ -308,10 +301,7 @@ class ForwardModel:
             p = part["base"].copy()
             p[self.idx] = theta
             law.set_parameters(p)
-            prob.u.x.array[:] = 0.0
-            prob.u.x.scatter_forward()
-            prob.t, prob._last_increment, prob._rref = 0.0, None, 0.0
-            prob.history.clear()
+            prob.reset()
             T, C = len(part["steps"]), len(part["cols"])
             y = np.zeros((T, C))
             J = np.zeros((T, C, m))
@@ -501,8 +491,7 @@ def _fe2_outputs(comm, cfg: IdentifyConfig, theta) -> np.ndarray:
     """Every experiment's data columns by nested FE² with the RVE of parameters θ, flattened like y."""
     # deferred: dolfinx only for the check
     from fe2ml.laws.rve import build_rank_rve, rve_law
-    from fe2ml.macro.mesh import create_macro_mesh
-    from fe2ml.macro.problem import MacroProblem
+    from fe2ml.macro.run import macro_problem
     from fe2ml.micro.parameters import parse_parameter_box, rve_with
     from fe2ml.parallel import collective
 
@@ -517,11 +506,7 @@ def _fe2_outputs(comm, cfg: IdentifyConfig, theta) -> np.ndarray:
         rcfg = rve_with(box, p, f"{run.path}: material.rve", run.dim)
         rve, _ = build_rank_rve(comm, rcfg)
         law = collective(comm, lambda rve=rve: rve_law(rve, comm=comm))
-        mm = collective(comm, lambda run=run: create_macro_mesh(comm, run.mesh, where=f"{run.path}: mesh"))
-        prob = collective(comm, lambda run=run, mm=mm, law=law: MacroProblem(
-            comm, mm, law=law, kinematics=run.kinematics, degree=run.degree,
-            quadrature_degree=run.quadrature_degree, dirichlet=run.bcs, tractions=run.tractions,
-            pressures=run.pressures, orientation=run.orientation, newton=run.newton, solver=run.solver))
+        prob = macro_problem(comm, run, law)
         cols = _columns(e.columns)
         steps = np.arange(1, run.steps + 1) / run.steps
         rows = [int(np.argmin(np.abs(steps - t))) for t in e.times]

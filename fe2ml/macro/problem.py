@@ -568,6 +568,13 @@ class MacroProblem:
         self.history.append(rec)
         return rec
 
+    def reset(self) -> None:
+        """Back to the undeformed state at t = 0 (a new load history on the same mesh and law; collective-free)."""
+        self.u.x.array[:] = 0.0
+        self.u.x.scatter_forward()
+        self.t, self._last_increment, self._rref = 0.0, None, 0.0
+        self.history.clear()
+
     def parameter_sensitivities(self) -> dict:
         """Forward sensitivities of the converged state to the law's parameters p (collective).
 

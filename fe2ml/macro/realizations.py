@@ -26,7 +26,6 @@ import h5py
 import numpy as np
 
 from fe2ml.macro.config import RunConfig
-from fe2ml.parallel import collective
 
 __all__ = ["run_realizations"]
 
@@ -36,20 +35,14 @@ log = logging.getLogger(__name__)
 def run_realizations(comm, cfg: RunConfig) -> dict:
     """Run every realization of ``cfg.parameters.realizations``; rank 0 writes the outputs and returns the summary."""
     # deferred: dolfinx only when a run is made (the module is imported by macro.run, which these import)
-    from fe2ml.macro.mesh import create_macro_mesh
-    from fe2ml.macro.problem import MacroProblem
-    from fe2ml.macro.run import _prepare_output, build_law
+    from fe2ml.macro.run import _prepare_output, build_law, macro_problem
 
     t0 = time.perf_counter()
     out = Path(cfg.output)
     _prepare_output(comm, out)
     pr = cfg.parameters
     law = build_law(comm, cfg)
-    mm = collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh"))
-    prob = collective(comm, lambda: MacroProblem(
-        comm, mm, law=law, kinematics=cfg.kinematics, degree=cfg.degree, quadrature_degree=cfg.quadrature_degree,
-        dirichlet=cfg.bcs, tractions=cfg.tractions, pressures=cfg.pressures, orientation=cfg.orientation,
-        newton=cfg.newton, solver=cfg.solver))
+    prob = macro_problem(comm, cfg, law)
     X = prob.quadrature_points()
     base = pr.values(X)
     j = pr.names.index("mesh.seed")
@@ -59,10 +52,7 @@ def run_realizations(comm, cfg: RunConfig) -> dict:
         p = base.copy()
         p[:, j] = seed
         law.set_parameters(p)
-        prob.u.x.array[:] = 0.0
-        prob.u.x.scatter_forward()
-        prob.t, prob._last_increment, prob._rref = 0.0, None, 0.0
-        prob.history.clear()
+        prob.reset()
         rows = []
         for t in steps:
             prob.step(float(t))

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from fe2ml.laws.learning import Learner
     from fe2ml.laws.surrogate import Audit
 
-__all__ = ["Run", "build", "build_law", "finish", "loop", "run"]
+__all__ = ["Run", "build", "build_law", "finish", "loop", "macro_problem", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,18 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
         return law
 
     return collective(comm, make)
+
+
+def macro_problem(comm, cfg: RunConfig, law) -> MacroProblem:
+    """The macro mesh and problem of a run config with a given law (collective).
+
+    For the drivers that solve load histories themselves: identification and realizations.
+    """
+    mm = collective(comm, lambda: create_macro_mesh(comm, cfg.mesh, where=f"{cfg.path}: mesh"))
+    return collective(comm, lambda: MacroProblem(
+        comm, mm, law=law, kinematics=cfg.kinematics, degree=cfg.degree, quadrature_degree=cfg.quadrature_degree,
+        dirichlet=cfg.bcs, tractions=cfg.tractions, pressures=cfg.pressures, orientation=cfg.orientation,
+        newton=cfg.newton, solver=cfg.solver))
 
 
 class _RunLogHandler(logging.FileHandler):
