@@ -28,7 +28,8 @@ def fault_point(where: str) -> None:
     """Test hook of the chaos tests: ``FE2ML_KILL=<where>`` kills this process with SIGKILL when it reaches ``where``.
 
     Points: ``rank:step:checkpoint`` (every rank's file of a step written, the pointer not yet switched) and
-    ``flush:N`` (inside the N-th log flush of the process, between the resizes of its datasets).
+    ``flush:N`` (inside the N-th log flush of the process, between the resizes of its datasets) and ``create``
+    (a log part's HDF5 file opened, its header not yet written).
     """
     if os.environ.get("FE2ML_KILL") == where:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -300,6 +300,20 @@ def test_design_spaces_are_valid():
         load_sample_config("/nonexistent.yaml")
 
 
+def test_a_part_killed_while_being_created_leaves_no_unreadable_h5(tmp_path):
+    # SIGKILL after the HDF5 file is opened and before its header is written: readers must not meet a truncated part
+    code = ("from fe2ml.data.log import LogWriter\n"
+            f"LogWriter({str(tmp_path / 'log')!r}, 'k', 0, fingerprint='fp', attrs={{}}, dim=2)\n")
+    r = subprocess.run([str(BIN / "python"), "-c", code], env=dict(os.environ, FE2ML_KILL="create"),
+                       capture_output=True, timeout=120)
+    assert r.returncode == -signal.SIGKILL
+    assert list((tmp_path / "log").glob("*.h5")) == []  # only the hidden, never-renamed file
+    assert len(list((tmp_path / "log").glob(".*.creating"))) == 1
+    with LogWriter(tmp_path / "log", "t", 0, fingerprint="fp", attrs={}, dim=2) as w:
+        w.add(np.eye(2)[None], np.zeros((1, 2, 2)), np.zeros((1, 2, 2, 2, 2)), point_id=[0])
+    assert len(read_logs(tmp_path / "log")["F"]) == 1
+
+
 def test_a_torn_flush_is_read_up_to_the_last_complete_record(tmp_path):
     # a kill between the per-dataset resizes of a flush: some datasets longer than others, rows never written
     import logging

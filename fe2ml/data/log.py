@@ -130,10 +130,14 @@ class LogWriter:
         self._n_buf = 0
         self._last_flush = time.monotonic()
         self.n_written = 0
+        # created under a hidden name and renamed once its header is on disk: a process killed while creating the
+        # part leaves no truncated ``*.h5`` that readers would have to refuse
+        self._creating = self.folder / f".{self.path.name}.creating"
         try:
-            self.f = h5py.File(self.path, "w", libver="latest", rdcc_nbytes=256 * 1024)
+            self.f = h5py.File(self._creating, "w", libver="latest", rdcc_nbytes=256 * 1024)
         except OSError as e:
             raise LogError(f"{self.path}: cannot create ({e})") from None
+        fault_point("create")
         f = self.f
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["fingerprint"] = fingerprint
@@ -172,6 +176,7 @@ class LogWriter:
                                               chunks=(chunk, *shape), fillvalue=fill_value(dt), **comp)
         f.swmr_mode = True
         f.flush()
+        os.replace(self._creating, self.path)
 
     def add(self, F, P, A, *, point_id, step=-1, iteration=-1, converged=1, x=None, rank=0, newton_its=0,
             cells=None, p=None) -> None:
