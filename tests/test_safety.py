@@ -100,6 +100,22 @@ def test_a_trusted_old_checkpoint_is_refused_with_the_fix_and_resaved(tmp_path):
 
 
 @pytest.mark.serial
+def test_a_checkpoint_whose_weights_do_not_fit_this_fe2mls_network_is_one_error_line(tmp_path):
+    # e.g. written by an fe2ml whose networks had other layers: a missing and an unexpected weight
+    ck = _safe_checkpoint(tmp_path / "new.pt")
+    st = dict(ck["members"][0])
+    k = next(iter(st))
+    st["old_layer.weight"] = st.pop(k)
+    save_checkpoint({**ck, "members": [st]}, tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match="weights do not fit the potential model"):
+        load_checkpoint(tmp_path / "old.pt")
+    (tmp_path / "run.yaml").write_text(RUN.replace("CKPT", "old.pt"))
+    r, lines = _fe2ml("run", "run.yaml", cwd=tmp_path)
+    _one_error_line(r, lines, "old.pt: the checkpoint's weights do not fit")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.serial
 def test_a_crafted_checkpoint_runs_no_code_and_writes_nothing_in_any_command(tmp_path):
     marker = tmp_path / "MARKER"
     zipped, bare = crafted_checkpoints(tmp_path, marker)

@@ -268,7 +268,28 @@ def _checked(ck, p: Path) -> dict:
     if not isinstance(ck, dict) or version not in (1, *READABLE_VERSIONS) or not isinstance(ck.get("model"), dict) \
             or not isinstance(ck.get("members"), list):
         raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
-    return _from_safe(ck)
+    ck = _from_safe(ck)
+    _check_members(ck, p)
+    return ck
+
+
+def _check_members(ck: dict, p: Path) -> None:
+    """Check that every member's weights fit the network its model description builds in this fe2ml.
+
+    A checkpoint of an fe2ml whose networks had other layers is refused here, with its path, not deep inside torch.
+    """
+    try:
+        if ck["model"]["kind"] == "localization":
+            for st in ck["members"]:
+                build_localization_model({**ck, "members": [st]})
+            return
+        margs = {k: v for k, v in ck["model"].items() if k != "kind"}
+        for st in ck["members"]:
+            build_model(ck["model"]["kind"], ck["dim"], ck["kinematics"], **margs).load_state_dict(st)
+    except (RuntimeError, TypeError, KeyError, ValueError) as e:
+        raise ConfigError(f"{p}: the checkpoint's weights do not fit the {ck['model'].get('kind')} model this fe2ml "
+                          f"builds from its description ({_first_line(e)}); it was written by an fe2ml with other "
+                          "networks: retrain it with fe2ml train") from None
 
 
 def resave_checkpoint(src, out) -> Path:
