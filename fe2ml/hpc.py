@@ -2,7 +2,7 @@
 
 Job scripts come from ``fe2ml/templates/{slurm,pbs}.sh`` (or ``--template FILE``): they activate the
 environment this fe2ml runs in (the venv, or the conda environment), set one thread per rank, and
-launch ``srun``/``mpiexec fe2ml run|sample|train``. Sampling campaigns can be split into a job array
+launch ``srun``/``mpiexec fe2ml run|sample|train|identify``. Sampling campaigns can be split into a job array
 (``--array K``): task i evaluates the design points with index ≡ i (mod K); all tasks write to the same
 log folder (one part per task and rank) and the campaign stays resumable.
 """
@@ -21,6 +21,7 @@ import numpy as np
 from fe2ml.config import load_yaml
 from fe2ml.data.config import load_sample_config
 from fe2ml.errors import ConfigError
+from fe2ml.identify import load_identify_config
 from fe2ml.macro.config import load_run_config
 from fe2ml.micro.config import load_homogenize_config, load_rve_mesh
 from fe2ml.micro.mesh import read_meshio
@@ -32,8 +33,10 @@ TEMPLATES = Path(__file__).parent / "templates"
 
 
 def config_kind(path) -> str:
-    """``run``, ``sample``, ``train`` or ``homogenize`` from the keys of a YAML config."""
+    """``run``, ``sample``, ``train``, ``identify`` or ``homogenize`` from the keys of a YAML config."""
     raw = load_yaml(path)
+    if "unknowns" in raw:
+        return "identify"
     if "material" in raw:
         return "run"
     if "design" in raw:
@@ -43,7 +46,7 @@ def config_kind(path) -> str:
     if "phases" in raw:
         return "homogenize"
     raise ConfigError(f"{path}: cannot tell the kind of config (run: material; sample: design; train: data + model; "
-                      "homogenize: phases)")
+                      "identify: unknowns; homogenize: phases)")
 
 
 def check_config(path, comm=None) -> str:
@@ -67,6 +70,12 @@ def check_config(path, comm=None) -> str:
         resolve_device(cfg.device, f"{path}: device")
 
         read_logs(cfg.data, fingerprint=cfg.fingerprint, source=cfg.source, fields=["F"])
+    elif kind == "identify":
+        # its runs, checkpoint, unknowns and data columns; the base RVE's mesh where FE² runs will need it
+        icfg = load_identify_config(path)
+        if icfg.check or icfg.correct:
+            for e in icfg.experiments:
+                load_rve_mesh(e.run.rve, comm=comm)
     else:
         load_rve_mesh(load_homogenize_config(path), comm=comm)
     return kind

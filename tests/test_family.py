@@ -426,6 +426,21 @@ def test_bad_identify_configs_are_one_line_errors(family, edit, msg):
         load_identify_config(p)
 
 
+@pytest.mark.serial
+def test_check_validates_an_identify_config(family):
+    # fe2ml check knows identify configs (key unknowns): a valid one passes, a bad column is one error line, exit 2
+    folder, _, _ = family
+    _truth_csv(folder, np.ones((3, 2)), "ones.csv", [1 / 3, 2 / 3, 1.0])
+    good = _identify_yaml(folder, "chk", "ones.csv", "check: true\n")
+    r = subprocess.run([EXE, "check", str(good)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "is a valid identify config" in r.stdout, r.stderr
+    bad = _w(folder / "chk_bad.yaml", good.read_text().replace("columns: [right_R1, right_u2_mean]",
+                                                             "columns: [top_R1]"))
+    r = subprocess.run([EXE, "check", str(bad)], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "do not match the run's boundaries" in lines[0], r.stderr
+
+
 def test_a_tight_gaussian_prior_holds_its_parameter(family):
     """prior: {mean, std} enters the misfit and the Laplace precision: with std = 1e-4 the estimate of mu_c stays at
     the prior mean (data from mu_c = 3 say otherwise) and its posterior std is at most the prior's."""
