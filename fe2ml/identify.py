@@ -52,12 +52,17 @@ CORRELATED = 0.95
 
 @dataclass(frozen=True)
 class Experiment:
-    """One measured test: its run config, the data times (T,), columns (C,) and values (T, C)."""
+    """One measured test.
+
+    Its run config, the data times (T,), columns (C,) and values (T, C), and the named points of its
+    point-displacement columns ({name: (d,)}).
+    """
 
     run: RunConfig
     times: np.ndarray
     columns: tuple
     data: np.ndarray
+    points: dict
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ class IdentifyConfig:
     output: Path
 
 
-_COLUMN = re.compile(r"^(?P<b>.+)_(?:R(?P<r>\d)|u(?P<u>\d)_mean)$")
+_COLUMN = re.compile(r"^(?P<b>.+)_(?:R(?P<r>\d)|u(?P<u>\d)_mean|u(?P<q>\d))$")
+_POINT = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 
 
 def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
@@ -201,18 +207,33 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
 def _experiment(dat, run: RunConfig, f: str, base: Path) -> Experiment:
     """Validate one experiment's ``data`` against its run's boundaries and load steps."""
     if not isinstance(dat, dict) or "file" not in dat or "columns" not in dat:
-        raise ConfigError(f"{f}: data: expected {{file: measured.csv, columns: [right_R1, right_u2_mean]}}")
-    check_keys(dat, ("file", "columns"), f"{f}: data")
+        raise ConfigError(f"{f}: data: expected {{file: measured.csv, columns: [right_R1, right_u2_mean], "
+                          "points: {A: [x, y]} (optional)}")
+    check_keys(dat, ("file", "columns", "points"), f"{f}: data")
     cols = dat["columns"]
     if not isinstance(cols, list) or not cols or not all(isinstance(c, str) for c in cols):
         raise ConfigError(f"{f}: data.columns: expected a list of column names, got {cols!r}")
+    points = {}
+    raw_pts = dat.get("points", {}) or {}
+    if not isinstance(raw_pts, dict):
+        raise ConfigError(f"{f}: data.points: expected a mapping {{NAME: [x, y{', z' if run.dim == 3 else ''}]}}, "
+                          f"got {raw_pts!r}")
+    for name, X in raw_pts.items():
+        w = f"{f}: data.points.{name}"
+        if not isinstance(name, str) or not _POINT.match(name):
+            raise ConfigError(f"{w}: a point name is a letter followed by letters or digits (it names the columns "
+                              f"NAME_u1 .. NAME_u{run.dim})")
+        if not isinstance(X, list) or len(X) != run.dim:
+            raise ConfigError(f"{w}: expected {run.dim} coordinates, got {X!r}")
+        points[name] = tuple(number(x, f"{w}[{i}]") for i, x in enumerate(X))
     reac = [s.boundary for s in run.bcs]
     reported = list(dict.fromkeys(reac + [s.boundary for s in run.tractions] + [s.boundary for s in run.pressures]))
     allowed = ([f"{b}_R{c + 1}" for b in dict.fromkeys(reac) for c in range(run.dim)]
-               + [f"{b}_u{c + 1}_mean" for b in reported for c in range(run.dim)])
+               + [f"{b}_u{c + 1}_mean" for b in reported for c in range(run.dim)]
+               + [f"{q}_u{c + 1}" for q in points for c in range(run.dim)])
     bad = [c for c in cols if c not in allowed]
     if bad:
-        raise ConfigError(f"{f}: data.columns: {bad} do not match the run's boundaries; allowed: "
+        raise ConfigError(f"{f}: data.columns: {bad} do not match the run's boundaries or data.points; allowed: "
                           f"{', '.join(allowed)}")
     times, values = _read_csv(base / str(dat["file"]), cols, f"{f}: data.file")
     steps = np.arange(1, run.steps + 1) / run.steps
@@ -220,7 +241,7 @@ def _experiment(dat, run: RunConfig, f: str, base: Path) -> Experiment:
     if off:
         raise ConfigError(f"{f}: data.file: time(s) {off[:3]} are not load steps of the run (t = k/{run.steps}, "
                           f"k = 1..{run.steps}; t = 0 carries no information)")
-    return Experiment(run=run, times=times, columns=tuple(cols), data=values)
+    return Experiment(run=run, times=times, columns=tuple(cols), data=values, points=points)
 
 
 def _read_csv(path: Path, cols, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,20 +271,38 @@ def _read_csv(path: Path, cols, where: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _columns(names) -> list[tuple[str, str, int]]:
-    """(reactions | mean_displacements, boundary, component) of each data column."""
+    """(reactions | mean_displacements | points, boundary or point name, component) of each data column."""
     out = []
     for c in names:
         m = _COLUMN.match(c)
-        out.append(("reactions" if m.group("r") else "mean_displacements", m.group("b"),
-                    int(m.group("r") or m.group("u")) - 1))
+        kind = "reactions" if m.group("r") else "mean_displacements" if m.group("u") else "points"
+        out.append((kind, m.group("b"), int(m.group("r") or m.group("u") or m.group("q")) - 1))
     return out
 
 
-def _outputs(prob, cols) -> np.ndarray:
+def _probe(prob, exp: Experiment):
+    """The point probe of an experiment's named points, {name: row} (collective); None without points.
+
+    Raises:
+        ConfigError: a point outside the macro mesh.
+    """
+    if not exp.points:
+        return None
+    names = list(exp.points)
+    probe = prob.point_probe(np.array([exp.points[q] for q in names]), names)
+    if len(probe.missing):
+        q = names[int(probe.missing[0])]
+        raise ConfigError(f"{exp.run.path}: data.points.{q}: {list(exp.points[q])} lies outside the macro mesh")
+    return probe
+
+
+def _outputs(prob, cols, probe=None) -> np.ndarray:
     """The data columns of a macro problem's converged state (collective)."""
     R = prob.reactions()
     U = prob.mean_displacements()
-    return np.array([(R if k == "reactions" else U)[b][c] for k, b, c in cols])
+    X = probe(prob.u) if probe is not None else None
+    return np.array([R[b][c] if k == "reactions" else U[b][c] if k == "mean_displacements"
+                     else X[probe.rows[b], c] for k, b, c in cols])
 
 
 class ForwardModel:
@@ -286,6 +325,7 @@ class ForwardModel:
             prob = macro_problem(comm, run, law)
             steps = np.arange(1, run.steps + 1) / run.steps
             self.parts.append({"law": law, "prob": prob, "steps": steps, "cols": _columns(exp.columns),
+                               "probe": _probe(prob, exp),
                                "rows": [int(np.argmin(np.abs(steps - t))) for t in exp.times],
                                "base": np.array(run.parameters.constant, dtype=float)})
         pr = cfg.run.parameters
@@ -310,11 +350,13 @@ class ForwardModel:
                 prob.step(float(t))
                 if i not in want:
                     continue
-                y[i] = _outputs(prob, part["cols"])
+                probe = part["probe"]
+                y[i] = _outputs(prob, part["cols"], probe)
                 if jacobian:
-                    sens = prob.parameter_sensitivities()
+                    sens = prob.parameter_sensitivities(probe)
                     for jc, (k, b, c) in enumerate(part["cols"]):
-                        J[i, jc] = sens[k][b][self.idx, c]
+                        J[i, jc] = (sens[k][b][self.idx, c] if k != "points"
+                                    else sens["points"][self.idx, probe.rows[b], c])
             ys.append(y[part["rows"]].ravel())
             Js.append(J[part["rows"]].reshape(-1, m))
         self.runs += 1
@@ -508,6 +550,7 @@ def _fe2_outputs(comm, cfg: IdentifyConfig, theta) -> np.ndarray:
         law = collective(comm, lambda rve=rve: rve_law(rve, comm=comm))
         prob = macro_problem(comm, run, law)
         cols = _columns(e.columns)
+        probe = _probe(prob, e)
         steps = np.arange(1, run.steps + 1) / run.steps
         rows = [int(np.argmin(np.abs(steps - t))) for t in e.times]
         y = np.zeros((len(steps), len(cols)))
@@ -515,7 +558,7 @@ def _fe2_outputs(comm, cfg: IdentifyConfig, theta) -> np.ndarray:
             prob.step(float(t))
             if comm.rank == 0:
                 log.info(f"  FE² check {run.path.name}: step {i + 1}/{len(steps)}")
-            y[i] = _outputs(prob, cols)
+            y[i] = _outputs(prob, cols, probe)
         ys.append(y[rows].ravel())
         law.close()
         prob.close()

@@ -370,6 +370,36 @@ def test_forward_sensitivities_match_finite_differences(family):
         assert np.abs(J[..., j] - fd).max() <= 1e-5 * np.abs(fd).max() and np.abs(fd).max() > 0
 
 
+def test_point_displacements_and_their_sensitivities_match_finite_differences(family):
+    # data.points: the displacement at a named point inside the strip, by the probe (one owning rank, on 2 ranks too)
+    # and its forward sensitivities, against central differences of whole runs
+    from fe2ml.identify import ForwardModel, load_identify_config
+
+    folder, _, _ = family
+    if MPI.COMM_WORLD.rank == 0:
+        (folder / "pts.csv").write_text("t,right_R1,A_u1,A_u2,B_u2\n1.0,1.0,1.0,1.0,1.0\n")
+    MPI.COMM_WORLD.barrier()
+    p = _w(folder / "id_pts.yaml", "run: strip.yaml\nunknowns: {phases.2.mu: {start: 5.0}, mesh.volume_fraction: "
+           "{start: 0.2}}\ndata: {file: pts.csv, columns: [right_R1, A_u1, A_u2, B_u2], "
+           "points: {A: [2.5, 0.7], B: [1.0, 0.0]}}\noutput: id_pts\n")
+    fwd = ForwardModel(MPI.COMM_WORLD, load_identify_config(p))
+    th = np.array([3.0, 0.25])
+    y, J = fwd(th)
+    # the right face moves 0.8 in x with the left face fixed: A (x = 2.5) moves 2.5/4 of it in a near-uniform strip;
+    # B (on the bottom, u2 = 0 there) does not move vertically
+    assert abs(y[1] - 0.8 * 2.5 / 4) < 0.05 * 0.8 and abs(y[3]) < 1e-12 and y[2] < 0
+    for j in range(2):
+        h = 1e-5 * th[j]
+        tp, tm = th.copy(), th.copy()
+        tp[j] += h
+        tm[j] -= h
+        fd = (fwd(tp, jacobian=False)[0] - fwd(tm, jacobian=False)[0]) / (2 * h)
+        assert np.all(np.abs(J[:, j] - fd) <= 1e-5 * np.abs(fd) + 1e-9) and np.abs(fd[2]) > 1e-6
+    bad = _w(folder / "id_out.yaml", p.read_text().replace("A: [2.5, 0.7]", "A: [5.0, 0.7]"))
+    with pytest.raises(ConfigError, match=re.escape("data.points.A: [5.0, 0.7] lies outside the macro mesh")):
+        ForwardModel(MPI.COMM_WORLD, load_identify_config(bad))
+
+
 def test_identify_recovers_exact_parameters_and_its_interval_covers_at_nominal_rate(family):
     """Data from the surrogate itself at p*: noise free, the estimate is p* to 1e-6; with 1 % noise in 20 draws, the
     Laplace 95 % intervals (noise level estimated) cover p* in at least 17 (the model is exact here, so what is
@@ -410,6 +440,9 @@ def test_identify_recovers_exact_parameters_and_its_interval_covers_at_nominal_r
     (("file: ones.csv", "file: missing.csv"), "not found"),
     (("file: ones.csv", "file: offstep.csv"), "are not load steps of the run"),
     (("file: ones.csv", "file: nocol.csv"), "has no column(s) ['right_u2_mean']"),
+    (("right_u2_mean]", "C_u1]"), "do not match the run's boundaries or data.points"),
+    (("right_u2_mean]}", "right_u2_mean], points: {A: [1.0]}}"), "data.points.A: expected 2 coordinates"),
+    (("right_u2_mean]}", "right_u2_mean], points: {A_1: [1.0, 0.5]}}"), "a point name is a letter followed"),
 ])
 def test_bad_identify_configs_are_one_line_errors(family, edit, msg):
     from fe2ml.identify import load_identify_config

@@ -29,6 +29,7 @@ import basix
 import basix.ufl
 import dolfinx
 import dolfinx.fem.petsc
+import dolfinx.geometry
 import numpy as np
 import ufl
 
@@ -40,7 +41,8 @@ from fe2ml.macro.config import MACRO_AUTO_ITERATIVE_DOFS, MacroSolverOptions
 from fe2ml.macro.loads import DirichletSpec, PressureSpec, TractionSpec, build_loads, mark_boundaries
 from fe2ml.parallel import collective, fault_point
 
-__all__ = ["DirichletSpec", "MacroProblem", "PressureSpec", "RunInterrupted", "StepRecord", "TractionSpec"]
+__all__ = ["DirichletSpec", "MacroProblem", "PointProbe", "PressureSpec", "RunInterrupted", "StepRecord",
+           "TractionSpec"]
 
 
 @dataclass
@@ -52,6 +54,43 @@ class StepRecord:
     residuals: list = field(default_factory=list)
     cuts: int = 0
     cut_reasons: list = field(default_factory=list)  # why each cut was made (the failed attempt's message)
+
+
+class PointProbe:
+    """Values of a vector function of the macro space at fixed points (collective).
+
+    Each point is evaluated by one rank: the lowest that owns a cell containing it (a point on a cell or rank
+    interface is counted once). ``missing``: indices of points that lie in no cell of the mesh; ``rows``: {name: index}
+    of the points' names, when given.
+    """
+
+    def __init__(self, msh, comm, X, names=None):
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        n, gd = X.shape
+        self.comm, self.n = comm, n
+        self.rows = {q: i for i, q in enumerate(names)} if names is not None else {}
+        self.X = np.zeros((n, 3))
+        self.X[:, :gd] = X
+        tdim = msh.topology.dim
+        owned = np.arange(msh.topology.index_map(tdim).size_local, dtype=np.int32)
+        tree = dolfinx.geometry.bb_tree(msh, tdim, entities=owned)
+        hits = dolfinx.geometry.compute_colliding_cells(msh, dolfinx.geometry.compute_collisions_points(tree, self.X),
+                                                        self.X)
+        self.cells = np.array([hits.links(i)[0] if len(hits.links(i)) else -1 for i in range(n)], dtype=np.int32)
+        rank = np.where(self.cells >= 0, comm.rank, comm.size).astype(np.int64)
+        owner = np.empty_like(rank)
+        comm.Allreduce(rank, owner, op=MPI.MIN)
+        self.mine = np.flatnonzero(owner == comm.rank)
+        self.missing = np.flatnonzero(owner == comm.size)
+
+    def __call__(self, u) -> np.ndarray:
+        """The values of ``u`` at the points, (n, value size), on every rank."""
+        vs = int(np.prod(u.function_space.value_shape)) if u.function_space.value_shape else 1
+        vals = np.zeros((self.n, vs))
+        if len(self.mine):
+            vals[self.mine] = np.asarray(u.eval(self.X[self.mine], self.cells[self.mine])).reshape(len(self.mine), vs)
+        self.comm.Allreduce(MPI.IN_PLACE, vals, op=MPI.SUM)
+        return vals
 
 
 class MacroProblem:
@@ -575,7 +614,11 @@ class MacroProblem:
         self.t, self._last_increment, self._rref = 0.0, None, 0.0
         self.history.clear()
 
-    def parameter_sensitivities(self) -> dict:
+    def point_probe(self, X, names=None) -> PointProbe:
+        """A :class:`PointProbe` of this mesh at the points X (n, d), optionally named (collective)."""
+        return PointProbe(self.msh, self.comm, X, names)
+
+    def parameter_sensitivities(self, probe: PointProbe | None = None) -> dict:
         """Forward sensitivities of the converged state to the law's parameters p (collective).
 
         At equilibrium R(u(p); p) = 0, so K w_j = −∂R/∂p_j with ∂R/∂p_j = ∫ ∂P̄/∂p_j : ∇v and w_j = 0 on Dirichlet
@@ -584,7 +627,8 @@ class MacroProblem:
         assembly and k solves with it: far cheaper than a run per parameter.
 
         Returns:
-            {"reactions": {name: (k, d)}, "mean_displacements": {name: (k, d)}}: d(quantity)/dp_j in row j.
+            {"reactions": {name: (k, d)}, "mean_displacements": {name: (k, d)}}: d(quantity)/dp_j in row j; with a
+            ``probe``, also "points": (k, n, d), the displacement at the probe's points.
 
         Raises:
             SolverError: the law has no parameter derivative, or a solve failed.
@@ -617,6 +661,8 @@ class MacroProblem:
         bc_dofs = [bc.dof_indices()[0][: bc.dof_indices()[1]] for bc in self.bcs]
         out: dict = {"reactions": {n: np.zeros((k, d)) for n in self.reaction_dofs},
                      "mean_displacements": {n: np.zeros((k, d)) for n in self.report_boundaries}}
+        if probe is not None:
+            out["points"] = np.zeros((k, probe.n, d))
 
         def residual_of(S):
             self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P] = S.reshape(-1, d * d)
@@ -639,6 +685,8 @@ class MacroProblem:
                 if self.comm.allreduce(reason <= 0, op=MPI.LOR):
                     raise SolverError(f"parameter sensitivity solve failed ({_ksp_reason(reason)})")
                 w.x.scatter_forward()
+                if probe is not None:
+                    out["points"][j] = probe(w)
                 Gw = grad_w.eval(self.msh, self.cells).reshape(-1, d, d)
                 f = residual_of(np.einsum("nijkl,nkl->nij", A, Gw) + Gj)
                 arr = f.array
