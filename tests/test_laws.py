@@ -240,3 +240,42 @@ def test_the_gate_is_per_point_refuses_what_it_cannot_evaluate_and_sees_empty_co
         HybridLaw(_checkpoint(tmp_path / "one.pt", rve, 1), rve, thresholds=Thresholds(spread=0.02))
     with pytest.raises(ConfigError, match="error: the checkpoint has no calibration"):
         HybridLaw(tmp_path / "line.pt", rve, thresholds=Thresholds(error=0.01))
+
+
+def test_density_flags_across_iterations_equal_a_fresh_tree_query_every_time():
+    # the anchored shortcut (triangle inequality) must flag exactly the points a full query flags: points drifting
+    # by small Newton-like moves, a jump of some points far away, a new point set of another size
+    from fe2ml.surrogate.gate import Gate
+
+    rng = np.random.default_rng(3)
+    recs = rng.uniform(-1, 1, (400, 6))
+    ck = {"members": [None, None], "stress_floor": 0.1, "calibration": None,
+          "bounds": {"feature_min": recs.min(0), "feature_max": recs.max(0)},
+          "density": {"points": recs / 0.5, "x_scale": np.full(6, 0.5), "scale": 0.3}}
+    gate, fresh = Gate(ck), Gate(ck)
+    x = rng.uniform(-1.3, 1.3, (2000, 6))
+    thr = float(np.median(fresh.density_distance(x)))  # about half the points flagged
+    queried = []
+
+    class Counting:  # the gate's tree, counting the points it is asked about
+        def __init__(self, tree):
+            self.tree = tree
+
+        def query(self, q, **kw):
+            queried.append(len(q))
+            return self.tree.query(q, **kw)
+
+    gate.tree = Counting(gate.tree)
+    for it in range(12):
+        if it == 6:
+            x[:100] += 3.0  # far outside the data
+        elif it == 9:
+            x = rng.uniform(-1.3, 1.3, (1500, 6))
+        else:
+            x = x + 1e-3 * rng.standard_normal(x.shape)
+        got = gate.density_flags(x, thr)
+        want = fresh.density_distance(x) > thr
+        assert np.array_equal(got, want), it
+        assert want.any() and not want.all()
+    # the first evaluation and the new point set query all points; the drifting ones mostly the flagged ones only
+    assert queried[0] == 2000 and queried[9] == 1500 and max(queried[1:6]) < 0.6 * 2000, queried

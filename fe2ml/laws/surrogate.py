@@ -219,7 +219,7 @@ class HybridLaw(SurrogateLaw):
         x[bad] = 0.0
         reasons = {"nonfinite": ~finite | bad, "box": gate.box_distance(x) > th.distance}
         if th.density is not None:
-            reasons["density"] = gate.density_distance(x, bound=th.density) > th.density
+            reasons["density"] = gate.density_flags(x, th.density)
         if th.spread is not None or th.error is not None:
             with np.errstate(invalid="ignore"):
                 spread = relative_spread(Ps, gate.floor)

@@ -59,6 +59,7 @@ class Gate:
         self.x_scale = np.asarray(ck["density"]["x_scale"])
         self.tree = cKDTree(np.asarray(ck["density"]["points"], dtype=np.float64))
         self.density_scale = float(ck["density"]["scale"])
+        self._anchors: tuple[np.ndarray, np.ndarray] | None = None  # (scaled features, distance) of the last queries
 
     def box_distance(self, x: np.ndarray) -> np.ndarray:
         """Largest relative excursion of features x (n, m) outside the training box (0 inside)."""
@@ -73,6 +74,34 @@ class Gate:
         upper = np.inf if bound is None else bound * self.density_scale
         d, _ = self.tree.query(x / self.x_scale, k=1, distance_upper_bound=upper)
         return np.asarray(d) / self.density_scale
+
+    def density_flags(self, x: np.ndarray, threshold: float) -> np.ndarray:
+        """Whether each point's density distance exceeds ``threshold`` (the hybrid's density criterion), (n,) bool.
+
+        Exact, and cheap across the Newton iterations of a run: every point keeps an anchor, the scaled features and
+        the distance of its last tree query. By the triangle inequality its distance now is at most the anchor's
+        plus how far it has moved from it; where that bound is within the threshold the point is not flagged without
+        a query. Only the others are queried (and re-anchored). Any points may be passed: a new set of points of
+        another size, or points far from their anchors, are simply queried.
+        """
+        xs = np.asarray(x, dtype=np.float64) / self.x_scale
+        n = len(xs)
+        scale = self.density_scale
+        if self._anchors is not None and self._anchors[0].shape == xs.shape:
+            xa, da = self._anchors
+            query = ~(da + np.sqrt(np.sum((xs - xa) ** 2, axis=1)) / scale <= threshold)
+        else:
+            xa, da = xs.copy(), np.full(n, np.inf)
+            query = np.ones(n, dtype=bool)
+        out = np.zeros(n, dtype=bool)
+        idx = np.flatnonzero(query)
+        if len(idx):
+            d, _ = self.tree.query(xs[idx], k=1, distance_upper_bound=threshold * scale)
+            d = np.asarray(d) / scale
+            out[idx] = ~(d <= threshold)
+            xa[idx], da[idx] = xs[idx], d
+        self._anchors = (xa, da)
+        return out
 
     def predicted_error(self, spread: np.ndarray) -> np.ndarray:
         """The calibrated error bound (90 % quantile of error/spread on the validation split) times the spread."""
