@@ -36,8 +36,8 @@ from fe2ml.parallel import log_level
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = 0.10
 SIZES = {
-    "full": {"seeds": 16, "rve_h": 0.05, "n": 1024, "epochs": 10000, "hidden": [32, 32], "steps": 3},
-    "quick": {"seeds": 8, "rve_h": 0.1, "n": 256, "epochs": 1000, "hidden": [16, 16], "steps": 2},
+    "full": {"seeds": 16, "rve_h": 0.05, "n": 192, "epochs": 10000, "hidden": [32, 32], "steps": 3},
+    "quick": {"seeds": 8, "rve_h": 0.1, "n": 32, "epochs": 1000, "hidden": [16, 16], "steps": 2},
 }
 RVE = """\
   dim: 2
@@ -55,6 +55,7 @@ def _configs(work: Path, s: dict) -> None:
     rve = RVE.format(**s)
     (work / "sample.yaml").write_text(
         f"rve:\n{rve}parameters:\n  mesh.seed: [0, {s['seeds'] - 1}]\nparameter_sets: {s['seeds']}\n"
+        "parameter_points: shared\n"
         f"design: {{method: sobol, n: {s['n']}, seed: 0, space: stretch, stretch: [0.85, 1.3], rotation: [-45, 45],"
         " paths: [{type: uniaxial, max: 0.25, steps: 5}, {type: shear, max: 0.3, steps: 5}]}\noutput: log\n")
     (work / "train.yaml").write_text(

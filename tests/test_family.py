@@ -84,6 +84,8 @@ def family(tmp_path_factory):
     ("parameters:\n  fibre.angle: [0, 60]\n", "has no phase with fibres"),
     ("parameters:\n  phases.2.mu: [-1.0, 2.0]\n", "parameter set"),  # a set with mu <= 0: the RVE config is invalid
     ("parameter_sets: 4\n", "parameter_sets without parameters"),
+    ("parameter_points: shared\n", "parameter_points without parameters"),
+    ("parameters:\n  phases.2.mu: [1, 2]\nparameter_points: paired\n", "parameter_points: expected dealt or shared"),
     ("parameters:\n  phases.2.mu: [1, 2]\nparameter_sets: 100\n", "every set needs at least one point"),
 ])
 def test_bad_parameters_are_one_line_errors(tmp_path, params, msg):
@@ -514,7 +516,8 @@ def seeds(tmp_path_factory):
     comm = MPI.COMM_WORLD
     folder = Path(comm.bcast(str(tmp_path_factory.mktemp("seeds")) if comm.rank == 0 else None, root=0))
     _w(folder / "sample.yaml", f"rve:\n{SEEDS_RVE}parameters:\n  mesh.seed: [0, 3]\nparameter_sets: 4\n"
-       "design: {method: sobol, n: 64, space: stretch, stretch: [0.9, 1.25], rotation: [-30, 30]}\noutput: log\n")
+       "parameter_points: shared\n"
+       "design: {method: sobol, n: 32, space: stretch, stretch: [0.9, 1.25], rotation: [-30, 30]}\noutput: log\n")
     run_campaign(comm, load_sample_config(folder / "sample.yaml"))
     _w(folder / "train.yaml", "data: [log]\nmodel: {kind: potential, hidden: [16, 16], features: general}\n"
        "loss: {stress: 1.0, tangent: 0.1}\nsplit: {validation: 0.15, test: 0.15, seed: 0}\n"
@@ -530,6 +533,12 @@ def test_seed_campaign_has_one_set_per_realization_and_the_model_is_categorical(
 
     data = read_logs(seeds / "log", converged_only=True)
     assert sorted(np.unique(data["p"][:, 0]).tolist()) == [0.0, 1.0, 2.0, 3.0]
+    # parameter_points: shared: every realization at the same 32 F̄ (point id = set index * 32 + design index)
+    ids = data["point_id"]
+    F_of = [dict(zip((ids[data["p"][:, 0] == k] % 32).tolist(), data["F"][data["p"][:, 0] == k], strict=True))
+            for k in range(4)]
+    assert all(sorted(F_of[k]) == list(range(32)) for k in range(4))
+    assert all(np.array_equal(F_of[k][i], F_of[0][i]) for k in range(1, 4) for i in range(32))
     ck = load_checkpoint(seeds / "sur" / "checkpoint.pt")
     assert ck["model"]["levels"] == {"mesh.seed": [0.0, 1.0, 2.0, 3.0]}
 

@@ -77,7 +77,10 @@ def run_campaign(comm, cfg: SampleConfig, *, log_every: float = 2.0, part: int =
     fam = family_fingerprint(box, cfg.rve.dim)
     total: dict = {}
     for k, pv in enumerate(sets):
-        mine = np.sort(np.concatenate([free[k::m], np.flatnonzero(path_idx >= 0)]))
+        if cfg.parameter_points == "shared":  # a paired design: every set at every point
+            mine = np.arange(len(F))
+        else:
+            mine = np.sort(np.concatenate([free[k::m], np.flatnonzero(path_idx >= 0)]))
         rcfg = rve_with(box, pv, f"{cfg.path}: parameter set {k}", cfg.rve.dim)
         if comm.rank == 0:
             log.info(f"fe2ml sample: parameter set {k + 1}/{m}: {box.values(pv)}")

@@ -11,6 +11,8 @@ Keys::
     parameter_sets: int                       parameter vectors, a scrambled Sobol design over the box (default 8);
                                               the space-filling F̄ points are dealt to them in turn (point i to set
                                               i mod M), every named path runs at every set
+    parameter_points: dealt | shared          shared: every set runs every F̄ point (a paired design: the sets'
+                                              differences are seen at the same F̄, e.g. realizations mesh.seed)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class SampleConfig:
     text: str
     parameters: ParameterBox | None = None
     parameter_sets: int = 0
+    parameter_points: str = "dealt"
 
 
 def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
@@ -49,7 +52,8 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     p = Path(path)
     raw = load_yaml(p)
     f = str(p)
-    check_keys(raw, ("rve", "design", "output", "flush_every", "cells", "parameters", "parameter_sets"), f)
+    check_keys(raw, ("rve", "design", "output", "flush_every", "cells", "parameters", "parameter_sets",
+                     "parameter_points"), f)
     if "rve" not in raw or "design" not in raw:
         raise ConfigError(f"{f}: missing required key '{'rve' if 'rve' not in raw else 'design'}'")
     rve = parse_rve_ref(raw["rve"], p, f"{f}: rve", p.parent, None)
@@ -133,20 +137,25 @@ def load_sample_config(path, *, output: str | None = None) -> SampleConfig:
     if not isinstance(out, str):
         raise ConfigError(f"{f}: output: expected a folder path, got {out!r}")
     box, sets = None, 0
+    points = raw.get("parameter_points", "dealt")
+    if points not in ("dealt", "shared"):
+        raise ConfigError(f"{f}: parameter_points: expected dealt or shared, got {points!r}")
     if raw.get("parameters") is not None:
         box = parse_parameter_box(raw["parameters"], raw["rve"], f"{f}: parameters", p.parent, p)
         sets = raw.get("parameter_sets", 8)
         if not isinstance(sets, int) or isinstance(sets, bool) or not 1 <= sets <= 4096:
             raise ConfigError(f"{f}: parameter_sets: expected an integer in 1..4096, got {sets!r}")
-        if design["n"] and design["n"] < sets:
+        if design["n"] and design["n"] < sets and points == "dealt":
             raise ConfigError(f"{f}: parameter_sets: {sets} sets but design.n = {design['n']} points; every set needs "
                               "at least one point (n >= parameter_sets)")
         for k, pv in enumerate(parameter_sets(box, sets, design["seed"])):
             rve_with(box, pv, f"{f}: parameter set {k}", rve.dim)
-    elif "parameter_sets" in raw:
-        raise ConfigError(f"{f}: parameter_sets without parameters; give parameters: {{NAME: [lo, hi]}}")
+    elif "parameter_sets" in raw or "parameter_points" in raw:
+        key = "parameter_sets" if "parameter_sets" in raw else "parameter_points"
+        raise ConfigError(f"{f}: {key} without parameters; give parameters: {{NAME: [lo, hi]}}")
     return SampleConfig(path=p, rve=rve, design=design, output=Path(out) if output is not None else p.parent / out,
-                        flush_every=fl, cells=cells, text=p.read_text(), parameters=box, parameter_sets=sets)
+                        flush_every=fl, cells=cells, text=p.read_text(), parameters=box, parameter_sets=sets,
+                        parameter_points=points)
 
 
 @dataclass(frozen=True)
