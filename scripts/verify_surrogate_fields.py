@@ -21,6 +21,7 @@ Printed as a table with the floors; written to `results/verify_surrogate_fields/
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_surrogate_fields.py [--quick] [--check] [--out DIR]
         [--material neo_hookean | hgo] [--features general | isotropic | anisotropic] [--convex] [--members K]
+        [--points N] [--hidden W ...] [--epochs E]
 `--material hgo` gives the matrix two HGO fibre families at ±30° (tension-only fibres); its default features are
 the anisotropic invariants of those families.
 `--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size, and
@@ -45,8 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"surrogate_P_rel_l2": 0.01, "surrogate_reaction": 0.005, "hybrid_P_max_where_surrogate": 0.01}
 CALIBRATION_FLOOR = 0.90  # held-out points within 2 x the calibrated spread (a lower floor)
 SIZES = {
-    "full": {"rve_h": 0.08, "n": 256, "epochs": 3000, "macro_h": 0.5, "h_hole": 0.15, "steps": 4},
-    "quick": {"rve_h": 0.15, "n": 128, "epochs": 2000, "macro_h": 0.9, "h_hole": 0.35, "steps": 2},
+    "full": {"rve_h": 0.08, "n": 256, "epochs": 3000, "hidden": [16, 16], "macro_h": 0.5, "h_hole": 0.15, "steps": 4},
+    "quick": {"rve_h": 0.15, "n": 128, "epochs": 2000, "hidden": [16, 16], "macro_h": 0.9, "h_hole": 0.35,
+              "steps": 2},
 }
 MATRIX = {
     "neo_hookean": "{{material: neo_hookean, mu: 10.0e3, K: 30.0e3}}",
@@ -71,7 +73,7 @@ def _configs(work: Path, s: dict, members: int, material: str = "neo_hookean", f
         f"design: {{method: sobol, n: {s['n']}, seed: 0, space: stretch, stretch: [0.92, 1.16], volume: [0.97, 1.09],"
         " rotation: [-90, 90], paths: [{type: uniaxial, max: 0.12, steps: 6}]}\noutput: log\n")
     (work / "train.yaml").write_text(
-        f"data: [log]\nmodel: {{kind: potential, hidden: [16, 16], features: {features}, "
+        f"data: [log]\nmodel: {{kind: potential, hidden: {list(s['hidden'])}, features: {features}, "
         f"convex: {str(convex).lower()}}}\nloss: {{stress: 1.0, tangent: 0.1}}\n"
         f"split: {{validation: 0.15, test: 0.15, seed: 0}}\ntrain: {{epochs: {s['epochs']}, lr: 0.01, patience: 400,"
         f" seed: 0}}\nensemble: {members}\noutput: surrogate\n")
@@ -156,6 +158,9 @@ def main():
     ap.add_argument("--features", choices=("general", "isotropic", "anisotropic"), default=None,
                     help="the potential's features (default: anisotropic for hgo, general otherwise)")
     ap.add_argument("--convex", action="store_true", help="input-convex (polyconvex with invariant features)")
+    ap.add_argument("--points", type=int, default=None, help="campaign design points (default: 256 full, 128 quick)")
+    ap.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer widths (default: 16 16)")
+    ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 3000 full, 2000 quick)")
     args = ap.parse_args()
     features = args.features or ("anisotropic" if args.material == "hgo" else "general")
     from fe2ml.data.campaign import run_campaign
@@ -176,7 +181,11 @@ def main():
 
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    _configs(work, SIZES[size], args.members, args.material, features, args.convex)
+    sz = dict(SIZES[size])
+    for key, v in (("n", args.points), ("hidden", args.hidden), ("epochs", args.epochs)):
+        if v is not None:
+            sz[key] = v
+    _configs(work, sz, args.members, args.material, features, args.convex)
     t0 = time.perf_counter()
     print(f"[verify] {size}: campaign", flush=True)
     with log_level(logging.WARNING):
@@ -210,6 +219,7 @@ def main():
     res["constitutive_s"] = {n: s["time_split_s"]["rve_or_constitutive"] for n, s in summaries.items()}
     res["hybrid_audit_s"] = summaries["hybrid"]["audit"]["audit_s"]
     res["size"] = size
+    res["campaign_points"], res["hidden"], res["epochs"] = sz["n"], list(sz["hidden"]), sz["epochs"]
     res["members"] = args.members
     res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm)
     (work / "report.json").write_text(json.dumps(res, indent=1))
