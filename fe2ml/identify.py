@@ -83,6 +83,7 @@ class IdentifyConfig:
     max_iterations: int
     correct: int
     output: Path
+    mcmc: int = 0            # random-walk Metropolis samples of the posterior with the surrogate (0: none)
 
 
 _COLUMN = re.compile(r"^(?P<b>.+)_(?:R(?P<r>\d)|u(?P<u>\d)_mean|u(?P<q>\d))$")
@@ -95,7 +96,7 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
     raw = load_yaml(p)
     f = str(p)
     check_keys(raw, ("run", "unknowns", "data", "experiments", "noise", "check", "correct", "max_iterations",
-                     "output"), f)
+                     "mcmc", "output"), f)
     if "experiments" in raw:
         if "run" in raw or "data" in raw:
             raise ConfigError(f"{f}: give either run and data, or experiments (a list of {{run, data}})")
@@ -190,6 +191,9 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
     check = raw.get("check", False)
     if not isinstance(check, bool):
         raise ConfigError(f"{f}: check: expected true or false, got {check!r}")
+    mcmc = raw.get("mcmc", 0)
+    if not isinstance(mcmc, int) or isinstance(mcmc, bool) or not 0 <= mcmc <= 100_000:
+        raise ConfigError(f"{f}: mcmc: expected the number of posterior samples 0..100000 (0: none), got {mcmc!r}")
     corr = raw.get("correct", 0)
     if not isinstance(corr, int) or isinstance(corr, bool) or not 0 <= corr <= 10:
         raise ConfigError(f"{f}: correct: expected the number of FE² correction rounds 0..10, got {corr!r}")
@@ -200,7 +204,7 @@ def load_identify_config(path, *, output: str | None = None) -> IdentifyConfig:
     return IdentifyConfig(path=p, run=run, unknowns=tuple(names), start=np.array(start), lo=np.array(lo),
                           hi=np.array(hi), prior_mean=np.array(pm), prior_std=np.array(ps),
                           experiments=tuple(experiments), noise=noise, check=check, correct=corr,
-                          max_iterations=mi,
+                          max_iterations=mi, mcmc=mcmc,
                           output=Path(out) if output is not None else p.parent / out)
 
 
@@ -489,6 +493,21 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
         "time_s_with_corrections": time.perf_counter() - t0,
         "experiments": _split(cfg, data, y, y0), "start": cfg.start.tolist(),
     }
+    if cfg.mcmc:
+        lo_, hi_ = cfg.lo, cfg.hi
+
+        def log_post(t):
+            if np.any(t < lo_) or np.any(t > hi_):  # the uniform prior's (and the trained box's) support
+                return -np.inf
+            try:
+                yt = fwd(t, jacobian=False)[0] + offset
+            except Fe2mlError:
+                return -np.inf
+            r = (yt - data) * Wt
+            pr = np.where(has_prior, (t - pmean) / pstd, 0.0)
+            return -0.5 * float(r @ r + pr @ pr)
+
+        report["mcmc"] = _metropolis(comm, log_post, th, cov, cfg.mcmc, cfg.unknowns)
     if cfg.check:
         report["fe2_check"] = fe2_check(comm, cfg, th, y)
     if comm.rank == 0:
@@ -503,6 +522,60 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
                  f"surrogate run of the experiments ({t_setup + t_run:.2f} s with set-up); wrote "
                  f"{cfg.output}/identify.json, identify.png")
     return report
+
+
+def _metropolis(comm, log_post, theta, cov, n: int, names) -> dict:
+    """Random-walk Metropolis samples of the posterior from the estimate (collective: every rank runs the model).
+
+    Gaussian proposals with the Laplace covariance scaled by 2.38²/m (the optimal scaling for a Gaussian target);
+    rank 0 draws and decides, the other ranks follow its broadcast. Returns the sample mean, standard deviation, 2.5
+    and 97.5 % quantiles, acceptance rate, effective sample sizes and the chain.
+    """
+    m = len(theta)
+    w, V = np.linalg.eigh((cov + cov.T) / 2)
+    root = V * np.sqrt(np.clip(w, 0, None) * 2.38**2 / m)
+    rng = np.random.default_rng(0)
+    cur, lp = theta.copy(), log_post(theta)
+    chain, accepted = [cur.copy()], 0
+    t0 = time.perf_counter()
+    for i in range(n):
+        prop = comm.bcast(cur + root @ rng.standard_normal(m) if comm.rank == 0 else None, root=0)
+        lq = log_post(prop)
+        ok = comm.bcast(bool(np.log(rng.random()) < lq - lp) if comm.rank == 0 else None, root=0)
+        if ok:
+            cur, lp = prop, lq
+            accepted += 1
+        chain.append(cur.copy())
+        if comm.rank == 0 and (i + 1) % max(n // 10, 1) == 0:
+            log.info(f"  MCMC {i + 1}/{n} samples, acceptance {accepted / (i + 1):.0%} "
+                     f"({time.perf_counter() - t0:.0f} s)")
+    X = np.array(chain[1:])
+    return {"samples": n, "acceptance": accepted / max(n, 1), "mean": X.mean(0).tolist(),
+            "std": X.std(0, ddof=1).tolist() if n > 1 else [0.0] * m,
+            "interval95": np.stack([np.quantile(X, 0.025, axis=0), np.quantile(X, 0.975, axis=0)], 1).tolist(),
+            "ess": [_ess(X[:, j]) for j in range(m)], "names": list(names), "chain": X.tolist(),
+            "time_s": time.perf_counter() - t0}
+
+
+def _ess(x: np.ndarray) -> float:
+    """Effective sample size of a chain, n / τ with τ = −1 + 2 Σ Γ_k, Γ_k = ρ_2k + ρ_2k+1 summed while positive.
+
+    ρ are the chain's autocorrelations (Geyer's initial positive sequence estimator).
+    """
+    n = len(x)
+    x = x - x.mean()
+    v = float(x @ x) / n
+    if n < 4 or v <= 0:
+        return float(n)
+    f = np.fft.rfft(x, 2 * n)
+    rho = np.fft.irfft(f * np.conj(f))[:n] / (v * n)
+    tau = -1.0
+    for k in range(0, n - 1, 2):
+        pair = rho[k] + rho[k + 1]
+        if pair <= 0:
+            break
+        tau += 2.0 * pair
+    return float(n / max(tau, 1e-12))
 
 
 def _split(cfg: IdentifyConfig, *arrays) -> list[dict]:
@@ -598,6 +671,10 @@ def plot_identify(report: dict, path) -> None:
         for k, lab in ((1.0, "1σ"), (np.sqrt(stats.chi2.ppf(0.95, 2)), "95 %")):
             el = mu[:, None] + V @ (k * np.sqrt(np.clip(w, 0, None))[:, None] * np.array([np.cos(a), np.sin(a)]))
             ax.plot(el[0], el[1], label=lab)
+        if "mcmc" in report:
+            X = np.array(report["mcmc"]["chain"])
+            ax.plot(X[:, 0], X[:, 1], ".", ms=2, alpha=0.4, color="gray",
+                    label=f"MCMC ({report['mcmc']['samples']} samples)")
         ax.plot(*mu, "k+", ms=10, label="estimate")
         ax.set_xlabel(report["unknowns"][0])
         ax.set_ylabel(report["unknowns"][1])

@@ -443,6 +443,7 @@ def test_identify_recovers_exact_parameters_and_its_interval_covers_at_nominal_r
     (("file: ones.csv", "file: offstep.csv"), "are not load steps of the run"),
     (("file: ones.csv", "file: nocol.csv"), "has no column(s) ['right_u2_mean']"),
     (("right_u2_mean]", "C_u1]"), "do not match the run's boundaries or data.points"),
+    (("output: bad", "mcmc: -1\noutput: bad"), "mcmc: expected the number of posterior samples"),
     (("right_u2_mean]}", "right_u2_mean], points: {A: [1.0]}}"), "data.points.A: expected 2 coordinates"),
     (("right_u2_mean]}", "right_u2_mean], points: {A_1: [1.0, 0.5]}}"), "a point name is a letter followed"),
 ])
@@ -474,6 +475,54 @@ def test_check_validates_an_identify_config(family):
     r = subprocess.run([EXE, "check", str(bad)], capture_output=True, text=True, timeout=300)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "do not match the run's boundaries" in lines[0], r.stderr
+
+
+def test_metropolis_samples_a_known_gaussian_and_ess_matches_an_ar1_chain():
+    # the sampler against an exact target (a correlated Gaussian, and a box that cuts it), and the effective sample
+    # size against the AR(1) process's exact integrated autocorrelation time (1 + φ) / (1 − φ)
+    from fe2ml.identify import _ess, _metropolis
+
+    C = np.array([[1.0, 0.8], [0.8, 1.0]]) * 0.04
+    Ci = np.linalg.inv(C)
+    rep = _metropolis(MPI.COMM_SELF, lambda t: -0.5 * float(t @ Ci @ t), np.zeros(2), C, 20000, ["a", "b"])
+    X = np.array(rep["chain"])
+    assert 0.2 < rep["acceptance"] < 0.6
+    assert np.abs(X.mean(0)).max() < 0.05 * 0.2 * 3  # 3 standard errors at ESS ~ 1000
+    assert np.allclose(np.cov(X.T), C, rtol=0.1, atol=0.1 * 0.04)
+    box = _metropolis(MPI.COMM_SELF, lambda t: -np.inf if t[0] < 0 else -0.5 * float(t @ Ci @ t), np.full(2, 0.1), C,
+                      20000, ["a", "b"])
+    # truncating a at 0 truncates its marginal N(0, σ²) there: a half-normal, mean σ √(2/π)
+    Xb = np.array(box["chain"])
+    assert Xb[:, 0].min() >= 0 and abs(Xb[:, 0].mean() - 0.2 * np.sqrt(2 / np.pi)) < 0.15 * 0.2 * np.sqrt(2 / np.pi)
+    rng = np.random.default_rng(1)
+    for phi in (0.0, 0.9):
+        x = np.zeros(20000)
+        e = rng.standard_normal(20000)
+        for i in range(1, 20000):
+            x[i] = phi * x[i - 1] + e[i]
+        assert abs(_ess(x) / (20000 * (1 - phi) / (1 + phi)) - 1) < 0.2
+
+
+def test_identify_mcmc_agrees_with_the_laplace_posterior_where_the_model_is_nearly_linear(family):
+    from fe2ml.identify import ForwardModel, identify, load_identify_config
+
+    folder, _, _ = family
+    comm = MPI.COMM_WORLD
+    times = [1 / 3, 2 / 3, 1.0]
+    _truth_csv(folder, np.ones((3, 2)), "ones.csv", times)
+    y = ForwardModel(comm, load_identify_config(_identify_yaml(folder, "id_m0", "ones.csv")))(
+        np.array([3.0, 0.25]), jacobian=False)[0].reshape(3, 2)
+    noisy = y * (1 + 0.01 * np.random.default_rng(11).standard_normal(y.shape))
+    p = _identify_yaml(folder, "id_mcmc", _truth_csv(folder, noisy, "m.csv", times),
+                       "mcmc: 400\nnoise: {relative: 0.01}\n")
+    rep = identify(comm, load_identify_config(p))
+    mc = rep["mcmc"]
+    assert mc["samples"] == 400 and len(mc["chain"]) == 400 and 0.1 < mc["acceptance"] < 0.7
+    sd = np.array(rep["std"])
+    assert np.all(np.abs(np.array(mc["mean"]) - rep["estimate"]) < 0.6 * sd)
+    assert np.all(np.abs(np.array(mc["std"]) / sd - 1) < 0.4), (mc["std"], sd)
+    if comm.rank == 0:
+        assert "mcmc" in json.loads((folder / "id_mcmc" / "identify.json").read_text())
 
 
 def test_a_tight_gaussian_prior_holds_its_parameter(family):

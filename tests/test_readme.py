@@ -36,7 +36,8 @@ def test_yaml_blocks_use_real_keys():
     homogenize = {"dim", "mesh", "phases", "bc", "degree", "strains", "tol", "kinematics", "formulation", "F",
                   "load_path", "newton", "fields"}
     sample = {"rve", "design", "output", "flush_every", "cells", "parameters", "parameter_sets", "parameter_points"}
-    identify = {"run", "unknowns", "data", "experiments", "noise", "check", "correct", "max_iterations", "output"}
+    identify = {"run", "unknowns", "data", "experiments", "noise", "check", "correct", "max_iterations", "mcmc",
+                "output"}
     train = {"data", "fingerprint", "source", "model", "loss", "split", "train", "ensemble", "output", "device",
              "dtype"}
     blocks = _blocks()
