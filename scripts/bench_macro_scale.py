@@ -184,7 +184,7 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
     from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw
     from fe2ml.macro.config import load_run_config
     from fe2ml.surrogate.gate import Thresholds
-    from fe2ml.surrogate.models import PlainModel, PotentialModel, chunked
+    from fe2ml.surrogate.models import PlainModel, PotentialModel, chunked, with_parameters
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -206,6 +206,24 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
                 best = max(best, n / (time.perf_counter() - t0))
             res[f"{name}, d={d}"] = best
             say(f"1. {best:10.3g} stress+tangent evaluations/s/core: {name}, d = {d}, hidden (64, 64), float64")
+        # a parametric potential (two parameters): a field of parameters by automatic differentiation, constant
+        # parameters folded into the closed form (PotentialModel.bound)
+        pm = PotentialModel(d, hidden=(64, 64), parameters=["a", "b"])
+        q = 20_000
+        p_field = np.tile([0.3, 0.7], (q, 1))
+        t0 = time.perf_counter()
+        pm.evaluate(with_parameters(F[:q], p_field))
+        res[f"parametric potential (strain), field of parameters, d={d}"] = q / (time.perf_counter() - t0)
+        fb = pm.bound([0.3, 0.7]).numpy_evaluator()
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            chunked(fb, F)
+            best = max(best, n / (time.perf_counter() - t0))
+        res[f"parametric potential (strain), constant parameters, d={d}"] = best
+        say(f"1. parametric potential (strain, 2 parameters), d = {d}: "
+            f"{res[f'parametric potential (strain), field of parameters, d={d}']:.3g}/s/core with a field of "
+            f"parameters (automatic differentiation), {best:.3g}/s/core at constant parameters (folded closed form)")
         if d in cks:
             path, rve_yaml = cks[d]
             sur = SurrogateLaw(path, dim=d)

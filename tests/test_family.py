@@ -178,6 +178,50 @@ def test_parametric_potential_reference_tangent_and_parameter_derivative(feature
     assert np.allclose(W1, W2, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("d, features, convex", [(2, "general", False), (3, "general", True), (2, "isotropic", True),
+                                                 (3, "isotropic", True), (2, "isotropic", False)])
+def test_a_parametric_model_bound_to_constant_parameters_is_the_same_function_with_a_closed_form(d, features, convex):
+    # the gates, additive terms and output scale of the context folded into plain weights: P̄ and Ā of the folded
+    # model's closed form equal the parametric model's automatic differentiation at that p (random weights, a
+    # continuous and a categorical parameter)
+    from fe2ml.surrogate.models import PotentialModel, with_parameters
+
+    torch.manual_seed(2)
+    m = PotentialModel(d, "finite", (12, 12), features, convex, parameters=["a", "s"], levels={"s": [0.0, 1.0, 2.0]})
+    with torch.no_grad():
+        for q in m.parameters():
+            q.add_(0.3 * torch.randn_like(q))
+        m.p_mean[:] = torch.tensor([2.0, 0.0])
+        m.x_scale[-2:] = torch.tensor([1.5, 1.0])
+    rng = np.random.default_rng(4)
+    F = np.eye(d) + rng.uniform(-0.2, 0.2, (40, d, d))
+    for p in ([2.7, 1.0], [1.1, 2.0]):
+        P0, A0 = m.evaluate(with_parameters(F, np.tile(p, (40, 1))))
+        b = m.bound(p)
+        assert not b.parameters_ and b.numpy_evaluator() is not None
+        P1, A1 = b.evaluate(F)
+        assert np.abs(P1 - P0).max() <= 1e-7 * np.abs(P0).max() and np.abs(A1 - A0).max() <= 1e-7 * np.abs(A0).max()
+    if convex:  # still input-convex: the folded non-negative weights are non-negative
+        assert all(torch.all(torch.nn.functional.softplus(W) >= 0) for W in b.net.Ws)
+
+
+def test_the_ensemble_at_constant_parameters_answers_by_the_folded_closed_form(family):
+    # SurrogateLaw with constant parameters (the folded members' closed form) equals the same parameters bound per
+    # point (the autograd path)
+    from fe2ml.laws.surrogate import SurrogateLaw
+
+    folder, _, _ = family
+    law = SurrogateLaw(folder / "sur" / "checkpoint.pt", dim=2)
+    F = np.eye(2) + np.random.default_rng(5).uniform(-0.15, 0.15, (3000, 2, 2))
+    law.set_parameters(np.array([3.0, 0.25]))
+    assert law.model._bound is not None
+    P1, A1 = law.evaluate(F)
+    law.set_parameters(np.tile([3.0, 0.25], (3000, 1)))
+    assert law.model._bound is None
+    P0, A0 = law.evaluate(F)
+    assert np.abs(P1 - P0).max() <= 1e-7 * np.abs(P0).max() and np.abs(A1 - A0).max() <= 1e-7 * np.abs(A0).max()
+
+
 def test_partially_convex_network_is_convex_in_x_for_every_p_and_not_in_p():
     """The PICNN with its gates: second differences along random lines in x are >= 0 for any fixed c; along c they
     are not sign-constrained (the free branch)."""

@@ -82,6 +82,7 @@ class EnsembleModel:
         self._np = [m.numpy_evaluator() if self.device.type == "cpu" else None for m in self.members]
         self.parameters: list[str] = list(getattr(members[0], "parameters_", []))
         self._p: np.ndarray | None = None
+        self._bound: list | None = None  # closed forms of the members at constant bound parameters
 
     def bind(self, p) -> None:
         """The microstructure parameters of the points evaluated from now on (parametric members only).
@@ -93,6 +94,10 @@ class EnsembleModel:
             raise ValueError(f"parameters: expected {len(self.parameters)} value(s) per point "
                              f"({', '.join(self.parameters)}), got shape {p.shape}")
         self._p = p
+        # constant parameters: every member folds them into a plain network with the closed form (far faster than
+        # automatic differentiation); a field of parameters stays on the autograd path
+        self._bound = ([m.bound(p).numpy_evaluator() for m in self.members]
+                       if p.ndim == 1 and self.device.type == "cpu" else None)
 
     def augment(self, F) -> np.ndarray:
         """F (n, d, d) with the bound parameters appended (a non-parametric ensemble: F itself)."""
@@ -117,11 +122,20 @@ class EnsembleModel:
             ms.append(m)
         return cls(ms, device=device)
 
+    def _evaluators(self, F):
+        """F as the evaluators take it, and the members' numpy closed forms (None: the torch path).
+
+        At constant bound parameters: the plain F and the closed forms of the folded members.
+        """
+        if self._bound is not None and np.shape(F)[-1] == self.dim:
+            return np.asarray(F, dtype=np.float64), self._bound
+        return self.augment(F), self._np
+
     def evaluate_members(self, F):
         """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""
-        F = self.augment(F)
+        F, evs = self._evaluators(F)
         out = []
-        for m, f in zip(self.members, self._np, strict=True):
+        for m, f in zip(self.members, evs, strict=True):
             if f is None:
                 out.append(m.evaluate(F))
             else:  # numpy closed form in chunks (cache friendly, no torch overhead for small batches)
@@ -142,15 +156,15 @@ class EnsembleModel:
         Memory: the mean tangent and K stresses per point (no member's tangent is kept), (81 + 9 (K + 1)) · 8 bytes
         per 3D point.
         """
-        F = self.augment(F)
+        F, evs = self._evaluators(F)
         n, d, K = len(F), self.dim, len(self.members)
         P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
         Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
-        if any(f is None for f in self._np):  # an accelerator: the members' torch path in its own large chunks
+        if any(f is None for f in evs):  # an accelerator: the members' torch path in its own large chunks
             chunk = max(n, 1)
         for i in range(0, n, chunk):
             sl = slice(i, i + chunk)
-            for k, (m, f) in enumerate(zip(self.members, self._np, strict=True)):
+            for k, (m, f) in enumerate(zip(self.members, evs, strict=True)):
                 Pk, Ak = m.evaluate(F[sl]) if f is None else f(F[sl])
                 Ps[k, sl] = Pk
                 # a sum is finite only where every term is (or where it overflows: flagged too)

@@ -234,7 +234,8 @@ class PotentialModel(_Base):
         parameters: names of microstructure parameters p (a parametric surrogate W(F; p)). The model then takes
             F with the parameter vector appended to its first row, (n, d, d + k) (:func:`with_parameters`); p passes
             through the free branch of a partially input-convex network, W(I; p) = 0 and P(I; p) = 0 for every p,
-            and the tangent is ∂²W/∂F² at fixed p (automatic differentiation: there is no closed form).
+            and the tangent is ∂²W/∂F² at fixed p (automatic differentiation; :meth:`bound` folds constant p into a
+            plain network with the closed form).
         levels: {name: [values]} of categorical parameters (the realizations ``mesh.seed``): they enter one-hot, so
             that each trained realization has its own context (there is nothing to interpolate between seeds).
     """
@@ -308,8 +309,57 @@ class PotentialModel(_Base):
         return torch.cat(cols, -1)
 
     def numpy_evaluator(self):
-        """The numpy closed form; None for a parametric model (it is evaluated by automatic differentiation)."""
+        """The numpy closed form; None for a parametric model (see :meth:`bound` for one at fixed parameters)."""
         return None if self.parameters_ else super().numpy_evaluator()
+
+    @torch.no_grad()
+    def bound(self, p) -> PotentialModel:
+        """This parametric model at fixed parameters p (k,): a non-parametric model with the same W(F; p).
+
+        At fixed p every gate, additive term and the output scale of the context branch are constants, so they fold
+        into the weights of a plain network of the same architecture (non-negative weights stay non-negative, so it
+        is convex where this one is); the closed form (:meth:`numpy_evaluator`) then applies.
+        """
+        if not self.parameters_:
+            raise ValueError("bound: the model is not parametric")
+        pv = torch.as_tensor(np.asarray(p, dtype=np.float64).reshape(1, -1), dtype=self.x_scale.dtype,
+                             device=self.x_scale.device)
+        c = self._context(pv)
+        net = self.net
+        hidden = [V.out_features for V in net.Vs] if isinstance(net, ICNN) else [lay.out_features
+                                                                                  for lay in net.layers]
+        m = PotentialModel(self.dim, self.kinematics, hidden=tuple(hidden), features=self.features,
+                           convex=self.convex, fibres=self.fibres or None).to(self.x_scale.device)
+        m.x_scale.copy_(self.x_scale[:self.n_in])
+        m.p_scale.copy_(self.p_scale)
+        if not isinstance(net, ICNN):  # the context is appended to the inputs: it moves into the first bias
+            first, f0 = m.net.layers[0], net.layers[0]
+            first.weight.copy_(f0.weight[:, :self.n_in])
+            first.bias.copy_(f0.bias + f0.weight[:, self.n_in:] @ c[0])
+            for a, b in zip(m.net.layers[1:], net.layers[1:], strict=True):
+                a.load_state_dict(b.state_dict())
+            m.net.out.load_state_dict(net.out.state_dict())
+            return m
+
+        def raw(v):  # the raw weight whose softplus is v > 0 (torch's softplus is the identity above 20)
+            return torch.where(v > 20.0, v, torch.log(torch.expm1(torch.clamp(v, min=1e-300))))
+
+        u = Fn.softplus(net.ctx[1](Fn.softplus(net.ctx[0](c))))[0]
+        scale = torch.exp(net.S(u))  # (1,)
+        mono = torch.zeros(self.n_in, dtype=torch.bool, device=u.device)
+        mono[list(net.monotone)] = True
+        Vs_all = [*net.Vs, net.V_out]
+        Vm_all = [*m.net.Vs, m.net.V_out]
+        for k, (V, Vm) in enumerate(zip(Vs_all, Vm_all, strict=True)):
+            g = Fn.softplus(net.Gs[k](u))
+            s = scale[0] if k == len(net.Vs) else 1.0
+            eff = torch.where(mono, Fn.softplus(V.weight), V.weight) * g * s  # V' diag(g), the monotone part ≥ 0
+            Vm.weight.copy_(torch.where(mono, raw(eff), eff))
+            Vm.bias.copy_((V.bias + net.Us[k](u)) * s)
+        for k, (W, Wm) in enumerate(zip(net.Ws, m.net.Ws, strict=True)):
+            Wm.copy_(raw(Fn.softplus(W) * Fn.softplus(net.Hs[k](u))))
+        m.net.W_out.copy_(raw(Fn.softplus(net.W_out) * Fn.softplus(net.Hs[-1](u)) * scale[:, None]))
+        return m
 
     def evaluate(self, F, *, batch: int | None = None):
         """Numpy in/out evaluation; a parametric model's F carries its parameters (:func:`with_parameters`)."""
