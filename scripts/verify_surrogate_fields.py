@@ -21,7 +21,7 @@ Printed as a table with the floors; written to `results/verify_surrogate_fields/
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_surrogate_fields.py [--quick] [--check] [--out DIR]
         [--material neo_hookean | hgo] [--features general | isotropic | anisotropic] [--convex] [--members K]
-        [--points N] [--hidden W ...] [--epochs E]
+        [--points N] [--hidden W ...] [--epochs E] [--relative-loss] [--tangent-weight W]
 `--material hgo` gives the matrix two HGO fibre families at ±30° (tension-only fibres); its default features are
 the anisotropic invariants of those families.
 `--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size, and
@@ -74,7 +74,7 @@ def _configs(work: Path, s: dict, members: int, material: str = "neo_hookean", f
         " rotation: [-90, 90], paths: [{type: uniaxial, max: 0.12, steps: 6}]}\noutput: log\n")
     (work / "train.yaml").write_text(
         f"data: [log]\nmodel: {{kind: potential, hidden: {list(s['hidden'])}, features: {features}, "
-        f"convex: {str(convex).lower()}}}\nloss: {{stress: 1.0, tangent: 0.1}}\n"
+        f"convex: {str(convex).lower()}}}\nloss: {json.dumps(s.get('loss', {'stress': 1.0, 'tangent': 0.1}))}\n"
         f"split: {{validation: 0.15, test: 0.15, seed: 0}}\ntrain: {{epochs: {s['epochs']}, lr: 0.01, patience: 400,"
         f" seed: 0}}\nensemble: {members}\noutput: surrogate\n")
     head = (f"dim: 2\nmesh: {{generate: plate_with_hole, size: [4.0, 2.0], radius: 0.5, h: {s['macro_h']}, "
@@ -161,6 +161,9 @@ def main():
     ap.add_argument("--points", type=int, default=None, help="campaign design points (default: 256 full, 128 quick)")
     ap.add_argument("--hidden", type=int, nargs="+", default=None, help="hidden layer widths (default: 16 16)")
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 3000 full, 2000 quick)")
+    ap.add_argument("--relative-loss", action="store_true",
+                    help="weigh each record by 1 / (|P̄|² + (0.1 RMS)²) (loss.relative: small strains count as much)")
+    ap.add_argument("--tangent-weight", type=float, default=0.1, help="loss.tangent (default 0.1)")
     args = ap.parse_args()
     features = args.features or ("anisotropic" if args.material == "hgo" else "general")
     from fe2ml.data.campaign import run_campaign
@@ -185,6 +188,7 @@ def main():
     for key, v in (("n", args.points), ("hidden", args.hidden), ("epochs", args.epochs)):
         if v is not None:
             sz[key] = v
+    sz["loss"] = {"stress": 1.0, "tangent": args.tangent_weight} | ({"relative": True} if args.relative_loss else {})
     _configs(work, sz, args.members, args.material, features, args.convex)
     t0 = time.perf_counter()
     print(f"[verify] {size}: campaign", flush=True)
@@ -220,6 +224,7 @@ def main():
     res["hybrid_audit_s"] = summaries["hybrid"]["audit"]["audit_s"]
     res["size"] = size
     res["campaign_points"], res["hidden"], res["epochs"] = sz["n"], list(sz["hidden"]), sz["epochs"]
+    res["loss"] = sz["loss"]
     res["members"] = args.members
     res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm)
     (work / "report.json").write_text(json.dumps(res, indent=1))
