@@ -24,6 +24,7 @@ every draw's estimate and interval, and the first draw's ``identify/identify.png
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_identify.py [--quick] [--check] [--out DIR] [--draws N]
+        [--paired N]
 `--quick` is the CI size (coarse RVE, small campaign, short training, 4 draws); the floors apply to the full size,
 and `--check` exits with status 1 when one is not met.
 """
@@ -72,8 +73,9 @@ def _configs(work: Path, s: dict) -> None:
     rve = RVE.format(**s)
     design = ("design: {{method: sobol, n: {n}, seed: {seed}, space: stretch, stretch: [0.85, 1.35], "
               "rotation: [-30, 30]}}\n")
-    (work / "sample.yaml").write_text(f"rve:\n{rve}{PARAMS}parameter_sets: {s['sets']}\n"
-                                      + design.format(n=s["n"], seed=0) + "output: log\n")
+    pts = "parameter_points: shared\n" if s.get("paired") else ""
+    (work / "sample.yaml").write_text(f"rve:\n{rve}{PARAMS}parameter_sets: {s['sets']}\n{pts}"
+                                      + design.format(n=s.get("paired") or s["n"], seed=0) + "output: log\n")
     (work / "sample_test.yaml").write_text(f"rve:\n{rve}{PARAMS}parameter_sets: 8\n"
                                            + design.format(n=256, seed=7) + "output: log_test\n")
     # one fixed p (the base RVE: the true parameters): as many records as the parametric campaign has per set x 16
@@ -140,6 +142,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "results" / "verify_identify"))
     ap.add_argument("--draws", type=int, default=None, help="noise draws (default 20, quick 3)")
     ap.add_argument("--check", action="store_true", help="exit with status 1 when a floor is not met")
+    ap.add_argument("--paired", type=int, default=None, metavar="N",
+                    help="a paired parametric campaign: N F̄ points shared by every parameter set "
+                         "(parameter_points: shared) instead of the design's points dealt to the sets")
     args = ap.parse_args()
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
@@ -153,7 +158,9 @@ def main():
     comm = MPI.COMM_WORLD
     install_console_logging(comm, level=logging.WARNING)
     size = "quick" if args.quick else "full"
-    s = SIZES[size]
+    s = dict(SIZES[size])
+    if args.paired:
+        s["paired"] = args.paired
     draws = args.draws or s["draws"]
     work = Path(args.out)
     if comm.rank == 0:
@@ -229,6 +236,7 @@ def main():
                 "identify_rel_error_max": err.max(0).tolist(), "identify_max_rel_error": float(err.max()),
                 "coverage95_per_parameter": cover.mean(0).tolist(), "coverage95": float(cover.mean(0).min()),
                 "cost_in_surrogate_runs": float(np.mean(cost)), "estimates": est.tolist(), "size": size,
+                "paired": s.get("paired"),
                 "wall_s": time.perf_counter() - t0})
     failed = []
     if comm.rank == 0:
