@@ -197,13 +197,16 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
                  "potential ICNN (isotropic, polyconvex)": PotentialModel(d, hidden=(64, 64), features="isotropic",
                                                                          convex=True),
                  "plain (F - I -> P)": PlainModel(d, hidden=(64, 64))}
-        for name, m in kinds.items():
-            f = m.numpy_evaluator()
+        def rate(f, F=F):  # best of three: evaluations per second of the closed form f on all of F
             best = 0.0
             for _ in range(3):
                 t0 = time.perf_counter()
                 chunked(f, F)
                 best = max(best, n / (time.perf_counter() - t0))
+            return best
+
+        for name, m in kinds.items():
+            best = rate(m.numpy_evaluator())
             res[f"{name}, d={d}"] = best
             say(f"1. {best:10.3g} stress+tangent evaluations/s/core: {name}, d = {d}, hidden (64, 64), float64")
         # a parametric potential (two parameters): a field of parameters by automatic differentiation, constant
@@ -214,12 +217,7 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
         t0 = time.perf_counter()
         pm.evaluate(with_parameters(F[:q], p_field))
         res[f"parametric potential (strain), field of parameters, d={d}"] = q / (time.perf_counter() - t0)
-        fb = pm.bound([0.3, 0.7]).numpy_evaluator()
-        best = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            chunked(fb, F)
-            best = max(best, n / (time.perf_counter() - t0))
+        best = rate(pm.bound([0.3, 0.7]).numpy_evaluator())
         res[f"parametric potential (strain), constant parameters, d={d}"] = best
         say(f"1. parametric potential (strain, 2 parameters), d = {d}: "
             f"{res[f'parametric potential (strain), field of parameters, d={d}']:.3g}/s/core with a field of "
