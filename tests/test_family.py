@@ -207,7 +207,7 @@ def test_a_parametric_model_bound_to_constant_parameters_is_the_same_function_wi
 
 def test_the_ensemble_at_constant_parameters_answers_by_the_folded_closed_form(family):
     # SurrogateLaw with constant parameters (the folded members' closed form) equals the same parameters bound per
-    # point (the autograd path)
+    # point (the autograd path): P̄, Ā and ∂P̄/∂p
     from fe2ml.laws.surrogate import SurrogateLaw
 
     folder, _, _ = family
@@ -216,10 +216,14 @@ def test_the_ensemble_at_constant_parameters_answers_by_the_folded_closed_form(f
     law.set_parameters(np.array([3.0, 0.25]))
     assert law.model._bound is not None
     P1, A1 = law.evaluate(F)
+    G1 = law.parameter_derivative(F)  # central differences of the folded closed forms
     law.set_parameters(np.tile([3.0, 0.25], (3000, 1)))
     assert law.model._bound is None
     P0, A0 = law.evaluate(F)
+    G0 = law.parameter_derivative(F)  # automatic differentiation
     assert np.abs(P1 - P0).max() <= 1e-7 * np.abs(P0).max() and np.abs(A1 - A0).max() <= 1e-7 * np.abs(A0).max()
+    for j in range(2):
+        assert np.abs(G1[..., j] - G0[..., j]).max() <= 1e-6 * np.abs(G0[..., j]).max()
 
 
 def test_partially_convex_network_is_convex_in_x_for_every_p_and_not_in_p():
