@@ -83,6 +83,7 @@ class EnsembleModel:
         self.parameters: list[str] = list(getattr(members[0], "parameters_", []))
         self._p: np.ndarray | None = None
         self._bound: list | None = None  # closed forms of the members at constant bound parameters
+        self._bound_fd: list | None = None
 
     def bind(self, p) -> None:
         """The microstructure parameters of the points evaluated from now on (parametric members only).
@@ -98,6 +99,7 @@ class EnsembleModel:
         # automatic differentiation); a field of parameters stays on the autograd path
         self._bound = ([m.bound(p).numpy_evaluator() for m in self.members]
                        if p.ndim == 1 and self.device.type == "cpu" else None)
+        self._bound_fd = None  # (step, members at p + step e_j, at p − step e_j) per parameter j, built on demand
 
     def augment(self, F) -> np.ndarray:
         """F (n, d, d) with the bound parameters appended (a non-parametric ensemble: F itself)."""
@@ -191,16 +193,22 @@ class EnsembleModel:
         if self._bound is not None and self._p is not None and np.shape(F)[-1] == self.dim:
             F = np.asarray(F, dtype=np.float64)
             p = self._p
-            out = np.zeros((*F.shape, len(p)))
-            for j in range(len(p)):
+            if self._bound_fd is None:  # built once per bound p, reused at every load step
                 m0 = self.members[0]
-                h = 1e-5 * float(m0.x_scale[m0.n_in + j])
-                Pj = []
-                for sign in (1.0, -1.0):
-                    q = p.copy()
-                    q[j] += sign * h
-                    Pj.append(np.mean([chunked(m.bound(q).numpy_evaluator(), F)[0] for m in self.members], axis=0))
-                out[..., j] = (Pj[0] - Pj[1]) / (2.0 * h)
+                self._bound_fd = []
+                for j in range(len(p)):
+                    h = 1e-5 * float(m0.x_scale[m0.n_in + j])
+                    evs = []
+                    for sign in (1.0, -1.0):
+                        q = p.copy()
+                        q[j] += sign * h
+                        evs.append([m.bound(q).numpy_evaluator() for m in self.members])
+                    self._bound_fd.append((h, *evs))
+            out = np.zeros((*F.shape, len(p)))
+            for j, (h, plus, minus) in enumerate(self._bound_fd):
+                Pp = np.mean([chunked(f, F)[0] for f in plus], axis=0)
+                Pm = np.mean([chunked(f, F)[0] for f in minus], axis=0)
+                out[..., j] = (Pp - Pm) / (2.0 * h)
             return out
         F = self.augment(F)
         x = torch.as_tensor(F, device=self.device)
