@@ -4,7 +4,8 @@ The family: a 2D finite-strain tissue RVE with one cell in a periodic matrix (ne
 cell K = 20), parameters the cell shear modulus μ_c ∈ [2, 20] (the cell/matrix stiffness ratio μ_c/10) and the cell
 volume fraction φ ∈ [0.1, 0.4]; the truth is μ_c = 6, φ = 0.3.
 
-1. A parametric campaign (``parameters:``, 16 parameter sets) and a polyconvex parametric potential W(F̄; p)
+1. A paired parametric campaign (``parameters:``, 16 parameter sets, the same 128 F̄ at every set:
+   ``parameter_points: shared``; ``--paired 0`` deals 1024 F̄ to the sets) and a polyconvex parametric potential W(F̄; p)
    (isotropic invariants, partially input-convex). Held out: a second campaign with other parameter sets and other
    F̄ (relative L2 stress error over the box), and the records of one fixed p, on which a single-RVE surrogate trained
    with the same budget at that p is the reference (the parametric one may be worse by at most a factor 2).
@@ -55,7 +56,8 @@ LOWER = {"coverage95"}  # floors that are lower bounds
 EXPERIMENTS = {"uniaxial": "", "confined": "  - {boundary: top, components: [1], value: 0.0}\n"}
 COLUMNS = {"uniaxial": ["right_R1", "right_u2_mean"], "confined": ["right_R1", "top_R2"]}
 SIZES = {
-    "full": {"rve_h": 0.05, "n": 1024, "sets": 16, "epochs": 4000, "hidden": [32, 32], "draws": 20, "steps": 8},
+    "full": {"rve_h": 0.05, "n": 1024, "sets": 16, "epochs": 4000, "hidden": [32, 32], "draws": 20, "steps": 8,
+             "paired": 128},
     "quick": {"rve_h": 0.1, "n": 192, "sets": 8, "epochs": 800, "hidden": [16, 16], "draws": 3, "steps": 3},
 }
 RVE = """\
@@ -144,7 +146,7 @@ def main():
     ap.add_argument("--check", action="store_true", help="exit with status 1 when a floor is not met")
     ap.add_argument("--paired", type=int, default=None, metavar="N",
                     help="a paired parametric campaign: N F̄ points shared by every parameter set "
-                         "(parameter_points: shared) instead of the design's points dealt to the sets")
+                         "(parameter_points: shared; full size: 128); 0: the design's n points dealt to the sets")
     args = ap.parse_args()
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
@@ -159,7 +161,7 @@ def main():
     install_console_logging(comm, level=logging.WARNING)
     size = "quick" if args.quick else "full"
     s = dict(SIZES[size])
-    if args.paired:
+    if args.paired is not None:
         s["paired"] = args.paired
     draws = args.draws or s["draws"]
     work = Path(args.out)
