@@ -300,6 +300,7 @@ def test_design_spaces_are_valid():
         load_sample_config("/nonexistent.yaml")
 
 
+@pytest.mark.serial
 def test_a_part_killed_while_being_created_leaves_no_unreadable_h5(tmp_path):
     # SIGKILL after the HDF5 file is opened and before its header is written: readers must not meet a truncated part
     code = ("from fe2ml.data.log import LogWriter\n"
