@@ -53,7 +53,9 @@ PLACEHOLDERS = [("[--step K] [--points i j] [--fields 0]", "--step 3 --points 0 
                 ("fe2ml submit campaign.yaml", "fe2ml submit examples/sample_tissue.yaml")]
 # not run here: what runs them
 ELSEWHERE = {"bash scripts/test.sh": "the test suite itself (.ci/run)",
-             "bash scripts/demo.sh": "tests/test_demo.py runs it with --quick"}
+             "bash scripts/demo.sh": "tests/test_demo.py runs it with --quick",
+             "fe2ml check identify.yaml": "tests/test_family.py::test_check_validates_an_identify_config (it needs "
+                                          "a parametric checkpoint and measured data)"}
 
 
 def _set(cfg, dotted, value):
