@@ -2,7 +2,9 @@
 
 The problem is a tissue plate with a hole, pulled along x. The stress concentrates at the hole, so every
 quadrature point sees its own F̄; the strip of `examples/strip_fe2.yaml` cannot show this, because its field is
-uniform. The tissue RVE is an HGO matrix with fibres along x and softer, nearly incompressible cells.
+uniform. The tissue RVE has a neo-Hookean or an HGO matrix and softer, nearly incompressible cells.
+`--problem block` is the 3D block of `examples/block3d_fe2.yaml` instead: one HGO fibre family whose direction
+turns from -60° at the back face to +60° at the front (each point's RVE turned with it), pulled 6 % along x.
 
 1. Sampling campaign in principal-stretch space (random orientation; fibres make the response anisotropic),
    with det F̄ in [0.97, 1.09] (the states of the plate: a tissue under tension changes volume little), then a
@@ -16,12 +18,13 @@ uniform. The tissue RVE is an HGO matrix with fibres along x and softer, nearly 
    - the largest cell stretch, FE² against the exact localization of the surrogate's macro field.
 
 Printed as a table with the floors; written to `results/verify_surrogate_fields/` as `report.json`,
-`fields.png` (maps of the per-point error) and `reactions.png`.
+`fields.png` (maps of the per-point error; for the block, the error against the fibre angle) and `reactions.png`.
 
 Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_surrogate_fields.py [--quick] [--check] [--out DIR]
+        [--problem plate | block]
         [--material neo_hookean | hgo] [--features general | isotropic | anisotropic] [--convex] [--members K]
-        [--points N] [--hidden W ...] [--epochs E] [--relative-loss] [--tangent-weight W]
+        [--points N] [--hidden W ...] [--epochs E] [--relative-loss] [--tangent-weight W] [--near-identity N]
 `--material hgo` gives the matrix two HGO fibre families at ±30° (tension-only fibres); its default features are
 the anisotropic invariants of those families.
 `--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size, and
@@ -50,6 +53,20 @@ SIZES = {
     "quick": {"rve_h": 0.15, "n": 128, "epochs": 2000, "hidden": [16, 16], "macro_h": 0.9, "h_hole": 0.35,
               "steps": 2},
 }
+# principal stretches and det F̄ of the near-identity campaign (--near-identity N)
+NEAR_IDENTITY = ([0.985, 1.03], [0.995, 1.01])
+BLOCK_SIZES = {  # the 3D block of examples/block3d_fe2.yaml: fibres turning from -60° to +60° through the thickness
+    "full": {"rve_h": 0.2, "n": 512, "epochs": 3000, "hidden": [32, 32], "mesh_n": [3, 3, 2], "steps": 3},
+    "quick": {"rve_h": 0.35, "n": 64, "epochs": 600, "hidden": [16, 16], "mesh_n": [2, 2, 1], "steps": 2},
+}
+BLOCK_RVE = """\
+  mesh: {{generate: cells_3d, n_cells: 2, volume_fraction: 0.2, seed: 1, h: {rve_h}}}
+  phases:
+    1: {{material: hgo, mu: 10.0e3, K: 40.0e3, k1: 20.0e3, k2: 5.0, fibres: [[1.0, 0.0, 0.0]]}}
+    2: {{material: neo_hookean, mu: 1.0e3, K: 5.0e3}}
+"""
+BLOCK_FIBRES = ((1.0, 0.0, 0.0),)
+PLATE_FIBRES = ((0.8660254037844387, 0.5), (0.8660254037844387, -0.5))
 MATRIX = {
     "neo_hookean": "{{material: neo_hookean, mu: 10.0e3, K: 30.0e3}}",
     # two fibre families at ±30° to the pulling direction (x), as in a helically wound arterial layer
@@ -65,28 +82,51 @@ RVE = """\
 
 
 def _configs(work: Path, s: dict, members: int, material: str = "neo_hookean", features: str = "general",
-             convex: bool = False) -> dict:
-    rve = RVE.replace("{matrix}", MATRIX[material]).format(**s)
+             convex: bool = False, problem: str = "plate") -> dict:
+    block = problem == "block"
+    dim = 3 if block else 2
+    rve = BLOCK_RVE.format(**s) if block else RVE.replace("{matrix}", MATRIX[material]).format(**s)
     nested = "".join("  " + line + "\n" for line in rve.splitlines())
+    design = ("stretch: [0.93, 1.1], volume: [0.98, 1.04], rotation: [-180, 180], paths: [{type: uniaxial, max: 0.1,"
+              " steps: 6}]" if block else "stretch: [0.92, 1.16], volume: [0.97, 1.09], rotation: [-90, 90], "
+              "paths: [{type: uniaxial, max: 0.12, steps: 6}]")
     (work / "sample.yaml").write_text(
-        f"rve:\n  dim: 2\n{rve}"
-        f"design: {{method: sobol, n: {s['n']}, seed: 0, space: stretch, stretch: [0.92, 1.16], volume: [0.97, 1.09],"
-        " rotation: [-90, 90], paths: [{type: uniaxial, max: 0.12, steps: 6}]}\noutput: log\n")
+        f"rve:\n  dim: {dim}\n{rve}"
+        f"design: {{method: sobol, n: {s['n']}, seed: 0, space: stretch, {design}}}\noutput: log\n")
+    logs = ["log"]
+    if s.get("near_identity"):  # a second campaign densely near F̄ = I: the small strains where the fibres switch on
+        (work / "sample_near_identity.yaml").write_text(
+            f"rve:\n  dim: {dim}\n{rve}"
+            f"design: {{method: sobol, n: {s['near_identity']}, seed: 1, space: stretch, stretch: {NEAR_IDENTITY[0]},"
+            f" volume: {NEAR_IDENTITY[1]}, rotation: [{'-180, 180' if block else '-90, 90'}]}}\n"
+            "output: log_near_identity\n")
+        logs.append("log_near_identity")
     (work / "train.yaml").write_text(
-        f"data: [log]\nmodel: {{kind: potential, hidden: {list(s['hidden'])}, features: {features}, "
+        f"data: [{', '.join(logs)}]\nmodel: {{kind: potential, hidden: {list(s['hidden'])}, features: {features}, "
         f"convex: {str(convex).lower()}}}\nloss: {json.dumps(s.get('loss', {'stress': 1.0, 'tangent': 0.1}))}\n"
         f"split: {{validation: 0.15, test: 0.15, seed: 0}}\ntrain: {{epochs: {s['epochs']}, lr: 0.01, patience: 400,"
         f" seed: 0}}\nensemble: {members}\noutput: surrogate\n")
-    head = (f"dim: 2\nmesh: {{generate: plate_with_hole, size: [4.0, 2.0], radius: 0.5, h: {s['macro_h']}, "
-            f"h_hole: {s['h_hole']}}}\n")
-    tail = ("bcs:\n  - {boundary: left, components: [0], value: 0.0}\n"
-            "  - {boundary: bottom, components: [1], value: 0.0}\n"
-            f"  - {{boundary: right, components: [0], value: \"0.24*t\"}}\nsteps: {s['steps']}\n")
+    if block:  # examples/block3d_fe2.yaml
+        head = f"dim: 3\nmesh: {{generate: box, size: [1.0, 1.0, 0.5], n: {list(s['mesh_n'])}, cell: tetrahedron}}\n"
+        tail = ("bcs:\n  - {boundary: left, components: [0], value: 0.0}\n"
+                "  - {boundary: bottom, components: [1], value: 0.0}\n"
+                "  - {boundary: back, components: [2], value: 0.0}\n"
+                f"  - {{boundary: right, components: [0], value: \"0.06*t\"}}\nsteps: {s['steps']}\n")
+        orient = ("  orientation:\n    e1: [\"cos((-60 + 240*z)*pi/180)\", \"sin((-60 + 240*z)*pi/180)\", 0]\n"
+                  "    e2: [0, 0, 1]\n")
+    else:
+        head = (f"dim: 2\nmesh: {{generate: plate_with_hole, size: [4.0, 2.0], radius: 0.5, h: {s['macro_h']}, "
+                f"h_hole: {s['h_hole']}}}\n")
+        tail = ("bcs:\n  - {boundary: left, components: [0], value: 0.0}\n"
+                "  - {boundary: bottom, components: [1], value: 0.0}\n"
+                f"  - {{boundary: right, components: [0], value: \"0.24*t\"}}\nsteps: {s['steps']}\n")
+        orient = ""
     runs = {
-        "fe2": "material:\n  kind: rve\n  rve:\n" + nested + "localize: true\n",
-        "surrogate": "material:\n  kind: surrogate\n  checkpoint: surrogate/checkpoint.pt\n  rve:\n" + nested,
-        "hybrid": ("material:\n  kind: hybrid\n  checkpoint: surrogate/checkpoint.pt\n  rve:\n" + nested
-                   + "  threshold: {error: 0.01}\n  audit: {fraction: 0.05, seed: 0}\n"),
+        "fe2": "material:\n  kind: rve\n" + orient + "  rve:\n" + nested + "localize: true\n",
+        "surrogate": "material:\n  kind: surrogate\n  checkpoint: surrogate/checkpoint.pt\n" + orient + "  rve:\n"
+                     + nested,
+        "hybrid": ("material:\n  kind: hybrid\n  checkpoint: surrogate/checkpoint.pt\n" + orient + "  rve:\n"
+                   + nested + "  threshold: {error: 0.01}\n  audit: {fraction: 0.05, seed: 0}\n"),
     }
     for name, mat in runs.items():
         (work / f"{name}.yaml").write_text(head + mat + tail + f"output: {name}\n")
@@ -129,8 +169,13 @@ def compare(work: Path, floor: float, comm) -> dict:
     by_sur = hyb["surrogate"].astype(bool)
     R_ref, R_sur, R_hyb = (_reactions(work / n) for n in ("fe2", "surrogate", "hybrid"))
     # exact localization of the surrogate's macro field: the RVE solved at its F̄ (cells' largest stretch)
-    rve, _ = build_rank_rve(comm, load_run_config(work / "fe2.yaml").rve)
-    lam = np.array([c.cell["stretch"][:, 0].max() for c in rve.evaluate(sur["F"], warm_start=True).cells])
+    cfg = load_run_config(work / "fe2.yaml")
+    rve, _ = build_rank_rve(comm, cfg.rve)
+    F_rve = sur["F"]
+    if cfg.orientation is not None:  # the RVE's frame at each point: Qᵀ F̄ Q
+        Q = cfg.orientation(ref["x"])
+        F_rve = Q.swapaxes(1, 2) @ F_rve @ Q
+    lam = np.array([c.cell["stretch"][:, 0].max() for c in rve.evaluate(F_rve, warm_start=True).cells])
     dlam = lam - ref["stretch"]
     out = {
         "points": int(len(ref["P"])),
@@ -153,6 +198,9 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "results" / "verify_surrogate_fields"))
     ap.add_argument("--members", type=int, default=2, help="ensemble size (2 or more)")
     ap.add_argument("--check", action="store_true", help="exit with status 1 when a floor is not met")
+    ap.add_argument("--problem", choices=("plate", "block"), default="plate",
+                    help="plate: the 2D plate with a hole; block: the 3D block of examples/block3d_fe2.yaml (HGO "
+                         "fibres turning through the thickness; implies --material hgo)")
     ap.add_argument("--material", choices=sorted(MATRIX), default="neo_hookean",
                     help="the RVE matrix: neo_hookean (isotropic tissue) or hgo (two fibre families at ±30°)")
     ap.add_argument("--features", choices=("general", "isotropic", "anisotropic"), default=None,
@@ -163,8 +211,13 @@ def main():
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 3000 full, 2000 quick)")
     ap.add_argument("--relative-loss", action="store_true",
                     help="weigh each record by 1 / (|P̄|² + (0.1 RMS)²) (loss.relative: small strains count as much)")
+    ap.add_argument("--near-identity", type=int, default=0, metavar="N",
+                    help="a second campaign of N points with principal stretches in "
+                         f"{NEAR_IDENTITY[0]} and det F̄ in {NEAR_IDENTITY[1]} (default 0: none)")
     ap.add_argument("--tangent-weight", type=float, default=0.1, help="loss.tangent (default 0.1)")
     args = ap.parse_args()
+    if args.problem == "block":
+        args.material = "hgo"
     features = args.features or ("anisotropic" if args.material == "hgo" else "general")
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
@@ -184,16 +237,19 @@ def main():
 
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    sz = dict(SIZES[size])
+    sz = dict((BLOCK_SIZES if args.problem == "block" else SIZES)[size])
     for key, v in (("n", args.points), ("hidden", args.hidden), ("epochs", args.epochs)):
         if v is not None:
             sz[key] = v
+    sz["near_identity"] = args.near_identity
     sz["loss"] = {"stress": 1.0, "tangent": args.tangent_weight} | ({"relative": True} if args.relative_loss else {})
-    _configs(work, sz, args.members, args.material, features, args.convex)
+    _configs(work, sz, args.members, args.material, features, args.convex, args.problem)
     t0 = time.perf_counter()
     print(f"[verify] {size}: campaign", flush=True)
     with log_level(logging.WARNING):
         run_campaign(comm, load_sample_config(work / "sample.yaml"))
+        if args.near_identity:
+            run_campaign(comm, load_sample_config(work / "sample_near_identity.yaml"))
     print(f"[verify] training a {args.members}-member ensemble ({time.perf_counter() - t0:.0f} s)", flush=True)
     with log_level(logging.WARNING):
         rep = train(comm, load_train_config(work / "train.yaml"))
@@ -214,10 +270,10 @@ def main():
     if args.material == "hgo":  # the campaign covers fibre stretch on both sides of I4 = 1, family by family
         from fe2ml.data.reader import read_logs
 
-        Fc = read_logs(work / "log", converged_only=True)["F"]
+        Fc = np.concatenate([read_logs(p, converged_only=True)["F"] for p in sorted(work.glob("log*"))])
         res["campaign_fraction_fibre_tension"] = [
-            float(np.mean(np.sum((Fc @ np.array(a)) ** 2, axis=1) > 1.0)) for a in ((0.8660254037844387, 0.5),
-                                                                                 (0.8660254037844387, -0.5))]
+            float(np.mean(np.sum((Fc @ np.array(a)) ** 2, axis=1) > 1.0))
+            for a in (BLOCK_FIBRES if args.problem == "block" else PLATE_FIBRES)]
     res["audit"] = {k: summaries["hybrid"]["audit"][k] for k in ("points", "mean_rel_error", "max_rel_error",
                                                                   "bound95", "exceeded")}
     res["constitutive_s"] = {n: s["time_split_s"]["rve_or_constitutive"] for n, s in summaries.items()}
@@ -225,11 +281,16 @@ def main():
     res["size"] = size
     res["campaign_points"], res["hidden"], res["epochs"] = sz["n"], list(sz["hidden"]), sz["epochs"]
     res["loss"] = sz["loss"]
+    res["near_identity_points"] = args.near_identity
     res["members"] = args.members
-    res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm)
+    res["problem"] = args.problem
+    res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm,
+                                          3 if args.problem == "block" else 2)
     (work / "report.json").write_text(json.dumps(res, indent=1))
     _figures(work, x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb, plot_lines)
-    print(f"\nHeterogeneous plate with a hole, {args.material} matrix, {features} features"
+    what = ("3D block, fibres turning through the thickness" if args.problem == "block" else
+            "Heterogeneous plate with a hole")
+    print(f"\n{what}, {args.material} matrix, {features} features"
           f"{' (polyconvex)' if args.convex and features != 'general' else ''} ({res['points']} quadrature points; "
           f"std/mean of P̄11 over the points {res['field_heterogeneity']:.2f}), last step:")
     if "campaign_fraction_fibre_tension" in res:
@@ -270,7 +331,7 @@ def main():
         raise SystemExit(1)
 
 
-def _gate_overhead(checkpoint: Path, comm) -> float:
+def _gate_overhead(checkpoint: Path, comm, d: int = 2) -> float:
     """Extra time of the hybrid's gate over the plain surrogate evaluation, with no point sent to the RVE."""
     from fe2ml.laws.rve import build_rank_rve
     from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw
@@ -278,8 +339,8 @@ def _gate_overhead(checkpoint: Path, comm) -> float:
     from fe2ml.surrogate.gate import Thresholds
 
     rve, _ = build_rank_rve(comm, load_run_config(checkpoint.parents[1] / "fe2.yaml").rve)
-    F = np.eye(2) + 0.05 * np.random.default_rng(0).uniform(-1, 1, (10000, 2, 2))
-    plain = SurrogateLaw(checkpoint, dim=2)
+    F = np.eye(d) + 0.05 * np.random.default_rng(0).uniform(-1, 1, (10000, d, d))
+    plain = SurrogateLaw(checkpoint, dim=d)
     gated = HybridLaw(checkpoint, rve, thresholds=Thresholds(error=1e30, distance=np.inf, density=1e30))
     best = {"plain": np.inf, "gated": np.inf}
     for _ in range(7):  # interleaved, best of 7: robust against other load on the machine
@@ -301,6 +362,15 @@ def _figures(work, x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb, plot_lines):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     vmax = max(e_sur.max(), e_hyb.max(), 1e-6)
     for ax, e, title in ((axes[0], e_sur, "surrogate"), (axes[1], e_hyb, "hybrid (x: RVE answered)")):
+        if x.shape[1] == 3:  # the block: error against the local fibre angle (-60° at z = 0 to +60° at z = 0.5)
+            angle = -60.0 + 240.0 * x[:, 2]
+            ax.scatter(angle, 100 * e, s=14, c="C0")
+            if title.startswith("hybrid"):
+                ax.scatter(angle[~by_sur], 100 * e[~by_sur], marker="x", c="r", s=14)
+            ax.set_xlabel("fibre angle [°]")
+            ax.set_ylabel("|ΔP̄|/(|P̄| + floor) [%]")
+            ax.set_title(f"{title} against FE²", fontsize=9)
+            continue
         sc = ax.scatter(x[:, 0], x[:, 1], c=100 * e, s=14, cmap="viridis", vmin=0, vmax=100 * vmax)
         if title.startswith("hybrid"):
             ax.scatter(x[~by_sur, 0], x[~by_sur, 1], marker="x", c="r", s=10)
@@ -313,7 +383,7 @@ def _figures(work, x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb, plot_lines):
     steps = np.arange(1, len(R_ref) + 1)
     plot_lines({"FE²": (steps, R_ref), "surrogate": (steps, R_sur), "hybrid": (steps, R_hyb)},
                work / "reactions.png", xlabel="load step", ylabel="reaction R1 on the right edge",
-               title="plate with a hole: reaction curves")
+               title=f"{'3D block' if x.shape[1] == 3 else 'plate with a hole'}: reaction curves")
 
 
 if __name__ == "__main__":
