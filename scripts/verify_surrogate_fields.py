@@ -25,6 +25,7 @@ Usage:
         [--problem plate | block]
         [--material neo_hookean | hgo] [--features general | isotropic | anisotropic] [--convex] [--members K]
         [--points N] [--hidden W ...] [--epochs E] [--relative-loss] [--tangent-weight W] [--near-identity N]
+        [--relative-floor F]
 `--material hgo` gives the matrix two HGO fibre families at ±30° (tension-only fibres); its default features are
 the anisotropic invariants of those families.
 `--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size, and
@@ -211,6 +212,8 @@ def main():
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: 3000 full, 2000 quick)")
     ap.add_argument("--relative-loss", action="store_true",
                     help="weigh each record by 1 / (|P̄|² + (0.1 RMS)²) (loss.relative: small strains count as much)")
+    ap.add_argument("--relative-floor", type=float, default=None, metavar="F",
+                    help="loss.floor of the relative loss: the stress floor as a fraction of the RMS (default 0.1)")
     ap.add_argument("--near-identity", type=int, default=0, metavar="N",
                     help="a second campaign of N points with principal stretches in "
                          f"{NEAR_IDENTITY[0]} and det F̄ in {NEAR_IDENTITY[1]} (default 0: none)")
@@ -243,6 +246,8 @@ def main():
             sz[key] = v
     sz["near_identity"] = args.near_identity
     sz["loss"] = {"stress": 1.0, "tangent": args.tangent_weight} | ({"relative": True} if args.relative_loss else {})
+    if args.relative_floor is not None:
+        sz["loss"] |= {"relative": True, "floor": args.relative_floor}
     _configs(work, sz, args.members, args.material, features, args.convex, args.problem)
     t0 = time.perf_counter()
     print(f"[verify] {size}: campaign", flush=True)

@@ -298,6 +298,17 @@ def test_surrogate_bad_inputs(tmp_path):
     (tmp_path / "bad.yaml").write_text(textwrap.dedent(TRAIN).replace("kind: potential", "kind: oracle"))
     with pytest.raises(ConfigError, match="model.kind: expected potential, plain or localization"):
         load_train_config(tmp_path / "bad.yaml")
+    # the relative loss's floor: a fraction of the RMS stress in (0, 1], with relative: true only
+    for loss, msg in (("{relative: true, floor: 0}", r"loss.floor: expected a fraction of the RMS stress in \(0, 1\]"),
+                      ("{relative: true, floor: 2}", r"loss.floor: expected a fraction"),
+                      ("{floor: 0.02}", r"loss.floor: applies to the relative loss only")):
+        (tmp_path / "floor.yaml").write_text(textwrap.dedent(TRAIN).replace("{stress: 1.0, tangent: 0.1}", loss))
+        with pytest.raises(ConfigError, match=msg):
+            load_train_config(tmp_path / "floor.yaml")
+    (tmp_path / "floor.yaml").write_text(textwrap.dedent(TRAIN).replace("{stress: 1.0, tangent: 0.1}",
+                                                                        "{relative: true, floor: 0.02}"))
+    assert load_train_config(tmp_path / "floor.yaml").loss == {"stress": 1.0, "tangent": 0.1, "relative": True,
+                                                               "floor": 0.02}
     # gate and audit options the checkpoint cannot serve: `fe2ml check` and `fe2ml run` stop with one line, exit 2,
     # nothing written
     from helpers import assert_check_and_run_refuse

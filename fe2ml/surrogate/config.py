@@ -7,7 +7,8 @@ Keys::
     source: ID                        only records of this source id / kind (optional)
     model: {kind: potential | plain | localization, hidden: [16, 16], features: general | isotropic | anisotropic,
             convex: false}            anisotropic: invariants with the fibre families of the data's RVE
-    loss: {stress: 1.0, tangent: 0.1, relative: false}   Sobolev loss weights (tangent > 0 needs tangents)
+    loss: {stress: 1.0, tangent: 0.1, relative: false, floor: 0.1}   Sobolev loss weights (tangent > 0 needs
+                                      tangents); relative: each record weighed by 1 / (|P̄|² + (floor · RMS)²)
     split: {validation: 0.15, test: 0.15, seed: 0}
     train: {epochs: 3000, lr: 0.01, patience: 300, seed: 0, batch_size: null, stream: false, workers: 0}
                                       batch_size: records per optimiser step (null: full batch, for small data)
@@ -32,6 +33,18 @@ FEATURES = ("general", "isotropic", "anisotropic")  # of potential models (the s
 
 __all__ = ["LearnOptions", "SurrogateOptions", "TrainConfig", "load_train_config", "parse_learn",
            "parse_surrogate_options"]
+
+
+def _loss_floor(loss: dict, relative: bool, where: str) -> float:
+    """``loss.floor``: the relative loss's stress floor as a fraction of the RMS stress, in (0, 1]."""
+    if "floor" not in loss:
+        return 0.1
+    if not relative:
+        raise ConfigError(f"{where}.floor: applies to the relative loss only (set relative: true)")
+    v = number(loss["floor"], f"{where}.floor")
+    if not 0.0 < v <= 1.0:
+        raise ConfigError(f"{where}.floor: expected a fraction of the RMS stress in (0, 1], got {v!r}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -97,10 +110,11 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if model["kind"] == "localization" and raw.get("loss") is not None:
         raise ConfigError(f"{f}: loss: not used by model.kind localization (it fits cell stretch and J)")
     loss = dict(raw.get("loss", {}) or {})
-    check_keys(loss, ("stress", "tangent", "relative"), f"{f}: loss")
+    check_keys(loss, ("stress", "tangent", "relative", "floor"), f"{f}: loss")
     rel = flag(loss.get("relative", False), f"{f}: loss.relative")
     loss = {"stress": number(loss.get("stress", 1.0), f"{f}: loss.stress"),
-            "tangent": number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel}
+            "tangent": number(loss.get("tangent", 0.1), f"{f}: loss.tangent"), "relative": rel,
+            "floor": _loss_floor(loss, rel, f"{f}: loss")}
     if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
         raise ConfigError(f"{f}: loss: weights must be >= 0 and not both 0")
     split = dict(raw.get("split", {}) or {})
@@ -174,7 +188,7 @@ class LearnOptions:
     seed: int = 0
     data: tuple[Path, ...] = ()
     model: dict = field(default_factory=lambda: dict(MODEL_DEFAULT))
-    loss: dict = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.1, "relative": False})
+    loss: dict = field(default_factory=lambda: {"stress": 1.0, "tangent": 0.1, "relative": False, "floor": 0.1})
 
 
 def _count(raw: dict, key: str, default: int, where: str, lo: int) -> int:
@@ -232,10 +246,11 @@ def parse_learn(raw, where: str, base: Path, *, has_checkpoint: bool) -> LearnOp
     loss = raw.get("loss", {}) or {}
     if not isinstance(loss, dict):
         raise ConfigError(f"{where}.loss: expected a mapping {{stress: 1.0, tangent: 0.1}}")
-    check_keys(loss, ("stress", "tangent", "relative"), f"{where}.loss")
+    check_keys(loss, ("stress", "tangent", "relative", "floor"), f"{where}.loss")
+    rel = flag(loss.get("relative", False), f"{where}.loss.relative")
     loss = {"stress": number(loss.get("stress", 1.0), f"{where}.loss.stress"),
-            "tangent": number(loss.get("tangent", 0.1), f"{where}.loss.tangent"),
-            "relative": bool(loss.get("relative", False))}
+            "tangent": number(loss.get("tangent", 0.1), f"{where}.loss.tangent"), "relative": rel,
+            "floor": _loss_floor(loss, rel, f"{where}.loss")}
     if loss["stress"] < 0 or loss["tangent"] < 0 or loss["stress"] + loss["tangent"] == 0:
         raise ConfigError(f"{where}.loss: weights must be >= 0 and not both 0")
     seed = raw.get("seed", 0)

@@ -143,11 +143,11 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
     opt = torch.optim.Adam(model.parameters(), lr=tcfg["lr"])
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(tcfg["patience"] // 4, 10))
 
-    # relative: weigh each record by 1 / (its stress magnitude² + (0.1 RMS)²), so that the small-strain
+    # relative: weigh each record by 1 / (its stress magnitude² + (floor · RMS)²), so that the small-strain
     # regime (small stresses) counts as much as large deformations
     if loss_w.get("relative"):
         mag = (Pt ** 2).reshape(len(Pt), -1).mean(1)
-        wts = 1.0 / (mag + (0.1 * p_scale) ** 2)
+        wts = 1.0 / (mag + (loss_w.get("floor", 0.1) * p_scale) ** 2)
         wts = wts / wts[tr_idx].mean()
     else:
         wts = torch.ones(len(Pt), dtype=dtype, device=device)
