@@ -170,7 +170,8 @@ class Learner:
                 cal = core["calibration"]
                 report = {"round": k, "step": step, "records": int(len(F)), "metrics": core["metrics"],
                           "bounds": core["bounds"], "stress_floor": core["stress_floor"],
-                          "calibration": ({k_: v for k_, v in cal.items() if k_ not in ("spread", "error")}
+                          "calibration": ({k_: v for k_, v in cal.items()
+                                           if k_ not in ("spread", "error", "factor_per_point")}
                                           if cal is not None else None)}
                 (folder / "metrics.json").write_text(json.dumps(report, indent=1))
         msg = self.comm.bcast(msg, root=0)

@@ -35,7 +35,15 @@ from fe2ml.laws.base import ConstitutiveLaw, PointFailure
 from fe2ml.laws.farm import RVEFarm
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
 from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint, resolve_device
-from fe2ml.surrogate.gate import AuditOptions, Gate, Thresholds, point_uniform, relative_error, relative_spread
+from fe2ml.surrogate.gate import (
+    AuditOptions,
+    Gate,
+    Thresholds,
+    point_uniform,
+    relative_error,
+    relative_spread,
+    stress_magnitude,
+)
 
 __all__ = ["Audit", "HybridLaw", "SurrogateLaw", "fallback_writer"]
 
@@ -226,7 +234,7 @@ class HybridLaw(SurrogateLaw):
                 if th.spread is not None:
                     reasons["spread"] = spread > th.spread
                 if th.error is not None:
-                    reasons["error"] = gate.predicted_error(spread) > th.error
+                    reasons["error"] = gate.predicted_error(spread, stress_magnitude(Ps, gate.floor)) > th.error
         return reasons
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

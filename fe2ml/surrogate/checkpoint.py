@@ -15,7 +15,8 @@ needs (:class:`Gate`):
 - ``density``: the training records in normalised feature space (the points of a KD-tree) and the 99th percentile
   of their nearest-neighbour distances (the data-density scale);
 - ``calibration`` (ensembles of 2 or more): how the per-point ensemble spread predicts the true per-point error,
-  fitted on the validation split and measured on the test split (coverage for k = 1, 2, 3).
+  fitted on the validation split and measured on the test split (coverage for k = 1, 2, 3); with enough validation
+  points also per bin of the predicted stress magnitude (``bins``, Mondrian split-conformal).
 """
 
 from __future__ import annotations

@@ -19,9 +19,35 @@ from scipy.spatial import cKDTree
 
 from fe2ml.errors import ConfigError
 
-__all__ = ["STRESS_FLOOR", "AuditOptions", "Gate", "Thresholds", "point_uniform", "relative_error", "relative_spread"]
+__all__ = ["MAGNITUDE_BINS", "MIN_PER_BIN", "STRESS_FLOOR", "AuditOptions", "Gate", "Thresholds", "point_factors",
+           "point_uniform", "relative_error", "relative_spread", "stress_magnitude"]
 
 STRESS_FLOOR = 0.05  # per-point relative quantities are taken relative to |P̄| + STRESS_FLOOR * RMS |P̄|train
+
+
+MAGNITUDE_BINS = 3  # Mondrian calibration: bins of the predicted stress magnitude (quantiles of the calibration set)
+MIN_PER_BIN = 40  # fewer calibration points per bin: one bin
+
+
+def stress_magnitude(Ps: np.ndarray, floor: float) -> np.ndarray:
+    """|mean over members of P̄|_F / floor, Ps (K, n, d, d) -> (n,): what the calibration's bins are of."""
+    Ps = np.asarray(Ps)
+    axes = tuple(range(1, Ps.ndim - 1))
+    return np.sqrt(np.sum(Ps.mean(axis=0) ** 2, axis=axes)) / floor
+
+
+def point_factors(calibration: dict, magnitude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The 90 % and 95 % factors (error / spread) at each point: its magnitude bin's, or the global ones.
+
+    Without bins in the calibration (one bin, or a checkpoint written before them) or without magnitudes, every
+    point gets the global factors.
+    """
+    bins = calibration.get("bins")
+    if bins is None or magnitude is None:
+        n = 1 if magnitude is None else len(magnitude)
+        return np.full(n, float(calibration["factor90"])), np.full(n, float(calibration["factor95"]))
+    which = np.searchsorted(np.asarray(bins["magnitude_edges"]), np.asarray(magnitude))
+    return np.asarray(bins["factor90"])[which], np.asarray(bins["factor95"])[which]
 
 
 def relative_spread(Ps: np.ndarray, floor: float) -> np.ndarray:
@@ -103,11 +129,16 @@ class Gate:
         self._anchors = (xa, da)
         return out
 
-    def predicted_error(self, spread: np.ndarray) -> np.ndarray:
-        """The calibrated error bound (90 % quantile of error/spread on the validation split) times the spread."""
+    def predicted_error(self, spread: np.ndarray, magnitude: np.ndarray | None = None) -> np.ndarray:
+        """The calibrated error bound (90 % quantile of error/spread on the validation split) times the spread.
+
+        With ``magnitude`` (:func:`stress_magnitude` of the points) the quantile of each point's magnitude bin
+        (Mondrian split-conformal: the 90 % level holds within each bin, small stresses included).
+        """
         if self.calibration is None:
             raise ConfigError("this checkpoint has no calibration (train an ensemble of 2 or more members)")
-        return float(self.calibration["factor90"]) * spread
+        f90, _ = point_factors(self.calibration, magnitude)
+        return f90 * spread
 
 
 @dataclass(frozen=True)

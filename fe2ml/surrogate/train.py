@@ -29,7 +29,15 @@ from fe2ml.surrogate.checkpoint import (
     save_checkpoint,
 )
 from fe2ml.surrogate.config import TrainConfig
-from fe2ml.surrogate.gate import STRESS_FLOOR, relative_error, relative_spread
+from fe2ml.surrogate.gate import (
+    MAGNITUDE_BINS,
+    MIN_PER_BIN,
+    STRESS_FLOOR,
+    point_factors,
+    relative_error,
+    relative_spread,
+    stress_magnitude,
+)
 from fe2ml.surrogate.models import build_model, with_parameters
 
 __all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", "member_device", "split_indices",
@@ -231,6 +239,33 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
     return float(s[k - 1]) if 1 <= k <= len(s) else float("inf")
 
 
+def _factors(ratio: np.ndarray) -> tuple[float, float]:
+    """Split-conformal 90 % and 95 % quantiles of the scores error/spread (95 %: the largest with too few)."""
+    f90, f95 = conformal_quantile(ratio, 0.90), conformal_quantile(ratio, 0.95)
+    if not np.isfinite(f95):
+        f95 = float(ratio.max())
+    return min(f90, f95), f95
+
+
+def magnitude_bins(ratio: np.ndarray, magnitude: np.ndarray) -> dict | None:
+    """Mondrian split-conformal factors: the scores binned by the predicted stress magnitude, a quantile per bin.
+
+    Where the stresses are small (small strains) the spread can predict the relative error worse than elsewhere;
+    one pooled quantile then holds its level on average over all points but not among the small ones. Bins at the
+    quantiles of the calibration points' magnitudes (``MAGNITUDE_BINS``, at least ``MIN_PER_BIN`` points each; None
+    when there are too few for 2 bins) each get their own quantile, whose level holds within the bin (Vovk et al.
+    2005, Mondrian conformal prediction): a bin is a function of the point's prediction, not of its error.
+    """
+    nb = min(MAGNITUDE_BINS, len(ratio) // MIN_PER_BIN)
+    if nb < 2:
+        return None
+    edges = np.quantile(magnitude, np.arange(1, nb) / nb)
+    which = np.searchsorted(edges, magnitude)
+    fb = [_factors(ratio[which == b]) for b in range(nb)]
+    return {"magnitude_edges": edges.tolist(), "factor90": [f[0] for f in fb], "factor95": [f[1] for f in fb],
+            "n": [int(np.sum(which == b)) for b in range(nb)]}
+
+
 def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
     """How the per-point spread predicts the per-point error: split-conformal factors on validation, coverage on test.
 
@@ -240,26 +275,31 @@ def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
     factor = factor95 / 2, so that 2 x the calibrated spread is the 95 % bound (a Gaussian's 2σ). Coverage
     (k = 1, 2, 3): the fraction of test points (validation when there is no test split) whose true error is at most
     k x the calibrated spread, measured on points the factors never saw. The validation split also picks the
-    members' early-stopping epoch, a weak use that the test coverage checks.
+    members' early-stopping epoch, a weak use that the test coverage checks. With enough validation points the
+    factors are also fitted per bin of the predicted stress magnitude (:func:`magnitude_bins`); the hybrid's gate and
+    the coverage use each point's bin.
     """
     def spread_error(idx):
         Ps, _ = ens.evaluate_members(F[idx])
-        return relative_spread(Ps, floor), relative_error(np.mean(Ps, axis=0), P[idx], floor)
+        return (relative_spread(Ps, floor), relative_error(np.mean(Ps, axis=0), P[idx], floor),
+                stress_magnitude(Ps, floor))
 
-    s_va, e_va = spread_error(va)
+    s_va, e_va, m_va = spread_error(va)
     ratio = e_va / np.maximum(s_va, 1e-300)
-    f90, f95 = conformal_quantile(ratio, 0.90), conformal_quantile(ratio, 0.95)
-    if not np.isfinite(f95):  # too few validation points for a 95 % bound: the largest score
-        f95 = float(ratio.max())
-    f90 = min(f90, f95)
+    f90, f95 = _factors(ratio)
     factor = 0.5 * f95
+    out = {"method": "split-conformal", "factor": factor, "factor50": float(np.quantile(ratio, 0.5)),
+           "factor90": f90, "factor95": f95}
+    bins = magnitude_bins(ratio, m_va)
+    if bins is not None:
+        out["bins"] = bins
     split, idx = ("test", te) if len(te) else ("validation", va)
-    s_te, e_te = spread_error(idx)
-    return {"method": "split-conformal", "factor": factor, "factor50": float(np.quantile(ratio, 0.5)),
-            "factor90": f90, "factor95": f95, "split": split, "n": int(len(idx)), "n_calibration": int(len(va)),
-            "coverage": [float(np.mean(e_te <= k * factor * s_te)) for k in (1, 2, 3)],
-            "coverage90": float(np.mean(e_te <= f90 * s_te)),
-            "spread": s_te.tolist(), "error": e_te.tolist()}
+    s_te, e_te, m_te = spread_error(idx)
+    f90_te, f95_te = point_factors(out, m_te)
+    return out | {"split": split, "n": int(len(idx)), "n_calibration": int(len(va)),
+                  "coverage": [float(np.mean(e_te <= k * 0.5 * f95_te * s_te)) for k in (1, 2, 3)],
+                  "coverage90": float(np.mean(e_te <= f90_te * s_te)),
+                  "spread": s_te.tolist(), "error": e_te.tolist(), "factor_per_point": (0.5 * f95_te).tolist()}
 
 
 def _density(model, F) -> dict:
@@ -501,8 +541,10 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     save_checkpoint(ckpt, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
     if calibration is not None:
-        report["calibration"] = {k: v for k, v in calibration.items() if k not in ("spread", "error")}
-        plot_calibration(calibration["factor"] * np.asarray(calibration["spread"]), np.asarray(calibration["error"]),
+        report["calibration"] = {k: v for k, v in calibration.items()
+                                 if k not in ("spread", "error", "factor_per_point")}
+        plot_calibration(np.asarray(calibration["factor_per_point"]) * np.asarray(calibration["spread"]),
+                         np.asarray(calibration["error"]),
                          cfg.output / "calibration.png",
                          title=f"calibration (test split): {100 * calibration['coverage'][1]:.0f} % within 2x")
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
