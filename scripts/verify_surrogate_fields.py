@@ -45,6 +45,7 @@ import numpy as np
 
 import fe2ml  # noqa: F401
 from fe2ml.parallel import log_level
+from fe2ml.surrogate.gate import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"surrogate_P_rel_l2": 0.01, "surrogate_reaction": 0.005, "hybrid_P_max_where_surrogate": 0.01}
@@ -158,10 +159,8 @@ def _worst_by_step(ref_run: Path, run: Path, floor: float) -> list[tuple[float, 
             gr, gh = fr[f"step_{k}"], fh[f"step_{k}"]
             if abs(float(gr.attrs["t"]) - float(gh.attrs["t"])) > 1e-12:
                 raise SystemExit(f"verify: step {k} is at t = {gh.attrs['t']} in {run.name}, {gr.attrs['t']} in FE²")
-            P, Pr, m = gh["P"][()], gr["P"][()], gh["surrogate"][()].astype(bool)
-            n = len(P)
-            e = (np.sqrt(np.sum((P - Pr).reshape(n, -1) ** 2, axis=1))
-                 / (np.sqrt(np.sum(Pr.reshape(n, -1) ** 2, axis=1)) + floor))
+            m = gh["surrogate"][()].astype(bool)
+            e = relative_error(gh["P"][()], gr["P"][()], floor)
             out.append((float(e[m].max()) if m.any() else 0.0, int(m.sum())))
     return out
 
@@ -174,15 +173,10 @@ def compare(work: Path, floor: float, comm) -> dict:
     ref, sur, hyb = (_last_step(work / n) for n in ("fe2", "surrogate", "hybrid"))
     assert np.allclose(ref["x"], sur["x"]) and np.allclose(ref["x"], hyb["x"])  # same points, same order
 
-    def per_point(P):
-        n = len(P)
-        return (np.sqrt(np.sum((P - ref["P"]).reshape(n, -1) ** 2, axis=1))
-                / (np.sqrt(np.sum(ref["P"].reshape(n, -1) ** 2, axis=1)) + floor))
-
     def rel_l2(P):
         return float(np.sqrt(np.sum((P - ref["P"]) ** 2) / np.sum(ref["P"] ** 2)))
 
-    e_sur, e_hyb = per_point(sur["P"]), per_point(hyb["P"])
+    e_sur, e_hyb = relative_error(sur["P"], ref["P"], floor), relative_error(hyb["P"], ref["P"], floor)
     by_sur = hyb["surrogate"].astype(bool)
     steps_hyb = _worst_by_step(work / "fe2", work / "hybrid", floor)
     R_ref, R_sur, R_hyb = (_reactions(work / n) for n in ("fe2", "surrogate", "hybrid"))
@@ -202,7 +196,7 @@ def compare(work: Path, floor: float, comm) -> dict:
         "surrogate_reaction": float(np.max(np.abs(R_sur - R_ref)) / np.max(np.abs(R_ref))),
         "hybrid_P_rel_l2": rel_l2(hyb["P"]), "hybrid_P_max": float(e_hyb.max()),
         "hybrid_surrogate_points": int(by_sur.sum()),
-        "hybrid_P_max_where_surrogate_last_step": float(e_hyb[by_sur].max()) if by_sur.any() else 0.0,
+        "hybrid_P_max_where_surrogate_last_step": steps_hyb[-1][0],
         # every load step: the floor is on the worst point the surrogate answered anywhere in the run
         "hybrid_P_max_where_surrogate": max(w for w, _ in steps_hyb),
         "hybrid_surrogate_points_per_step": [k for _, k in steps_hyb],
@@ -242,6 +236,7 @@ def main():
     args = ap.parse_args()
     if args.problem == "block":
         args.material = "hgo"
+    fibres = BLOCK_FIBRES if args.problem == "block" else PLATE_FIBRES  # the RVE's families (hgo), in its frame
     features = args.features or ("anisotropic" if args.material == "hgo" else "general")
     from fe2ml.data.campaign import run_campaign
     from fe2ml.data.config import load_sample_config
@@ -298,8 +293,7 @@ def main():
 
         Fc = np.concatenate([read_logs(p, converged_only=True)["F"] for p in sorted(work.glob("log*"))])
         res["campaign_fraction_fibre_tension"] = [
-            float(np.mean(np.sum((Fc @ np.array(a)) ** 2, axis=1) > 1.0))
-            for a in (BLOCK_FIBRES if args.problem == "block" else PLATE_FIBRES)]
+            float(np.mean(np.sum((Fc @ np.array(a)) ** 2, axis=1) > 1.0)) for a in fibres]
     res["audit"] = {k: summaries["hybrid"]["audit"][k] for k in ("points", "mean_rel_error", "max_rel_error",
                                                                   "bound95", "exceeded")}
     res["constitutive_s"] = {n: s["time_split_s"]["rve_or_constitutive"] for n, s in summaries.items()}
@@ -311,10 +305,8 @@ def main():
     res["members"] = args.members
     res["problem"] = args.problem
     if args.near_identity and args.material == "hgo":
-        res["small_strain"] = _small_strain(work, BLOCK_FIBRES if args.problem == "block" else PLATE_FIBRES,
-                                            floor, comm)
-    res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm,
-                                          3 if args.problem == "block" else 2)
+        res["small_strain"] = _small_strain(work, fibres)
+    res["gate_overhead"] = _gate_overhead(work / "surrogate" / "checkpoint.pt", comm, len(fibres[0]))
     (work / "report.json").write_text(json.dumps(res, indent=1))
     _figures(work, x, e_sur, e_hyb, by_sur, R_ref, R_sur, R_hyb, plot_lines)
     what = ("3D block, fibres turning through the thickness" if args.problem == "block" else
@@ -365,7 +357,7 @@ def main():
         raise SystemExit(1)
 
 
-def _small_strain(work: Path, fibres, floor: float, comm) -> dict:
+def _small_strain(work: Path, fibres) -> dict:
     """The near-identity records: the trained ensemble's error, and what the best fit of a smooth model's form leaves.
 
     Near F̄ = I a network of the invariants is a quadratic form of E plus, per family, c_k ⟨a_k·E a_k⟩² (the macro

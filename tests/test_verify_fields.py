@@ -70,7 +70,6 @@ def test_surrogate_and_hybrid_local_fields_match_fe2_on_a_plate_with_a_hole(tmp_
     assert a2["per_step"] == a1["per_step"] and a2["points"] == a1["points"] > 0
 
 
-
 @pytest.mark.serial
 @pytest.mark.slow
 def test_anisotropic_surrogate_on_the_3d_block_with_turning_fibres_matches_fe2(tmp_path):

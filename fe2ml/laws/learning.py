@@ -126,7 +126,14 @@ class Learner:
 
         # deferred: torch only when a round is fitted (the run config parses learn: without it)
         from fe2ml.surrogate.checkpoint import save_checkpoint
-        from fe2ml.surrogate.train import TrainingFailed, assemble_checkpoint, fit_members, model_fibres, split_indices
+        from fe2ml.surrogate.train import (
+            TrainingFailed,
+            assemble_checkpoint,
+            calibration_summary,
+            fit_members,
+            model_fibres,
+            split_indices,
+        )
 
         o = self.options
         t0 = time.perf_counter()
@@ -170,9 +177,7 @@ class Learner:
                 cal = core["calibration"]
                 report = {"round": k, "step": step, "records": int(len(F)), "metrics": core["metrics"],
                           "bounds": core["bounds"], "stress_floor": core["stress_floor"],
-                          "calibration": ({k_: v for k_, v in cal.items()
-                                           if k_ not in ("spread", "error", "factor_per_point")}
-                                          if cal is not None else None)}
+                          "calibration": calibration_summary(cal) if cal is not None else None}
                 (folder / "metrics.json").write_text(json.dumps(report, indent=1))
         msg = self.comm.bcast(msg, root=0)
         if msg is not None:

@@ -40,8 +40,8 @@ from fe2ml.surrogate.gate import (
 )
 from fe2ml.surrogate.models import build_model, with_parameters
 
-__all__ = ["TrainingFailed", "assemble_checkpoint", "fit_members", "load_data", "member_device", "split_indices",
-           "train", "train_localization"]
+__all__ = ["TrainingFailed", "assemble_checkpoint", "calibration_summary", "fit_members", "load_data", "member_device",
+           "split_indices", "train", "train_localization"]
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,11 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
     s = np.sort(np.asarray(scores, dtype=np.float64))
     k = int(np.ceil((len(s) + 1) * level))
     return float(s[k - 1]) if 1 <= k <= len(s) else float("inf")
+
+
+def calibration_summary(calibration: dict) -> dict:
+    """The calibration without its per-test-point lists (for metrics.json)."""
+    return {k: v for k, v in calibration.items() if k not in ("spread", "error", "factor_per_point")}
 
 
 def _factors(ratio: np.ndarray) -> tuple[float, float]:
@@ -541,8 +546,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     save_checkpoint(ckpt, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
     if calibration is not None:
-        report["calibration"] = {k: v for k, v in calibration.items()
-                                 if k not in ("spread", "error", "factor_per_point")}
+        report["calibration"] = calibration_summary(calibration)
         plot_calibration(np.asarray(calibration["factor_per_point"]) * np.asarray(calibration["spread"]),
                          np.asarray(calibration["error"]),
                          cfg.output / "calibration.png",
