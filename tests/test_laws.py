@@ -94,6 +94,28 @@ def test_every_law_returns_float64_stress_and_tangent_of_the_contract_shapes(law
     assert set(law.stats) >= {"evaluations", "rve_solves", "time_s", "fallbacks", "fallbacks_per_step"}
 
 
+@pytest.mark.parametrize("name", [*NAMES, "hybrid_mixed"])
+def test_stress_then_tangent_equals_one_evaluation(laws, name):
+    # the macro Newton's split: stress() at every iterate, tangent() only where it iterates on; the hybrid_mixed law
+    # sends the largest deformation to the RVE and answers the others with the surrogate
+    if name == "hybrid_mixed":
+        law = laws["hybrid_surrogate"]()
+        law.thresholds = Thresholds(spread=float(np.sort(relative_spread(
+            np.stack(law.model.evaluate_members(F_POINTS)[0]), law.gate.floor))[1]), distance=np.inf, density=1e9)
+        ref = laws["hybrid_surrogate"]()
+        ref.thresholds = law.thresholds
+    else:
+        law, ref = laws[name](), laws[name]()
+    P_ref, A_ref = ref.evaluate(F_POINTS)
+    P = law.stress(F_POINTS)
+    A = law.tangent()
+    scale = np.abs(A_ref).max()
+    assert np.abs(P - P_ref).max() <= 1e-12 * scale and np.abs(A - A_ref).max() <= 1e-12 * scale
+    assert law.stats["evaluations"] == 3 and law.stats["rve_solves"] == ref.stats["rve_solves"]
+    if name == "hybrid_mixed":
+        assert 0 < law.stats["rve_solves"] < 3 and np.array_equal(law.surrogate_mask(), ref.surrogate_mask())
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tangent_equals_a_central_difference_of_the_stress(laws, name):
     law = laws[name]()

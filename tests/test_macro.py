@@ -19,6 +19,7 @@ from helpers import box_mesh, tissue_rve_yaml
 from fe2ml.config import MACRO_NEWTON, NewtonOptions
 from fe2ml.errors import ConfigError
 from fe2ml.laws.analytic import AnalyticLaw
+from fe2ml.laws.base import ConstitutiveLaw
 from fe2ml.laws.rve import RVELaw
 from fe2ml.macro.loads import DirichletSpec, TractionSpec, frames_from_angle, frames_from_axes
 from fe2ml.macro.mesh import create_macro_mesh
@@ -576,3 +577,64 @@ def test_krylov_warm_start_saves_iterations_and_an_unconverged_krylov_solve_cuts
         prob.step(0.5)
     assert prob.t == 0.0 and np.abs(prob.u.x.array).max() == 0.0  # the last converged state, not a partial answer
     prob.close()
+
+
+def test_a_surrogate_newton_skips_the_tangent_of_its_converged_iterate(tmp_path_factory):
+    # the surrogate law's stress-only pass at each step's last iterate, with the tangent computed only where Newton
+    # iterates on, gives the same iterates as a full evaluation at every iterate (to rounding): in 3D with a field of
+    # frames (the rotated stress and tangent); the converged iterates cost no tangent, and Newton stays quadratic
+    import torch
+
+    from fe2ml.laws.surrogate import SurrogateLaw
+    from fe2ml.surrogate.checkpoint import FORMAT_VERSION, save_checkpoint
+    from fe2ml.surrogate.models import PotentialModel
+
+    torch.manual_seed(0)
+    m = PotentialModel(3, "finite", hidden=(8, 8), features="isotropic", convex=True).double()
+    with torch.no_grad():
+        m.p_scale.fill_(2.0)
+    path = COMM.bcast(str(tmp_path_factory.mktemp("lazy") / "ck.pt") if COMM.rank == 0 else None)
+    if COMM.rank == 0:
+        save_checkpoint({"format_version": FORMAT_VERSION, "dim": 3, "kinematics": "finite",
+                         "model": {"kind": "potential", "hidden": (8, 8), "features": "isotropic", "convex": True},
+                         "members": [m.state_dict()], "stress_floor": 0.05,
+                         "bounds": {"feature_min": [-10.0] * 3, "feature_max": [10.0] * 3},
+                         "density": {"points": np.zeros((1, 3)), "x_scale": np.ones(3), "scale": 1.0}}, path)
+    COMM.barrier()
+
+    class Full(SurrogateLaw):  # a full evaluation at every iterate, the tangent kept for tangent()
+        stress, tangent = ConstitutiveLaw.stress, ConstitutiveLaw.tangent
+
+    calls = {"stress": 0, "tangent": 0}
+
+    class Counted(SurrogateLaw):
+        def stress(self, F):
+            calls["stress"] += 1
+            return super().stress(F)
+
+        def tangent(self):
+            calls["tangent"] += 1
+            return super().tangent()
+
+    frames = frames_from_axes(lambda X: np.stack([np.cos(X[:, 0]), np.sin(X[:, 0]), 0.3 + X[:, 2]], -1),
+                              lambda X: np.stack([-np.sin(X[:, 0]), np.cos(X[:, 0]), 0.1 * X[:, 1]], -1))
+    spec = {"generate": "box", "size": [1.0, 1.0, 1.0], "n": [2, 2, 2]}
+    bcs = [DirichletSpec("left", (0, 1, 2), 0.0), DirichletSpec("right", (0,), lambda x, t: 0.2 * t),
+           DirichletSpec("right", (1,), lambda x, t: 0.05 * t * x[2])]
+    probs = [_run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=cls(path, dim=3), dirichlet=bcs,
+                               orientation=frames), 2) for cls in (Full, Counted)]
+    ua, ub = probs[0].u.x.array, probs[1].u.x.array
+    assert np.abs(ua - ub).max() <= 1e-10 * np.abs(ua).max() and np.abs(ua).max() > 0.05
+    evaluations = 0
+    for ha, hb in zip(probs[0].history, probs[1].history, strict=True):
+        assert ha.iterations == hb.iterations and len(hb.residuals) == 1  # no step cut
+        ra, r = ha.residuals[-1], hb.residuals[-1]
+        assert np.allclose(ra, r, rtol=1e-6, atol=1e-12 * r[0])
+        evaluations += len(r)
+        assert len(r) >= 4
+        for k in range(2, len(r)):  # still quadratic: |r_k| ≤ 10 |r_k−1|² / |r_0| (or at rounding)
+            assert r[k] <= 10.0 * r[k - 1] ** 2 / r[0] or r[k] < 1e-12 * r[0], r
+    # each step's first iterate is a full evaluation (its tangent lifts the load increment), every later one a
+    # stress pass; a tangent follows each stress pass but the converged one
+    steps = len(probs[1].history)
+    assert calls["stress"] == evaluations - steps and calls["tangent"] == evaluations - 2 * steps

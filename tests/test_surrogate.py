@@ -162,6 +162,39 @@ def test_closed_form_equals_autograd(d, features, convex, kin):
         assert np.abs(fd - A[..., k, l]).max() < 1e-6 * np.abs(A).max()
 
 
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("features,convex,kin", [*MODELS, ("isotropic", False, "plain")])
+def test_an_ensemble_chains_its_mean_derivatives_once_and_its_stress_only_pass_skips_the_tangent(d, features,
+                                                                                                convex, kin):
+    # the ensemble's mean Ā by one chain rule from the members' mean ∂W/∂y, ∂²W/∂y² against the mean of the members'
+    # own tangents (each checked against autograd above); the stress-only pass: the same P̄ and members' P̄, no Ā
+    from fe2ml.surrogate.checkpoint import EnsembleModel
+
+    plain = kin == "plain"
+    members = []
+    for seed in range(3):
+        m = _closed_form_case(d, features, convex, "finite" if plain else kin, plain)
+        torch.manual_seed(100 + seed)
+        with torch.no_grad():
+            for prm in m.parameters():
+                prm.add_(0.3 * torch.randn_like(prm))
+            m.p_scale.fill_(1.0 + seed)  # members scale their outputs differently
+        members.append(m)
+    ens = EnsembleModel(members)
+    F = (torch.eye(d) + 0.2 * torch.randn(1100, d, d)).numpy()  # more than one chunk
+    own = [m.numpy_evaluator()(F) for m in members]
+    P_ref, A_ref = sum(o[0] for o in own) / 3, sum(o[1] for o in own) / 3
+    P, A, Ps, ok = ens.evaluate_gate(F, chunk=512)
+    assert ok.all()
+    assert np.abs(P - P_ref).max() < 1e-13 * np.abs(P_ref).max()
+    assert np.abs(A - A_ref).max() < 1e-12 * np.abs(A_ref).max()
+    for k in range(3):
+        assert np.abs(Ps[k] - own[k][0]).max() < 1e-13 * np.abs(own[k][0]).max()
+    P2, A2, Ps2, ok2 = ens.evaluate_gate(F, chunk=512, tangent=False)
+    assert A2 is None and ok2.all()
+    assert np.abs(P2 - P).max() <= 1e-14 * np.abs(P).max() and np.abs(Ps2 - Ps).max() <= 1e-14 * np.abs(Ps).max()
+
+
 def test_closed_form_at_a_collapsed_point_and_large_activations():
     # J ≤ 0 and pre-activations far beyond the softplus range give finite, exact answers (no overflow)
     for features in ("general", "isotropic", "anisotropic"):

@@ -82,6 +82,20 @@ class ConstitutiveLaw(ABC):
             PointFailure: the evaluation failed at a point (its index is on the error).
         """
 
+    def stress(self, F: np.ndarray) -> np.ndarray:
+        """P̄ at a batch of points; :meth:`tangent` then gives Ā at the same points.
+
+        A macro Newton iteration that converges needs no tangent: laws whose tangent costs extra (a surrogate's
+        Hessian) compute it only when :meth:`tangent` is called. Default: :meth:`evaluate`, its Ā kept for
+        :meth:`tangent`.
+        """
+        P, self._tangent = self.evaluate(F)
+        return P
+
+    def tangent(self) -> np.ndarray:
+        """Ā at the points of the last :meth:`stress` call. Default: the one :meth:`evaluate` gave there."""
+        return self._tangent
+
     def commit(self) -> None:
         """Accept the trial states of the last evaluation (the load step converged). Default: no state."""
         return None

@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from typing import Any
 
 from mpi4py import MPI
 
@@ -127,19 +128,34 @@ class SurrogateLaw(ConstitutiveLaw):
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
+        P, A = self._mean(F, True)
+        self.stats["evaluations"] += len(F)
+        self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
+        return P, A
+
+    def stress(self, F: np.ndarray) -> np.ndarray:
+        """Mean ensemble stress only (a third of a stress + tangent evaluation); :meth:`tangent` follows."""
+        P, _ = self._mean(F, False)
+        self.stats["evaluations"] += len(F)
+        self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
+        return P
+
+    def tangent(self) -> np.ndarray:
+        """Mean ensemble tangent at the points of the last :meth:`stress` call."""
+        return self._mean(self.last_F, True)[1]
+
+    def _mean(self, F: np.ndarray, tangent: bool) -> tuple[np.ndarray, Any]:
         t0 = time.perf_counter()
         model, _ = self.trained()
-        P, A, _, ok = model.evaluate_gate(F)
+        P, A, _, ok = model.evaluate_gate(F, tangent=tangent)
         bad = ~ok
         if bad.any():
             k = int(np.argmax(bad))
             raise PointFailure(f"the surrogate predicts a non-finite stress or tangent at F̄ = "
                                f"{np.round(F[k], 6).tolist()} (use material.kind: hybrid to fall back to the RVE)", k)
         dt = time.perf_counter() - t0
-        self.stats["evaluations"] += len(F)
         self.stats["time_s"] += dt
         self.stats["surrogate_s"] += dt
-        self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
         return P, A
 
     def parameter_derivative(self, F: np.ndarray) -> np.ndarray:
@@ -239,13 +255,48 @@ class HybridLaw(SurrogateLaw):
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Surrogate for all points, RVE for the flagged ones (collective with a communicator)."""
+        P, A = self._answer(F, True)
+        return P, A
+
+    def stress(self, F: np.ndarray) -> np.ndarray:
+        """As :meth:`evaluate` with the surrogate's stress only (collective with a communicator).
+
+        The RVE answers' tangents are kept for :meth:`tangent`.
+        """
+        return self._answer(F, False)[0]
+
+    def tangent(self) -> np.ndarray:
+        """Ā at the points of the last :meth:`stress` call.
+
+        The surrogate's mean tangent where it answered, the RVE's elsewhere; a point whose surrogate tangent is not
+        finite raises, as its stress would have.
+        """
+        t0 = time.perf_counter()
+        F, flags = self.last_F, self.flags_last
+        n, d = len(F), self.dim
+        A = np.empty((n, d, d, d, d))
+        keep = np.where(~flags)[0]
+        if len(keep):
+            _, Ak, _, ok = self.trained()[0].evaluate_gate(F[keep])
+            if not ok.all():
+                k = int(keep[np.argmin(ok)])
+                raise PointFailure(f"the surrogate predicts a non-finite tangent at F̄ = "
+                                   f"{np.round(F[k], 6).tolist()}", k)
+            A[keep] = Ak
+        A[flags] = self._rve_tangent
+        dt = time.perf_counter() - t0
+        self.stats["surrogate_s"] += dt
+        self.stats["time_s"] += dt
+        return A
+
+    def _answer(self, F: np.ndarray, tangent: bool) -> tuple[np.ndarray, Any]:
         t0 = time.perf_counter()
         n, d = len(F), self.dim
         if self.model is None:
             P, A = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
             reasons = {"no_model": np.ones(n, dtype=bool)}
         else:
-            P, A, Ps, finite = self.model.evaluate_gate(F)
+            P, A, Ps, finite = self.model.evaluate_gate(F, tangent=tangent)
             reasons = self.flags(F, Ps, finite)
         if len(self.held) == n:
             reasons["held"] = self.held.copy()
@@ -257,15 +308,19 @@ class HybridLaw(SurrogateLaw):
         cost = np.array([self.cost.get(int(k), self.farm.default_cost(cold=s is None)) for k, s in zip(idx, starts,
                                                                                                     strict=True)])
         results = self.farm.solve(F[idx], starts, cost, points=idx)
-        for k, r in zip(map(int, idx), results, strict=True):
+        A_rve = np.empty((len(idx), d, d, d, d))
+        for j, (k, r) in enumerate(zip(map(int, idx), results, strict=True)):
             if r.error is not None or r.state is None:
                 raise PointFailure(r.error or f"point {k}: the RVE solve returned no state", k)
-            P[k], A[k] = r.P, r.A
+            P[k], A_rve[j] = r.P, r.A
             self.trial[k] = r.state
             self.cost[k] = r.time_s
             self.stats["newton_its"] += r.iterations
             self.stats["max_point_s"] = max(self.stats["max_point_s"], r.time_s)
-        self.pending = [(F[idx].copy(), P[idx].copy(), A[idx].copy(), idx)]
+        if A is not None:
+            A[idx] = A_rve
+        self._rve_tangent = A_rve
+        self.pending = [(F[idx].copy(), P[idx].copy(), A_rve, idx)]
         self.flags_last = flags
         self.reasons_last = reasons
         self.last_F, self.last_P, self.answered = np.array(F), P, ~flags

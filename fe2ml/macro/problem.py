@@ -134,6 +134,7 @@ class MacroProblem:
         if law.dim != d:
             raise ConfigError(f"the RVE is {law.dim}D but the macro mesh is {d}D")
         self.form_law = law if isinstance(law, FormLaw) else None
+        self._tangent_due = False  # a stress-only evaluation waits for its tangent (see _update_constitutive)
         if orientation is not None and self.form_law is not None:
             raise ConfigError("orientation: needs an RVE, surrogate or hybrid law")
         self.degree = degree
@@ -331,10 +332,15 @@ class MacroProblem:
     def _F_qp(self) -> np.ndarray:
         return self.F_expr.eval(self.msh, self.cells).reshape(-1, self.d, self.d)
 
-    def _update_constitutive(self) -> str | None:
-        """Evaluate the law at every owned quadrature point; returns an error message or None (collective)."""
+    def _update_constitutive(self, tangent: bool = True) -> str | None:
+        """Evaluate the law at every owned quadrature point; returns an error message or None (collective).
+
+        ``tangent=False``: the stress only; :meth:`_update_tangent` then sets Ā at the same points (a converged
+        Newton iteration needs none).
+        """
         if self.form_law is not None:
             return None
+        self._tangent_due = not tangent
         d = self.d
         t0 = time.perf_counter()
         msg = None
@@ -350,27 +356,53 @@ class MacroProblem:
             self.timers["constitutive_s"] += time.perf_counter() - t0
             return next(m for m in msgs if m is not None)
         try:
-            if self.Q is None:
-                P, A = self.law.evaluate(F)
-            else:  # the law in its own frame: W(F) = W_rve(Qᵀ F Q)
-                Q = self.Q
+            if tangent:
                 P, A = self.law.evaluate(self.rve_frame(F))
-                P = np.einsum("nia,nab,njb->nij", Q, P, Q, optimize=True)
-                A = np.einsum("nia,njb,nkc,nld,nabcd->nijkl", Q, Q, Q, Q, A, optimize=True)
+            else:
+                P, A = self.law.stress(self.rve_frame(F)), None
+            if self.Q is not None:  # the law in its own frame: W(F) = W_rve(Qᵀ F Q)
+                P = np.einsum("nia,nab,njb->nij", self.Q, P, self.Q, optimize=True)
             self.Pq.x.array.reshape(-1, d * d)[self._qdofs_P] = P.reshape(-1, d * d)
-            self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A] = A.reshape(-1, d**4)
             self.Pq.x.scatter_forward()
-            self.Aq.x.scatter_forward()
+            if A is not None:
+                self._set_tangent(A)
         except Fe2mlError as e:
-            k = getattr(e, "index", None)
-            where = ""
-            if k is not None:
-                x = self.quadrature_points()[k]
-                where = f"macro point at x = {np.round(x[:d], 6).tolist()} (rank {self.comm.rank}): "
-            msg = where + str(e)
+            msg = self._point_message(e)
         self.timers["constitutive_s"] += time.perf_counter() - t0
         msgs = self.comm.allgather(msg)
         return next((m for m in msgs if m is not None), None)
+
+    def _update_tangent(self) -> str | None:
+        """Ā at the points of the last stress-only :meth:`_update_constitutive` (collective); an error or None."""
+        if not self._tangent_due:
+            return None
+        t0 = time.perf_counter()
+        msg = None
+        try:
+            self._set_tangent(self.law.tangent())
+        except Fe2mlError as e:
+            msg = self._point_message(e)
+        self._tangent_due = False
+        self.timers["constitutive_s"] += time.perf_counter() - t0
+        msgs = self.comm.allgather(msg)
+        return next((m for m in msgs if m is not None), None)
+
+    def _set_tangent(self, A: np.ndarray) -> None:
+        d = self.d
+        if self.Q is not None:
+            Q = self.Q
+            A = np.einsum("nia,njb,nkc,nld,nabcd->nijkl", Q, Q, Q, Q, A, optimize=True)
+        self.Aq.x.array.reshape(-1, d**4)[self._qdofs_A] = A.reshape(-1, d**4)
+        self.Aq.x.scatter_forward()
+
+    def _point_message(self, e: Fe2mlError) -> str:
+        """A law's error at a point, with where the point is."""
+        k = getattr(e, "index", None)
+        where = ""
+        if k is not None:
+            x = self.quadrature_points()[k]
+            where = f"macro point at x = {np.round(x[:self.d], 6).tolist()} (rank {self.comm.rank}): "
+        return where + str(e)
 
     def _set_loads(self, t: float) -> None:
         """The loads at time t; a load expression that fails on one rank's points (not finite there) fails on all."""
@@ -444,7 +476,9 @@ class MacroProblem:
         for _ in range(opts.max_it + 1):
             if self.stop_requested is not None and self.comm.allreduce(bool(self.stop_requested()), op=MPI.LOR):
                 raise RunInterrupted("SIGTERM received")
-            msg = self._update_constitutive()
+            # the first iteration's residual lifts the load increment with the tangent; after it, a converged
+            # iterate needs the stress only
+            msg = self._update_constitutive(tangent=not res)
             if msg is not None:
                 return False, res, msg
             r = self._residual()
@@ -458,6 +492,9 @@ class MacroProblem:
                 return True, res, None
             if len(res) > opts.max_it:
                 break
+            msg = self._update_tangent()
+            if msg is not None:
+                return False, res, msg
             why = self._solve_increment(r / r0 if r0 > 0 else 1.0, guess if len(res) == 1 else None)
             if why is not None:
                 return False, res, why

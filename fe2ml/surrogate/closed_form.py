@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.nn import functional as Fn
 
-__all__ = ["cofactor3", "evaluator", "reference_shift", "strain_basis"]
+__all__ = ["ClosedForm", "cofactor3", "evaluator", "reference_shift", "strain_basis"]
 
 _EPS = np.zeros((3, 3, 3))
 for _i, _j, _k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
@@ -182,8 +182,11 @@ class _Network:
             K1 = (V0[:, :, None] * W1.T[:, None, :]).reshape(h0, r * W1.shape[0])
             self.K1 = ops.const(K1 if V1 is None else torch.cat([K1, V1.T.reshape(1, -1)]))
 
-    def forward(self, y, value=False):
-        """Per layer: σ(a_k) and J_k (None for the first layer); the last layer's output z when ``value``."""
+    def forward(self, y, value=False, jac=True):
+        """Per layer: σ(a_k) and J_k (None for the first layer, and every layer unless ``jac``).
+
+        The last layer's output z too when ``value``.
+        """
         ops, n, L = self.ops, y.shape[0], len(self.layers)
         acts = []
         z = None
@@ -193,7 +196,9 @@ class _Network:
                 a = y @ V.T + b
             else:
                 a = z @ W.T + b if V is None else z @ W.T + y @ V.T + b
-            if k == 1:
+            if not jac:
+                pass
+            elif k == 1:
                 s0 = acts[0][0]
                 J = ((s0 if V is None else ops.with_ones(s0)) @ self.K1).reshape(n, self.r, -1)
             elif k > 1:
@@ -205,33 +210,36 @@ class _Network:
             acts.append((s, J))
         return acts, z
 
-    def grad_hess(self, y):
-        """∂N/∂y (n, r) and ∂²N/∂y² (n, r, r) of the single-output network."""
-        acts, _ = self.forward(y)
+    def grad_hess(self, y, hess=True):
+        """∂N/∂y (n, r) and ∂²N/∂y² (n, r, r) of the single-output network (None unless ``hess``)."""
+        acts, _ = self.forward(y, jac=hess)
         n, r = y.shape[0], self.r
         dz = self.w[0]
         g = 0.0 if self.v is None else self.v[0]
-        H = 0.0
-        for (W, V, _), (s, J) in zip(reversed(self.layers), reversed(acts), strict=True):
-            c = s * (1.0 - s) * dz
+        H = 0.0 if hess else None
+        for k, ((W, V, _), (s, J)) in enumerate(zip(reversed(self.layers), reversed(acts), strict=True)):
             da = s * dz
-            if J is None:
-                H = H + (c @ self.Q0).reshape(n, r, r)
+            if not hess:
+                pass
+            elif k == len(self.layers) - 1:
+                H = H + ((s * (1.0 - s) * dz) @ self.Q0).reshape(n, r, r)
             else:
-                H = H + (J * c[:, None, :]) @ J.swapaxes(1, 2)
+                H = H + (J * (s * (1.0 - s) * dz)[:, None, :]) @ J.swapaxes(1, 2)
             if V is not None:
                 g = g + da @ V
             if W is not None:
                 dz = da @ W
         return g, H
 
-    def jacobian(self, y):
-        """N(x) (n, n_out) and ∂N/∂y (n, n_out, r) of a multi-output network (MLP)."""
-        acts, z = self.forward(y, value=True)
+    def jacobian(self, y, jac=True):
+        """N(x) (n, n_out) and ∂N/∂y (n, n_out, r) of a multi-output network (MLP; None unless ``jac``)."""
+        acts, z = self.forward(y, value=True, jac=jac)
+        out = z @ self.w.T + self.c
+        if not jac:
+            return out, None
         s, J = acts[-1]
         if J is None:  # one hidden layer
             J = self.layers[0][1].T[None]
-        out = z @ self.w.T + self.c
         return out, ((J * s[:, None, :]) @ self.w.T).swapaxes(1, 2)
 
 
@@ -286,7 +294,32 @@ def _finite_tangent(F, S, H, Bt, d):
     return F @ S, A
 
 
-def evaluator(model, backend: str = "numpy"):
+class ClosedForm:
+    """The closed form of one member, split at the feature space: F -> features -> (g, H) -> (P, A).
+
+    A member's stress and tangent are linear in its feature-space derivatives g = ∂W/∂y and H = ∂²W/∂y² (for the
+    F − I networks: the output and its Jacobian), with coefficients that depend on F and the feature definition
+    only. Members of one ensemble share that definition (:attr:`key`), so an ensemble's mean P and A follow from the
+    members' mean g and H by one chain rule (:meth:`tangent_of`) instead of one per member, and a stress-only pass
+    (:meth:`derivatives` with ``tangent=False``) skips every Hessian product.
+
+    Calling it, ``f(F, tangent=True)``, gives the member's own (P (n, d, d), A (n, d, d, d, d) or None).
+    """
+
+    def __init__(self, key, prepare, derivatives, stress, tangent_of):
+        self.key = key
+        self.prepare, self.derivatives, self.stress, self.tangent_of = prepare, derivatives, stress, tangent_of
+
+    def __call__(self, F, tangent=True):
+        """(P, A) of this member at F (A is None unless ``tangent``)."""
+        ctx = self.prepare(F)
+        g, H = self.derivatives(ctx, tangent)
+        if not tangent:
+            return self.stress(ctx, g), None
+        return self.tangent_of(ctx, g, H)
+
+
+def evaluator(model, backend: str = "numpy") -> ClosedForm:
     """The closed form of ``model`` (a :class:`~fe2ml.surrogate.models.PotentialModel` or ``PlainModel``).
 
     Args:
@@ -295,7 +328,7 @@ def evaluator(model, backend: str = "numpy"):
             dtype in and out).
 
     Returns:
-        A function F (n, d, d) -> (P (n, d, d), A (n, d, d, d, d)).
+        A :class:`ClosedForm`: called on F (n, d, d), it gives (P (n, d, d), A (n, d, d, d, d)).
     """
     ref = model.x_scale.detach()
     ops = _Numpy() if backend == "numpy" else _Torch(ref.device, ref.dtype)
@@ -305,13 +338,14 @@ def evaluator(model, backend: str = "numpy"):
     if not hasattr(model, "features"):  # PlainModel: F − I -> P
         net = _Network(model.net, torch.diag(1.0 / ref), ops)
 
-        def plain(F):
-            F = ops.asarray(F)
+        def plain_derivatives(F, tangent):
             n = F.shape[0]
-            out, Jac = net.jacobian((F - eye).reshape(n, d * d))
-            return ps * out.reshape(n, d, d), ps * Jac.reshape(n, d, d, d, d)
+            out, Jac = net.jacobian((F - eye).reshape(n, d * d), jac=tangent)
+            return ps * out, (None if Jac is None else ps * Jac)
 
-        return plain
+        return ClosedForm(("plain", d), ops.asarray, plain_derivatives,
+                          lambda F, g: g.reshape(F.shape[0], d, d),
+                          lambda F, g, H: (g.reshape(F.shape[0], d, d), H.reshape(F.shape[0], d, d, d, d)))
     if model.features == "general":
         idx = model.idx
         m = len(idx)
@@ -325,23 +359,35 @@ def evaluator(model, backend: str = "numpy"):
         wts = ops.const([1.0 if i == j else 2.0**0.5 for i, j in idx])
         small = model.kinematics == "small"
 
-        def general(F):
+        def prepare(F):
             F = ops.asarray(F)
-            n = F.shape[0]
             H_ = F - eye
             E = 0.5 * (H_ + H_.swapaxes(1, 2)) if small else 0.5 * (F.swapaxes(1, 2) @ F - eye)
-            y = E[:, ii, jj] * wts
-            g, H = net.grad_hess(y)
-            S = ps * ((g - g0) @ Bf).reshape(n, d, d)
-            if small:
-                return S, (Bf.T @ (ps * H) @ Bf).reshape(n, d, d, d, d)
-            return _finite_tangent(F, S, ps * H, Bt, d)
+            return F, E[:, ii, jj] * wts
 
-        return general
+        def general_derivatives(ctx, tangent):
+            g, H = net.grad_hess(ctx[1], hess=tangent)
+            return ps * (g - g0), (None if H is None else ps * H)
+
+        def general_stress(ctx, g):
+            F = ctx[0]
+            S = (g @ Bf).reshape(F.shape[0], d, d)
+            return S if small else F @ S
+
+        def general_tangent(ctx, g, H):
+            F = ctx[0]
+            n = F.shape[0]
+            S = (g @ Bf).reshape(n, d, d)
+            if small:
+                return S, (Bf.T @ H @ Bf).reshape(n, d, d, d, d)
+            return _finite_tangent(F, S, H, Bt, d)
+
+        return ClosedForm(("general", d, tuple(map(tuple, idx)), small), prepare, general_derivatives,
+                          general_stress, general_tangent)
     return _invariant_form(model, ref, ops, ps)
 
 
-def _invariant_form(model, ref, ops, ps):
+def _invariant_form(model, ref, ops, ps) -> ClosedForm:
     """Closed form of the isotropic and anisotropic invariant networks (features of the 3D F, F33 = 1 in 2D).
 
     y = (I1 − 3, I2 − 3, J − 1, then per fibre family a: I4 − 1, K4 − 1, M = ⟨I4 − 1⟩²) with I4 = |F a|²,
@@ -372,12 +418,11 @@ def _invariant_form(model, ref, ops, ps):
     eps9 = ops.const(_EPS.reshape(3, 9))                # g_i -> Σ_i ε_ipl g_i as (p, l)
     eps93 = ops.const(_EPS.reshape(9, 3))              # T_lQ -> Σ_l ε_ipl T_lQ as ((i, p), Q)
 
-    def invariant(F):
+    def prepare(F):
         F = ops.asarray(F)
         n = F.shape[0]
         F3 = F if d == 3 else ops.embed3(F)
         C = F3.swapaxes(1, 2) @ F3
-        b = F3 @ F3.swapaxes(1, 2)
         I1 = C[:, 0, 0] + C[:, 1, 1] + C[:, 2, 2]
         FC = F3 @ C
         I2 = 0.5 * (I1 * I1 - ops.einsum("nij,nij->n", C, C))
@@ -400,15 +445,25 @@ def _invariant_form(model, ref, ops, ps):
             ys += [x, (g * g).sum(-1) - 1.0, mac * mac]
             dys += [dI4, 2.0 * Eg @ T, 2.0 * mac[:, None, None] * dI4]
             fibre.append((pos, mac, Eg, dg.reshape(n, 3, 9)))  # rows i, columns (p, Q)
-        y = ops.stack(ys, -1)
-        g, H = net.grad_hess(y)
-        Wy = ps * (g - shift)
-        Hy = ps * H
+        return dict(F3=F3, C=C, I1=I1, y=ops.stack(ys, -1), dy=ops.stack(dys, 1).reshape(n, r, 9), fibre=fibre)
+
+    def invariant_derivatives(ctx, tangent):
+        g, H = net.grad_hess(ctx["y"], hess=tangent)
+        return ps * (g - shift), (None if H is None else ps * H)
+
+    def invariant_stress(ctx, Wy):
+        n = Wy.shape[0]
+        P3 = (Wy[:, :, None] * ctx["dy"]).sum(1).reshape(n, 3, 3)
+        return P3[:, :2, :2] if d == 2 else P3
+
+    def invariant_tangent(ctx, Wy, H):
+        F3, C, I1, dy, fibre = ctx["F3"], ctx["C"], ctx["I1"], ctx["dy"], ctx["fibre"]
+        n = Wy.shape[0]
+        Hy = H + 0.0  # a copy: the terms below are added in place
         # 4 W_I2 F_iJ F_kL of ∂²I2 is W_I2 (∂I1 ⊗ ∂I1): added to the Hessian's (I1, I1) entry
         Hy[:, 0, 0] += Wy[:, 1]
         for k, (pos, _, _, _) in enumerate(fibre):  # 2 H(I4 − 1) W_M ∂I4 ⊗ ∂I4 of ∂²M: the (I4, I4) entry
             Hy[:, 3 + 3 * k, 3 + 3 * k] += 2.0 * Wy[:, 5 + 3 * k] * pos
-        dy = ops.stack(dys, 1).reshape(n, r, 9)
         P3 = (Wy[:, :, None] * dy).sum(1).reshape(n, 3, 3)
         A3 = dy.swapaxes(1, 2) @ Hy @ dy + ((Wy[:, 2, None] * F3.reshape(n, 9)) @ d2J.T).reshape(n, 9, 9)
         for k, (_, mac, Eg, dg) in enumerate(fibre):
@@ -424,7 +479,7 @@ def _invariant_form(model, ref, ops, ps):
         bF = beta * F3
         A3 = A3.reshape(n, 3, 3, 3, 3)
         A3 -= bF[:, :, None, None, :] * F3.swapaxes(1, 2)[:, None, :, :, None]      # F_iL F_kJ
-        bC, bb = beta * C, beta * b
+        bC, bb = beta * C, beta * (F3 @ F3.swapaxes(1, 2))
         for i in range(3):
             A3[:, i, :, i, :] -= bC                                                   # δ_ik C_JL
             A3[:, :, i, :, i] -= bb                                                   # b_ik δ_JL
@@ -433,4 +488,5 @@ def _invariant_form(model, ref, ops, ps):
             return P3[:, :2, :2], A3[:, :2, :2, :2, :2]
         return P3, A3
 
-    return invariant
+    return ClosedForm(("invariant", d, tuple(map(tuple, fib.tolist()))), prepare, invariant_derivatives,
+                      invariant_stress, invariant_tangent)
