@@ -114,6 +114,10 @@ def test_stress_then_tangent_equals_one_evaluation(laws, name):
     assert law.stats["evaluations"] == 3 and law.stats["rve_solves"] == ref.stats["rve_solves"]
     if name == "hybrid_mixed":
         assert 0 < law.stats["rve_solves"] < 3 and np.array_equal(law.surrogate_mask(), ref.surrogate_mask())
+    A = A.copy()  # the law's own array may be reused by the next call
+    P2 = law.stress(F_POINTS, with_tangent=True)  # both in one pass (a hybrid: the same points within a step)
+    A2 = law.tangent()
+    assert np.abs(P2 - P_ref).max() <= 1e-12 * scale and np.abs(A2 - A_ref).max() <= 1e-12 * scale
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -580,7 +580,7 @@ def test_krylov_warm_start_saves_iterations_and_an_unconverged_krylov_solve_cuts
 
 
 def test_a_surrogate_newton_skips_the_tangent_of_its_converged_iterate(tmp_path_factory):
-    # the surrogate law's stress-only pass at each step's last iterate, with the tangent computed only where Newton
+    # the surrogate law's stress-only pass where Newton expects convergence, the tangent computed only where it
     # iterates on, gives the same iterates as a full evaluation at every iterate (to rounding): in 3D with a field of
     # frames (the rotated stress and tangent); the converged iterates cost no tangent, and Newton stays quadratic
     import torch
@@ -605,12 +605,13 @@ def test_a_surrogate_newton_skips_the_tangent_of_its_converged_iterate(tmp_path_
     class Full(SurrogateLaw):  # a full evaluation at every iterate, the tangent kept for tangent()
         stress, tangent = ConstitutiveLaw.stress, ConstitutiveLaw.tangent
 
-    calls = {"stress": 0, "tangent": 0}
+    calls = {"stress": 0, "lazy": 0, "tangent": 0}
 
     class Counted(SurrogateLaw):
-        def stress(self, F):
+        def stress(self, F, *, with_tangent=False):
             calls["stress"] += 1
-            return super().stress(F)
+            calls["lazy"] += not with_tangent
+            return super().stress(F, with_tangent=with_tangent)
 
         def tangent(self):
             calls["tangent"] += 1
@@ -634,7 +635,8 @@ def test_a_surrogate_newton_skips_the_tangent_of_its_converged_iterate(tmp_path_
         assert len(r) >= 4
         for k in range(2, len(r)):  # still quadratic: |r_k| ≤ 10 |r_k−1|² / |r_0| (or at rounding)
             assert r[k] <= 10.0 * r[k - 1] ** 2 / r[0] or r[k] < 1e-12 * r[0], r
-    # each step's first iterate is a full evaluation (its tangent lifts the load increment), every later one a
-    # stress pass; a tangent follows each stress pass but the converged one
+    # one stress call per iterate; the first two of a step ask for the tangent with it, later ones only where
+    # convergence is not expected; every solve got its tangent, and converged iterates reached as expected none
     steps = len(probs[1].history)
-    assert calls["stress"] == evaluations - steps and calls["tangent"] == evaluations - 2 * steps
+    assert calls["stress"] == evaluations and 1 <= calls["lazy"] <= evaluations - 2 * steps
+    assert evaluations - steps <= calls["tangent"] < evaluations

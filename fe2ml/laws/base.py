@@ -82,18 +82,22 @@ class ConstitutiveLaw(ABC):
             PointFailure: the evaluation failed at a point (its index is on the error).
         """
 
-    def stress(self, F: np.ndarray) -> np.ndarray:
+    def stress(self, F: np.ndarray, *, with_tangent: bool = False) -> np.ndarray:
         """P̄ at a batch of points; :meth:`tangent` then gives Ā at the same points.
 
         A macro Newton iteration that converges needs no tangent: laws whose tangent costs extra (a surrogate's
-        Hessian) compute it only when :meth:`tangent` is called. Default: :meth:`evaluate`, its Ā kept for
-        :meth:`tangent`.
+        Hessian) compute it only when :meth:`tangent` is called, or here already with ``with_tangent`` (the caller
+        will ask for it). Default: :meth:`evaluate`, its Ā kept for :meth:`tangent`.
         """
         P, self._tangent = self.evaluate(F)
         return P
 
     def tangent(self) -> np.ndarray:
-        """Ā at the points of the last :meth:`stress` call. Default: the one :meth:`evaluate` gave there."""
+        """Ā at the points of the last :meth:`stress` call.
+
+        The array may be the law's own and is valid until its next :meth:`stress` call (copy it to keep it).
+        Default: the one :meth:`evaluate` gave there.
+        """
         return self._tangent
 
     def commit(self) -> None:

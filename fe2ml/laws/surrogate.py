@@ -88,6 +88,8 @@ class SurrogateLaw(ConstitutiveLaw):
         self.params: np.ndarray | None = None
         self.last_F = np.zeros((0, dim, dim))
         self.last_P = np.zeros((0, dim, dim))
+        self._A: np.ndarray | None = None  # the tangent at last_F, once computed (tangent())
+        self._A_buf: np.ndarray | None = None
         self.answered = np.zeros(0, dtype=bool)
         if checkpoint is not None:
             ck = load_checkpoint(checkpoint)
@@ -133,21 +135,33 @@ class SurrogateLaw(ConstitutiveLaw):
         self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
         return P, A
 
-    def stress(self, F: np.ndarray) -> np.ndarray:
-        """Mean ensemble stress only (a third of a stress + tangent evaluation); :meth:`tangent` follows."""
-        P, _ = self._mean(F, False)
+    def stress(self, F: np.ndarray, *, with_tangent: bool = False) -> np.ndarray:
+        """Mean ensemble stress; without ``with_tangent`` the stress only (a third of a stress + tangent)."""
+        P, self._A = self._mean(F, with_tangent, out=self._buffer(len(F)) if with_tangent else None)
         self.stats["evaluations"] += len(F)
         self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
         return P
 
     def tangent(self) -> np.ndarray:
-        """Mean ensemble tangent at the points of the last :meth:`stress` call."""
-        return self._mean(self.last_F, True)[1]
+        """Mean ensemble tangent at the points of the last :meth:`stress` call (the law's buffer: see the base)."""
+        if self._A is None:
+            self._A = self._mean(self.last_F, True, out=self._buffer(len(self.last_F)))[1]
+        return self._A
 
-    def _mean(self, F: np.ndarray, tangent: bool) -> tuple[np.ndarray, Any]:
+    def _buffer(self, n: int) -> np.ndarray:
+        """The law's tangent array for n points, reused from call to call.
+
+        A fresh array of 650 B a point (3D) would cost its page faults at every Newton iteration.
+        """
+        d = self.dim
+        if self._A_buf is None or len(self._A_buf) != n:
+            self._A_buf = np.empty((n, d, d, d, d))
+        return self._A_buf
+
+    def _mean(self, F: np.ndarray, tangent: bool, out: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         t0 = time.perf_counter()
         model, _ = self.trained()
-        P, A, _, ok = model.evaluate_gate(F, tangent=tangent)
+        P, A, _, ok = model.evaluate_gate(F, tangent=tangent, out=out)
         bad = ~ok
         if bad.any():
             k = int(np.argmax(bad))
@@ -169,7 +183,7 @@ class SurrogateLaw(ConstitutiveLaw):
     def features(self, F) -> np.ndarray:
         """The network's unscaled input features of each point, (n, m)."""
         model, _ = self.trained()
-        x = torch.as_tensor(model.augment(F)).to(model.device)
+        x = torch.as_tensor(np.ascontiguousarray(model.augment(F))).to(model.device)
         return model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
 
     def distance(self, F) -> np.ndarray:
@@ -258,12 +272,13 @@ class HybridLaw(SurrogateLaw):
         P, A = self._answer(F, True)
         return P, A
 
-    def stress(self, F: np.ndarray) -> np.ndarray:
-        """As :meth:`evaluate` with the surrogate's stress only (collective with a communicator).
+    def stress(self, F: np.ndarray, *, with_tangent: bool = False) -> np.ndarray:
+        """As :meth:`evaluate`, without ``with_tangent`` the surrogate's stress only (collective with a communicator).
 
         The RVE answers' tangents are kept for :meth:`tangent`.
         """
-        return self._answer(F, False)[0]
+        P, self._A = self._answer(F, with_tangent, out=self._buffer(len(F)) if with_tangent else None)
+        return P
 
     def tangent(self) -> np.ndarray:
         """Ā at the points of the last :meth:`stress` call.
@@ -271,10 +286,11 @@ class HybridLaw(SurrogateLaw):
         The surrogate's mean tangent where it answered, the RVE's elsewhere; a point whose surrogate tangent is not
         finite raises, as its stress would have.
         """
+        if self._A is not None:
+            return self._A
         t0 = time.perf_counter()
         F, flags = self.last_F, self.flags_last
-        n, d = len(F), self.dim
-        A = np.empty((n, d, d, d, d))
+        A = self._buffer(len(F))
         keep = np.where(~flags)[0]
         if len(keep):
             _, Ak, _, ok = self.trained()[0].evaluate_gate(F[keep])
@@ -287,16 +303,17 @@ class HybridLaw(SurrogateLaw):
         dt = time.perf_counter() - t0
         self.stats["surrogate_s"] += dt
         self.stats["time_s"] += dt
+        self._A = A
         return A
 
-    def _answer(self, F: np.ndarray, tangent: bool) -> tuple[np.ndarray, Any]:
+    def _answer(self, F: np.ndarray, tangent: bool, out: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         t0 = time.perf_counter()
         n, d = len(F), self.dim
         if self.model is None:
             P, A = np.zeros((n, d, d)), np.zeros((n, d, d, d, d))
             reasons = {"no_model": np.ones(n, dtype=bool)}
         else:
-            P, A, Ps, finite = self.model.evaluate_gate(F, tangent=tangent)
+            P, A, Ps, finite = self.model.evaluate_gate(F, tangent=tangent, out=out)
             reasons = self.flags(F, Ps, finite)
         if len(self.held) == n:
             reasons["held"] = self.held.copy()

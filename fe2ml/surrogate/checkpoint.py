@@ -151,7 +151,7 @@ class EnsembleModel:
         P, A, _, _ = self.evaluate_gate(F)
         return P, A
 
-    def evaluate_gate(self, F, chunk: int = CPU_CHUNK, *, tangent: bool = True):
+    def evaluate_gate(self, F, chunk: int = CPU_CHUNK, *, tangent: bool = True, out: np.ndarray | None = None):
         """What a gate needs, chunk by chunk: the mean P and A, the members' stresses and the finite points.
 
         Returns mean P (n,d,d), mean A (n,d,d,d,d) (None unless ``tangent``), the members' stresses Ps (K,n,d,d) and
@@ -159,14 +159,16 @@ class EnsembleModel:
 
         On the CPU the members' closed forms share the features of a chunk, and the mean tangent comes from the
         members' mean feature-space derivatives by one chain rule (:class:`~fe2ml.surrogate.closed_form.ClosedForm`);
-        ``tangent=False`` is a stress-only pass (no Hessian), about a third of the cost.
+        ``tangent=False`` is a stress-only pass (no Hessian), about a third of the cost. ``out``: an (n,d,d,d,d) array
+        that receives the mean tangent (a caller's reused buffer).
 
         Memory: the mean tangent and K stresses per point (no member's tangent is kept), (81 + 9 (K + 1)) · 8 bytes
         per 3D point.
         """
         F, evs = self._evaluators(F)
         n, d, K = len(F), self.dim, len(self.members)
-        P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d) if tangent else (0,))
+        P = np.empty((n, d, d))
+        A = (out if out is not None else np.empty((n, d, d, d, d))) if tangent else np.empty(0)
         Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
         if any(f is None for f in evs):  # an accelerator: the members' torch path in its own large chunks
             for k, m in enumerate(self.members):
@@ -177,6 +179,9 @@ class EnsembleModel:
                     ok &= np.isfinite(Ak.sum(axis=(1, 2, 3, 4)))
                     A = Ak if k == 0 else A + Ak
             P[:] = Ps.mean(axis=0)
+            if tangent and out is not None:
+                out[:] = A / K
+                return P, out, Ps, ok
             return P, (A / K if tangent else None), Ps, ok
         f0 = evs[0]
         shared = all(f.key == f0.key for f in evs)

@@ -32,8 +32,8 @@ MIN_PER_BIN = 40  # fewer calibration points per bin: one bin
 def stress_magnitude(Ps: np.ndarray, floor: float) -> np.ndarray:
     """|mean over members of P̄|_F / floor, Ps (K, n, d, d) -> (n,): what the calibration's bins are of."""
     Ps = np.asarray(Ps)
-    axes = tuple(range(1, Ps.ndim - 1))
-    return np.sqrt(np.sum(Ps.mean(axis=0) ** 2, axis=axes)) / floor
+    mean = Ps.reshape(*Ps.shape[:2], int(np.prod(Ps.shape[2:]))).mean(axis=0)
+    return np.sqrt(np.einsum("nm,nm->n", mean, mean)) / floor
 
 
 def point_factors(calibration: dict, magnitude: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -53,8 +53,11 @@ def point_factors(calibration: dict, magnitude: np.ndarray | None) -> tuple[np.n
 def relative_spread(Ps: np.ndarray, floor: float) -> np.ndarray:
     """Per-point ensemble spread: |std over members of P̄|_F / (|mean P̄|_F + floor); Ps (K, n, d, d) -> (n,)."""
     Ps = np.asarray(Ps)
-    axes = tuple(range(1, Ps.ndim - 1))
-    return np.sqrt(np.sum(Ps.std(axis=0) ** 2, axis=axes)) / (np.sqrt(np.sum(Ps.mean(axis=0) ** 2, axis=axes)) + floor)
+    K, n = Ps.shape[:2]
+    flat = Ps.reshape(K, n, int(np.prod(Ps.shape[2:])))
+    mean = flat.mean(axis=0)
+    dev = flat - mean
+    return np.sqrt(np.einsum("knm,knm->n", dev, dev) / K) / (np.sqrt(np.einsum("nm,nm->n", mean, mean)) + floor)
 
 
 def relative_error(P: np.ndarray, P_true: np.ndarray, floor: float) -> np.ndarray:
