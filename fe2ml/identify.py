@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from fe2ml.config import check_keys, load_yaml, number
 from fe2ml.errors import ConfigError, Fe2mlError
@@ -471,6 +470,8 @@ def identify(comm, cfg: IdentifyConfig) -> dict:
         s_hat = float(np.sqrt(np.sum(rel_res**2) / max(N - m, 1)))
         Wt = _weights(cfg, s_hat)
         noise = {"relative": s_hat, "estimated": True}
+        from scipy import stats  # lazily: it costs about 1 s to import
+
         zq = float(stats.t.ppf(0.975, max(N - m, 1)))
     else:
         noise = {**cfg.noise, "estimated": False}
@@ -668,6 +669,8 @@ def plot_identify(report: dict, path) -> None:
         C = np.array(report["covariance"])[:2, :2]
         w, V = np.linalg.eigh(C)
         a = np.linspace(0, 2 * np.pi, 200)
+        from scipy import stats  # lazily: it costs about 1 s to import
+
         for k, lab in ((1.0, "1σ"), (np.sqrt(stats.chi2.ppf(0.95, 2)), "95 %")):
             el = mu[:, None] + V @ (k * np.sqrt(np.clip(w, 0, None))[:, None] * np.array([np.cos(a), np.sin(a)]))
             ax.plot(el[0], el[1], label=lab)

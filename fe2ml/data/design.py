@@ -18,7 +18,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.stats import qmc
 
 from fe2ml.micro.config import load_path
 
@@ -55,6 +54,8 @@ def design_points(design: dict, dim: int) -> tuple[np.ndarray, np.ndarray]:
         else:
             comps = list(range(d + {2: 1, 3: 3}[d] + 1))  # stretches, orientation angles, rotation
         k = len(comps)
+        from scipy.stats import qmc  # lazily: scipy.stats costs about 1 s to import
+
         eng = (qmc.Sobol(k, scramble=True, seed=design["seed"]) if design["method"] == "sobol"
                else qmc.LatinHypercube(k, seed=design["seed"]))
         with warnings.catch_warnings():

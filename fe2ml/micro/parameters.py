@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import qmc
 
 from fe2ml.config import load_yaml
 from fe2ml.errors import ConfigError, MaterialError
@@ -170,6 +169,8 @@ def parameter_sets(box: ParameterBox, m: int, seed: int = 0) -> np.ndarray:
     """M parameter vectors (M, k): a scrambled Sobol design over the box (integer parameters rounded)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Sobol balance warning for M not a power of 2
+        from scipy.stats import qmc  # lazily: scipy.stats costs about 1 s to import
+
         u = qmc.Sobol(len(box.names), scramble=True, seed=seed).random(m)
     lo, hi = box.lo.copy(), box.hi.copy()
     # an integer parameter covers lo..hi with equal probability per value
