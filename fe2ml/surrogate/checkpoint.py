@@ -194,9 +194,9 @@ class EnsembleModel:
                 if not shared and k:
                     ctx = f.prepare(F[sl])
                 g, H = f.derivatives(ctx, tangent)
-                Ps[k, sl] = f.stress(ctx, g)
+                Pk = Ps[k, sl] = f.stress(ctx, g)
                 # a sum is finite only where every term is (or where it overflows: flagged too)
-                fin = g.sum(axis=1) if H is None else g.sum(axis=1) + H.sum(axis=(1, 2))
+                fin = Pk.sum(axis=(1, 2)) if H is None else Pk.sum(axis=(1, 2)) + H.sum(axis=(1, 2))
                 ok[sl] &= np.isfinite(fin)
                 if tangent and not shared:
                     Ak = f.tangent_of(ctx, g, H)[1]
@@ -207,6 +207,8 @@ class EnsembleModel:
                 A[sl] = f0.tangent_of(ctx, gm / K, Hm / K)[1]
             elif tangent:
                 A[sl] /= K
+            if tangent:
+                ok[sl] &= np.isfinite(A[sl].sum(axis=(1, 2, 3, 4)))
         P[:] = Ps.mean(axis=0)
         return P, (A if tangent else None), Ps, ok
 
