@@ -130,16 +130,19 @@ class SurrogateLaw(ConstitutiveLaw):
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean ensemble prediction; a non-finite prediction is an error (there is no RVE to fall back to)."""
         P, A = self._mean(F, True)
-        self.stats["evaluations"] += len(F)
-        self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
+        self._answered_all(F, P)
         return P, A
 
     def stress(self, F: np.ndarray, *, with_tangent: bool = False) -> np.ndarray:
         """Mean ensemble stress; without ``with_tangent`` the stress only (a third of a stress + tangent)."""
         P, self._A = self._mean(F, with_tangent, out=self._buffer(len(F)) if with_tangent else None)
+        self._answered_all(F, P)
+        return P
+
+    def _answered_all(self, F: np.ndarray, P: np.ndarray) -> None:
+        """Count an evaluation the surrogate answered at every point, and keep it for the audit."""
         self.stats["evaluations"] += len(F)
         self.last_F, self.last_P, self.answered = np.array(F), P, np.ones(len(F), dtype=bool)
-        return P
 
     def tangent(self) -> np.ndarray:
         """Mean ensemble tangent at the points of the last :meth:`stress` call (the law's buffer: see the base)."""

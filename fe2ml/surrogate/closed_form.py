@@ -196,12 +196,10 @@ class _Network:
                 a = y @ V.T + b
             else:
                 a = z @ W.T + b if V is None else z @ W.T + y @ V.T + b
-            if not jac:
-                pass
-            elif k == 1:
+            if jac and k == 1:
                 s0 = acts[0][0]
                 J = ((s0 if V is None else ops.with_ones(s0)) @ self.K1).reshape(n, self.r, -1)
-            elif k > 1:
+            elif jac and k > 1:
                 s_prev = acts[-1][0]
                 J = ((J * s_prev[:, None, :]).reshape(n * self.r, -1) @ W.T).reshape(n, self.r, -1)
                 if V is not None:
@@ -217,14 +215,11 @@ class _Network:
         dz = self.w[0]
         g = 0.0 if self.v is None else self.v[0]
         H = 0.0 if hess else None
-        for k, ((W, V, _), (s, J)) in enumerate(zip(reversed(self.layers), reversed(acts), strict=True)):
+        for (W, V, _), (s, J) in zip(reversed(self.layers), reversed(acts), strict=True):
             da = s * dz
-            if not hess:
-                pass
-            elif k == len(self.layers) - 1:
-                H = H + ((s * (1.0 - s) * dz) @ self.Q0).reshape(n, r, r)
-            else:
-                H = H + (J * (s * (1.0 - s) * dz)[:, None, :]) @ J.swapaxes(1, 2)
+            if hess:  # J is None for the first layer only
+                c = s * (1.0 - s) * dz
+                H = H + ((c @ self.Q0).reshape(n, r, r) if J is None else (J * c[:, None, :]) @ J.swapaxes(1, 2))
             if V is not None:
                 g = g + da @ V
             if W is not None:
