@@ -120,6 +120,23 @@ def test_stress_then_tangent_equals_one_evaluation(laws, name):
     assert np.abs(P2 - P_ref).max() <= 1e-12 * scale and np.abs(A2 - A_ref).max() <= 1e-12 * scale
 
 
+def test_a_surrogate_promises_its_answer_until_its_model_or_parameters_change(laws):
+    # answer_key: equal keys promise equal answers at equal F̄ (the macro Newton keeps the converged stress of a
+    # step for the next step's first iterate); a new checkpoint (a learning round) changes the key, and laws
+    # without the promise (the RVE's warm starts, the base default) give none
+    law = laws["surrogate"]()
+    key = law.answer_key()
+    P0 = law.stress(F_POINTS).copy()
+    law.commit()
+    law.stress(F_POINTS[::-1])  # anything in between
+    law.commit()
+    assert law.answer_key() == key and np.array_equal(law.stress(F_POINTS), P0)
+    law.use_checkpoint(law.ck)
+    assert law.answer_key() != key and law.answer_key() != laws["surrogate"]().answer_key()
+    assert laws["hybrid_surrogate"]().answer_key() is not None
+    assert laws["rve"]().answer_key() is None and laws["linear_rve"]().answer_key() is None
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_tangent_equals_a_central_difference_of_the_stress(laws, name):
     law = laws[name]()

@@ -602,8 +602,8 @@ def test_a_surrogate_newton_skips_the_tangent_of_its_converged_iterate(tmp_path_
                          "density": {"points": np.zeros((1, 3)), "x_scale": np.ones(3), "scale": 1.0}}, path)
     COMM.barrier()
 
-    class Full(SurrogateLaw):  # a full evaluation at every iterate, the tangent kept for tangent()
-        stress, tangent = ConstitutiveLaw.stress, ConstitutiveLaw.tangent
+    class Full(SurrogateLaw):  # a full evaluation at every iterate, the tangent kept for tangent(); no answer kept
+        stress, tangent, answer_key = ConstitutiveLaw.stress, ConstitutiveLaw.tangent, ConstitutiveLaw.answer_key
 
     calls = {"stress": 0, "lazy": 0, "tangent": 0}
 
@@ -630,13 +630,17 @@ def test_a_surrogate_newton_skips_the_tangent_of_its_converged_iterate(tmp_path_
     for ha, hb in zip(probs[0].history, probs[1].history, strict=True):
         assert ha.iterations == hb.iterations and len(hb.residuals) == 1  # no step cut
         ra, r = ha.residuals[-1], hb.residuals[-1]
-        assert np.allclose(ra, r, rtol=1e-6, atol=1e-12 * r[0])
+        # the same first residual (the kept stress is the converged one); the predictor's tangent, one iterate
+        # older, moves the later residuals by little
+        assert np.isclose(ra[0], r[0], rtol=1e-12) and np.allclose(ra, r, rtol=1e-3, atol=1e-12 * r[0])
         evaluations += len(r)
         assert len(r) >= 4
         for k in range(2, len(r)):  # still quadratic: |r_k| ≤ 10 |r_k−1|² / |r_0| (or at rounding)
             assert r[k] <= 10.0 * r[k - 1] ** 2 / r[0] or r[k] < 1e-12 * r[0], r
-    # one stress call per iterate; the first two of a step ask for the tangent with it, later ones only where
-    # convergence is not expected; every solve got its tangent, and converged iterates reached as expected none
+    # one stress call per iterate, but none at a step's first iterate after the first step (the law has no history:
+    # the last step's converged answer is kept there); the first two iterates of a step ask for the tangent with it,
+    # later ones only where convergence is not expected; every other solve got its tangent, converged iterates none
     steps = len(probs[1].history)
-    assert calls["stress"] == evaluations and 1 <= calls["lazy"] <= evaluations - 2 * steps
-    assert evaluations - steps <= calls["tangent"] < evaluations
+    assert probs[0].reused_answers == 0 and probs[1].reused_answers == steps - 1 >= 1
+    assert calls["stress"] == evaluations - (steps - 1) and 1 <= calls["lazy"] <= evaluations - 2 * steps
+    assert evaluations - steps - (steps - 1) <= calls["tangent"] < calls["stress"]

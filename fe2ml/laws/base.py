@@ -100,6 +100,15 @@ class ConstitutiveLaw(ABC):
         """
         return self._tangent
 
+    def answer_key(self) -> object | None:
+        """What the law's answer depends on besides F̄, or None.
+
+        Equal keys promise equal P̄ and Ā at equal F̄, whatever was evaluated or committed in between: a caller may
+        keep an answer it has (the macro Newton does at a load step's first iterate, the last step's converged
+        state). None (default): no such promise, e.g. a law with history or with time dependence.
+        """
+        return None
+
     def commit(self) -> None:
         """Accept the trial states of the last evaluation (the load step converged). Default: no state."""
         return None

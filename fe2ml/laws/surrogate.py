@@ -90,6 +90,7 @@ class SurrogateLaw(ConstitutiveLaw):
         self._A: np.ndarray | None = None  # the tangent at last_F, once computed (tangent())
         self._A_buf: np.ndarray | None = None
         self.answered = np.zeros(0, dtype=bool)
+        self._revision = 0  # counts the models and parameters the law has answered with (answer_key)
         if checkpoint is not None:
             ck = load_checkpoint(checkpoint)
             check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
@@ -98,6 +99,7 @@ class SurrogateLaw(ConstitutiveLaw):
     def use_checkpoint(self, ck: dict) -> None:
         """Answer from now on with the checkpoint dict ``ck`` (a loaded or freshly trained one)."""
         margs = {k: v for k, v in ck["model"].items() if k != "kind"}
+        self._revision += 1
         self.ck = ck
         self.model = EnsembleModel.from_states(ck["model"]["kind"], self.dim, self.kinematics, margs, ck["members"],
                                                device=self.device)
@@ -113,8 +115,14 @@ class SurrogateLaw(ConstitutiveLaw):
         ``p``: (k,) everywhere, or (n, k) per point of this rank, ordered as the points the macro problem evaluates.
         """
         self.params = np.asarray(p, dtype=np.float64)
+        self._revision += 1
         if self.model is not None:
             self.model.bind(self.params)
+
+    def answer_key(self) -> object | None:
+        """The model and parameters answering: a network has no history (a new checkpoint or new parameters,
+        e.g. a learning round, change the key); the hybrid's RVE answers are hyperelastic, equally history-free."""
+        return None if self.model is None else ("surrogate", id(self), self._revision)
 
     def trained(self) -> tuple[EnsembleModel, Gate]:
         """The ensemble and its gate.
