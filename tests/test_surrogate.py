@@ -195,6 +195,54 @@ def test_an_ensemble_chains_its_mean_derivatives_once_and_its_stress_only_pass_s
     assert np.abs(P2 - P).max() <= 1e-14 * np.abs(P).max() and np.abs(Ps2 - Ps).max() <= 1e-14 * np.abs(Ps).max()
 
 
+def test_identical_points_take_one_evaluation_with_every_points_answer():
+    # F̄ = I at every point of an undeformed body: one evaluation serves all of them, and gives what the members' own
+    # closed forms give point by point; the gate's density query likewise
+    from fe2ml.surrogate.checkpoint import EnsembleModel
+    from fe2ml.surrogate.gate import Gate, rows_equal
+
+    members = []
+    for seed in range(2):
+        m = _closed_form_case(3, "isotropic", True, "finite", False)
+        torch.manual_seed(200 + seed)
+        with torch.no_grad():
+            for prm in m.parameters():
+                prm.add_(0.3 * torch.randn_like(prm))
+        members.append(m)
+    ens = EnsembleModel(members)
+    F = np.repeat((np.eye(3) + 0.1 * np.arange(9).reshape(3, 3))[None], 700, axis=0)
+    assert rows_equal(F) and not rows_equal(F[:1]) and not rows_equal(np.full((3, 2), np.nan))
+    G = F.copy()
+    G[-1, 0, 0] = np.nextafter(G[-1, 0, 0], 2.0)  # one point differs by one ulp: the point-by-point path
+    assert not rows_equal(G)
+    own = [m.numpy_evaluator()(F[:3]) for m in members]
+    for tangent in (True, False):
+        P, A, Ps, ok = ens.evaluate_gate(F, tangent=tangent)
+        Pg, Ag, Psg, okg = ens.evaluate_gate(G, tangent=tangent)
+        assert ok.all() and okg.all() and P.shape == (700, 3, 3) and Ps.shape == (2, 700, 3, 3)
+        assert np.abs(P - sum(o[0][0] for o in own) / 2).max() < 1e-13 * np.abs(P).max()
+        assert np.abs(P[:-1] - Pg[:-1]).max() < 1e-14 * np.abs(P).max() and np.abs(Ps - Psg)[:, :-1].max() < 1e-14 * np.abs(P).max()
+        if tangent:
+            assert np.abs(A - sum(o[1][0] for o in own) / 2).max() < 1e-12 * np.abs(A).max()
+            assert np.abs(A[:-1] - Ag[:-1]).max() < 1e-14 * np.abs(A).max()
+        else:
+            assert A is None
+    gate = Gate({"bounds": {"feature_min": [-1.0] * 3, "feature_max": [1.0] * 3},
+                 "density": {"points": np.random.default_rng(0).uniform(-1, 1, (50, 3)), "x_scale": np.ones(3),
+                             "scale": 0.1}})
+    x = np.repeat(np.array([[0.3, -0.2, 0.1]]), 40, axis=0)
+    d_near = np.sqrt(((gate.tree.data - x[0]) ** 2).sum(axis=1)).min() / 0.1
+    answers = []
+    for th in (0.5 * d_near, 2.0 * d_near):  # flagged, then not
+        gate._anchors = None
+        flags = gate.density_flags(x, th)
+        gate._anchors = None
+        ref = gate.density_flags(np.vstack([x, [[9.0, 9.0, 9.0]]]), th)[:-1]  # the tree query, point by point
+        assert np.array_equal(flags, ref) and (flags == flags[0]).all()
+        answers.append(bool(flags[0]))
+    assert answers == [True, False]
+
+
 def test_closed_form_at_a_collapsed_point_and_large_activations():
     # J ≤ 0 and pre-activations far beyond the softplus range give finite, exact answers (no overflow)
     for features in ("general", "isotropic", "anisotropic"):

@@ -42,6 +42,7 @@ from fe2ml.surrogate.gate import (
     point_uniform,
     relative_error,
     relative_spread,
+    rows_equal,
     stress_magnitude,
 )
 
@@ -120,8 +121,11 @@ class SurrogateLaw(ConstitutiveLaw):
             self.model.bind(self.params)
 
     def answer_key(self) -> object | None:
-        """The model and parameters answering: a network has no history (a new checkpoint or new parameters,
-        e.g. a learning round, change the key); the hybrid's RVE answers are hyperelastic, equally history-free."""
+        """The model and parameters that answer.
+
+        A network has no history; a new checkpoint or new parameters (a learning round) change the key. The
+        hybrid's RVE answers are hyperelastic, equally without history.
+        """
         return None if self.model is None else ("surrogate", id(self), self._revision)
 
     def trained(self) -> tuple[EnsembleModel, Gate]:
@@ -262,7 +266,7 @@ class HybridLaw(SurrogateLaw):
         finite there.
         """
         th, (_, gate) = self.thresholds, self.trained()
-        x = self.features(F)
+        x = np.repeat(self.features(F[:1]), len(F), axis=0) if rows_equal(F) else self.features(F)
         bad = ~np.isfinite(x).all(axis=1)  # such a point falls back whatever its distances
         x[bad] = 0.0
         reasons = {"nonfinite": ~finite | bad, "box": gate.box_distance(x) > th.distance}

@@ -376,8 +376,11 @@ class MacroProblem:
         return msg
 
     def _answer_kept(self) -> bool:
-        """Whether Pq holds the law's answer at the current u (collective): the law promised the same answer at the
-        same F̄ (:meth:`ConstitutiveLaw.answer_key`) and u has not moved since it gave it."""
+        """Whether Pq holds the law's answer at the current u (collective).
+
+        It does where the law promised the same answer at the same F̄ (:meth:`ConstitutiveLaw.answer_key`) and u
+        has not moved since the law gave it.
+        """
         a = self._answered
         same = a is not None and a[1] == self.law.answer_key() and np.array_equal(a[0], self.u.x.array)
         return bool(self.comm.allreduce(same, op=MPI.LAND))

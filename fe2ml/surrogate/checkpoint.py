@@ -31,6 +31,7 @@ import torch
 
 from fe2ml.errors import ConfigError
 from fe2ml.files import atomic_target
+from fe2ml.surrogate.gate import rows_equal
 from fe2ml.surrogate.models import (
     CPU_CHUNK,
     MLP,
@@ -167,6 +168,13 @@ class EnsembleModel:
         """
         F, evs = self._evaluators(F)
         n, d, K = len(F), self.dim, len(self.members)
+        if rows_equal(F):  # one evaluation serves every point (e.g. F̄ = I before the first load step)
+            P1, A1, Ps1, ok1 = self.evaluate_gate(F[:1], chunk, tangent=tangent)
+            A = None
+            if tangent:
+                A = out if out is not None else np.empty((n, d, d, d, d))
+                A[:] = A1
+            return (np.repeat(P1, n, axis=0), A, np.repeat(Ps1, n, axis=1), np.repeat(ok1, n))
         P = np.empty((n, d, d))
         A = (out if out is not None else np.empty((n, d, d, d, d))) if tangent else np.empty(0)
         Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)

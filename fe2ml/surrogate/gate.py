@@ -20,13 +20,26 @@ from scipy.spatial import cKDTree
 from fe2ml.errors import ConfigError
 
 __all__ = ["MAGNITUDE_BINS", "MIN_PER_BIN", "STRESS_FLOOR", "AuditOptions", "Gate", "Thresholds", "point_factors",
-           "point_uniform", "relative_error", "relative_spread", "stress_magnitude"]
+           "point_uniform", "relative_error", "relative_spread", "rows_equal", "stress_magnitude"]
 
 STRESS_FLOOR = 0.05  # per-point relative quantities are taken relative to |P̄| + STRESS_FLOOR * RMS |P̄|train
 
 
 MAGNITUDE_BINS = 3  # Mondrian calibration: bins of the predicted stress magnitude (quantiles of the calibration set)
 MIN_PER_BIN = 40  # fewer calibration points per bin: one bin
+
+
+def rows_equal(a: np.ndarray) -> bool:
+    """Whether the n ≥ 2 rows of ``a`` (n, ...) are all equal (not-a-number never is).
+
+    E.g. F̄ = I at every point of an undeformed body: one row's evaluation then serves every point. The first 64
+    rows decide most cases.
+    """
+    a = np.asarray(a)
+    if len(a) < 2:
+        return False
+    first = a[:1]
+    return bool((a[:64] == first).all() and (a == first).all())
 
 
 def stress_magnitude(Ps: np.ndarray, floor: float) -> np.ndarray:
@@ -119,6 +132,11 @@ class Gate:
         if self._anchors is not None and self._anchors[0].shape == xs.shape:
             xa, da = self._anchors
             query = ~(da + np.sqrt(np.sum((xs - xa) ** 2, axis=1)) / scale <= threshold)
+        elif rows_equal(xs):  # one query serves every point
+            d1, _ = self.tree.query(xs[:1], k=1, distance_upper_bound=threshold * scale)
+            d1 = np.asarray(d1) / scale
+            self._anchors = (xs.copy(), np.full(n, d1[0]))
+            return np.full(n, not d1[0] <= threshold)
         else:
             xa, da = xs.copy(), np.full(n, np.inf)
             query = np.ones(n, dtype=bool)
