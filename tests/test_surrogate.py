@@ -221,13 +221,15 @@ def test_identical_points_take_one_evaluation_with_every_points_answer():
         Pg, Ag, Psg, okg = ens.evaluate_gate(G, tangent=tangent)
         assert ok.all() and okg.all() and P.shape == (700, 3, 3) and Ps.shape == (2, 700, 3, 3)
         assert np.abs(P - sum(o[0][0] for o in own) / 2).max() < 1e-13 * np.abs(P).max()
-        assert np.abs(P[:-1] - Pg[:-1]).max() < 1e-14 * np.abs(P).max() and np.abs(Ps - Psg)[:, :-1].max() < 1e-14 * np.abs(P).max()
+        scale = np.abs(P).max()
+        assert np.abs(P[:-1] - Pg[:-1]).max() < 1e-14 * scale and np.abs(Ps - Psg)[:, :-1].max() < 1e-14 * scale
         if tangent:
             assert np.abs(A - sum(o[1][0] for o in own) / 2).max() < 1e-12 * np.abs(A).max()
             assert np.abs(A[:-1] - Ag[:-1]).max() < 1e-14 * np.abs(A).max()
         else:
             assert A is None
-    gate = Gate({"bounds": {"feature_min": [-1.0] * 3, "feature_max": [1.0] * 3},
+    gate = Gate({"members": [None, None], "stress_floor": 0.05,
+                 "bounds": {"feature_min": [-1.0] * 3, "feature_max": [1.0] * 3},
                  "density": {"points": np.random.default_rng(0).uniform(-1, 1, (50, 3)), "x_scale": np.ones(3),
                              "scale": 0.1}})
     x = np.repeat(np.array([[0.3, -0.2, 0.1]]), 40, axis=0)
