@@ -184,6 +184,9 @@ class MacroProblem:
         self.reused_answers = 0  # load steps whose first iterate kept the law's last answer (_newton)
         self._answered: tuple[np.ndarray, object] | None = None  # (u, law.answer_key()) of the law's last answer
         self._matrix_current = False  # self.A is the Jacobian of the tangent in Aq (no follower load)
+        self._converged_u: np.ndarray | None = None  # u where the last Newton converged (form laws)
+        self._predictor = False  # the next solve lifts a step's increment with the last matrix
+        self.matrix_assemblies = 0
         self._last_increment: tuple[np.ndarray, float] | None = None  # (Δu, Δt) of the last converged (sub)step
         self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
         self.history: list[StepRecord] = []
@@ -375,6 +378,11 @@ class MacroProblem:
         self._answered = None if key is None else (self.u.x.array.copy(), key)
         return msg
 
+    def _at_converged(self) -> bool:
+        """Whether u is where the last Newton converged (collective)."""
+        c = self._converged_u
+        return bool(self.comm.allreduce(c is not None and np.array_equal(c, self.u.x.array), op=MPI.LAND))
+
     def _answer_kept(self) -> bool:
         """Whether Pq holds the law's answer at the current u (collective).
 
@@ -447,11 +455,14 @@ class MacroProblem:
                 step's increment scaled to this one; zero without.
         """
         t0 = time.perf_counter()
-        if not self._matrix_current:  # else the last step's matrix, and its preconditioner, serve again
+        if not (self._matrix_current or self._predictor):  # else the last matrix, and its preconditioner, serve again
             self.A.zeroEntries()
             dolfinx.fem.petsc.assemble_matrix(self.A, self.J_form, bcs=self.bcs)
             self.A.assemble()
+            self.matrix_assemblies += 1
+            # a form law's Jacobian moves with u; a follower load's with u and t
             self._matrix_current = self.form_law is None and self.loads.follower is None
+        self._predictor = False
         t1 = time.perf_counter()
         self.ksp.setOperators(self.A)
         if self.solver_kind == "iterative":
@@ -498,10 +509,15 @@ class MacroProblem:
             # within 10x of the tolerance, the stress comes first and the tangent only if Newton goes on; the first
             # two iterates always take it (the first lifts the load increment with it)
             lazy = len(res) >= 2 and res[-1] ** 2.5 <= 10.0 * tol * res[-2] ** 1.5
-            if not res and self._answer_kept():
-                # a step's first iterate is the last step's converged state: a law without history keeps its
-                # stress there, and the increment is lifted with the last tangent computed, at most one Newton
-                # iterate before that state (a predictor: Newton's quadratic rate is that of the later iterates)
+            if not res and self.form_law is not None:
+                # a step's first iterate is the last step's converged state: the increment is lifted with the
+                # last matrix, one Newton iterate before that state (a predictor: Newton's quadratic rate is
+                # that of the later iterates); not where a follower load's Jacobian moves with t
+                self._predictor = self.loads.follower is None and self._at_converged()
+                self._converged_u = None  # a failed Newton's matrices are not the converged state's
+            elif not res and self._answer_kept():
+                # the same for a law without history: it keeps its stress there, and the increment is lifted
+                # with the last tangent computed (its matrix too)
                 self._tangent_due = False
                 self.reused_answers += 1
             else:
@@ -517,6 +533,7 @@ class MacroProblem:
                 self._rref = max(self._rref, r0)
                 tol = max(opts.rtol * max(r0, self._rref), opts.atol)
             if r <= tol:
+                self._converged_u = self.u.x.array.copy() if self.form_law is not None else None
                 return True, res, None
             if len(res) > opts.max_it:
                 break
@@ -620,7 +637,7 @@ class MacroProblem:
         self.history = [StepRecord(t=h["t"], iterations=h["iterations"], residuals=h["residuals"], cuts=h["cuts"])
                         for h in meta["history"]]
         self._rref = meta.get("rref", 0.0)
-        self._answered = None
+        self._answered = self._converged_u = None
         extra = {k[6:]: d[k] for k in d.files if k.startswith("extra_")} if self.comm.rank == 0 else None
         meta["arrays"] = self.comm.bcast(extra, root=0)
         return meta
@@ -678,7 +695,7 @@ class MacroProblem:
         self.u.x.array[:] = 0.0
         self.u.x.scatter_forward()
         self.t, self._last_increment, self._rref = 0.0, None, 0.0
-        self._answered = None
+        self._answered = self._converged_u = None
         self.history.clear()
 
     def point_probe(self, X, names=None) -> PointProbe:

@@ -60,12 +60,22 @@ class _Numpy:
 
     @staticmethod
     def activation(a, value=True):
-        """σ(a) and softplus(a) (None unless ``value``) from one exponential (a capped at 30, where σ = 1 − 1e-13)."""
-        ac = np.minimum(a, 30.0)
-        e = np.exp(ac)
-        q = 1.0 + e
-        s = e / q
-        return s, (np.log(q) + (a - ac) if value else None)  # log(1 + e): to 1e-16 absolute where e is tiny
+        """σ(a) and softplus(a) (None unless ``value``) from one exponential (a capped at 30, where σ = 1 − 1e-13).
+
+        Two arrays are allocated and every pass writes in place: a chunk's arrays are a few hundred kB, where each
+        fresh allocation costs its page faults.
+        """
+        e = np.minimum(a, 30.0)
+        np.exp(e, out=e)
+        q = e + 1.0
+        s = np.divide(e, q, out=e)
+        if not value:
+            return s, None
+        sp = np.log(q, out=q)  # log(1 + e): to 1e-16 absolute where e is tiny
+        big = a > 30.0
+        if big.any():
+            sp[big] += a[big] - 30.0
+        return s, sp
 
     @staticmethod
     def with_ones(s):
@@ -165,6 +175,7 @@ class _Network:
     @torch.no_grad()
     def __init__(self, net, D, ops):
         hidden, (w, v, c) = _layers(net)
+        self._buffers: dict = {}
         Vs = [None if V is None else V @ D for _, V, _ in hidden]
         V0 = Vs[0]
         h0, r = V0.shape
@@ -182,6 +193,28 @@ class _Network:
             K1 = (V0[:, :, None] * W1.T[:, None, :]).reshape(h0, r * W1.shape[0])
             self.K1 = ops.const(K1 if V1 is None else torch.cat([K1, V1.T.reshape(1, -1)]))
 
+    def _matmul(self, a, b, name):
+        """The product a @ b: on numpy into this network's scratch array ``name``, valid until the next call.
+
+        The array is reused from chunk to chunk: a chunk's layer Jacobians take 1.5 MB, where a fresh array costs its
+        page faults every time.
+        """
+        if not isinstance(self.ops, _Numpy):
+            return a @ b
+        return np.matmul(a, b, out=self._scratch(name, (a.shape[0], b.shape[1])))
+
+    def _scaled(self, J, c):
+        """J * c, on numpy into a scratch array (see :meth:`_matmul`)."""
+        if not isinstance(self.ops, _Numpy):
+            return J * c
+        return np.multiply(J, c, out=self._scratch("Jc", J.shape))
+
+    def _scratch(self, name, shape):
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._buffers[name] = np.empty(shape)
+        return buf
+
     def forward(self, y, value=False, jac=True):
         """Per layer: σ(a_k) and J_k (None for the first layer, and every layer unless ``jac``).
 
@@ -192,13 +225,13 @@ class _Network:
         z = None
         J = None
         for k, (W, V, b) in enumerate(self.layers):
-            if W is None:
-                a = y @ V.T + b
-            else:
-                a = z @ W.T + b if V is None else z @ W.T + y @ V.T + b
+            a = y @ V.T if W is None else z @ W.T
+            if W is not None and V is not None:
+                a += y @ V.T
+            a += b
             if jac and k == 1:
                 s0 = acts[0][0]
-                J = ((s0 if V is None else ops.with_ones(s0)) @ self.K1).reshape(n, self.r, -1)
+                J = self._matmul((s0 if V is None else ops.with_ones(s0)), self.K1, "J").reshape(n, self.r, -1)
             elif jac and k > 1:
                 s_prev = acts[-1][0]
                 J = ((J * s_prev[:, None, :]).reshape(n * self.r, -1) @ W.T).reshape(n, self.r, -1)
@@ -218,8 +251,10 @@ class _Network:
         for (W, V, _), (s, J) in zip(reversed(self.layers), reversed(acts), strict=True):
             da = s * dz
             if hess:  # J is None for the first layer only
-                c = s * (1.0 - s) * dz
-                H = H + ((c @ self.Q0).reshape(n, r, r) if J is None else (J * c[:, None, :]) @ J.swapaxes(1, 2))
+                c = s * (1.0 - s)
+                c *= dz
+                H = H + ((c @ self.Q0).reshape(n, r, r) if J is None
+                         else self._scaled(J, c[:, None, :]) @ J.swapaxes(1, 2))
             if V is not None:
                 g = g + da @ V
             if W is not None:
