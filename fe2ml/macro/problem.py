@@ -430,6 +430,19 @@ class MacroProblem:
         """The loads at time t; a load expression that fails on one rank's points (not finite there) fails on all."""
         collective(self.comm, lambda: self.loads.set(t))
 
+    def _prescribed_increment(self) -> bool:
+        """Whether a Dirichlet value differs from u at a constrained dof of this rank (ghosts included)."""
+        if getattr(self, "_gap", None) is None or len(self._gap) != len(self.u.x.array):
+            self._gap = np.zeros_like(self.u.x.array)
+        w = self._gap
+        for bc in self.bcs:
+            dofs = bc.dof_indices()[0]
+            w[dofs] = 0.0
+            bc.set(w, self.u.x.array, 1.0)  # w = g − u there
+            if np.any(w[dofs] != 0.0):
+                return True
+        return False
+
     def _residual(self) -> float:
 
         t0 = time.perf_counter()
@@ -437,8 +450,12 @@ class MacroProblem:
             loc.set(0.0)
         dolfinx.fem.petsc.assemble_vector(self.b, self.R_form)
         # lifting of the prescribed increment g − u: the first Newton step spreads the boundary motion
-        # through the domain instead of distorting the boundary layer of elements
-        dolfinx.fem.petsc.apply_lifting(self.b, [self.J_form], bcs=[self.bcs], x0=[self.u.x.petsc_vec], alpha=-1.0)
+        # through the domain instead of distorting the boundary layer of elements; where u already has the
+        # prescribed values (every later iterate) it adds exactly nothing, and the Jacobian's coefficients are
+        # not packed for it
+        x0 = self.u.x.petsc_vec  # (collective where its wrapper is made: not inside a rank's own branch)
+        if self._prescribed_increment():
+            dolfinx.fem.petsc.apply_lifting(self.b, [self.J_form], bcs=[self.bcs], x0=[x0], alpha=-1.0)
         self.b.ghostUpdate(addv=PETSc.InsertMode.ADD, mode=PETSc.ScatterMode.REVERSE)
         dolfinx.fem.petsc.set_bc(self.b, self.bcs, self.u.x.petsc_vec, -1.0)
         self.timers["assembly_s"] += time.perf_counter() - t0
