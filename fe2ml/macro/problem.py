@@ -507,6 +507,8 @@ class MacroProblem:
         why = next((w for w in whys if w is not None), None)
         if why is None:
             self.u.x.array[:] += self.du.x.array
+            for bc in self.bcs:  # the prescribed values exactly (u + (g − u) may round off g): the later
+                bc.set(self.u.x.array)  # iterates of the step need no lifting
         self.timers["assembly_s"] += t1 - t0
         self.timers["solve_s"] += time.perf_counter() - t1
         return why
