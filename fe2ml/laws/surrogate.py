@@ -123,8 +123,7 @@ class SurrogateLaw(ConstitutiveLaw):
     def answer_key(self) -> object | None:
         """The model and parameters that answer.
 
-        A network has no history; a new checkpoint or new parameters (a learning round) change the key. The
-        hybrid's RVE answers are hyperelastic, equally without history.
+        A network has no history; a new checkpoint or new parameters (a learning round) change the key.
         """
         return None if self.model is None else ("surrogate", id(self), self._revision)
 
@@ -280,6 +279,14 @@ class HybridLaw(SurrogateLaw):
                 if th.error is not None:
                     reasons["error"] = gate.predicted_error(spread, stress_magnitude(Ps, gate.floor)) > th.error
         return reasons
+
+    def answer_key(self) -> object | None:
+        """None: no answer is kept from step to step.
+
+        The gate decides afresh at a step's first iterate, and a point it sends to the RVE stays there for the step.
+        A restarted run, which has no answer to keep, must see the same decisions.
+        """
+        return None
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Surrogate for all points, RVE for the flagged ones (collective with a communicator)."""
