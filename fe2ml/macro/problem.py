@@ -182,10 +182,12 @@ class MacroProblem:
                                                             and kinematics == "finite"))
         self.krylov_iterations = 0
         self.reused_answers = 0  # load steps whose first iterate kept the law's last answer (_newton)
-        self._answered: tuple[np.ndarray, object] | None = None  # (u, law.answer_key()) of the law's last answer
         self._matrix_current = False  # self.A is the Jacobian of the tangent in Aq (no follower load)
-        self._converged_u: np.ndarray | None = None  # u where the last Newton converged (form laws)
+        # (u, key) where the last Newton converged, key the law's answer_key() ("form" for a form law); None: no
+        # answer to keep
+        self._converged: tuple[np.ndarray, object] | None = None
         self._predictor = False  # the next solve lifts a step's increment with the last matrix
+        self._gap = np.zeros_like(self.u.x.array)  # g − u on the Dirichlet dofs (_prescribed_increment)
         self.matrix_assemblies = 0
         self._last_increment: tuple[np.ndarray, float] | None = None  # (Δu, Δt) of the last converged (sub)step
         self.timers = {"constitutive_s": 0.0, "assembly_s": 0.0, "solve_s": 0.0, "output_s": 0.0}
@@ -373,24 +375,19 @@ class MacroProblem:
             msg = self._point_message(e)
         self.timers["constitutive_s"] += time.perf_counter() - t0
         msgs = self.comm.allgather(msg)
-        msg = next((m for m in msgs if m is not None), None)
-        key = self.law.answer_key() if msg is None else None
-        self._answered = None if key is None else (self.u.x.array.copy(), key)
-        return msg
+        return next((m for m in msgs if m is not None), None)
 
-    def _at_converged(self) -> bool:
-        """Whether u is where the last Newton converged (collective)."""
-        c = self._converged_u
-        return bool(self.comm.allreduce(c is not None and np.array_equal(c, self.u.x.array), op=MPI.LAND))
+    def _answer_key(self) -> object | None:
+        """What keeps the law's answer valid (:meth:`ConstitutiveLaw.answer_key`; a form law: always)."""
+        return "form" if self.form_law is not None else self.law.answer_key()
 
-    def _answer_kept(self) -> bool:
-        """Whether Pq holds the law's answer at the current u (collective).
+    def _kept(self) -> bool:
+        """Whether u is where the last Newton converged and the law's answer there still holds (collective).
 
-        It does where the law promised the same answer at the same F̄ (:meth:`ConstitutiveLaw.answer_key`) and u
-        has not moved since the law gave it.
+        Consumed: a failed Newton's later matrices and answers are not the converged state's.
         """
-        a = self._answered
-        same = a is not None and a[1] == self.law.answer_key() and np.array_equal(a[0], self.u.x.array)
+        c, self._converged = self._converged, None
+        same = c is not None and c[1] == self._answer_key() and np.array_equal(c[0], self.u.x.array)
         return bool(self.comm.allreduce(same, op=MPI.LAND))
 
     def _update_tangent(self) -> str | None:
@@ -432,8 +429,6 @@ class MacroProblem:
 
     def _prescribed_increment(self) -> bool:
         """Whether a Dirichlet value differs from u at a constrained dof of this rank (ghosts included)."""
-        if getattr(self, "_gap", None) is None or len(self._gap) != len(self.u.x.array):
-            self._gap = np.zeros_like(self.u.x.array)
         w = self._gap
         for bc in self.bcs:
             dofs = bc.dof_indices()[0]
@@ -528,17 +523,15 @@ class MacroProblem:
             # within 10x of the tolerance, the stress comes first and the tangent only if Newton goes on; the first
             # two iterates always take it (the first lifts the load increment with it)
             lazy = len(res) >= 2 and res[-1] ** 2.5 <= 10.0 * tol * res[-2] ** 1.5
-            if not res and self.form_law is not None:
-                # a step's first iterate is the last step's converged state: the increment is lifted with the
-                # last matrix, one Newton iterate before that state (a predictor: Newton's quadratic rate is
-                # that of the later iterates); not where a follower load's Jacobian moves with t
-                self._predictor = self.loads.follower is None and self._at_converged()
-                self._converged_u = None  # a failed Newton's matrices are not the converged state's
-            elif not res and self._answer_kept():
-                # the same for a law without history: it keeps its stress there, and the increment is lifted
-                # with the last tangent computed (its matrix too)
-                self._tangent_due = False
-                self.reused_answers += 1
+            if not res and self._kept():
+                # a step's first iterate is the last step's converged state: a law without history keeps its
+                # stress there, and the increment is lifted with the last tangent and matrix computed, one Newton
+                # iterate before that state (a predictor: Newton's quadratic rate is that of the later iterates);
+                # not with the last matrix where a follower load's Jacobian moves with t
+                if self.form_law is None:
+                    self._tangent_due = False
+                    self.reused_answers += 1
+                self._predictor = self.loads.follower is None
             else:
                 msg = self._update_constitutive(tangent=not lazy)
                 if msg is not None:
@@ -552,7 +545,8 @@ class MacroProblem:
                 self._rref = max(self._rref, r0)
                 tol = max(opts.rtol * max(r0, self._rref), opts.atol)
             if r <= tol:
-                self._converged_u = self.u.x.array.copy() if self.form_law is not None else None
+                key = self._answer_key()
+                self._converged = None if key is None else (self.u.x.array.copy(), key)
                 return True, res, None
             if len(res) > opts.max_it:
                 break
@@ -656,7 +650,7 @@ class MacroProblem:
         self.history = [StepRecord(t=h["t"], iterations=h["iterations"], residuals=h["residuals"], cuts=h["cuts"])
                         for h in meta["history"]]
         self._rref = meta.get("rref", 0.0)
-        self._answered = self._converged_u = None
+        self._converged = None
         extra = {k[6:]: d[k] for k in d.files if k.startswith("extra_")} if self.comm.rank == 0 else None
         meta["arrays"] = self.comm.bcast(extra, root=0)
         return meta
@@ -714,7 +708,7 @@ class MacroProblem:
         self.u.x.array[:] = 0.0
         self.u.x.scatter_forward()
         self.t, self._last_increment, self._rref = 0.0, None, 0.0
-        self._answered = self._converged_u = None
+        self._converged = None
         self.history.clear()
 
     def point_probe(self, X, names=None) -> PointProbe:
