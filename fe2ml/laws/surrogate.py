@@ -26,7 +26,6 @@ from typing import Any
 from mpi4py import MPI
 
 import numpy as np
-import torch
 
 from fe2ml.data.fingerprint import rve_description, rve_fingerprint
 from fe2ml.data.log import LogWriter
@@ -34,7 +33,7 @@ from fe2ml.errors import SolverError
 from fe2ml.laws.base import ConstitutiveLaw, PointFailure
 from fe2ml.laws.farm import RVEFarm
 from fe2ml.micro.finite import HyperelasticRVE, RVEState
-from fe2ml.surrogate.checkpoint import EnsembleModel, check_checkpoint, load_checkpoint, resolve_device
+from fe2ml.surrogate.deploy import NumpyEnsemble, check_checkpoint, read_checkpoint, torch_free
 from fe2ml.surrogate.gate import (
     AuditOptions,
     Gate,
@@ -66,7 +65,8 @@ class SurrogateLaw(ConstitutiveLaw):
         dim: dimension of the run; kinematics: of the run.
         fingerprint: RVE fingerprint of the run (checked when given).
         device: ``cpu`` (default: the numpy closed form where the model has one), ``auto``, ``cuda`` or ``cuda:k``
-            (the batch of a rank is evaluated there, in float64).
+            (the batch of a rank is evaluated there, in float64). On the CPU a non-parametric checkpoint is read and
+            evaluated without torch (:mod:`fe2ml.surrogate.deploy`); torch is imported where it is needed only.
 
     Attributes:
         gate: the checkpoint's per-point trust criteria (:class:`fe2ml.surrogate.gate.Gate`).
@@ -80,10 +80,13 @@ class SurrogateLaw(ConstitutiveLaw):
     def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None,
                  device: str = "cpu"):
         super().__init__(dim, kinematics)
-        torch.set_num_threads(1)  # one thread per rank
-        self.device = resolve_device(device)
+        self.device = device
+        if device != "cpu":  # a CUDA device that is not there: refused now
+            from fe2ml.surrogate.checkpoint import resolve_device
+
+            resolve_device(device)
         self.ck: dict | None = None
-        self.model: EnsembleModel | None = None
+        self.model: Any = None  # NumpyEnsemble or EnsembleModel
         self.gate: Gate | None = None
         self.params: np.ndarray | None = None
         self.last_F = np.zeros((0, dim, dim))
@@ -93,7 +96,11 @@ class SurrogateLaw(ConstitutiveLaw):
         self.answered = np.zeros(0, dtype=bool)
         self._revision = 0  # counts the models and parameters the law has answered with (answer_key)
         if checkpoint is not None:
-            ck = load_checkpoint(checkpoint)
+            ck = read_checkpoint(checkpoint)
+            if not torch_free(ck, device):  # its members checked against the torch networks
+                from fe2ml.surrogate.checkpoint import load_checkpoint
+
+                ck = load_checkpoint(checkpoint)
             check_checkpoint(ck, checkpoint, dim=dim, kinematics=kinematics, fingerprint=fingerprint)
             self.use_checkpoint(ck)
 
@@ -102,8 +109,16 @@ class SurrogateLaw(ConstitutiveLaw):
         margs = {k: v for k, v in ck["model"].items() if k != "kind"}
         self._revision += 1
         self.ck = ck
-        self.model = EnsembleModel.from_states(ck["model"]["kind"], self.dim, self.kinematics, margs, ck["members"],
-                                               device=self.device)
+        if torch_free(ck, self.device):
+            self.model = NumpyEnsemble(ck)
+        else:
+            import torch
+
+            from fe2ml.surrogate.checkpoint import EnsembleModel, resolve_device
+
+            torch.set_num_threads(1)  # one thread per rank
+            self.model = EnsembleModel.from_states(ck["model"]["kind"], self.dim, self.kinematics, margs,
+                                                   ck["members"], device=resolve_device(self.device))
         if getattr(self, "params", None) is not None and self.model.parameters:
             self.model.bind(self.params)
         self.gate = Gate(ck)
@@ -127,7 +142,7 @@ class SurrogateLaw(ConstitutiveLaw):
         """
         return None if self.model is None else ("surrogate", id(self), self._revision)
 
-    def trained(self) -> tuple[EnsembleModel, Gate]:
+    def trained(self) -> tuple[Any, Gate]:
         """The ensemble and its gate.
 
         Raises:
@@ -195,9 +210,7 @@ class SurrogateLaw(ConstitutiveLaw):
 
     def features(self, F) -> np.ndarray:
         """The network's unscaled input features of each point, (n, m)."""
-        model, _ = self.trained()
-        x = torch.as_tensor(np.ascontiguousarray(model.augment(F))).to(model.device)
-        return model.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
+        return self.trained()[0].features(F)
 
     def distance(self, F) -> np.ndarray:
         """Largest relative excursion of each point's features outside the training box (0 inside)."""

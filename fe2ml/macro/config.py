@@ -435,11 +435,13 @@ def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int
     Returns its kinematics, the run's parameters (a parametric checkpoint) and the RVE (for a parametric hybrid:
     ``material.rve`` with the run's parameters).
     """
-    # deferred: torch only when a surrogate checkpoint is checked
-    from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
+    from fe2ml.surrogate.deploy import read_checkpoint  # numpy only (no torch)
 
-    ck = load_checkpoint(s.checkpoint)
-    resolve_device(mat.get("device", "cpu"), f"{f}: material.device")  # a CUDA device that is not there
+    ck = read_checkpoint(s.checkpoint)
+    if mat.get("device", "cpu") != "cpu":  # a CUDA device that is not there; torch only for one
+        from fe2ml.surrogate.checkpoint import resolve_device
+
+        resolve_device(mat.get("device", "cpu"), f"{f}: material.device")
     if ck["dim"] != dim:
         raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
     params = None

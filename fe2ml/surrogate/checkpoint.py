@@ -24,13 +24,13 @@ from __future__ import annotations
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from fe2ml.errors import ConfigError
 from fe2ml.files import atomic_target
+from fe2ml.surrogate.deploy import FORMAT_VERSION, RESAVE_HINT, check_checkpoint, check_format, gate_pass
 from fe2ml.surrogate.gate import rows_equal
 from fe2ml.surrogate.models import (
     CPU_CHUNK,
@@ -45,11 +45,6 @@ from fe2ml.surrogate.models import (
 __all__ = ["FORMAT_VERSION", "EnsembleModel", "LocalizationNet", "build_localization_model", "check_checkpoint",
            "load_checkpoint", "resave_checkpoint", "resolve_device", "save_checkpoint"]
 
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # format 2 differs only in how it was stored; one that loads safely is still usable
-
-RESAVE_HINT = ("re-save it with `fe2ml export --resave CHECKPOINT OUT.pt` from a trusted copy, or retrain it with "
-               "fe2ml train")
 
 def resolve_device(spec: str, where: str = "device") -> torch.device:
     """``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda`` or ``cuda:k`` as a torch device.
@@ -120,12 +115,17 @@ class EnsembleModel:
     def from_states(cls, kind, dim, kinematics, margs, states, *, device: torch.device | str = "cpu"):
         """Build members from state dicts (on ``device``)."""
         ms = []
-        for st in states:
+        for st in states:  # a checkpoint read without torch holds numpy arrays
             m = build_model(kind, dim, kinematics, **margs)
-            m.load_state_dict(st)
+            m.load_state_dict({k: torch.as_tensor(v) for k, v in st.items()})
             m.eval()
             ms.append(m)
         return cls(ms, device=device)
+
+    def features(self, F) -> np.ndarray:
+        """The unscaled network inputs of each point (with the bound parameters), (n, m)."""
+        x = torch.as_tensor(np.ascontiguousarray(self.augment(F))).to(self.device)
+        return self.members[0].features_of(x).detach().to("cpu", torch.float64).numpy()
 
     def _evaluators(self, F):
         """F as the evaluators take it, and the members' numpy closed forms (None: the torch path).
@@ -163,22 +163,21 @@ class EnsembleModel:
         ``tangent=False`` is a stress-only pass (no Hessian), about a third of the cost. ``out``: an (n,d,d,d,d) array
         that receives the mean tangent (a caller's reused buffer).
 
-        Memory: the mean tangent and K stresses per point (no member's tangent is kept), (81 + 9 (K + 1)) · 8 bytes
-        per 3D point.
+        Memory: as :func:`fe2ml.surrogate.deploy.gate_pass` on the CPU.
         """
         F, evs = self._evaluators(F)
         n, d, K = len(F), self.dim, len(self.members)
-        if rows_equal(F):  # one evaluation serves every point (e.g. F̄ = I before the first load step)
-            P1, A1, Ps1, ok1 = self.evaluate_gate(F[:1], chunk, tangent=tangent)
-            A = None
-            if tangent:
-                A = out if out is not None else np.empty((n, d, d, d, d))
-                A[:] = A1
-            return (np.repeat(P1, n, axis=0), A, np.repeat(Ps1, n, axis=1), np.repeat(ok1, n))
-        P = np.empty((n, d, d))
-        A = (out if out is not None else np.empty((n, d, d, d, d))) if tangent else np.empty(0)
-        Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
         if any(f is None for f in evs):  # an accelerator: the members' torch path in its own large chunks
+            if rows_equal(F):  # one evaluation serves every point (e.g. F̄ = I before the first load step)
+                P1, A1, Ps1, ok1 = self.evaluate_gate(F[:1], chunk, tangent=tangent)
+                A = None
+                if tangent:
+                    A = out if out is not None else np.empty((n, d, d, d, d))
+                    A[:] = A1
+                return (np.repeat(P1, n, axis=0), A, np.repeat(Ps1, n, axis=1), np.repeat(ok1, n))
+            P = np.empty((n, d, d))
+            A = np.empty(0)
+            Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
             for k, m in enumerate(self.members):
                 Pk, Ak = m.evaluate(F)
                 Ps[k] = Pk
@@ -191,34 +190,7 @@ class EnsembleModel:
                 out[:] = A / K
                 return P, out, Ps, ok
             return P, (A / K if tangent else None), Ps, ok
-        f0 = evs[0]
-        shared = all(f.key == f0.key for f in evs)
-        for i in range(0, n, chunk):
-            sl = slice(i, i + chunk)
-            ctx = f0.prepare(F[sl])
-            gm: Any = None
-            Hm: Any = None
-            for k, f in enumerate(evs):
-                if not shared and k:
-                    ctx = f.prepare(F[sl])
-                g, H = f.derivatives(ctx, tangent)
-                Pk = Ps[k, sl] = f.stress(ctx, g)
-                # a sum is finite only where every term is (or where it overflows: flagged too)
-                fin = Pk.sum(axis=(1, 2)) if H is None else Pk.sum(axis=(1, 2)) + H.sum(axis=(1, 2))
-                ok[sl] &= np.isfinite(fin)
-                if tangent and not shared:
-                    Ak = f.tangent_of(ctx, g, H)[1]
-                    A[sl] = Ak if k == 0 else A[sl] + Ak
-                elif tangent:
-                    gm, Hm = (g, H) if k == 0 else (gm + g, Hm + H)
-            if tangent and shared:
-                A[sl] = f0.tangent_of(ctx, gm / K, Hm / K)[1]
-            elif tangent:
-                A[sl] /= K
-            if tangent:
-                ok[sl] &= np.isfinite(A[sl].sum(axis=(1, 2, 3, 4)))
-        P[:] = Ps.mean(axis=0)
-        return P, (A if tangent else None), Ps, ok
+        return gate_pass(F, evs, d, chunk, tangent=tangent, out=out)
 
     def parameter_derivative(self, F) -> np.ndarray:
         """Mean ∂P/∂p (n, d, d, k) over the members at F (with the bound parameters).
@@ -341,13 +313,7 @@ def _first_line(e: BaseException) -> str:
 
 def _checked(ck, p: Path) -> dict:
     """The loaded dict with numpy arrays back, after checking that it is a checkpoint this fe2ml reads."""
-    version = ck.get("format_version") if isinstance(ck, dict) else None
-    if version == 1 and ck.get("model", {}).get("kind") != "localization":
-        raise ConfigError(f"{p}: checkpoint of format 1, without the data this fe2ml needs to gate the surrogate "
-                          f"(format {FORMAT_VERSION}); retrain it with fe2ml train")
-    if not isinstance(ck, dict) or version not in (1, *READABLE_VERSIONS) or not isinstance(ck.get("model"), dict) \
-            or not isinstance(ck.get("members"), list):
-        raise ConfigError(f"{p}: not an fe2ml surrogate checkpoint of format {FORMAT_VERSION}")
+    check_format(ck, p)
     ck = _from_safe(ck)
     _check_members(ck, p)
     return ck
@@ -398,18 +364,6 @@ def resave_checkpoint(src, out) -> Path:
         torch.save(safe, tmp)
         load_checkpoint(tmp)  # what was written reads back safely
     return out
-
-
-def check_checkpoint(ck: dict, path, *, dim: int, kinematics: str | None = None,
-                     fingerprint: str | None = None) -> None:
-    """Refuse a checkpoint of another dimension, kinematics (when given) or RVE fingerprint (when given)."""
-    if ck["dim"] != dim:
-        raise ConfigError(f"{path}: checkpoint is for {ck['dim']}D, the run is {dim}D")
-    if kinematics is not None and ck["kinematics"] != kinematics:
-        raise ConfigError(f"{path}: checkpoint is for {ck['kinematics']} strain, the run is {kinematics}")
-    if fingerprint is not None and ck["rve_fingerprint"] != fingerprint:
-        raise ConfigError(f"{path}: checkpoint was trained on RVE {ck['rve_fingerprint']}, the run's RVE is "
-                          f"{fingerprint}")
 
 
 class LocalizationNet:

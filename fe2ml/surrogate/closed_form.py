@@ -28,16 +28,44 @@ The cost per point is one r·h² product per hidden layer after the first (r = n
 - F − I -> P networks: P = N(x), A = ∂N/∂y (forward Jacobian of every output).
 
 The same code runs on numpy arrays (the CPU path of a rank: no torch per-call overhead) and on torch tensors (an
-accelerator); :func:`evaluator` prepares it once per model.
+accelerator); :func:`evaluator` prepares it once per model. This module imports torch only for the torch backend: a
+run that deploys a surrogate on the CPU needs numpy alone (:mod:`fe2ml.surrogate.deploy`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.nn import functional as Fn
 
-__all__ = ["ClosedForm", "cofactor3", "evaluator", "reference_shift", "strain_basis"]
+__all__ = ["CPU_CHUNK", "ClosedForm", "chunked", "cofactor3", "evaluator", "reference_shift", "softplus",
+           "strain_basis"]
+
+CPU_CHUNK = 512
+"""Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
+
+
+def chunked(f, F: np.ndarray, chunk: int = CPU_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """P (n,d,d), A (n,d,d,d,d) of ``f`` evaluated chunk by chunk into preallocated arrays (bounded temporaries).
+
+    ``F`` may carry parameter columns (n, d, d + k) (a parametric potential model).
+    """
+    n, d = len(F), F.shape[1]
+    P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
+    for i in range(0, n, chunk):
+        P[i:i + chunk], A[i:i + chunk] = f(F[i:i + chunk])
+    return P, A
+
+
+def softplus(x):
+    """log(1 + eˣ) of a numpy array as torch computes it (the identity above 20)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0))))
+
+
+def _numpy(a) -> np.ndarray:
+    """A float64 numpy copy of an array or a (detached, CPU) torch tensor."""
+    if hasattr(a, "detach"):
+        a = a.detach().to("cpu").double().numpy()
+    return np.array(a, dtype=np.float64)
 
 _EPS = np.zeros((3, 3, 3))
 for _i, _j, _k in ((0, 1, 2), (1, 2, 0), (2, 0, 1)):
@@ -54,9 +82,7 @@ class _Numpy:
 
     @staticmethod
     def const(a):
-        if isinstance(a, torch.Tensor):
-            a = a.detach().to("cpu", torch.float64).numpy()
-        return np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+        return np.ascontiguousarray(_numpy(a))
 
     @staticmethod
     def activation(a, value=True):
@@ -107,72 +133,82 @@ class _Numpy:
 class _Torch:
     """The same operations on torch tensors of one device and dtype (the model's)."""
 
-    def __init__(self, device, dtype=torch.float64):
+    def __init__(self, device, dtype):
+        import torch
+        from torch.nn import functional
+
+        self.torch, self.Fn = torch, functional
         self.device, self.dtype = device, dtype
         self.einsum = torch.einsum
 
     def const(self, a):
-        t = a.detach() if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a, dtype=np.float64))
+        t = a.detach() if isinstance(a, self.torch.Tensor) else self.torch.as_tensor(np.asarray(a, dtype=np.float64))
         return t.to(device=self.device, dtype=self.dtype).contiguous()
 
-    @staticmethod
-    def activation(a, value=True):
+    def activation(self, a, value=True):
         """σ(a) and softplus(a) (None unless ``value``)."""
-        return torch.sigmoid(a), (Fn.softplus(a) if value else None)
+        return self.torch.sigmoid(a), (self.Fn.softplus(a) if value else None)
 
-    @staticmethod
-    def with_ones(s):
+    def with_ones(self, s):
         """[s, 1] (n, h + 1)."""
-        return Fn.pad(s, (0, 1), value=1.0)
+        return self.Fn.pad(s, (0, 1), value=1.0)
 
-    @staticmethod
-    def stack(xs, axis):
-        return torch.stack(xs, axis)
+    def stack(self, xs, axis):
+        return self.torch.stack(xs, axis)
 
     def asarray(self, F):
-        return F.to(device=self.device, dtype=self.dtype) if isinstance(F, torch.Tensor) else self.const(F)
+        return F.to(device=self.device, dtype=self.dtype) if isinstance(F, self.torch.Tensor) else self.const(F)
 
     def index(self, i):
-        return torch.tensor(i, dtype=torch.long, device=self.device)
+        return self.torch.tensor(i, dtype=self.torch.long, device=self.device)
 
-    @staticmethod
-    def embed3(F):
+    def embed3(self, F):
         """(n, 2, 2) -> (n, 3, 3) with F33 = 1."""
-        F3 = Fn.pad(F, (0, 1, 0, 1))
+        F3 = self.Fn.pad(F, (0, 1, 0, 1))
         F3[:, 2, 2] = 1.0
         return F3
 
 
-def _layers(net):
-    """(W, V, b) per hidden layer and (w, v, c) of the output, in terms of the scaled inputs x (torch, detached).
+def net_weights(net) -> tuple[dict, tuple]:
+    """A network's weights as float64 numpy arrays by state-dict name, and its monotone inputs.
 
-    ``net``: an MLP or an ICNN of :mod:`fe2ml.surrogate.models`, recognised by its parts (this module does not
-    import the models, which import it). W is None for the first layer; V is None for the MLP's layers after the
-    first; v is None for the MLP.
+    ``net``: an MLP or ICNN module of :mod:`fe2ml.surrogate.models`, or such a pair already (a checkpoint's member read
+    without torch: :mod:`fe2ml.surrogate.deploy`).
     """
-    with torch.no_grad():
-        if hasattr(net, "layers") and hasattr(net, "out"):  # MLP
-            hidden = [(None if k == 0 else lay.weight, lay.weight if k == 0 else None, lay.bias)
-                      for k, lay in enumerate(net.layers)]
-            return hidden, (net.out.weight, None, net.out.bias)
-        if hasattr(net, "Ws") and hasattr(net, "W_out"):  # ICNN
-            def inp(V):
-                if not net.monotone:
-                    return V.weight
-                mask = torch.zeros(V.weight.shape[1], dtype=torch.bool, device=V.weight.device)
-                mask[list(net.monotone)] = True
-                return torch.where(mask, Fn.softplus(V.weight), V.weight)
+    if isinstance(net, tuple):
+        return net
+    return {k: _numpy(v) for k, v in net.state_dict().items()}, tuple(getattr(net, "monotone", ()))
 
-            Ws = [None, *(Fn.softplus(W) for W in net.Ws)]
-            hidden = [(W, inp(V), V.bias) for W, V in zip(Ws, net.Vs, strict=True)]
-            return hidden, (Fn.softplus(net.W_out), inp(net.V_out), net.V_out.bias)
-    raise TypeError(f"no closed form for a network of type {type(net).__name__}")
+
+def _layers(net):
+    """(W, V, b) per hidden layer and (w, v, c) of the output, in terms of the scaled inputs x (numpy float64).
+
+    ``net``: see :func:`net_weights`; the MLP and the ICNN are recognised by their weights' names. W is None for the
+    first layer; V is None for the MLP's layers after the first; v is None for the MLP.
+    """
+    st, monotone = net_weights(net)
+    if "out.weight" in st:  # MLP
+        n = sum(1 for k in st if k.startswith("layers.") and k.endswith(".weight"))
+        hidden = [(None if k == 0 else st[f"layers.{k}.weight"], st[f"layers.{k}.weight"] if k == 0 else None,
+                   st[f"layers.{k}.bias"]) for k in range(n)]
+        return hidden, (st["out.weight"], None, st["out.bias"])
+    if "W_out" in st:  # ICNN
+        def inp(name):
+            V = st[f"{name}.weight"].copy()
+            m = list(monotone)
+            V[:, m] = softplus(V[:, m])
+            return V
+
+        n = sum(1 for k in st if k.startswith("Vs.") and k.endswith(".weight"))
+        Ws = [None, *(softplus(st[f"Ws.{k}"]) for k in range(n - 1))]
+        hidden = [(Ws[k], inp(f"Vs.{k}"), st[f"Vs.{k}.bias"]) for k in range(n)]
+        return hidden, (softplus(st["W_out"]), inp("V_out"), st["V_out.bias"])
+    raise TypeError(f"no closed form for a network with weights {sorted(st)[:4]}")
 
 
 class _Network:
     """A layered softplus network as a function of the unscaled features y = x D⁻¹ (see the module docstring)."""
 
-    @torch.no_grad()
     def __init__(self, net, D, ops):
         hidden, (w, v, c) = _layers(net)
         self._buffers: dict = {}
@@ -191,7 +227,7 @@ class _Network:
         if len(hidden) > 1:
             W1, V1 = hidden[1][0], Vs[1]
             K1 = (V0[:, :, None] * W1.T[:, None, :]).reshape(h0, r * W1.shape[0])
-            self.K1 = ops.const(K1 if V1 is None else torch.cat([K1, V1.T.reshape(1, -1)]))
+            self.K1 = ops.const(K1 if V1 is None else np.concatenate([K1, V1.T.reshape(1, -1)]))
 
     def _matmul(self, a, b, name):
         """The product a @ b: on numpy into this network's scratch array ``name``, valid until the next call.
@@ -293,8 +329,15 @@ def reference_shift(gy, families: int):
     return [0.0 * gy[0], 0.0 * gy[0], n_hyd, *fibres]
 
 
-def cofactor3(F, stack=torch.stack):
-    """The cofactor det(F) F⁻ᵀ of (..., 3, 3) by its 2 x 2 minors, defined at det F = 0 too (numpy: np.stack)."""
+def cofactor3(F, stack=None):
+    """The cofactor det(F) F⁻ᵀ of (..., 3, 3) by its 2 x 2 minors, defined at det F = 0 too (numpy: np.stack).
+
+    ``stack``: the array library's stack (default: torch.stack).
+    """
+    if stack is None:
+        import torch
+
+        stack = torch.stack
     return stack([stack([F[..., (i + 1) % 3, (j + 1) % 3] * F[..., (i + 2) % 3, (j + 2) % 3]
                          - F[..., (i + 1) % 3, (j + 2) % 3] * F[..., (i + 2) % 3, (j + 1) % 3]
                          for j in range(3)], -1) for i in range(3)], -2)
@@ -360,13 +403,13 @@ def evaluator(model, backend: str = "numpy") -> ClosedForm:
     Returns:
         A :class:`ClosedForm`: called on F (n, d, d), it gives (P (n, d, d), A (n, d, d, d, d)).
     """
-    ref = model.x_scale.detach()
-    ops = _Numpy() if backend == "numpy" else _Torch(ref.device, ref.dtype)
+    ref = _numpy(model.x_scale)
+    ops = _Numpy() if backend == "numpy" else _Torch(model.x_scale.device, model.x_scale.dtype)
     d = model.dim
     ps = ops.const(model.p_scale)
     eye = ops.const(np.eye(d))
     if not hasattr(model, "features"):  # PlainModel: F − I -> P
-        net = _Network(model.net, torch.diag(1.0 / ref), ops)
+        net = _Network(model.net, np.diag(1.0 / ref), ops)
 
         def plain_derivatives(F, tangent):
             n = F.shape[0]
@@ -379,7 +422,7 @@ def evaluator(model, backend: str = "numpy") -> ClosedForm:
     if model.features == "general":
         idx = model.idx
         m = len(idx)
-        net = _Network(model.net, torch.diag(1.0 / ref), ops)
+        net = _Network(model.net, np.diag(1.0 / ref), ops)
         g0 = net.grad_hess(ops.const(np.zeros((1, m))))[0][0]
         B = strain_basis(d, idx)
         Bf = ops.const(B.reshape(m, d * d))
@@ -431,7 +474,7 @@ def _invariant_form(model, ref, ops, ps) -> ClosedForm:
     n_in = 4 + 3 * K
     r = n_in - 1
     # x = D y: x3 = −y2 / s3 (the 1 − J input), the fibre inputs follow
-    D = torch.zeros(n_in, r, dtype=ref.dtype, device=ref.device)
+    D = np.zeros((n_in, r))
     for i in range(3):
         D[i, i] = 1.0 / ref[i]
     D[3, 2] = -1.0 / ref[3]

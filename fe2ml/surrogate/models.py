@@ -36,26 +36,11 @@ from torch import nn
 from torch.nn import functional as Fn
 
 from fe2ml.materials.hyperelastic import fibre_families
-from fe2ml.surrogate.closed_form import cofactor3, evaluator, reference_shift
+from fe2ml.surrogate.closed_form import CPU_CHUNK, chunked, cofactor3, evaluator, reference_shift
 from fe2ml.surrogate.config import FEATURES
 
 __all__ = ["CPU_CHUNK", "FEATURES", "MODEL_KINDS", "PlainModel", "PotentialModel", "build_model", "chunked",
            "reference_shift", "stress_parameter_derivative", "with_parameters"]
-
-CPU_CHUNK = 512
-"""Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network stay in L2."""
-
-
-def chunked(f, F: np.ndarray, chunk: int = CPU_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """P (n,d,d), A (n,d,d,d,d) of ``f`` evaluated chunk by chunk into preallocated arrays (bounded temporaries).
-
-    ``F`` may carry parameter columns (n, d, d + k) (:class:`PotentialModel` with ``parameters``).
-    """
-    n, d = len(F), F.shape[1]
-    P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
-    for i in range(0, n, chunk):
-        P[i:i + chunk], A[i:i + chunk] = f(F[i:i + chunk])
-    return P, A
 
 
 def _mlp(n_in, hidden, n_out, convex=False, monotone=(), n_ctx=0):

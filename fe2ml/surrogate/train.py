@@ -398,7 +398,7 @@ def fit_members(comm, F, P, A, tr, va, *, kind: str, margs: dict, dim: int, kine
             continue
         model = build_model(kind, dim, kinematics, **margs)
         if start is not None:
-            model.load_state_dict(start[k % len(start)])
+            model.load_state_dict({n: torch.as_tensor(v) for n, v in start[k % len(start)].items()})
         else:
             x = model.features_of(torch.as_tensor(F[tr])).detach()
             model.x_scale[:] = torch.clamp(x.std(0), min=1e-8) if len(tr) > 1 else 1.0
