@@ -62,7 +62,7 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile | None, prefix: str):
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
 
@@ -76,7 +76,8 @@ class _Unpickler(pickle.Unpickler):
         raise _Refused(f"{module}.{name}")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _Storage)):
+        if self.archive is None or not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                                        and isinstance(pid[1], _Storage)):
             raise _Refused(f"persistent object {str(pid)[:60]}")
         raw = self.archive.read(f"{self.prefix}data/{pid[2]}")
         return np.frombuffer(raw, dtype=pid[1].dtype.newbyteorder("<"))
@@ -91,6 +92,9 @@ def read_torch_file(path) -> Any:
     """
     p = Path(path)
     try:
+        if not zipfile.is_zipfile(p):  # a bare pickle (torch's legacy format among others): read as one, refused
+            with open(p, "rb") as f:  # at its first object that is not a plain value
+                return _Unpickler(f, None, "").load()
         with zipfile.ZipFile(p) as z:
             names = [n for n in z.namelist() if n.endswith("data.pkl")]
             if len(names) != 1:
@@ -188,7 +192,7 @@ class NumpyMember:
         hidden = [int(h) for h in margs.get("hidden", (16, 16))]
         if kind == "plain":  # no ``features`` attribute: the closed form's F − I -> P network
             n_in, n_out, convex, monotone = d * d, d * d, False, ()
-            want = {"x_scale": (n_in,)}
+            want: dict[str, tuple[int, ...]] = {"x_scale": (n_in,)}
         else:
             self.features = margs.get("features", "general")
             convex = bool(margs.get("convex", False))
