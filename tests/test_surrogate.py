@@ -511,13 +511,14 @@ def test_models_create_every_tensor_on_the_input_device(d, features, convex, kin
             self.seen |= {t.device.type for t in tree_leaves(out) if isinstance(t, torch.Tensor)}
             return out
 
-    # the closed form's constants are moved to the device once, when it is prepared; its evaluations and the
-    # training path (autograd with a graph) make every tensor there
-    m = _pm(d, kin, (6, 5), features, convex).to("meta")
+    # the closed form's constants are prepared from the weights (on the CPU: meta tensors hold none) and moved to
+    # the device once; its evaluations and the training path (autograd with a graph) make every tensor there
+    m = _pm(d, kin, (6, 5), features, convex)
+    plain = PlainModel(d, kin)
     F = torch.empty(4, d, d, dtype=torch.float64, device="meta")
-    plain = PlainModel(d, kin).to("meta")
     for model in (m, plain):
-        f = evaluator(model, "torch")
+        f = evaluator(model, "torch", device="meta")
+        model.to("meta")
         with Devices() as rec:
             P, A = f(F)
             model.stress_tangent(F, create_graph=True)

@@ -392,19 +392,21 @@ class ClosedForm:
         return self.tangent_of(ctx, g, H)
 
 
-def evaluator(model, backend: str = "numpy") -> ClosedForm:
+def evaluator(model, backend: str = "numpy", device=None) -> ClosedForm:
     """The closed form of ``model`` (a :class:`~fe2ml.surrogate.models.PotentialModel` or ``PlainModel``).
 
     Args:
         model: the trained member (its weights are copied: later changes to the model are not seen).
         backend: ``numpy`` (CPU arrays in, float64 numpy out) or ``torch`` (tensors on the model's device and in its
             dtype in and out).
+        device: the torch backend's device (default: the model's). The constants are prepared in numpy from the
+            model's weights on the CPU and moved there once.
 
     Returns:
         A :class:`ClosedForm`: called on F (n, d, d), it gives (P (n, d, d), A (n, d, d, d, d)).
     """
     ref = _numpy(model.x_scale)
-    ops = _Numpy() if backend == "numpy" else _Torch(model.x_scale.device, model.x_scale.dtype)
+    ops = _Numpy() if backend == "numpy" else _Torch(device or model.x_scale.device, model.x_scale.dtype)
     d = model.dim
     ps = ops.const(model.p_scale)
     eye = ops.const(np.eye(d))
