@@ -133,8 +133,21 @@ def test_a_surrogate_promises_its_answer_until_its_model_or_parameters_change(la
     assert law.answer_key() == key and np.array_equal(law.stress(F_POINTS), P0)
     law.use_checkpoint(law.ck)
     assert law.answer_key() != key and law.answer_key() != laws["surrogate"]().answer_key()
-    # the hybrid's gate decides afresh at a step's first iterate (as a restarted run does); the RVE's warm starts
-    assert laws["hybrid_surrogate"]().answer_key() is None
+    # the hybrid promises its answer only where the surrogate answered every point of its last evaluation (there a
+    # restarted run's gate, at the same F̄, flags none either); where the RVE answered one, its gate decides afresh
+    # at a step's first iterate, as a restarted run does
+    hyb = laws["hybrid_surrogate"]()
+    P1 = hyb.stress(F_POINTS).copy()
+    key = hyb.answer_key()
+    hyb.commit()
+    assert key is not None and hyb.answer_key() == key and hyb.surrogate_mask().all()
+    assert np.array_equal(hyb.stress(F_POINTS), P1) and hyb.answer_key() == key
+    fb = laws["hybrid_fallback"]()
+    fb.stress(F_POINTS)
+    assert not fb.surrogate_mask().all() and fb.answer_key() is None
+    fb.commit()
+    assert fb.answer_key() is None
+    # the RVE's warm starts: no promise
     assert laws["rve"]().answer_key() is None and laws["linear_rve"]().answer_key() is None
 
 

@@ -294,12 +294,17 @@ class HybridLaw(SurrogateLaw):
         return reasons
 
     def answer_key(self) -> object | None:
-        """None: no answer is kept from step to step.
+        """The surrogate's key where it answered every point of its last evaluation; None where the RVE answered one.
 
-        The gate decides afresh at a step's first iterate, and a point it sends to the RVE stays there for the step.
-        A restarted run, which has no answer to keep, must see the same decisions.
+        A point the gate sends to the RVE stays there for the (sub-)step, and a restarted run, which has no answer to
+        keep, gates its first iterate: both runs must see the same decisions. Where the last evaluation flagged no
+        point, the gate at that same F̄ flags none either (it is deterministic per point), so a kept answer is the one
+        a restarted run computes. Where the RVE answered a point, no answer is kept: the gate decides afresh at the
+        step's first iterate, as a restarted run does.
         """
-        return None
+        if len(self.flags_last) != len(self.last_F) or self.flags_last.any():
+            return None
+        return super().answer_key()
 
     def evaluate(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Surrogate for all points, RVE for the flagged ones (collective with a communicator)."""
