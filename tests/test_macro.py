@@ -82,6 +82,61 @@ def test_quadratic_convergence_heterogeneous(rve_mesh):
     assert order > 1.7, (r, order)
 
 
+def test_nested_fe2_keeps_the_converged_rve_answers_at_a_steps_first_iterate(rve_mesh):
+    # a hyperelastic RVE has no history: the macro Newton keeps the converged P̄ and Ā of a step at the next step's
+    # first iterate (one round of RVE solves fewer per step) and reaches the answer of a law that solves there again
+    mats = {1: NeoHookean(mu=1.0, K=3.0), 2: NeoHookean(mu=0.1, K=0.5)}
+
+    class Again(RVELaw):  # solves at every iterate
+        def answer_key(self):
+            return None
+
+    spec = {"generate": "rectangle", "size": [2.0, 1.0], "n": [3, 2]}
+    probs = [_run(MacroProblem(COMM, create_macro_mesh(COMM, spec), law=cls(HyperelasticRVE(rve_mesh, mats)),
+                               dirichlet=BCS), 3) for cls in (Again, RVELaw)]
+    ua, ub = probs[0].u.x.array, probs[1].u.x.array
+    assert np.abs(ua).max() > 0.1 and np.abs(ua - ub).max() <= 1e-8 * np.abs(ua).max()
+    Ra, Rb = probs[0].reactions()["left"], probs[1].reactions()["left"]
+    assert np.abs(Ra - Rb).max() <= 1e-8 * np.abs(Ra).max()
+    steps = len(probs[1].history)
+    assert probs[0].reused_answers == 0 and probs[1].reused_answers == steps - 1 == 2
+    for prob in probs:
+        iterates = sum(len(h.residuals[-1]) for h in prob.history)
+        kept = prob.reused_answers
+        assert prob.law.stats["evaluations"] == (iterates - kept) * prob.n_qp_local
+        for h in prob.history:  # still quadratic after the predictor: |r_k| ≤ 10 |r_k−1|² / |r_0| (or at rounding)
+            r = h.residuals[-1]
+            for k in range(2, len(r)):
+                assert r[k] <= 10.0 * r[k - 1] ** 2 / r[0] or r[k] < 1e-12 * r[0], r
+
+
+def test_the_log_of_a_step_converged_at_its_kept_iterate_holds_the_kept_batch():
+    # a step that converged without an evaluation (its first iterate, the last step's state) logs that state again
+    from fe2ml.data.recorder import MacroLogger
+
+    class Writer:
+        def __init__(self):
+            self.rows = []
+
+        def add(self, F, P, A, **kw):
+            self.rows.append((F.copy(), kw["step"], kw["converged"], kw["iteration"]))
+
+    w = Writer()
+    log = MacroLogger(w, 0)
+    F1, F2 = np.eye(2)[None] * 1.1, np.eye(2)[None] * 1.2
+    log.step = 1
+    log.record(F2 * 0.5, F2, np.zeros((1, 2, 2, 2, 2)), None, None)
+    log.record(F1, F1, np.zeros((1, 2, 2, 2, 2)), None, None)
+    log.commit()
+    log.step = 2
+    log.commit()  # converged at its kept first iterate
+    log.step = 3
+    log.record(F2, F2, np.zeros((1, 2, 2, 2, 2)), None, None)
+    log.commit()
+    assert [(r[1], r[2], r[3]) for r in w.rows] == [(1, 1, 1), (2, 1, 0), (3, 1, 0)]
+    assert np.array_equal(w.rows[1][0], F1) and np.array_equal(w.rows[2][0], F2)
+
+
 def test_analytic_small_strain_patch_exact():
     """Linear analytic run with affine boundary displacement reproduces the affine field exactly."""
     from fe2ml.materials import LinearElastic

@@ -58,6 +58,7 @@ class MacroLogger:
         self.rank = rank
         self.all_iterations = all_iterations
         self.pending: list = []
+        self.last = None  # the last converged batch written
         self.step = 0
         self.point_ids: np.ndarray | None = None
         self.x: np.ndarray | None = None
@@ -80,13 +81,20 @@ class MacroLogger:
                         rank=self.rank, newton_its=0 if its is None else its, cells=cells)
 
     def commit(self):
-        """The load step converged: write its converged batch (and iterates if requested)."""
+        """The load step converged: write its converged batch (and iterates if requested).
+
+        A step that converged at its first iterate without an evaluation (the last step's converged state, whose
+        answer the law kept) has the last converged batch as its own.
+        """
         if not self.pending:
+            if self.last is not None:
+                self._write(self.last, 0, 1)
             return
         if self.all_iterations:
             for k, item in enumerate(self.pending[:-1]):
                 self._write(item, k, 0)
         self._write(self.pending[-1], len(self.pending) - 1, 1)
+        self.last = self.pending[-1]
         self.pending.clear()
 
     def rollback(self):

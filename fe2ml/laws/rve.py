@@ -151,6 +151,17 @@ class RVELaw(ConstitutiveLaw):
             self.recorder.record(F, P, A, cells, its_pt)
         return P, A
 
+    def answer_key(self) -> object | None:
+        """The law's key: a hyperelastic RVE has no history, so its answer at a converged F̄ holds.
+
+        A new solve there would start from the converged state itself (its warm start), find its residual within
+        the tolerance at once, and give the same P̄ and Ā; the macro Newton then skips that round of solves at a
+        step's first iterate. None where the log keeps every Newton iterate (``all_iterations``: each must be there).
+        """
+        if self.recorder is not None and getattr(self.recorder, "all_iterations", False):
+            return None
+        return ("rve", id(self))
+
     def rve_work(self) -> dict | None:
         """The farm's RVE work balance over the ranks (:meth:`fe2ml.laws.farm.RVEFarm.balance_report`)."""
         return self.farm.balance_report()
