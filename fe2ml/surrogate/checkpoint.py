@@ -3,8 +3,9 @@
 Deploying a model (a macro run, localization, export) imports this module and never the trainer.
 
 Checkpoint (``format_version`` 3): a dict of tensors, numbers, strings, None and plain containers only, written by
-:func:`save_checkpoint` and read by :func:`load_checkpoint` with ``torch.load(weights_only=True)``, so that loading
-a file from anyone never runs code (numpy arrays are stored as tensors and come back as numpy arrays). It holds:
+:func:`save_checkpoint` and read by :func:`load_checkpoint` with ``torch.load(weights_only=True)`` (or without torch by
+:func:`fe2ml.surrogate.deploy.read_checkpoint`), so that loading a file from anyone never runs code (numpy arrays are
+stored as tensors and come back as numpy arrays). It holds:
 model kind and arguments, the members' weights,
 normalisation buffers, dim, kinematics, RVE fingerprint, training-data fingerprint, metrics, bounds of
 the training data (feature box, principal stretch and J ranges), and what the uncertainty gate of a hybrid run
@@ -30,7 +31,14 @@ import torch
 
 from fe2ml.errors import ConfigError
 from fe2ml.files import atomic_target
-from fe2ml.surrogate.deploy import FORMAT_VERSION, RESAVE_HINT, check_checkpoint, check_format, gate_pass
+from fe2ml.surrogate.deploy import (
+    FORMAT_VERSION,
+    RESAVE_HINT,
+    check_checkpoint,
+    check_format,
+    gate_pass,
+    one_for_all,
+)
 from fe2ml.surrogate.gate import rows_equal
 from fe2ml.surrogate.models import (
     CPU_CHUNK,
@@ -169,12 +177,7 @@ class EnsembleModel:
         n, d, K = len(F), self.dim, len(self.members)
         if any(f is None for f in evs):  # an accelerator: the members' torch path in its own large chunks
             if rows_equal(F):  # one evaluation serves every point (e.g. F̄ = I before the first load step)
-                P1, A1, Ps1, ok1 = self.evaluate_gate(F[:1], chunk, tangent=tangent)
-                A = None
-                if tangent:
-                    A = out if out is not None else np.empty((n, d, d, d, d))
-                    A[:] = A1
-                return (np.repeat(P1, n, axis=0), A, np.repeat(Ps1, n, axis=1), np.repeat(ok1, n))
+                return one_for_all(self.evaluate_gate(F[:1], chunk, tangent=tangent), n, out)
             P = np.empty((n, d, d))
             A = np.empty(0)
             Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)

@@ -29,8 +29,8 @@ from fe2ml.errors import ConfigError
 from fe2ml.surrogate.closed_form import CPU_CHUNK, evaluator
 from fe2ml.surrogate.gate import rows_equal
 
-__all__ = ["NumpyEnsemble", "NumpyMember", "check_checkpoint", "check_format", "gate_pass", "read_checkpoint",
-           "read_torch_file", "torch_free"]
+__all__ = ["NumpyEnsemble", "NumpyMember", "check_checkpoint", "check_format", "gate_pass", "one_for_all",
+           "read_checkpoint", "read_torch_file", "torch_free"]
 
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # format 2 differs only in how it was stored; one that loads safely is still usable
@@ -297,6 +297,16 @@ class NumpyEnsemble:
         return gate_pass(self.augment(F), self._np, self.dim, chunk, tangent=tangent, out=out)
 
 
+def one_for_all(answer: tuple, n: int, out: np.ndarray | None = None) -> tuple:
+    """A gate pass's answer (P, A, Ps, ok) at one point as the answer of n points with the same F (A into ``out``)."""
+    P1, A1, Ps1, ok1 = answer
+    A = None
+    if A1 is not None:
+        A = out if out is not None else np.empty((n, *A1.shape[1:]))
+        A[:] = A1
+    return np.repeat(P1, n, axis=0), A, np.repeat(Ps1, n, axis=1), np.repeat(ok1, n)
+
+
 def gate_pass(F: np.ndarray, evs: list, d: int, chunk: int = CPU_CHUNK, *, tangent: bool = True,
               out: np.ndarray | None = None):
     """What a gate needs from the members' numpy closed forms ``evs``, chunk by chunk.
@@ -312,12 +322,7 @@ def gate_pass(F: np.ndarray, evs: list, d: int, chunk: int = CPU_CHUNK, *, tange
     """
     n, K = len(F), len(evs)
     if rows_equal(F):
-        P1, A1, Ps1, ok1 = gate_pass(F[:1], evs, d, chunk, tangent=tangent)
-        A = None
-        if tangent:
-            A = out if out is not None else np.empty((n, d, d, d, d))
-            A[:] = A1
-        return (np.repeat(P1, n, axis=0), A, np.repeat(Ps1, n, axis=1), np.repeat(ok1, n))
+        return one_for_all(gate_pass(F[:1], evs, d, chunk, tangent=tangent), n, out)
     P = np.empty((n, d, d))
     A = (out if out is not None else np.empty((n, d, d, d, d))) if tangent else np.empty(0)
     Ps, ok = np.empty((K, n, d, d)), np.ones(n, dtype=bool)
