@@ -435,13 +435,16 @@ def _check_surrogate(s: SurrogateOptions, mat: dict, kind: str, f: str, dim: int
     Returns its kinematics, the run's parameters (a parametric checkpoint) and the RVE (for a parametric hybrid:
     ``material.rve`` with the run's parameters).
     """
-    from fe2ml.surrogate.deploy import read_checkpoint  # numpy only (no torch)
+    from fe2ml.surrogate.deploy import read_checkpoint, torch_free  # numpy only (no torch)
 
-    ck = read_checkpoint(s.checkpoint)
-    if mat.get("device", "cpu") != "cpu":  # a CUDA device that is not there; torch only for one
-        from fe2ml.surrogate.checkpoint import resolve_device
+    device = mat.get("device", "cpu")
+    ck = read_checkpoint(s.checkpoint)  # a model the CPU serves without torch has its weights checked here
+    if not torch_free(ck, device):  # parametric, or on a GPU: torch serves it, and checks its weights now
+        from fe2ml.surrogate.checkpoint import load_checkpoint, resolve_device
 
-        resolve_device(mat.get("device", "cpu"), f"{f}: material.device")
+        if device != "cpu":  # a CUDA device that is not there
+            resolve_device(device, f"{f}: material.device")
+        load_checkpoint(s.checkpoint)
     if ck["dim"] != dim:
         raise ConfigError(f"{f}: material.checkpoint: checkpoint is for {ck['dim']}D, the run is {dim}D")
     params = None
