@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fe2ml.errors import ConfigError
-from fe2ml.surrogate.closed_form import CPU_CHUNK, evaluator
+from fe2ml.surrogate.closed_form import CPU_CHUNK, chunked, evaluator
 from fe2ml.surrogate.gate import rows_equal
 
 __all__ = ["NumpyEnsemble", "NumpyMember", "check_checkpoint", "check_format", "gate_pass", "one_for_all",
@@ -232,15 +232,16 @@ class NumpyMember:
         self.net = ({k[4:]: np.asarray(v, dtype=np.float64) for k, v in state.items() if k.startswith("net.")},
                     monotone)
         self.n_in = n_in
+        self._closed_form = None
 
     def numpy_evaluator(self):
-        """The member's closed form, F (n,d,d) -> (P, A) (:func:`fe2ml.surrogate.closed_form.evaluator`)."""
-        return evaluator(self, "numpy")
+        """The member's closed form, F (n,d,d) -> (P, A) (:func:`fe2ml.surrogate.closed_form.evaluator`).
 
-    def _evaluator(self):
-        if getattr(self, "_ev", None) is None:
-            self._ev = self.numpy_evaluator()
-        return self._ev
+        Prepared on first use: reading a checkpoint checks its weights only.
+        """
+        if self._closed_form is None:
+            self._closed_form = evaluator(self, "numpy")
+        return self._closed_form
 
     def features_of(self, F) -> np.ndarray:
         """The unscaled network inputs (n, n_in), as :meth:`fe2ml.surrogate.models.PotentialModel.features_of`."""
@@ -248,7 +249,7 @@ class NumpyMember:
         d = self.dim
         if self.kind == "plain":
             return (F - np.eye(d)).reshape(-1, d * d)
-        ctx = self._evaluator().prepare(F)
+        ctx = self.numpy_evaluator().prepare(F)
         if self.features == "general":
             return np.array(ctx[1])
         y = ctx["y"]  # the closed form's invariants take J once; the network's inputs J − 1 and 1 − J
@@ -269,7 +270,7 @@ class NumpyEnsemble:
         self.members = [NumpyMember(ck, st, path) for st in ck["members"]]
         self.dim = self.members[0].dim
         self.kinematics = self.members[0].kinematics
-        self._np = [m._evaluator() for m in self.members]
+        self._np = [m.numpy_evaluator() for m in self.members]
 
     def augment(self, F) -> np.ndarray:
         """F itself (no parameters), as float64."""
@@ -281,8 +282,6 @@ class NumpyEnsemble:
 
     def evaluate_members(self, F):
         """Per-member predictions: lists of (n,d,d) and (n,d,d,d,d) arrays."""
-        from fe2ml.surrogate.closed_form import chunked
-
         F = self.augment(F)
         out = [chunked(f, F) for f in self._np]
         return [o[0] for o in out], [o[1] for o in out]
