@@ -203,3 +203,51 @@ def test_a_surrogate_run_on_the_cpu_never_imports_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "no torch 0", r.stdout + r.stderr
     assert (tmp_path / "out" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_a_single_precision_tangent_keeps_the_stress_and_rounds_the_tangent_only(tmp_path, name):
+    # the float32 products of the tangent against the float64 closed form (itself checked against autograd above)
+    _checkpoint(tmp_path / "ck.pt", name)
+    ck = read_checkpoint(tmp_path / "ck.pt")
+    F = _F(ck["dim"])
+    P, A, Ps, ok = NumpyEnsemble(ck).evaluate_gate(F)
+    P1, A1, Ps1, ok1 = NumpyEnsemble(ck, tangent="single").evaluate_gate(F)
+    assert np.array_equal(P1, P) and np.array_equal(Ps1, Ps) and np.array_equal(ok1, ok)
+    assert A1.dtype == np.float64
+    assert np.abs(A1 - A).max() <= 1e-6 * np.abs(A).max()
+    if len(KINDS[name][3]["hidden"]) > 1:  # a layer Jacobian exists: the float32 products were used
+        assert not np.array_equal(A1, A)
+    with pytest.raises(ValueError, match="tangent precision: expected one of single, double, got 'half'"):
+        NumpyEnsemble(ck, tangent="half")
+
+
+def test_a_single_precision_tangent_converges_to_the_same_state_in_as_many_newton_iterations(tmp_path):
+    import json
+
+    from fe2ml.cli import main
+
+    _checkpoint(tmp_path / "ck.pt", "isotropic ICNN 3D")
+    runs = {}
+    for prec in ("single", "double"):
+        (tmp_path / f"{prec}.yaml").write_text(textwrap.dedent(f"""\
+            dim: 3
+            mesh: {{generate: box, size: [1.0, 1.0, 1.0], n: [3, 2, 2]}}
+            material: {{kind: surrogate, checkpoint: ck.pt, tangent_precision: {prec}}}
+            bcs:
+              - {{boundary: left, components: [0, 1, 2], value: 0.0}}
+              - {{boundary: right, components: [0], value: "0.15*t"}}
+              - {{boundary: right, components: [1], value: "0.05*t"}}
+            steps: 2
+            output: {prec}
+            """))
+        assert main(["run", str(tmp_path / f"{prec}.yaml")]) == 0
+        s = json.loads((tmp_path / prec / "summary.json").read_text())
+        runs[prec] = (s["steps"], np.loadtxt(tmp_path / prec / "reactions.csv", delimiter=",", skiprows=1))
+    (s1, r1), (s2, r2) = runs["single"], runs["double"]
+    assert [s["newton_iterations"] for s in s1] == [s["newton_iterations"] for s in s2]
+    for a, b in zip(s1, s2, strict=True):  # the same residual histories, down to the tangent's float32 rounding
+        ra, rb = np.array(a["residuals"][-1]), np.array(b["residuals"][-1])
+        assert ra[-1] < 1e-8 * ra[0]
+        assert np.allclose(ra, rb, rtol=1e-4, atol=1e-6 * rb[0])
+    assert np.abs(r1 - r2).max() <= 1e-9 * np.abs(r2).max()

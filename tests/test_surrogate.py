@@ -335,7 +335,7 @@ def test_torchscript_export_matches(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated
         mod = torch.jit.load(str(out))
-    law = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2)
+    law = SurrogateLaw(tmp_path / "out" / "checkpoint.pt", dim=2, tangent_precision="double")  # the export: float64
     for n in (1, 7, 50):
         F = np.eye(2) + 0.1 * np.random.default_rng(n).normal(size=(n, 2, 2))
         P, A = mod(torch.as_tensor(F))
@@ -419,7 +419,9 @@ def test_surrogate_bad_inputs(tmp_path):
            "audit_zero": ("surrogate", "audit: {fraction: 0.0}",
                           "material.audit.fraction: expected a number in (0, 1]"),
            "audit_above_one": ("hybrid", "audit: {fraction: 1.5}", "material.audit.fraction"),
-           "device_name": ("surrogate", "device: gpu", "material.device: expected auto, cpu, cuda or cuda:K")}
+           "device_name": ("surrogate", "device: gpu", "material.device: expected auto, cpu, cuda or cuda:K"),
+           "tangent_precision": ("hybrid", "tangent_precision: half",
+                                 "material.tangent_precision: expected single or double, got 'half'")}
     if not torch.cuda.is_available():
         bad["device_missing"] = ("hybrid", "device: cuda", "material.device: cuda requested, but this machine has no "
                                                            "CUDA device")

@@ -67,6 +67,10 @@ class SurrogateLaw(ConstitutiveLaw):
         device: ``cpu`` (default: the numpy closed form where the model has one), ``auto``, ``cuda`` or ``cuda:k``
             (the batch of a rank is evaluated there, in float64). On the CPU a non-parametric checkpoint is read and
             evaluated without torch (:mod:`fe2ml.surrogate.deploy`); torch is imported where it is needed only.
+        tangent_precision: ``single`` (default) or ``double``: the numpy closed form's tangent products in float32 or
+            float64 (:func:`fe2ml.surrogate.closed_form.evaluator`). The stress is float64 either way, so a Newton
+            iteration converges to the same state; the tangent's float32 rounding (about 1e-7 of its largest entry)
+            only steers it. Torch (a parametric checkpoint, a GPU) evaluates in float64.
 
     Attributes:
         gate: the checkpoint's per-point trust criteria (:class:`fe2ml.surrogate.gate.Gate`).
@@ -78,9 +82,10 @@ class SurrogateLaw(ConstitutiveLaw):
     """
 
     def __init__(self, checkpoint, *, dim: int, kinematics: str = "finite", fingerprint: str | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", tangent_precision: str = "single"):
         super().__init__(dim, kinematics)
         self.device = device
+        self.tangent_precision = tangent_precision
         if device != "cpu":  # a CUDA device that is not there: refused now
             from fe2ml.surrogate.checkpoint import resolve_device
 
@@ -110,7 +115,7 @@ class SurrogateLaw(ConstitutiveLaw):
         self._revision += 1
         self.ck = ck
         if torch_free(ck, self.device):
-            self.model = NumpyEnsemble(ck)
+            self.model = NumpyEnsemble(ck, tangent=self.tangent_precision)
         else:
             import torch
 
@@ -238,7 +243,8 @@ class HybridLaw(SurrogateLaw):
         rve: :class:`fe2ml.micro.finite.HyperelasticRVE` of this rank (its fingerprint must match).
         thresholds: the gate.
         writer: optional log writer for the fallback records.
-        device: where the surrogate is evaluated (see :class:`SurrogateLaw`).
+        device, tangent_precision: where the surrogate is evaluated and its tangent's precision (see
+            :class:`SurrogateLaw`).
         comm: the macro communicator; with it (and ``balance``) the flagged points of all ranks are spread over the
             ranks at every evaluation (:class:`fe2ml.laws.farm.RVEFarm`). Collective then.
         balance: redistribute the RVE solves (with ``comm``).
@@ -249,10 +255,11 @@ class HybridLaw(SurrogateLaw):
 
     def __init__(self, checkpoint, rve: HyperelasticRVE, *, thresholds: Thresholds | None = None,
                  writer: LogWriter | None = None, device: str = "cpu", comm=None, balance: bool = True,
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, tangent_precision: str = "single"):
         self.rve = rve
         self.thresholds = thresholds if thresholds is not None else Thresholds()
-        super().__init__(checkpoint, dim=rve.d, fingerprint=fingerprint or rve_fingerprint(rve), device=device)
+        super().__init__(checkpoint, dim=rve.d, fingerprint=fingerprint or rve_fingerprint(rve), device=device,
+                         tangent_precision=tangent_precision)
         self.farm = RVEFarm(rve, comm, balance=balance)
         self.cost: dict[int, float] = {}  # last solve time of each point that fell back
         self.writer = writer

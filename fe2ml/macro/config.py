@@ -355,9 +355,9 @@ class RunParameters:
 
 
 _MATERIAL_KEYS = {"hybrid": ("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device",
-                             "learn", "balance", "parameters"),
-                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device", "parameters",
-                                "realizations"),
+                             "tangent_precision", "learn", "balance", "parameters"),
+                  "surrogate": ("kind", "checkpoint", "rve", "orientation", "audit", "device", "tangent_precision",
+                                "parameters", "realizations"),
                   "rve": ("kind", "rve", "orientation", "balance"), "analytic": ("kind", "phases", "material")}
 
 

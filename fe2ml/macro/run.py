@@ -150,11 +150,11 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
         if cfg.kind == "surrogate":
             law = SurrogateLaw(s.checkpoint, dim=cfg.dim, kinematics=cfg.kinematics,
                                fingerprint=family or (rve_fingerprint(rve) if rve is not None else None),
-                               device=s.device)
+                               device=s.device, tangent_precision=s.tangent_precision)
         else:
             writer = fallback_writer(comm, s.log, rve, dim=cfg.dim) if s.log is not None else None
             law = HybridLaw(s.checkpoint, rve, thresholds=s.thresholds, writer=writer, device=s.device,
-                            comm=comm, balance=cfg.balance, fingerprint=family)
+                            comm=comm, balance=cfg.balance, fingerprint=family, tangent_precision=s.tangent_precision)
         if cfg.parameters is not None and cfg.parameters.constant is not None:
             law.set_parameters(cfg.parameters.constant)
         return law

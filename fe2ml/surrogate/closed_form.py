@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CPU_CHUNK", "ClosedForm", "chunked", "cofactor3", "evaluator", "reference_shift", "softplus",
-           "strain_basis"]
+__all__ = ["CPU_CHUNK", "TANGENT_PRECISIONS", "ClosedForm", "chunked", "cofactor3", "evaluator", "reference_shift",
+           "softplus", "strain_basis"]
 
 CPU_CHUNK = 256
 """Points per chunk of a CPU evaluation: the layer Jacobians of a chunk of a (64, 64) 3D network (0.8 MB) stay in a
@@ -211,9 +211,13 @@ def _layers(net):
 class _Network:
     """A layered softplus network as a function of the unscaled features y = x D⁻¹ (see the module docstring)."""
 
-    def __init__(self, net, D, ops):
+    def __init__(self, net, D, ops, hess_dtype=np.float64):
         hidden, (w, v, c) = _layers(net)
         self._buffers: dict = {}
+        # the dtype of the layer Jacobians and the Hessian's products (numpy): float32 halves the tangent's matrix
+        # products; the features, activations, gradient and stress stay float64
+        self.hd = np.dtype(hess_dtype) if isinstance(ops, _Numpy) else None
+        single = self.hd is not None and self.hd != np.float64
         Vs = [None if V is None else V @ D for _, V, _ in hidden]
         V0 = Vs[0]
         h0, r = V0.shape
@@ -230,27 +234,34 @@ class _Network:
             W1, V1 = hidden[1][0], Vs[1]
             K1 = (V0[:, :, None] * W1.T[:, None, :]).reshape(h0, r * W1.shape[0])
             self.K1 = ops.const(K1 if V1 is None else np.concatenate([K1, V1.T.reshape(1, -1)]))
+        # the layers' W and V of the Jacobians' recursion, in the Jacobians' dtype
+        self.jac_layers = ([(None if W is None else W.astype(self.hd), None if V is None else V.astype(self.hd))
+                            for W, V, _ in self.layers] if single else [(W, V) for W, V, _ in self.layers])
+        if single and len(hidden) > 1:
+            self.K1 = self.K1.astype(self.hd)
+        self.w_jac = self.w.astype(self.hd) if single else self.w
 
     def _matmul(self, a, b, name):
-        """The product a @ b: on numpy into this network's scratch array ``name``, valid until the next call.
+        """The product a @ b (numpy: a cast to b's dtype) into this network's scratch array ``name``.
 
-        The array is reused from chunk to chunk: a chunk's layer Jacobians take 1.5 MB, where a fresh array costs its
-        page faults every time.
+        The array is valid until the next call and reused from chunk to chunk: a chunk's layer Jacobians take 1.5 MB,
+        where a fresh array costs its page faults every time.
         """
-        if not isinstance(self.ops, _Numpy):
+        if self.hd is None:
             return a @ b
-        return np.matmul(a, b, out=self._scratch(name, (a.shape[0], b.shape[1])))
+        return np.matmul(a.astype(b.dtype, copy=False), b, out=self._scratch(name, (a.shape[0], b.shape[1]), b.dtype))
 
     def _scaled(self, J, c):
-        """J * c, on numpy into a scratch array (see :meth:`_matmul`)."""
-        if not isinstance(self.ops, _Numpy):
+        """J * c (numpy: c cast to J's dtype) into a scratch array (see :meth:`_matmul`)."""
+        if self.hd is None:
             return J * c
-        return np.multiply(J, c, out=self._scratch("Jc", J.shape))
+        return np.multiply(J, c.astype(J.dtype, copy=False),
+                           out=self._scratch("Jc", np.broadcast_shapes(J.shape, c.shape), J.dtype))
 
-    def _scratch(self, name, shape):
+    def _scratch(self, name, shape, dtype=np.float64):
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._buffers[name] = np.empty(shape)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = self._buffers[name] = np.empty(shape, dtype=dtype)
         return buf
 
     def forward(self, y, value=False, jac=True):
@@ -262,7 +273,7 @@ class _Network:
         acts = []
         z = None
         J = None
-        for k, (W, V, b) in enumerate(self.layers):
+        for k, ((W, V, b), (Wj, Vj)) in enumerate(zip(self.layers, self.jac_layers, strict=True)):
             a = y @ V.T if W is None else z @ W.T
             if W is not None and V is not None:
                 a += y @ V.T
@@ -272,9 +283,9 @@ class _Network:
                 J = self._matmul((s0 if V is None else ops.with_ones(s0)), self.K1, "J").reshape(n, self.r, -1)
             elif jac and k > 1:
                 s_prev = acts[-1][0]
-                J = ((J * s_prev[:, None, :]).reshape(n * self.r, -1) @ W.T).reshape(n, self.r, -1)
-                if V is not None:
-                    J = J + V.T[None]
+                J = (self._scaled(J, s_prev[:, None, :]).reshape(n * self.r, -1) @ Wj.T).reshape(n, self.r, -1)
+                if Vj is not None:
+                    J = J + Vj.T[None]
             s, z = ops.activation(a, value=value or k < L - 1)
             acts.append((s, J))
         return acts, z
@@ -297,6 +308,8 @@ class _Network:
                 g = g + da @ V
             if W is not None:
                 dz = da @ W
+        if hess and self.hd is not None and H.dtype != np.float64:
+            H = H.astype(np.float64)
         return g, H
 
     def jacobian(self, y, jac=True):
@@ -307,8 +320,9 @@ class _Network:
             return out, None
         s, J = acts[-1]
         if J is None:  # one hidden layer
-            J = self.layers[0][1].T[None]
-        return out, ((J * s[:, None, :]) @ self.w.T).swapaxes(1, 2)
+            J = self.jac_layers[0][1].T[None]
+        Jo = (self._scaled(J, s[:, None, :]) @ self.w_jac.T).swapaxes(1, 2)
+        return out, (Jo if self.hd is None else Jo.astype(np.float64))
 
 
 def reference_shift(gy, families: int):
@@ -394,7 +408,10 @@ class ClosedForm:
         return self.tangent_of(ctx, g, H)
 
 
-def evaluator(model, backend: str = "numpy", device=None) -> ClosedForm:
+TANGENT_PRECISIONS = ("single", "double")
+
+
+def evaluator(model, backend: str = "numpy", device=None, tangent: str = "double") -> ClosedForm:
     """The closed form of ``model`` (a :class:`~fe2ml.surrogate.models.PotentialModel` or ``PlainModel``).
 
     Args:
@@ -403,17 +420,24 @@ def evaluator(model, backend: str = "numpy", device=None) -> ClosedForm:
             dtype in and out).
         device: the torch backend's device (default: the model's). The constants are prepared in numpy from the
             model's weights on the CPU and moved there once.
+        tangent: ``double``, or ``single`` (numpy backend): the layer Jacobians and the Hessian's products in float32,
+            about twice as fast as float64 for the tangent's largest products. The features, activations, gradient
+            and stress stay float64 (the same bits as ``double``); the tangent carries float32 rounding, about 1e-7
+            of its largest entry, which only steers a Newton iteration (README: tangent precision).
 
     Returns:
         A :class:`ClosedForm`: called on F (n, d, d), it gives (P (n, d, d), A (n, d, d, d, d)).
     """
+    if tangent not in TANGENT_PRECISIONS:
+        raise ValueError(f"tangent precision: expected one of {', '.join(TANGENT_PRECISIONS)}, got {tangent!r}")
     ref = _numpy(model.x_scale)
     ops = _Numpy() if backend == "numpy" else _Torch(device or model.x_scale.device, model.x_scale.dtype)
+    hd = np.float32 if tangent == "single" else np.float64
     d = model.dim
     ps = ops.const(model.p_scale)
     eye = ops.const(np.eye(d))
     if not hasattr(model, "features"):  # PlainModel: F − I -> P
-        net = _Network(model.net, np.diag(1.0 / ref), ops)
+        net = _Network(model.net, np.diag(1.0 / ref), ops, hd)
 
         def plain_derivatives(F, tangent):
             n = F.shape[0]
@@ -426,7 +450,7 @@ def evaluator(model, backend: str = "numpy", device=None) -> ClosedForm:
     if model.features == "general":
         idx = model.idx
         m = len(idx)
-        net = _Network(model.net, np.diag(1.0 / ref), ops)
+        net = _Network(model.net, np.diag(1.0 / ref), ops, hd)
         g0 = net.grad_hess(ops.const(np.zeros((1, m))))[0][0]
         B = strain_basis(d, idx)
         Bf = ops.const(B.reshape(m, d * d))
@@ -461,10 +485,10 @@ def evaluator(model, backend: str = "numpy", device=None) -> ClosedForm:
 
         return ClosedForm(("general", d, tuple(map(tuple, idx)), small), prepare, general_derivatives,
                           general_stress, general_tangent)
-    return _invariant_form(model, ref, ops, ps)
+    return _invariant_form(model, ref, ops, ps, hd)
 
 
-def _invariant_form(model, ref, ops, ps) -> ClosedForm:
+def _invariant_form(model, ref, ops, ps, hd=np.float64) -> ClosedForm:
     """Closed form of the isotropic and anisotropic invariant networks (features of the 3D F, F33 = 1 in 2D).
 
     y = (I1 − 3, I2 − 3, J − 1, then per fibre family a: I4 − 1, K4 − 1, M = ⟨I4 − 1⟩²) with I4 = |F a|²,
@@ -484,7 +508,7 @@ def _invariant_form(model, ref, ops, ps) -> ClosedForm:
     D[3, 2] = -1.0 / ref[3]
     for j in range(3 * K):
         D[4 + j, 3 + j] = 1.0 / ref[4 + j]
-    net = _Network(model.net, D, ops)
+    net = _Network(model.net, D, ops, hd)
     g0 = net.grad_hess(ops.const(np.zeros((1, r))))[0][0]
     # P(I) = 0 by polyconvexity-preserving terms (reference_shift)
     shift = ops.stack(reference_shift([g0[i] for i in range(r)], K), 0)

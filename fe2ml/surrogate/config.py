@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fe2ml.config import check_keys, flag, load_yaml, number
 from fe2ml.errors import ConfigError
+from fe2ml.surrogate.closed_form import TANGENT_PRECISIONS
 from fe2ml.surrogate.gate import AuditOptions, Thresholds
 
 FEATURES = ("general", "isotropic", "anisotropic")  # of potential models (the same as models.FEATURES, torch-free)
@@ -278,6 +279,8 @@ class SurrogateOptions:
         device: where the surrogate evaluates (``auto``, ``cpu``, ``cuda``, ``cuda:K``).
         log: the hybrid's fallback log folder, or None.
         learn: in-run learning, or None.
+        tangent_precision: ``single`` (the CPU closed form's tangent products in float32; the stress is float64) or
+            ``double``.
     """
 
     checkpoint: Path | None
@@ -286,6 +289,7 @@ class SurrogateOptions:
     device: str = "cpu"
     log: Path | None = None
     learn: LearnOptions | None = None
+    tangent_precision: str = "single"
 
 
 def _checkpoint_path(mat: dict, kind: str, f: str, base: Path) -> Path | None:
@@ -345,6 +349,10 @@ def parse_surrogate_options(mat: dict, kind: str, f: str, base: Path) -> Surroga
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or (
             device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"{f}: material.device: expected auto, cpu, cuda or cuda:K, got {device!r}")
+    tangent_precision = mat.get("tangent_precision", "single")
+    if tangent_precision not in TANGENT_PRECISIONS:
+        raise ConfigError(f"{f}: material.tangent_precision: expected {' or '.join(TANGENT_PRECISIONS)}, got "
+                          f"{tangent_precision!r}")
     learn = None
     if "learn" in mat:
         learn = parse_learn(mat["learn"], f"{f}: material.learn", base, has_checkpoint=checkpoint is not None)
@@ -355,4 +363,5 @@ def parse_surrogate_options(mat: dict, kind: str, f: str, base: Path) -> Surroga
     if kind == "hybrid" and "rve" not in mat:
         raise ConfigError(f"{f}: material.rve: hybrid needs the RVE for its fallback solves")
     return SurrogateOptions(checkpoint=checkpoint, thresholds=thresholds, audit=audit, device=device,
-                            log=(base / str(mat["log"])) if mat.get("log") else None, learn=learn)
+                            log=(base / str(mat["log"])) if mat.get("log") else None, learn=learn,
+                            tangent_precision=tangent_precision)

@@ -232,16 +232,16 @@ class NumpyMember:
         self.net = ({k[4:]: np.asarray(v, dtype=np.float64) for k, v in state.items() if k.startswith("net.")},
                     monotone)
         self.n_in = n_in
-        self._closed_form = None
+        self._closed_form: dict = {}
 
-    def numpy_evaluator(self):
+    def numpy_evaluator(self, tangent: str = "double"):
         """The member's closed form, F (n,d,d) -> (P, A) (:func:`fe2ml.surrogate.closed_form.evaluator`).
 
-        Prepared on first use: reading a checkpoint checks its weights only.
+        Prepared on first use, per tangent precision: reading a checkpoint checks its weights only.
         """
-        if self._closed_form is None:
-            self._closed_form = evaluator(self, "numpy")
-        return self._closed_form
+        if tangent not in self._closed_form:
+            self._closed_form[tangent] = evaluator(self, "numpy", tangent=tangent)
+        return self._closed_form[tangent]
 
     def features_of(self, F) -> np.ndarray:
         """The unscaled network inputs (n, n_in), as :meth:`fe2ml.surrogate.models.PotentialModel.features_of`."""
@@ -259,6 +259,9 @@ class NumpyMember:
 class NumpyEnsemble:
     """The K members of a non-parametric checkpoint on the CPU, by their numpy closed forms (no torch).
 
+    ``tangent``: the precision of the tangent's products (``double`` or ``single``:
+    :func:`~fe2ml.surrogate.closed_form.evaluator`); the stresses are float64 either way.
+
     The interface of :class:`fe2ml.surrogate.checkpoint.EnsembleModel` that a run uses: :meth:`evaluate`,
     :meth:`evaluate_gate`, :meth:`evaluate_members`, :meth:`features`, :meth:`augment`.
     """
@@ -266,11 +269,12 @@ class NumpyEnsemble:
     device = "cpu"
     parameters: list[str] = []
 
-    def __init__(self, ck: dict, path=None):
+    def __init__(self, ck: dict, path=None, tangent: str = "double"):
         self.members = [NumpyMember(ck, st, path) for st in ck["members"]]
         self.dim = self.members[0].dim
         self.kinematics = self.members[0].kinematics
-        self._np = [m.numpy_evaluator() for m in self.members]
+        self.tangent_precision = tangent
+        self._np = [m.numpy_evaluator(tangent) for m in self.members]
 
     def augment(self, F) -> np.ndarray:
         """F itself (no parameters), as float64."""
