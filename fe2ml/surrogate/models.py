@@ -174,12 +174,13 @@ class _Base(nn.Module):
         """P (n,d,d) and A (n,d,d,d,d) for F (n,d,d)."""
         raise NotImplementedError
 
-    def numpy_evaluator(self):
+    def numpy_evaluator(self, tangent: str = "double"):
         """The closed form in numpy, F (n,d,d) ndarray -> (P, A) ndarrays (:mod:`fe2ml.surrogate.closed_form`).
 
-        The weights are copied: build it again after the model changes.
+        The weights are copied: build it again after the model changes. ``tangent``: the precision of the tangent's
+        products (``double`` or ``single``, :func:`~fe2ml.surrogate.closed_form.evaluator`).
         """
-        return evaluator(self, "numpy")
+        return evaluator(self, "numpy", tangent=tangent)
 
     def evaluate(self, F, *, batch: int | None = None):
         """Numpy in/out contract evaluation by the closed form, on the model's device; float64 numpy out.
@@ -293,9 +294,9 @@ class PotentialModel(_Base):
             cols.append((torch.abs(p[..., j:j + 1] - vs.to(p.device)) < 0.5).to(p.dtype))
         return torch.cat(cols, -1)
 
-    def numpy_evaluator(self):
+    def numpy_evaluator(self, tangent: str = "double"):
         """The numpy closed form; None for a parametric model (see :meth:`bound` for one at fixed parameters)."""
-        return None if self.parameters_ else super().numpy_evaluator()
+        return None if self.parameters_ else super().numpy_evaluator(tangent)
 
     @torch.no_grad()
     def bound(self, p) -> PotentialModel:
