@@ -123,12 +123,13 @@ def _configs(work: Path, s: dict, members: int, material: str = "neo_hookean", f
                 "  - {boundary: bottom, components: [1], value: 0.0}\n"
                 f"  - {{boundary: right, components: [0], value: \"0.24*t\"}}\nsteps: {s['steps']}\n")
         orient = ""
+    level = f", level: {s['level']}" if s.get("level", 0.9) != 0.9 else ""
     runs = {
         "fe2": "material:\n  kind: rve\n" + orient + "  rve:\n" + nested + "localize: true\n",
         "surrogate": "material:\n  kind: surrogate\n  checkpoint: surrogate/checkpoint.pt\n" + orient + "  rve:\n"
                      + nested,
         "hybrid": ("material:\n  kind: hybrid\n  checkpoint: surrogate/checkpoint.pt\n" + orient + "  rve:\n"
-                   + nested + "  threshold: {error: 0.01}\n  audit: {fraction: 0.05, seed: 0}\n"),
+                   + nested + f"  threshold: {{error: 0.01{level}}}\n  audit: {{fraction: 0.05, seed: 0}}\n"),
     }
     for name, mat in runs.items():
         (work / f"{name}.yaml").write_text(head + mat + tail + f"output: {name}\n")
@@ -233,6 +234,8 @@ def main():
                     help="a second campaign of N points with principal stretches in "
                          f"{NEAR_IDENTITY[0]} and det F̄ in {NEAR_IDENTITY[1]} (default 0: none)")
     ap.add_argument("--tangent-weight", type=float, default=0.1, help="loss.tangent (default 0.1)")
+    ap.add_argument("--level", type=float, choices=(0.9, 0.95), default=0.9,
+                    help="the hybrid's threshold.level: the conformal level of its error bound (default 0.9)")
     args = ap.parse_args()
     if args.problem == "block":
         args.material = "hgo"
@@ -261,6 +264,7 @@ def main():
         if v is not None:
             sz[key] = v
     sz["near_identity"] = args.near_identity
+    sz["level"] = args.level
     sz["loss"] = {"stress": 1.0, "tangent": args.tangent_weight} | ({"relative": True} if args.relative_loss else {})
     if args.relative_floor is not None:
         sz["loss"] |= {"relative": True, "floor": args.relative_floor}

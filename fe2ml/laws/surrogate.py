@@ -297,7 +297,8 @@ class HybridLaw(SurrogateLaw):
                 if th.spread is not None:
                     reasons["spread"] = spread > th.spread
                 if th.error is not None:
-                    reasons["error"] = gate.predicted_error(spread, stress_magnitude(Ps, gate.floor)) > th.error
+                    reasons["error"] = gate.predicted_error(spread, stress_magnitude(Ps, gate.floor),
+                                                               th.level) > th.error
         return reasons
 
     def answer_key(self) -> object | None:

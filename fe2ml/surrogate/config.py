@@ -28,7 +28,7 @@ from pathlib import Path
 from fe2ml.config import check_keys, flag, load_yaml, number
 from fe2ml.errors import ConfigError
 from fe2ml.surrogate.closed_form import TANGENT_PRECISIONS
-from fe2ml.surrogate.gate import AuditOptions, Thresholds
+from fe2ml.surrogate.gate import LEVELS, AuditOptions, Thresholds
 
 FEATURES = ("general", "isotropic", "anisotropic")  # of potential models (the same as models.FEATURES, torch-free)
 
@@ -339,9 +339,12 @@ def parse_surrogate_options(mat: dict, kind: str, f: str, base: Path) -> Surroga
     if not isinstance(th, dict):
         raise ConfigError(f"{f}: material.threshold: expected a mapping like {{error: 0.01, distance: 0.0, "
                           "density: 2.0}")
-    check_keys(th, ("spread", "error", "distance", "density"), f"{f}: material.threshold")
+    check_keys(th, ("spread", "error", "distance", "density", "level"), f"{f}: material.threshold")
     thresholds = Thresholds(**{k: number(th[k], f"{f}: material.threshold.{k}")
-                               for k in ("spread", "error", "distance", "density") if k in th})
+                               for k in ("spread", "error", "distance", "density", "level") if k in th})
+    if thresholds.level not in LEVELS:
+        raise ConfigError(f"{f}: material.threshold.level: expected 0.9 or 0.95 (the calibrated levels), got "
+                          f"{thresholds.level!r}")
     audit = mat.get("audit")
     if audit is not None:
         audit = _audit(audit, thresholds, mat, f"{f}: material.audit")

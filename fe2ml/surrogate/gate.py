@@ -25,6 +25,7 @@ __all__ = ["MAGNITUDE_BINS", "MIN_PER_BIN", "STRESS_FLOOR", "AuditOptions", "Gat
 STRESS_FLOOR = 0.05  # per-point relative quantities are taken relative to |P̄| + STRESS_FLOOR * RMS |P̄|train
 
 
+LEVELS = (0.9, 0.95)  # the split-conformal levels a calibration holds (factor90, factor95)
 MAGNITUDE_BINS = 3  # Mondrian calibration: bins of the predicted stress magnitude (quantiles of the calibration set)
 MIN_PER_BIN = 40  # fewer calibration points per bin: one bin
 
@@ -150,16 +151,20 @@ class Gate:
         self._anchors = (xa, da)
         return out
 
-    def predicted_error(self, spread: np.ndarray, magnitude: np.ndarray | None = None) -> np.ndarray:
-        """The calibrated error bound (90 % quantile of error/spread on the validation split) times the spread.
+    def predicted_error(self, spread: np.ndarray, magnitude: np.ndarray | None = None,
+                        level: float = 0.9) -> np.ndarray:
+        """The calibrated error bound (the ``level`` quantile of error/spread on the validation split) times the spread.
 
-        With ``magnitude`` (:func:`stress_magnitude` of the points) the quantile of each point's magnitude bin
-        (Mondrian split-conformal: the 90 % level holds within each bin, small stresses included).
+        ``level``: 0.9 or 0.95 (the calibration's factor90 or factor95). With ``magnitude`` (:func:`stress_magnitude`
+        of the points) the quantile of each point's magnitude bin (Mondrian split-conformal: the level holds within
+        each bin, small stresses included).
         """
         if self.calibration is None:
             raise ConfigError("this checkpoint has no calibration (train an ensemble of 2 or more members)")
-        f90, _ = point_factors(self.calibration, magnitude)
-        return f90 * spread
+        if level not in LEVELS:
+            raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
+        f90, f95 = point_factors(self.calibration, magnitude)
+        return (f90 if level == 0.9 else f95) * spread
 
 
 @dataclass(frozen=True)
@@ -168,15 +173,17 @@ class Thresholds:
 
     Attributes:
         spread: per-point relative ensemble spread (needs 2 or more members).
-        error: calibrated predicted error, factor90 x spread (needs a calibrated checkpoint).
+        error: calibrated predicted error, factor × spread at the conformal ``level`` (needs a calibrated checkpoint).
         distance: relative excursion outside the training box.
         density: distance to the nearest training record in data-density scales.
+        level: the split-conformal level of ``error``'s bound: 0.9 (factor90) or 0.95 (factor95).
     """
 
     spread: float | None = None
     error: float | None = None
     distance: float = 0.0
     density: float = 2.0
+    level: float = 0.9
 
     def check(self, gate: Gate, where: str = "threshold") -> None:
         """Refuse criteria the checkpoint cannot evaluate (one member, no calibration) and negative values."""
@@ -184,6 +191,8 @@ class Thresholds:
             v = getattr(self, key)
             if v is not None and not v >= 0:
                 raise ConfigError(f"{where}.{key}: expected a number >= 0, got {v!r}")
+        if self.level not in LEVELS:
+            raise ConfigError(f"{where}.level: expected 0.9 or 0.95 (the calibrated levels), got {self.level!r}")
         for key in ("spread", "error"):
             if getattr(self, key) is not None and gate.members < 2:
                 raise ConfigError(f"{where}.{key}: needs an ensemble of 2 or more members; the checkpoint has "
