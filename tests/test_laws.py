@@ -344,3 +344,32 @@ def test_density_flags_across_iterations_equal_a_fresh_tree_query_every_time():
         assert want.any() and not want.all()
     # the first evaluation and the new point set query all points; the drifting ones mostly the flagged ones only
     assert queried[0] == 2000 and queried[9] == 1500 and max(queried[1:6]) < 0.6 * 2000, queried
+
+
+def test_the_error_criterion_bounds_at_the_chosen_conformal_level(tmp_path):
+    # error criterion = factor(level) x relative spread > threshold; the spread recomputed here from the members'
+    # stresses (std over members / (|mean| + floor)), the factors set in the calibration
+    from fe2ml.errors import ConfigError
+
+    rve = HyperelasticRVE(_rve_mesh(), HYPER)
+    ck = load_checkpoint(_checkpoint(tmp_path / "two.pt", rve, 2))
+    ck["calibration"] = {"method": "split-conformal", "factor": 1.5, "factor50": 1.0, "factor90": 2.0,
+                         "factor95": 3.0, "bins": None}
+    save_checkpoint(ck, tmp_path / "cal.pt")
+    G = np.eye(D) + np.random.default_rng(3).uniform(-0.08, 0.08, (40, D, D))
+    law = HybridLaw(tmp_path / "cal.pt", rve, thresholds=Thresholds(distance=np.inf, density=None))
+    Ps = np.array(law.model.evaluate_members(G)[0])
+    mean = Ps.mean(axis=0)
+    spread = (np.sqrt(((Ps - mean) ** 2).sum(axis=(2, 3)).mean(axis=0))
+              / (np.sqrt((mean**2).sum(axis=(1, 2))) + law.gate.floor))
+    cut = float(np.median(2.5 * spread))  # between the two bounds: the levels flag different points
+    flagged = {}
+    for level, factor in ((0.9, 2.0), (0.95, 3.0)):
+        hl = HybridLaw(tmp_path / "cal.pt", rve, thresholds=Thresholds(error=cut, distance=np.inf, density=None,
+                                                                       level=level))
+        _, _, Ps_, ok = hl.model.evaluate_gate(G)
+        flagged[level] = hl.flags(G, Ps_, ok)["error"]
+        assert np.array_equal(flagged[level], factor * spread > cut)
+    assert flagged[0.9].sum() < flagged[0.95].sum() and not (flagged[0.9] & ~flagged[0.95]).any()
+    with pytest.raises(ConfigError, match="level: expected 0.9 or 0.95"):
+        HybridLaw(tmp_path / "cal.pt", rve, thresholds=Thresholds(error=0.01, level=0.99))

@@ -420,6 +420,8 @@ def test_surrogate_bad_inputs(tmp_path):
                           "material.audit.fraction: expected a number in (0, 1]"),
            "audit_above_one": ("hybrid", "audit: {fraction: 1.5}", "material.audit.fraction"),
            "device_name": ("surrogate", "device: gpu", "material.device: expected auto, cpu, cuda or cuda:K"),
+           "threshold_level": ("hybrid", "threshold: {error: 0.01, level: 0.99}",
+                               "material.threshold.level: expected 0.9 or 0.95 (the calibrated levels), got 0.99"),
            "tangent_precision": ("hybrid", "tangent_precision: half",
                                  "material.tangent_precision: expected single or double, got 'half'")}
     if not torch.cuda.is_available():
