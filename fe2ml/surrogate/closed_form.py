@@ -117,6 +117,18 @@ class _Numpy:
         return np.stack(xs, axis)
 
     @staticmethod
+    def concat(xs, axis):
+        return np.concatenate(xs, axis)
+
+    @staticmethod
+    def zeros(shape):
+        return np.zeros(shape)
+
+    @staticmethod
+    def permute(x, axes):
+        return x.transpose(axes)
+
+    @staticmethod
     def asarray(F):
         return np.asarray(F, dtype=np.float64)
 
@@ -157,6 +169,16 @@ class _Torch:
 
     def stack(self, xs, axis):
         return self.torch.stack(xs, axis)
+
+    def concat(self, xs, axis):
+        return self.torch.cat(xs, axis)
+
+    def zeros(self, shape):
+        return self.torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    @staticmethod
+    def permute(x, axes):
+        return x.permute(axes)
 
     def asarray(self, F):
         return F.to(device=self.device, dtype=self.dtype) if isinstance(F, self.torch.Tensor) else self.const(F)
@@ -512,12 +534,22 @@ def _invariant_form(model, ref, ops, ps, hd=np.float64) -> ClosedForm:
     g0 = net.grad_hess(ops.const(np.zeros((1, r))))[0][0]
     # P(I) = 0 by polyconvexity-preserving terms (reference_shift)
     shift = ops.stack(reference_shift([g0[i] for i in range(r)], K), 0)
-    d2J = ops.const(_D2J)
     a_ = [ops.const(a) for a in fib]
     B_ = [ops.const(np.einsum("j,jmn->mn", a, _EPS)) for a in fib]
-    aa_ = [ops.const(np.outer(a, a)) for a in fib]
     eps9 = ops.const(_EPS.reshape(3, 9))                # g_i -> Σ_i ε_ipl g_i as (p, l)
     eps93 = ops.const(_EPS.reshape(9, 3))              # T_lQ -> Σ_l ε_ipl T_lQ as ((i, p), Q)
+    # the tangent's terms that are linear in a per-point array, as one product of their coefficients (n, q) with
+    # constant maps (q, 81) onto A_iJkL: ε_ikm ε_JLN F_mN (J's Hessian), δ_ik C_JL, b_ik δ_JL, δ_ik δ_JL and per fibre
+    # family E_g,pl B_QS (at p Q l S) and δ_ik a_J a_L
+    eye3 = np.eye(3)
+    maps = [_D2J.T, np.einsum("ik,jm,ln->jlimkn", eye3, eye3, eye3).reshape(9, 81),
+            np.einsum("ai,bk,jl->abijkl", eye3, eye3, eye3).reshape(9, 81),
+            np.einsum("ik,jl->ijkl", eye3, eye3).reshape(1, 81)]
+    for a in fib:
+        Bk = np.einsum("j,jmn->mn", a, _EPS)
+        maps += [np.einsum("ap,bl,qs->abpqls", eye3, eye3, Bk).reshape(9, 81),
+                 np.einsum("ik,j,l->ijkl", eye3, a, a).reshape(1, 81)]
+    lin = ops.const(np.concatenate(maps))
 
     def prepare(F):
         F = ops.asarray(F)
@@ -554,37 +586,39 @@ def _invariant_form(model, ref, ops, ps, hd=np.float64) -> ClosedForm:
 
     def invariant_stress(ctx, Wy):
         n = Wy.shape[0]
-        P3 = (Wy[:, :, None] * ctx["dy"]).sum(1).reshape(n, 3, 3)
+        P3 = (Wy[:, None, :] @ ctx["dy"]).reshape(n, 3, 3)
         return P3[:, :2, :2] if d == 2 else P3
 
     def invariant_tangent(ctx, Wy, H):
         F3, C, I1, dy, fibre = ctx["F3"], ctx["C"], ctx["I1"], ctx["dy"], ctx["fibre"]
         n = Wy.shape[0]
-        Hy = H + 0.0  # a copy: the terms below are added in place
-        # 4 W_I2 F_iJ F_kL of ∂²I2 is W_I2 (∂I1 ⊗ ∂I1): added to the Hessian's (I1, I1) entry
+        # A = ∂yᵀ H ∂y + ∂gᵀ (2 W_K4) ∂g per family, as one product: the Hessian bordered by the 3 rows of ∂g per
+        # family; 4 W_I2 F_iJ F_kL of ∂²I2 is W_I2 (∂I1 ⊗ ∂I1) (the (I1, I1) entry) and 2 H(I4 − 1) W_M ∂I4 ⊗ ∂I4
+        # of ∂²M the (I4, I4) entry
+        R = r + 3 * K
+        Hy = ops.zeros((n, R, R))
+        Hy[:, :r, :r] = H
         Hy[:, 0, 0] += Wy[:, 1]
-        for k, (pos, _, _, _) in enumerate(fibre):  # 2 H(I4 − 1) W_M ∂I4 ⊗ ∂I4 of ∂²M: the (I4, I4) entry
-            Hy[:, 3 + 3 * k, 3 + 3 * k] += 2.0 * Wy[:, 5 + 3 * k] * pos
-        P3 = (Wy[:, :, None] * dy).sum(1).reshape(n, 3, 3)
-        A3 = dy.swapaxes(1, 2) @ Hy @ dy + ((Wy[:, 2, None] * F3.reshape(n, 9)) @ d2J.T).reshape(n, 9, 9)
-        for k, (_, mac, Eg, dg) in enumerate(fibre):
-            W4 = Wy[:, 3 + 3 * k] + 2.0 * mac * Wy[:, 5 + 3 * k]                # ∂²I4 and the ⟨I4 − 1⟩ ∂²I4 of ∂²M
-            W5 = Wy[:, 4 + 3 * k]
-            A3 = A3 + 2.0 * W5[:, None, None] * (dg.swapaxes(1, 2) @ dg)
-            A3 = A3.reshape(n, 3, 3, 3, 3)
-            A3 += (2.0 * W5[:, None, None] * Eg)[:, :, None, :, None] * B_[k][None, None, :, None, :]
-            for i in range(3):
-                A3[:, i, :, i, :] += 2.0 * W4[:, None, None] * aa_[k]
-            A3 = A3.reshape(n, 9, 9)
+        rows, coef = [dy], [Wy[:, 2, None] * F3.reshape(n, 9)]
         beta = 2.0 * Wy[:, 1, None, None]
-        bF = beta * F3
+        coef += [(-beta * C).reshape(n, 9), (-beta * (F3 @ F3.swapaxes(1, 2))).reshape(n, 9),
+                 (2.0 * Wy[:, 0] + 2.0 * Wy[:, 1] * I1)[:, None]]
+        for k, (pos, mac, Eg, dg) in enumerate(fibre):
+            Hy[:, 3 + 3 * k, 3 + 3 * k] += 2.0 * Wy[:, 5 + 3 * k] * pos
+            W5 = Wy[:, 4 + 3 * k]
+            for i in range(3):
+                Hy[:, r + 3 * k + i, r + 3 * k + i] = 2.0 * W5
+            rows.append(dg.reshape(n, 3, 9))
+            # ∂²I4 and the ⟨I4 − 1⟩ ∂²I4 of ∂²M
+            coef += [(2.0 * W5[:, None, None] * Eg).reshape(n, 9),
+                     (2.0 * (Wy[:, 3 + 3 * k] + 2.0 * mac * Wy[:, 5 + 3 * k]))[:, None]]
+        dyA = ops.concat(rows, 1) if K else dy
+        P3 = (Wy[:, None, :] @ dy).reshape(n, 3, 3)
+        A3 = dyA.swapaxes(1, 2) @ (Hy @ dyA) + (ops.concat(coef, 1) @ lin).reshape(n, 9, 9)
         A3 = A3.reshape(n, 3, 3, 3, 3)
-        A3 -= bF[:, :, None, None, :] * F3.swapaxes(1, 2)[:, None, :, :, None]      # F_iL F_kJ
-        bC, bb = beta * C, beta * (F3 @ F3.swapaxes(1, 2))
-        for i in range(3):
-            A3[:, i, :, i, :] -= bC                                                   # δ_ik C_JL
-            A3[:, :, i, :, i] -= bb                                                   # b_ik δ_JL
-        A3.reshape(n, 81)[:, ::10] += (2.0 * Wy[:, 0] + 2.0 * Wy[:, 1] * I1)[:, None]  # (2 W_I1 + 2 W_I2 I1) δ_ik δ_JL
+        # F_iL F_kJ of ∂²I2: the outer product of F with itself, (i, L, k, J) read as (i, J, k, L)
+        FF = ((beta * F3).reshape(n, 9, 1) * F3.reshape(n, 1, 9)).reshape(n, 3, 3, 3, 3)
+        A3 -= ops.permute(FF, (0, 1, 4, 3, 2))
         if d == 2:
             return P3[:, :2, :2], A3[:, :2, :2, :2, :2]
         return P3, A3
