@@ -53,7 +53,10 @@ def chunked(f, F: np.ndarray, chunk: int = CPU_CHUNK) -> tuple[np.ndarray, np.nd
     n, d = len(F), F.shape[1]
     P, A = np.empty((n, d, d)), np.empty((n, d, d, d, d))
     for i in range(0, n, chunk):
-        P[i:i + chunk], A[i:i + chunk] = f(F[i:i + chunk])
+        if isinstance(f, ClosedForm):  # the tangent written in place
+            P[i:i + chunk] = f(F[i:i + chunk], out=A[i:i + chunk])[0]
+        else:
+            P[i:i + chunk], A[i:i + chunk] = f(F[i:i + chunk])
     return P, A
 
 
@@ -392,17 +395,28 @@ def strain_basis(d, idx):
     return B
 
 
-def _finite_tangent(F, S, H, Bt, d):
+def delta_S(d: int) -> np.ndarray:
+    """The map (d², d⁴) of S_JL onto δ_ik S_JL at (i, J, k, L)."""
+    e = np.eye(d)
+    return np.einsum("ik,jm,ln->jlimkn", e, e, e).reshape(d * d, d**4)
+
+
+def _finite_tangent(F, S, H, Bt, dS, d, out=None):
     """P = F S and A_iJkL = δ_ik S_JL + M_iJa H_ab M_kLb with M_iJa = F_iM B_aMJ (= F_iM ℂ_MJNL F_kN).
 
-    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, d·m) with Bt[M, (J, a)] = B_aMJ.
+    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, d·m) with Bt[M, (J, a)] = B_aMJ, dS = :func:`delta_S`;
+    ``out``: a numpy array (n, d, d, d, d) that receives A.
     """
     n, m = F.shape[0], H.shape[1]
     M = (F.reshape(n * d, d) @ Bt).reshape(n, d * d, m)
-    A = (M @ H @ M.swapaxes(1, 2)).reshape(n, d, d, d, d)
-    for i in range(d):
-        A[:, i, :, i, :] += S
-    return F @ S, A
+    if out is not None and not out.flags.c_contiguous:  # no view of it as (n, d², d²): the caller copies
+        out = None
+    if out is None:
+        A = M @ H @ M.swapaxes(1, 2)
+    else:
+        A = np.matmul(M @ H, M.swapaxes(1, 2), out=out.reshape(n, d * d, d * d))
+    A += (S.reshape(n, d * d) @ dS).reshape(n, d * d, d * d)
+    return F @ S, (A.reshape(n, d, d, d, d) if out is None else out)
 
 
 class ClosedForm:
@@ -414,20 +428,29 @@ class ClosedForm:
     members' mean g and H by one chain rule (:meth:`tangent_of`) instead of one per member, and a stress-only pass
     (:meth:`derivatives` with ``tangent=False``) skips every Hessian product.
 
-    Calling it, ``f(F, tangent=True)``, gives the member's own (P (n, d, d), A (n, d, d, d, d) or None).
+    Calling it, ``f(F, tangent=True, out=None)``, gives the member's own (P (n, d, d), A (n, d, d, d, d) or None),
+    A written into ``out`` where given (numpy).
     """
 
     def __init__(self, key, prepare, derivatives, stress, tangent_of):
         self.key = key
-        self.prepare, self.derivatives, self.stress, self.tangent_of = prepare, derivatives, stress, tangent_of
+        self.prepare, self.derivatives, self.stress, self._tangent_of = prepare, derivatives, stress, tangent_of
 
-    def __call__(self, F, tangent=True):
-        """(P, A) of this member at F (A is None unless ``tangent``)."""
+    def __call__(self, F, tangent=True, out=None):
+        """(P, A) of this member at F (A is None unless ``tangent``; written into ``out`` where given)."""
         ctx = self.prepare(F)
         g, H = self.derivatives(ctx, tangent)
         if not tangent:
             return self.stress(ctx, g), None
-        return self.tangent_of(ctx, g, H)
+        return self.tangent_of(ctx, g, H, out)
+
+    def tangent_of(self, ctx, g, H, out=None):
+        """(P, A) from the feature-space derivatives g and H at the prepared ``ctx``; A into ``out`` where given."""
+        P, A = self._tangent_of(ctx, g, H, out)
+        if out is not None and A is not out:
+            out[...] = A
+            A = out
+        return P, A
 
 
 TANGENT_PRECISIONS = ("single", "double")
@@ -468,7 +491,7 @@ def evaluator(model, backend: str = "numpy", device=None, tangent: str = "double
 
         return ClosedForm(("plain", d), ops.asarray, plain_derivatives,
                           lambda F, g: g.reshape(F.shape[0], d, d),
-                          lambda F, g, H: (g.reshape(F.shape[0], d, d), H.reshape(F.shape[0], d, d, d, d)))
+                          lambda F, g, H, out: (g.reshape(F.shape[0], d, d), H.reshape(F.shape[0], d, d, d, d)))
     if model.features == "general":
         idx = model.idx
         m = len(idx)
@@ -477,6 +500,7 @@ def evaluator(model, backend: str = "numpy", device=None, tangent: str = "double
         B = strain_basis(d, idx)
         Bf = ops.const(B.reshape(m, d * d))
         Bt = ops.const(B.transpose(1, 2, 0).reshape(d, d * m))
+        dS = ops.const(delta_S(d))
         ii = ops.index([i for i, _ in idx])
         jj = ops.index([j for _, j in idx])
         wts = ops.const([1.0 if i == j else 2.0**0.5 for i, j in idx])
@@ -497,13 +521,13 @@ def evaluator(model, backend: str = "numpy", device=None, tangent: str = "double
             S = (g @ Bf).reshape(F.shape[0], d, d)
             return S if small else F @ S
 
-        def general_tangent(ctx, g, H):
+        def general_tangent(ctx, g, H, out):
             F = ctx[0]
             n = F.shape[0]
             S = (g @ Bf).reshape(n, d, d)
             if small:
                 return S, (Bf.T @ H @ Bf).reshape(n, d, d, d, d)
-            return _finite_tangent(F, S, H, Bt, d)
+            return _finite_tangent(F, S, H, Bt, dS, d, out)
 
         return ClosedForm(("general", d, tuple(map(tuple, idx)), small), prepare, general_derivatives,
                           general_stress, general_tangent)
@@ -589,7 +613,7 @@ def _invariant_form(model, ref, ops, ps, hd=np.float64) -> ClosedForm:
         P3 = (Wy[:, None, :] @ ctx["dy"]).reshape(n, 3, 3)
         return P3[:, :2, :2] if d == 2 else P3
 
-    def invariant_tangent(ctx, Wy, H):
+    def invariant_tangent(ctx, Wy, H, out):
         F3, C, I1, dy, fibre = ctx["F3"], ctx["C"], ctx["I1"], ctx["dy"], ctx["fibre"]
         n = Wy.shape[0]
         # A = ∂yᵀ H ∂y + ∂gᵀ (2 W_K4) ∂g per family, as one product: the Hessian bordered by the 3 rows of ∂g per

@@ -350,7 +350,7 @@ def gate_pass(F: np.ndarray, evs: list, d: int, chunk: int = CPU_CHUNK, *, tange
             elif tangent:
                 gm, Hm = (g, H) if k == 0 else (gm + g, Hm + H)
         if tangent and shared:
-            A[sl] = f0.tangent_of(ctx, gm / K, Hm / K)[1]
+            f0.tangent_of(ctx, gm / K, Hm / K, out=A[sl])
         elif tangent:
             A[sl] /= K
         if tangent:
