@@ -222,6 +222,7 @@ def test_a_single_precision_tangent_keeps_the_stress_and_rounds_the_tangent_only
         NumpyEnsemble(ck, tangent="half")
 
 
+@pytest.mark.serial  # fe2ml run in this process, in the rank's own folder
 def test_a_single_precision_tangent_converges_to_the_same_state_in_as_many_newton_iterations(tmp_path):
     import json
 

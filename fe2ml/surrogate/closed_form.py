@@ -395,7 +395,7 @@ def strain_basis(d, idx):
     return B
 
 
-def delta_S(d: int) -> np.ndarray:
+def _delta_S(d: int) -> np.ndarray:
     """The map (d², d⁴) of S_JL onto δ_ik S_JL at (i, J, k, L)."""
     e = np.eye(d)
     return np.einsum("ik,jm,ln->jlimkn", e, e, e).reshape(d * d, d**4)
@@ -404,7 +404,7 @@ def delta_S(d: int) -> np.ndarray:
 def _finite_tangent(F, S, H, Bt, dS, d, out=None):
     """P = F S and A_iJkL = δ_ik S_JL + M_iJa H_ab M_kLb with M_iJa = F_iM B_aMJ (= F_iM ℂ_MJNL F_kN).
 
-    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, d·m) with Bt[M, (J, a)] = B_aMJ, dS = :func:`delta_S`;
+    S (n, d, d), H = ∂²W/∂y² (n, m, m), Bt = B as (d, d·m) with Bt[M, (J, a)] = B_aMJ, dS = :func:`_delta_S`;
     ``out``: a numpy array (n, d, d, d, d) that receives A.
     """
     n, m = F.shape[0], H.shape[1]
@@ -500,7 +500,7 @@ def evaluator(model, backend: str = "numpy", device=None, tangent: str = "double
         B = strain_basis(d, idx)
         Bf = ops.const(B.reshape(m, d * d))
         Bt = ops.const(B.transpose(1, 2, 0).reshape(d, d * m))
-        dS = ops.const(delta_S(d))
+        dS = ops.const(_delta_S(d))
         ii = ops.index([i for i, _ in idx])
         jj = ops.index([j for _, j in idx])
         wts = ops.const([1.0 if i == j else 2.0**0.5 for i, j in idx])
