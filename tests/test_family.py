@@ -350,14 +350,14 @@ def test_bad_run_parameters_refused(family, tmp_path, mat, msg):
 
 
 @pytest.mark.serial
-def test_parametric_hybrid_needs_constants_and_the_same_family(family, tmp_path):
+def test_parametric_hybrid_needs_valid_rves_over_its_field_and_the_same_family(family, tmp_path):
     folder, _, _ = family
     hyb = (STRIP + f"material:\n  kind: hybrid\n  checkpoint: {folder}/sur/checkpoint.pt\n"
-           "  parameters: {phases.2.mu: \"2 + x\", mesh.volume_fraction: 0.25}\n  rve:\n" + NESTED
+           "  parameters: {phases.2.mu: \"2 - x\", mesh.volume_fraction: 0.25}\n  rve:\n" + NESTED
            + "output: run_out\n")
-    _w(tmp_path / "h.yaml", hyb)
-    assert_check_and_run_refuse(tmp_path / "h.yaml", "a hybrid run needs constant parameters", tmp_path)
-    other = hyb.replace("\"2 + x\"", "2.0").replace("mu: 10.0, K: 30.0", "mu: 12.0, K: 30.0")
+    _w(tmp_path / "h.yaml", hyb)  # μ_c = 2 − x reaches −2 on the strip x in [0, 4]: no RVE there
+    assert_check_and_run_refuse(tmp_path / "h.yaml", "the field spans phases.2.mu in [-2, 2]", tmp_path)
+    other = hyb.replace("\"2 - x\"", "2.0").replace("mu: 10.0, K: 30.0", "mu: 12.0, K: 30.0")
     _w(tmp_path / "o.yaml", other)
     assert_check_and_run_refuse(tmp_path / "o.yaml", "its RVE family", tmp_path)
 
@@ -375,14 +375,126 @@ def test_parametric_hybrid_outside_the_box_answers_with_the_rve_of_those_paramet
        "  parameters: {phases.2.mu: 9.0, mesh.volume_fraction: 0.25}\n  rve:\n" + NESTED + "output: r_h\n")
     _w(tmp_path / "f.yaml", STRIP + "material:\n  kind: rve\n  rve:\n" + NESTED.replace("mu: 3.0", "mu: 9.0")
        + "output: r_f\n")
+    # the same parameters as a field: each fallback is solved on the RVE family's solver of its point's parameters
+    _w(tmp_path / "g.yaml", (tmp_path / "h.yaml").read_text().replace("mu: 9.0", "mu: \"9.0 + 0*x\"")
+       .replace("r_h", "r_g"))
     sh = run(comm, load_run_config(tmp_path / "h.yaml"))
+    sg = run(comm, load_run_config(tmp_path / "g.yaml"))
     run(comm, load_run_config(tmp_path / "f.yaml"))
-    assert sh["fallbacks"] > 0 and all(n == sh["quadrature_points"] for n in sh["fallbacks_per_step"])
+    for s in (sh, sg):
+        assert s["fallbacks"] > 0 and all(n == s["quadrature_points"] for n in s["fallbacks_per_step"])
     R = {}
-    for n in ("h", "f"):
+    for n in ("h", "g", "f"):
         with open(tmp_path / f"r_{n}" / "reactions.csv") as f:
             R[n] = np.array([float(r["right_R1"]) for r in csv.DictReader(f)])
     assert np.allclose(R["h"], R["f"], rtol=1e-8)
+    assert np.allclose(R["g"], R["f"], rtol=1e-8)
+
+
+def test_parametric_hybrid_with_a_field_answers_each_fallback_with_the_rve_of_its_parameters(family):
+    """μ_c = 6.5 + x on the strip x in [0, 4]: the points beyond x = 1.5 lie outside the trained [1, 8] and fall back,
+    each to the RVE of its own μ_c (on 2 ranks, the farm moves jobs with their parameters); a logged fallback or audit
+    record is that RVE's answer (solved again here, directly, on an RVE built from scratch with the record's
+    parameters)."""
+    from fe2ml.data.reader import read_logs
+    from fe2ml.macro.config import load_run_config
+    from fe2ml.macro.run import run
+    from fe2ml.micro.config import build_rve, load_rve_mesh
+    from fe2ml.micro.parameters import rve_with
+
+    folder, cfg, _ = family
+    comm = MPI.COMM_WORLD
+    _w(folder / "hf.yaml", STRIP + "material:\n  kind: hybrid\n  checkpoint: sur/checkpoint.pt\n  log: fb\n"
+       "  audit: {fraction: 1.0}\n  parameters: {phases.2.mu: \"6.5 + x\", mesh.volume_fraction: 0.25}\n  rve:\n"
+       + NESTED + "output: r_hf\n")
+    s = run(comm, load_run_config(folder / "hf.yaml"))
+    comm.barrier()
+    if comm.rank != 0:
+        return
+    assert s["status"] == "completed" and s["fallbacks"] > 0
+    data = read_logs(folder / "fb", converged_only=True)
+    mu = data["p"][:, 0]
+    audited = data["step"] >= 0  # the audit's records (the points the surrogate answered, at each step's end)
+    assert data.fingerprint.startswith("family-") and (~audited).sum() == s["fallbacks"] and audited.any()
+    assert mu[~audited].max() > 8.0 and len(np.unique(mu)) > 3  # outside the box, and many RVEs
+    assert mu[audited].max() <= 8.0  # the surrogate answered inside the box only
+    assert np.all((mu >= 6.5) & (mu <= 10.5)) and np.allclose(data["p"][:, 1], 0.25)
+    pick = np.concatenate([np.flatnonzero(~audited)[[0, -1]], np.flatnonzero(audited)[[0, -1]]])
+    for k in pick:
+        rc = rve_with(cfg.parameters, data["p"][k], "test", 2)
+        rve = build_rve(rc, load_rve_mesh(rc))
+        _, _, _, R = rve.solve(data["F"][k], None)
+        P, A = rve.homogenized(R)
+        assert np.allclose(P, data["P"][k], rtol=1e-7, atol=1e-9)
+        assert np.allclose(A, data["A"][k], rtol=1e-6, atol=1e-8 * np.abs(A).max())
+
+
+def test_rve_family_answers_as_rves_built_with_each_parameter_vector(tmp_path):
+    """One solver per mesh, its phases' values set per parameter vector: P̄ and Ā equal those of an RVE built from
+    scratch with those parameters, in any order of the vectors (moduli, volume fraction, an HGO fibre angle)."""
+    from fe2ml.micro.config import build_rve, load_rve_mesh
+    from fe2ml.micro.family import RVEFamily
+    from fe2ml.micro.parameters import parse_parameter_box, rve_with
+
+    base = {"dim": 2, "kinematics": "finite",
+            "mesh": {"generate": "cells_2d", "n_cells": 1, "volume_fraction": 0.25, "seed": 0, "h": 0.15,
+                     "out_dir": str(tmp_path / "m")},
+            "phases": {1: {"material": "hgo", "mu": 10.0, "K": 30.0, "k1": 20.0, "k2": 2.0,
+                           "fibres": [[1.0, 0.0], [1.0, 0.0]]},
+                       2: {"material": "neo_hookean", "mu": 3.0, "K": 20.0}}}
+    box = parse_parameter_box({"phases.2.mu": [1.0, 8.0], "mesh.volume_fraction": [0.15, 0.35],
+                               "fibre.angle": [0.0, 60.0], "phases.1.k1": [5.0, 40.0]}, base, "t", tmp_path,
+                              tmp_path / "t.yaml")
+    fam = RVEFamily(box, 2)
+    F = np.array([[1.15, 0.1], [0.02, 0.93]])
+    ps = [[2.0, 0.25, 30.0, 20.0], [7.0, 0.25, 10.0, 35.0], [2.0, 0.3, 50.0, 8.0], [7.0, 0.25, 10.0, 35.0],
+          [2.0, 0.25, 30.0, 20.0]]
+    for p in ps:
+        rve = fam.rve(p)
+        _, _, _, R = rve.solve(F, None)
+        P, A = rve.homogenized(R)
+        rc = rve_with(box, p, "t", 2)
+        fresh = build_rve(rc, load_rve_mesh(rc))
+        _, _, _, R = fresh.solve(F, None)
+        P0, A0 = fresh.homogenized(R)
+        assert np.allclose(P, P0, rtol=1e-10, atol=1e-12) and np.allclose(A, A0, rtol=1e-9, atol=1e-10)
+        fresh.close()
+    assert fam.built == 2  # one solver per volume fraction; moduli and fibres change values only
+    P_by_p = {}
+    for p in ps[:2]:
+        rve = fam.rve(p)
+        _, _, _, R = rve.solve(F, None)
+        P_by_p[tuple(p)] = rve.homogenized(R)[0]
+    assert np.abs(P_by_p[tuple(ps[0])] - P_by_p[tuple(ps[1])]).max() > 1e-2  # the values did change
+    with pytest.raises(ConfigError, match="cannot replace"):
+        fam.rve(ps[0]).set_materials({1: rve_with(box, ps[0], "t", 2).materials[2],
+                                      2: rve_with(box, ps[0], "t", 2).materials[2]})
+    fam.close()
+    # a bulk modulus that switches formulation (auto: K/μ >= 50 is mixed, P2–P0: another solver), and an energy
+    # expression's parameter
+    nh = {"material": "neo_hookean", "mu": 10.0, "K": 30.0}
+    energy = {"material": "energy", "W": "c1*(I1b - 3) + K/2*(J - 1)**2", "params": {"c1": 1.5, "K": 20.0}}
+    for phases, ranges, ps, built in (
+            ({1: nh, 2: {**nh, "mu": 3.0}}, {"phases.1.K": [20.0, 2000.0], "phases.2.mu": [0.5, 3.0]},
+             ([30.0, 1.5], [1000.0, 1.5], [600.0, 2.5], [30.0, 2.5]), 2),
+            ({1: nh, 2: energy}, {"phases.2.params.c1": [0.5, 3.0]}, ([1.5], [2.5], [1.5]), 1)):
+        base["phases"] = phases
+        box = parse_parameter_box(ranges, base, "t", tmp_path, tmp_path / "t.yaml")
+        fam = RVEFamily(box, 2)
+        for p in ps:
+            rve = fam.rve(p)
+            rc = rve_with(box, p, "t", 2)
+            fresh = build_rve(rc, load_rve_mesh(rc))
+            got = []
+            for r in (rve, fresh):
+                _, _, _, R = r.solve(F, None)
+                got.append(r.homogenized(R))
+            assert rve.formulation == fresh.formulation == ("mixed" if p[0] >= 500 else "displacement")
+            assert np.allclose(got[0][0], got[1][0], rtol=1e-10, atol=1e-12)
+            assert np.allclose(got[0][1], got[1][1], rtol=1e-9, atol=1e-10)
+            fresh.close()
+        assert fam.built == built
+        fam.close()
 
 
 # ---------------------------------------------------------------------------------------------- identify

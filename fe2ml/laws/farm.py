@@ -9,8 +9,9 @@ partition leaves most ranks waiting for one. :class:`RVEFarm` redistributes them
 2. every rank computes the same assignment (:func:`assign`): each rank keeps its own jobs up to the mean work per
    rank, the surplus goes, largest first, to the least loaded rank;
 3. one ``alltoall`` sends F̄ and the warm-start state of each moved job, the receiver solves it on its own copy of the
-   RVE (every rank holds the same RVE), and a second ``alltoall`` returns P̄, Ā, the new state, the iteration counts,
-   the solve time and the cell quantities.
+   RVE (every rank holds the same RVE; a job with microstructure parameters, in a hybrid run with a field of them,
+   travels with them and is solved on the receiver's RVE of those parameters), and a second ``alltoall`` returns P̄,
+   Ā, the new state, the iteration counts, the solve time and the cell quantities.
 
 An RVE solve depends only on F̄ and its start state, so the answers do not depend on which rank solved them, nor on
 the number of ranks. A failed solve travels back as a message; the owner raises it after the exchange, so a failure
@@ -85,6 +86,9 @@ class RVEFarm:
         rve: this rank's finite-strain RVE (the same RVE on every rank).
         comm: the macro communicator; None (or one rank, or ``balance=False``): every rank solves its own jobs.
         balance: redistribute the jobs by expected cost.
+        family: this rank's :class:`~fe2ml.micro.family.RVEFamily`, for jobs that carry their microstructure
+            parameters (a hybrid run with a field of parameters): such a job is solved on the family's RVE of its
+            parameters, on whichever rank.
 
     Attributes:
         work: accumulated RVE work of the run over all evaluations, summed over evaluations of the max and the mean
@@ -92,8 +96,9 @@ class RVEFarm:
             jobs each rank solved (``solved_*``). :meth:`balance_report` turns them into max/mean ratios.
     """
 
-    def __init__(self, rve: HyperelasticRVE, comm=None, *, balance: bool = True):
+    def __init__(self, rve: HyperelasticRVE, comm=None, *, balance: bool = True, family=None):
         self.rve = rve
+        self.family = family
         self.comm = comm
         self.balance = bool(balance and comm is not None and comm.size > 1)
         self.work = {"owned_max": 0.0, "owned_mean": 0.0, "solved_max": 0.0, "solved_mean": 0.0}
@@ -116,12 +121,14 @@ class RVEFarm:
                 return self._mean_t[kind]
         return 1.0
 
-    def _solve_one(self, F: np.ndarray, start: RVEState | None, point: int, cells: bool) -> SolveResult:
+    def _solve_one(self, F: np.ndarray, start: RVEState | None, point: int, cells: bool,
+                   p: np.ndarray | None = None) -> SolveResult:
         t0 = time.perf_counter()
         try:
-            state, its, steps, R = self.rve.solve(F, start, point=point)
-            P, A = self.rve.homogenized(R)
-            cq = self.rve.cell_quantities() if cells else None
+            rve = self.rve if p is None else self.family.rve(p)
+            state, its, steps, R = rve.solve(F, start, point=point)
+            P, A = rve.homogenized(R)
+            cq = rve.cell_quantities() if cells else None
         except Fe2mlError as e:
             return SolveResult(None, None, None, 0, 0, time.perf_counter() - t0, None, error=str(e))
         dt = time.perf_counter() - t0
@@ -131,7 +138,8 @@ class RVEFarm:
         return SolveResult(P, A, state, int(its), int(steps), dt, cq)
 
     def solve(self, F: np.ndarray, starts: list[RVEState | None], cost: np.ndarray | None = None, *,
-              cells: bool = False, points: np.ndarray | None = None) -> list[SolveResult]:
+              cells: bool = False, points: np.ndarray | None = None,
+              params: np.ndarray | None = None) -> list[SolveResult]:
         """Solve the RVE at every F̄[k] of this rank from ``starts[k]`` (collective when balancing).
 
         Args:
@@ -140,6 +148,8 @@ class RVEFarm:
             cost: expected cost of each job (default: :meth:`default_cost` of its kind of start).
             cells: also return the cell quantities of each solve.
             points: the owner's index of each job, for messages (default 0..n-1).
+            params: the microstructure parameters of each job (n, k), solved on the family's RVE of those parameters
+                (default: every job on ``rve``).
 
         Returns:
             One :class:`SolveResult` per job, in order.
@@ -149,8 +159,11 @@ class RVEFarm:
         if cost is None:
             cost = np.array([self.default_cost(cold=s is None) for s in starts])
         cost = np.asarray(cost, dtype=np.float64)
+        if params is not None and self.family is None:
+            raise ValueError("RVEFarm.solve: jobs with parameters need a farm with an RVE family")
+        pk = [None] * n if params is None else [np.asarray(params[k], dtype=np.float64) for k in range(n)]
         if not self.balance:
-            own = [self._solve_one(F[k], starts[k], int(pid[k]), cells) for k in range(n)]
+            own = [self._solve_one(F[k], starts[k], int(pid[k]), cells, pk[k]) for k in range(n)]
             solved = sum(r.time_s for r in own)
             self._account(solved, solved)
             return own
@@ -159,11 +172,11 @@ class RVEFarm:
         dest = assign(comm.allgather(cost))[comm.rank]
         send: list[list] = [[] for _ in range(comm.size)]
         for k in range(n):
-            send[int(dest[k])].append((k, F[k], starts[k], int(pid[k])))
+            send[int(dest[k])].append((k, F[k], starts[k], int(pid[k]), pk[k]))
         self.moved += int(np.sum(dest != comm.rank))
         recv = comm.alltoall(send)
         self.exchange_s += time.perf_counter() - t0
-        back = [[(k, self._solve_one(Fk, s, q, cells)) for k, Fk, s, q in jobs] for jobs in recv]
+        back = [[(k, self._solve_one(Fk, s, q, cells, pv)) for k, Fk, s, q, pv in jobs] for jobs in recv]
         solved = sum(res.time_s for jobs in back for _, res in jobs)
         t0 = time.perf_counter()
         got = comm.alltoall(back)

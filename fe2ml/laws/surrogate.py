@@ -50,11 +50,21 @@ __all__ = ["Audit", "HybridLaw", "SurrogateLaw", "fallback_writer"]
 log = logging.getLogger(__name__)
 
 
-def fallback_writer(comm, folder, rve: HyperelasticRVE, *, dim: int) -> LogWriter:
-    """This rank's log part for a hybrid law's fallback records (source kind ``hybrid_fallback``)."""
-    return LogWriter(folder, f"hybrid{uuid.uuid4().hex[:6]}", comm.rank, fingerprint=rve_fingerprint(rve),
-                     attrs={"source_kind": "hybrid_fallback", "source_id": "hybrid", "kinematics": "finite",
-                            "rve": json.dumps(rve_description(rve))}, dim=dim, flush_every=16)
+def fallback_writer(comm, folder, rve: HyperelasticRVE, *, dim: int, family=None) -> LogWriter:
+    """This rank's log part for a hybrid law's fallback records (source kind ``hybrid_fallback``).
+
+    ``family``: (parameter box, family fingerprint) of a run with a field of microstructure parameters: the log is then
+    parametric, as a parametric campaign's (the family's fingerprint, every record with its parameter vector).
+    """
+    attrs = {"source_kind": "hybrid_fallback", "source_id": "hybrid", "kinematics": "finite",
+             "rve": json.dumps(rve_description(rve))}
+    if family is None:
+        return LogWriter(folder, f"hybrid{uuid.uuid4().hex[:6]}", comm.rank, fingerprint=rve_fingerprint(rve),
+                         attrs=attrs, dim=dim, flush_every=16)
+    box, fp = family
+    attrs["parameter_box"] = json.dumps(box.as_dict())
+    return LogWriter(folder, f"hybrid{uuid.uuid4().hex[:6]}", comm.rank, fingerprint=fp, attrs=attrs, dim=dim,
+                     flush_every=16, parameters=list(box.names))
 
 
 class SurrogateLaw(ConstitutiveLaw):
@@ -248,6 +258,8 @@ class HybridLaw(SurrogateLaw):
         comm: the macro communicator; with it (and ``balance``) the flagged points of all ranks are spread over the
             ranks at every evaluation (:class:`fe2ml.laws.farm.RVEFarm`). Collective then.
         balance: redistribute the RVE solves (with ``comm``).
+        family: this rank's :class:`~fe2ml.micro.family.RVEFamily` (a parametric checkpoint with a field of
+            parameters, :meth:`set_parameters` per point): a flagged point is solved on the RVE of its own parameters.
 
     Raises:
         ConfigError: a threshold the checkpoint cannot evaluate (see :meth:`Thresholds.check`).
@@ -255,12 +267,12 @@ class HybridLaw(SurrogateLaw):
 
     def __init__(self, checkpoint, rve: HyperelasticRVE, *, thresholds: Thresholds | None = None,
                  writer: LogWriter | None = None, device: str = "cpu", comm=None, balance: bool = True,
-                 fingerprint: str | None = None, tangent_precision: str = "single"):
+                 fingerprint: str | None = None, tangent_precision: str = "single", family=None):
         self.rve = rve
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         super().__init__(checkpoint, dim=rve.d, fingerprint=fingerprint or rve_fingerprint(rve), device=device,
                          tangent_precision=tangent_precision)
-        self.farm = RVEFarm(rve, comm, balance=balance)
+        self.farm = RVEFarm(rve, comm, balance=balance, family=family)
         self.cost: dict[int, float] = {}  # last solve time of each point that fell back
         self.writer = writer
         self.states: dict[int, RVEState] = {}
@@ -285,7 +297,9 @@ class HybridLaw(SurrogateLaw):
         finite there.
         """
         th, (_, gate) = self.thresholds, self.trained()
-        x = np.repeat(self.features(F[:1]), len(F), axis=0) if rows_equal(F) else self.features(F)
+        per_point = self.params is not None and self.params.ndim == 2  # a field of parameters: features differ
+        x = (np.repeat(self.features(F[:1]), len(F), axis=0) if rows_equal(F) and not per_point
+             else self.features(F))
         bad = ~np.isfinite(x).all(axis=1)  # such a point falls back whatever its distances
         x[bad] = 0.0
         reasons = {"nonfinite": ~finite | bad, "box": gate.box_distance(x) > th.distance}
@@ -371,7 +385,8 @@ class HybridLaw(SurrogateLaw):
         starts = [self.trial.get(int(k), self.states.get(int(k))) for k in idx]
         cost = np.array([self.cost.get(int(k), self.farm.default_cost(cold=s is None)) for k, s in zip(idx, starts,
                                                                                                     strict=True)])
-        results = self.farm.solve(F[idx], starts, cost, points=idx)
+        prm = self.point_parameters(idx)
+        results = self.farm.solve(F[idx], starts, cost, points=idx, params=prm)
         A_rve = np.empty((len(idx), d, d, d, d))
         for j, (k, r) in enumerate(zip(map(int, idx), results, strict=True)):
             if r.error is not None or r.state is None:
@@ -384,7 +399,7 @@ class HybridLaw(SurrogateLaw):
         if A is not None:
             A[idx] = A_rve
         self._rve_tangent = A_rve
-        self.pending = [(F[idx].copy(), P[idx].copy(), A_rve, idx)]
+        self.pending = [(F[idx].copy(), P[idx].copy(), A_rve, idx, prm)]
         self.flags_last = flags
         self.reasons_last = reasons
         self.last_F, self.last_P, self.answered = np.array(F), P, ~flags
@@ -392,6 +407,15 @@ class HybridLaw(SurrogateLaw):
         self.stats["rve_solves"] += len(idx)
         self.stats["time_s"] += time.perf_counter() - t0
         return P, A
+
+    def point_parameters(self, idx: np.ndarray) -> np.ndarray | None:
+        """Microstructure parameters (len(idx), k) of points idx with a field of them and a family, else None.
+
+        None: every point's RVE is ``rve``.
+        """
+        if self.farm.family is None or self.params is None or self.params.ndim != 2:
+            return None
+        return self.params[idx]
 
     def rve_work(self) -> dict | None:
         """The farm's RVE work balance over the ranks."""
@@ -405,10 +429,10 @@ class HybridLaw(SurrogateLaw):
         for key, f in self.reasons_last.items():
             self.stats["fallback_reasons"][key] = self.stats["fallback_reasons"].get(key, 0) + int(f.sum())
         if self.pending and len(self.pending[0][0]):
-            F, P, A, idx = self.pending[0]
+            F, P, A, idx, prm = self.pending[0]
             self.new_records.append((F, P, A))
             if self.writer is not None:
-                self.writer.add(F, P, A, point_id=idx, converged=1)
+                self.writer.add(F, P, A, point_id=idx, converged=1, p=prm)
         self.pending = []
         self.held = np.zeros(0, dtype=bool)
 
@@ -474,12 +498,15 @@ class Audit:
         options: :class:`AuditOptions`.
         floor: the stress floor of the errors (default: that of the checkpoint the law answers with at each check).
         writer: a log writer of this rank for the audited records (optional).
+        family: this rank's :class:`~fe2ml.micro.family.RVEFamily` where the law's parameters vary per point: each
+            audited point is solved on the RVE of its own parameters.
     """
 
     def __init__(self, comm, rve: HyperelasticRVE, options: AuditOptions, *, floor: float | None = None,
-                 writer: LogWriter | None = None):
+                 writer: LogWriter | None = None, family=None):
         self.comm = comm
         self.rve = rve
+        self.family = family
         self.options = options
         self.floor = floor
         self.writer = writer
@@ -498,13 +525,15 @@ class Audit:
         F = law.last_F[sel]
         P_true = np.zeros_like(F)
         A_true = np.zeros(F.shape + F.shape[1:])
+        prm = law.params[sel] if self.family is not None and law.params is not None and law.params.ndim == 2 else None
         for j, k in enumerate(map(int, sel)):
-            _, _, _, R = self.rve.solve(F[j], None, point=k)
-            P_true[j], A_true[j] = self.rve.homogenized(R)
+            rve = self.family.rve(prm[j]) if prm is not None and self.family is not None else self.rve
+            _, _, _, R = rve.solve(F[j], None, point=k)
+            P_true[j], A_true[j] = rve.homogenized(R)
         floor = self.floor if self.floor is not None else (law.gate.floor if law.gate is not None else 0.0)
         err = relative_error(law.last_P[sel], P_true, floor)
         if self.writer is not None and len(sel):
-            self.writer.add(F, P_true, A_true, point_id=sel, step=step, converged=1)
+            self.writer.add(F, P_true, A_true, point_id=sel, step=step, converged=1, p=prm)
         self.time_s += time.perf_counter() - t0
         errs = np.concatenate(self.comm.allgather(err))
         self.errors.extend(errs.tolist())

@@ -41,6 +41,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -250,6 +251,12 @@ class RunConfig:
         for e in self.expressions:
             env = {k: v for k, v in space.items() if k in e.names}
             check_samples(e.f, [{**env, "t": t} for t in ts] if "t" in e.names else [env])
+        prm = self.parameters
+        if (prm is not None and prm.constant is None and prm.rve_box is not None
+                and (self.kind == "hybrid" or (self.surrogate is not None and self.surrogate.audit is not None))):
+            # the RVEs a field of parameters asks for, sampled on a grid of the box (the run checks its points)
+            grid = np.array(list(itertools.product(*[np.linspace(a, b, 9) for a, b in zip(lo, hi, strict=True)])))
+            prm.check_field(prm.values(grid), f"{self.path}: material.parameters", self.dim)
 
 
 def load_run_config(path, *, output: str | None = None, base: Path | None = None) -> RunConfig:
@@ -344,6 +351,8 @@ class RunParameters:
         constant: the parameter vector (k,) when every value is a number, else None (a field).
         values: X (n, d) -> p (n, k), the parameters at the macro points.
         family: the fingerprint of the RVE family of ``material.rve`` (None without it).
+        rve_box: the family's :class:`~fe2ml.micro.parameters.ParameterBox` (None without ``material.rve``): a hybrid
+            run or an audit with a field of parameters solves the RVE of each point's parameters from it.
     """
 
     names: tuple
@@ -352,6 +361,26 @@ class RunParameters:
     values: Callable[[np.ndarray], np.ndarray]
     family: str | None = None
     realizations: tuple = ()  # material.realizations: the seeds (mesh.seed levels) to run, one macro run each
+    rve_box: Any = None
+
+    def check_field(self, p: np.ndarray, where: str, dim: int) -> None:
+        """Check that the RVE config is valid over the range of the parameter vectors p (n, k).
+
+        Checked at the corners of the box they span (a modulus is valid on an interval, so its ends decide).
+
+        Raises:
+            ConfigError: the RVE at a corner is invalid (e.g. a modulus <= 0 there), naming the range.
+        """
+        from fe2ml.micro.parameters import rve_with
+
+        k = len(self.names)
+        if self.rve_box is None or not len(p) or k > 10:  # beyond 2^10 corners each RVE is checked when built
+            return
+        lo, hi = np.min(p, axis=0), np.max(p, axis=0)
+        span = ", ".join(f"{n} in [{a:g}, {b:g}]" for n, a, b in zip(self.names, lo, hi, strict=True))
+        for bits in range(2**k):
+            rve_with(self.rve_box, np.where([(bits >> j) & 1 for j in range(k)], hi, lo),
+                     f"{where} (the field spans {span})", dim)
 
 
 _MATERIAL_KEYS = {"hybrid": ("kind", "checkpoint", "rve", "threshold", "log", "orientation", "audit", "device",
@@ -524,7 +553,7 @@ def _run_parameters(mat: dict, ck: dict, kind: str, f: str, dim: int, rve, p: Pa
         if float(vals[n]) not in lv:
             raise ConfigError(f"{w}.{n}: seed {vals[n]} was not trained (the surrogate knows realizations "
                               f"{[int(x) for x in lv]} only)")
-    family = None
+    family = pbox = None
     if const is not None:
         out = [n for n, v in zip(names, const, strict=True) if not box[n][0] <= v <= box[n][1]]
         if out:
@@ -545,14 +574,14 @@ def _run_parameters(mat: dict, ck: dict, kind: str, f: str, dim: int, rve, p: Pa
                               f"{ck.get('rve_fingerprint')} (give the base RVE of the parametric campaign)")
         if const is not None:
             rve = rve_with(pbox, const, f"{f}: material.rve", dim)
-    if kind == "hybrid":
-        if const is None:
-            raise ConfigError(f"{w}: a hybrid run needs constant parameters (its fallback is one RVE); a parameter "
-                              "field needs material.kind: surrogate")
-        if "rve" not in mat:
-            raise ConfigError(f"{f}: material.rve: a parametric hybrid needs the base RVE of its campaign")
+    if kind == "hybrid" and "rve" not in mat:
+        raise ConfigError(f"{f}: material.rve: a parametric hybrid needs the base RVE of its campaign")
+    if const is None and pbox is not None and (kind == "hybrid" or mat.get("audit") is not None):
+        if rve is None or rve.kinematics != "finite":
+            raise ConfigError(f"{f}: material.rve: a hybrid run or an audit with a field of parameters needs a "
+                              "finite-strain RVE")
     return RunParameters(names=names, box=box, constant=const, values=values, family=family,
-                         realizations=seeds), rve
+                         realizations=seeds, rve_box=pbox), rve
 
 
 def _loads(raw: dict, f: str, dim: int, exprs: list[Expression]):

@@ -147,19 +147,46 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
 
         s = cfg.surrogate
         family = cfg.parameters.family if cfg.parameters is not None else None  # a parametric checkpoint's RVEs
+        rves = rve_family(cfg)  # a field of parameters: each fallback on the RVE of its point's parameters
         if cfg.kind == "surrogate":
             law = SurrogateLaw(s.checkpoint, dim=cfg.dim, kinematics=cfg.kinematics,
                                fingerprint=family or (rve_fingerprint(rve) if rve is not None else None),
                                device=s.device, tangent_precision=s.tangent_precision)
         else:
-            writer = fallback_writer(comm, s.log, rve, dim=cfg.dim) if s.log is not None else None
+            writer = (fallback_writer(comm, s.log, rve, dim=cfg.dim, family=None if rves is None else
+                                      (cfg.parameters.rve_box, family)) if s.log is not None else None)
             law = HybridLaw(s.checkpoint, rve, thresholds=s.thresholds, writer=writer, device=s.device,
-                            comm=comm, balance=cfg.balance, fingerprint=family, tangent_precision=s.tangent_precision)
+                            comm=comm, balance=cfg.balance, fingerprint=family, tangent_precision=s.tangent_precision,
+                            family=rves)
         if cfg.parameters is not None and cfg.parameters.constant is not None:
             law.set_parameters(cfg.parameters.constant)
         return law
 
     return collective(comm, make)
+
+
+def rve_family(cfg: RunConfig):
+    """This rank's :class:`~fe2ml.micro.family.RVEFamily` for a run with a field of parameters and a base RVE.
+
+    It solves a hybrid's fallbacks and an audit's points; None for other runs.
+    """
+    prm = cfg.parameters
+    if prm is None or prm.constant is not None or prm.rve_box is None or cfg.kind == "analytic":
+        return None
+    # deferred: dolfinx forms only for runs that solve RVEs
+    from fe2ml.micro.family import RVEFamily
+
+    return RVEFamily(prm.rve_box, cfg.dim, where=f"{cfg.path}: material.rve")
+
+
+def check_parameter_field(comm, cfg: RunConfig, p: np.ndarray) -> None:
+    """Check the RVE config over the range a field of parameters takes at the macro points of all ranks (collective).
+
+    See :meth:`~fe2ml.macro.config.RunParameters.check_field`.
+    """
+    every = [a for a in comm.allgather(np.array([p.min(axis=0), p.max(axis=0)]) if len(p) else None)
+             if a is not None]
+    cfg.parameters.check_field(np.concatenate(every) if every else p, f"{cfg.path}: material.parameters", cfg.dim)
 
 
 def macro_problem(comm, cfg: RunConfig, law) -> MacroProblem:
@@ -326,7 +353,10 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
 
     prob = collective(comm, mkprob)
     if cfg.parameters is not None and cfg.parameters.constant is None:  # a field of parameters: one vector per point
-        collective(comm, lambda: law.set_parameters(cfg.parameters.values(prob.quadrature_points())))
+        pq = collective(comm, lambda: cfg.parameters.values(prob.quadrature_points()))
+        if cfg.parameters.rve_box is not None and (cfg.kind == "hybrid" or cfg.surrogate.audit is not None):
+            collective(comm, lambda: check_parameter_field(comm, cfg, pq))
+        collective(comm, lambda: law.set_parameters(pq))
     if logger is not None:
         logger.set_points(*prob.quadrature_point_ids())
     say(f"  macro: {prob.V.dofmap.index_map.size_global * prob.d} dofs, {prob.n_qp_global} quadrature points, "
@@ -355,7 +385,8 @@ def build(comm, cfg: RunConfig, *, restart: bool = False, allow_changed: bool = 
 
         if not isinstance(law, SurrogateLaw) or not isinstance(rve, HyperelasticRVE):
             raise ConfigError(f"{cfg.path}: material.audit needs a surrogate or hybrid law and a finite-strain RVE")
-        audit = Audit(comm, rve, cfg.surrogate.audit, writer=law.writer if isinstance(law, HybridLaw) else None)
+        audit = Audit(comm, rve, cfg.surrogate.audit, writer=law.writer if isinstance(law, HybridLaw) else None,
+                      family=law.farm.family if isinstance(law, HybridLaw) else rve_family(cfg))
         if "audit" in meta:  # a restart continues the audit's record
             audit.restore(meta["audit"])
         say(f"  audit: the RVE re-solves {100 * audit.options.fraction:.3g} % of the surrogate's points every step "

@@ -103,7 +103,7 @@ def invariants(F, fibres=()):
 
     Args:
         F: 3x3 UFL expression.
-        fibres: unit 3-vectors (numpy) of the fibre families.
+        fibres: unit 3-vectors of the fibre families (numbers, or UFL vectors such as a dolfinx ``Constant``).
 
     Returns:
         dict with I1, I2, I3, J, I1b, I2b and I4, I6 (and I4b, I6b) for the first two fibres.
@@ -117,7 +117,7 @@ def invariants(F, fibres=()):
     I2 = 0.5 * (I1**2 - ufl.tr(C * C))
     out = {"I1": I1, "I2": I2, "I3": J**2, "J": J, "I1b": J ** (-2.0 / 3.0) * I1, "I2b": J ** (-4.0 / 3.0) * I2}
     for name, a in zip(("I4", "I6"), fibres, strict=False):
-        av = ufl.as_vector([float(x) for x in a])
+        av = a if isinstance(a, ufl.core.expr.Expr) else ufl.as_vector([float(x) for x in a])
         I = ufl.dot(av, C * av)
         out[name] = I
         out[name + "b"] = J ** (-2.0 / 3.0) * I
@@ -214,7 +214,7 @@ class HolzapfelGasserOgden(HyperelasticMaterial):
         W = self.mu / 2 * (inv["I1b"] - 3) + self.K / 2 * (inv["J"] - 1) ** 2
         C = F.T * F
         for a in self.fibres:
-            av = ufl.as_vector(a)
+            av = a if isinstance(a, ufl.core.expr.Expr) else ufl.as_vector(a)
             E4 = ufl.dot(av, C * av) - 1
             E4p = ufl.conditional(ufl.gt(E4, 0), E4, 0)
             W = W + self.k1 / (2 * self.k2) * (ufl.exp(self.k2 * E4p**2) - 1)
@@ -309,7 +309,8 @@ class ExpressionEnergy(HyperelasticMaterial):
         # deferred: configs build materials without UFL; only their energies need it
         import ufl
 
-        env = {**invariants(F, self.fibres), **{k: float(v) for k, v in self.params.items()}}
+        env = {**invariants(F, self.fibres),
+               **{k: v if isinstance(v, ufl.core.expr.Expr) else float(v) for k, v in self.params.items()}}
         return evaluate(self._tree, env, {"exp": ufl.exp, "log": ufl.ln, "ln": ufl.ln, "sqrt": ufl.sqrt})
 
 

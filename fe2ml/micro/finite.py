@@ -27,6 +27,8 @@ rebuilding anything.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +65,53 @@ from fe2ml.micro.reduction import (
     to_dolfinx,
 )
 
-__all__ = ["CellQuantities", "EvalResult", "HyperelasticRVE", "NewtonOptions", "RVEState"]
+__all__ = ["CellQuantities", "EvalResult", "HyperelasticRVE", "NewtonOptions", "RVEState", "resolve_formulation"]
+
+
+def resolve_formulation(tags, materials: dict, formulation: str) -> str:
+    """``auto`` resolved: ``mixed`` when a phase's small-strain K/μ is 50 or more, else ``displacement``."""
+    if formulation != "auto":
+        return formulation
+    ratios = []
+    for t in tags:
+        mm = materials[t].small_strain_moduli()
+        if mm is not None:
+            ratios.append(mm[1] / mm[0])
+    return "mixed" if ratios and max(ratios) >= 50 else "displacement"
+
+
+def _material_values(mat) -> dict[str, np.ndarray]:
+    """The numbers of a material that a family of RVEs may vary.
+
+    Its numeric fields, ``fibres.i`` (the i-th unit direction) and ``params.NAME`` (an energy expression's parameters).
+    """
+    out: dict[str, np.ndarray] = {}
+    if not dataclasses.is_dataclass(mat):
+        return out
+    for f in dataclasses.fields(mat):
+        v = getattr(mat, f.name)
+        if f.name == "fibres":
+            out.update({f"fibres.{i}": np.asarray(a, dtype=np.float64) for i, a in enumerate(v)})
+        elif f.name == "params" and isinstance(v, dict):
+            out.update({f"params.{k}": np.asarray(float(x)) for k, x in v.items()})
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            out[f.name] = np.asarray(float(v))
+    return out
+
+
+def _with_constants(mat, msh) -> tuple[Any, dict]:
+    """A copy of a material whose numbers (:func:`_material_values`) are dolfinx Constants on ``msh``, and them."""
+    consts = {k: dolfinx.fem.Constant(msh, np.asarray(v, dtype=dolfinx.default_scalar_type))
+              for k, v in _material_values(mat).items()}
+    out = copy.copy(mat)  # frozen dataclasses: the fields are set past __setattr__ (no validation of Constants)
+    for k, c in consts.items():
+        if "." not in k:
+            object.__setattr__(out, k, c)
+    if any(k.startswith("fibres.") for k in consts):
+        object.__setattr__(out, "fibres", tuple(consts[f"fibres.{i}"] for i in range(len(mat.fibres))))
+    if any(k.startswith("params.") for k in consts):
+        object.__setattr__(out, "params", {k: consts[f"params.{k}"] for k in mat.params})
+    return out, consts
 
 @dataclass
 class RVEState:
@@ -115,6 +163,9 @@ class HyperelasticRVE(RVEBox):
         tol: relative periodic node-matching tolerance.
         newton: :class:`NewtonOptions`.
         solver: :class:`~fe2ml.micro.reduction.SolverOptions` of the reduced linear systems (default ``auto``).
+        variable: the phases' numbers (moduli, fibre directions, energy parameters) enter the forms as dolfinx
+            ``Constant`` objects, so that :meth:`set_materials` gives the RVE other values without compiling anything
+            (the RVEs of a parametric family on one mesh).
 
     Raises:
         MeshError: phase without material, non-periodic mesh with periodic BCs.
@@ -126,7 +177,7 @@ class HyperelasticRVE(RVEBox):
 
     def __init__(self, mesh: RVEMesh, materials: dict, *, bc: str = "periodic", formulation: str = "auto",
                  degree: int = 1, tol: float = 1e-8, newton: NewtonOptions | None = None,
-                 solver: SolverOptions | None = None):
+                 solver: SolverOptions | None = None, variable: bool = False):
         if bc not in BCS:
             raise ConfigError(f"bc: unknown boundary condition {bc!r}; allowed: {', '.join(BCS)}")
         if formulation not in ("auto", "displacement", "mixed"):
@@ -134,13 +185,7 @@ class HyperelasticRVE(RVEBox):
         if degree not in (1, 2):
             raise ConfigError(f"degree: expected 1 or 2, got {degree!r}")
         check_materials(mesh, materials)
-        if formulation == "auto":
-            ratios = []
-            for t in mesh.tags:
-                mm = materials[t].small_strain_moduli()
-                if mm is not None:
-                    ratios.append(mm[1] / mm[0])
-            formulation = "mixed" if ratios and max(ratios) >= 50 else "displacement"
+        formulation = resolve_formulation(mesh.tags, materials, formulation)
         if formulation == "mixed":
             degree = 2
             bad = [t for t in mesh.tags if not hasattr(materials[t], "K")]
@@ -205,8 +250,13 @@ class HyperelasticRVE(RVEBox):
         dx = ufl.Measure("dx", domain=msh, subdomain_data=self.phase_tags, metadata={"quadrature_degree": qdeg})
         Pi = 0
         Qexpr = {}
+        self._constants: dict | None = None  # phase tag -> {key: Constant} (variable=True)
+        if variable:
+            self._constants = {}
         for tag in mesh.tags:
             mat = materials[tag]
+            if self._constants is not None:
+                mat, self._constants[tag] = _with_constants(mat, msh)
             try:
                 W_ = mat.energy(F3)
                 if getattr(W_, "ufl_shape", None) != ():
@@ -267,32 +317,64 @@ class HyperelasticRVE(RVEBox):
                                        mixed=formulation == "mixed")
         self._split: Any = None
         self._Pmat: Any = None
-        if formulation == "mixed":  # K_e/μ_e of each pressure dof's element (the field split's scaling)
+        self._elem_of_p = None
+        if formulation == "mixed":  # the element of each pressure dof (the field split's scaling: K_e/μ_e there)
             Vp, _ = self.Z.sub(1).collapse()
-            elem_of_p = np.empty(Vp.dofmap.index_map.size_local, dtype=np.int64)
-            elem_of_p[Vp.dofmap.list[:, 0]] = np.arange(Vp.dofmap.list.shape[0])
-            ratio = {}
-            for t in mesh.tags:
-                mm = materials[t].small_strain_moduli()
-                ratio[t] = materials[t].K / mm[0] if mm is not None else 1.0
-            self._ratio = np.array([ratio[t] for t in np.asarray(self.phase_tags.values)[elem_of_p]])
+            self._elem_of_p = np.empty(Vp.dofmap.index_map.size_local, dtype=np.int64)
+            self._elem_of_p[Vp.dofmap.list[:, 0]] = np.arange(Vp.dofmap.list.shape[0])
         self.ksp.setFromOptions()
+        self._material_scales()
+        self.stats = {"assemble_s": 0.0, "factor_s": 0.0, "solve_s": 0.0, "factorizations": 0, "krylov_its": 0}
+
+    def _material_scales(self) -> None:
+        """What the phases' values set besides the forms: the field split's K/μ per pressure dof, the residual scale."""
+        mats, d = self.materials, self.d
+        if self._elem_of_p is not None:
+            ratio = {}
+            for t in self.rve_mesh.tags:
+                mm = mats[t].small_strain_moduli()
+                ratio[t] = mats[t].K / mm[0] if mm is not None else 1.0
+            self._ratio = np.array([ratio[t] for t in np.asarray(self.phase_tags.values)[self._elem_of_p]])
         # residual scale: internal force of a unit affine strain at F = I
         self._set_state(np.zeros((d, d)), np.zeros(self.n_reduced))
         self._factor()
-        KU = np.zeros(n)
         E = np.zeros((d, d))
         E[0, 0] = 1.0
         u0 = self.Kt.createVecRight()
         u0.array[:] = self.U @ E.ravel()
         out = self.Kt.createVecLeft()
         self.Kt.mult(u0, out)
-        KU[:] = out.array
+        KU = out.array.copy()
         u0.destroy()
         out.destroy()
         # (unreduced: the reduced one vanishes for homogeneous periodic cells)
         self.r_scale = float(np.linalg.norm(KU)) or 1.0
-        self.stats = {"assemble_s": 0.0, "factor_s": 0.0, "solve_s": 0.0, "factorizations": 0, "krylov_its": 0}
+        self._X_sens = None
+
+    def set_materials(self, materials: dict) -> None:
+        """Give the phases of an RVE built with ``variable=True`` new values; nothing is compiled again.
+
+        ``materials``: phase tag -> material of the same kind as the one the RVE was built with (the same law, energy
+        expression and number of fibre families): the RVE then answers as one built with these materials.
+
+        Raises:
+            ConfigError: an RVE built without ``variable``, or a phase whose law differs.
+        """
+        if self._constants is None:
+            raise ConfigError("set_materials: this RVE compiled its materials' values (build it with variable=True)")
+        for t in self.rve_mesh.tags:
+            old, new = self.materials[t], materials.get(t)
+            vals = _material_values(new) if new is not None else {}
+            if (type(new) is not type(old) or vals.keys() != self._constants[t].keys()
+                    or getattr(new, "expr", None) != getattr(old, "expr", None)):
+                raise ConfigError(f"phase {t}: {type(new).__name__} {getattr(new, 'name', '')} cannot replace "
+                                  f"{type(old).__name__} {getattr(old, 'name', '')} in a compiled RVE (only the "
+                                  "values of the same law may change)")
+        for t in self.rve_mesh.tags:
+            for k, v in _material_values(materials[t]).items():
+                self._constants[t][k].value = v
+        self.materials = dict(materials)
+        self._material_scales()
 
     # ---------------------------------------------------------------------------------------
     def _set_state(self, H: np.ndarray, z: np.ndarray):
