@@ -77,9 +77,9 @@ def test_example_block3d_quick_runs_the_3d_chain_and_compares_hybrid_with_fe2(tm
 @pytest.mark.slow
 def test_verify_identify_quick_identifies_within_its_intervals(tmp_path):
     """CI size of scripts/verify_identify.py: campaigns, parametric and single-RVE surrogates, nested FE² data of two
-    tests, identification of 3 noise draws with an FE² correction; the full-size floors are measurements of the
-    script, here: the estimates lie in the box, the report holds every figure, and the FE² correction does not
-    make the estimate of the well-determined volume fraction worse on average."""
+    tests, identification of 3 noise draws with an FE² correction, a strip with a field of parameters; the full-size
+    floors are measurements of the script, here: the estimates lie in the box, the report holds every figure, and the
+    FE² correction does not make the estimate of the well-determined volume fraction worse on average."""
     import json
 
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "verify_identify.py"), "--quick", "--out",
@@ -96,6 +96,12 @@ def test_verify_identify_quick_identifies_within_its_intervals(tmp_path):
     # and between trainings), so only its box is checked here (the full size measures it)
     assert rep["identify_rel_error_mean"][1] <= rep["surrogate_only_rel_error_mean"][1] + 0.01
     assert (tmp_path / "v" / "identify.png").is_file()
+    # a field of parameters: the nested FE² reference answered every point at every step with its RVE, and the
+    # hybrid, which answers with the RVE wherever its gate doubts the surrogate, is no further from it than the
+    # surrogate alone
+    f = rep["field_of_parameters"]
+    assert f["field_fe2"]["fallbacks"] >= f["field_fe2"]["points"] * f["field_fe2"]["steps"]
+    assert f["field_hybrid"]["reaction_rel_error"] <= f["field_surrogate"]["reaction_rel_error"] + 1e-9
 
 
 @pytest.mark.serial
