@@ -292,7 +292,7 @@ def plot_cell_map(x: np.ndarray, value: np.ndarray, all_values: np.ndarray, out,
 
 
 def plot_calibration(predicted: np.ndarray, true: np.ndarray, path, *, title: str = "") -> None:
-    """Predicted (calibrated spread) against true per-point error, log-log, with the lines y = x and y = 2x.
+    """Predicted (calibrated uncertainty) against true per-point error, log-log, with the lines y = x and y = 2x.
 
     Args:
         predicted: predicted errors (n,).
@@ -308,7 +308,7 @@ def plot_calibration(predicted: np.ndarray, true: np.ndarray, path, *, title: st
     ax.loglog([lo, hi], [lo, hi], "k:", lw=0.8, label="true = predicted")
     ax.loglog([lo, hi], [2 * lo, 2 * hi], "k--", lw=0.8, label="true = 2 x predicted")
     ax.scatter(p, t, s=5, alpha=0.7)
-    ax.set_xlabel("predicted error (calibrated spread)")
+    ax.set_xlabel("predicted error (calibrated uncertainty)")
     ax.set_ylabel("true relative error")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)

@@ -49,7 +49,7 @@ from fe2ml.surrogate.gate import relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOORS = {"surrogate_P_rel_l2": 0.01, "surrogate_reaction": 0.005, "hybrid_P_max_where_surrogate": 0.01}
-CALIBRATION_FLOOR = 0.90  # held-out points within 2 x the calibrated spread (a lower floor)
+CALIBRATION_FLOOR = 0.90  # held-out points within 2 x the calibrated uncertainty (a lower floor)
 SIZES = {
     "full": {"rve_h": 0.08, "n": 256, "epochs": 3000, "hidden": [16, 16], "macro_h": 0.5, "h_hole": 0.15, "steps": 4},
     "quick": {"rve_h": 0.15, "n": 128, "epochs": 2000, "hidden": [16, 16], "macro_h": 0.9, "h_hole": 0.35,
@@ -332,10 +332,10 @@ def main():
             ("hybrid: reaction curve, max", res["hybrid_reaction"], None),
             ("cell stretch λ−1 (exact localization), relative L2", res["cell_stretch_rel_l2_of_lambda_minus_1"],
              None),
-            ("calibration: held-out points within 1x calibrated spread", res["calibration_coverage"][0], None),
-            ("calibration: held-out points within 2x calibrated spread", res["calibration_coverage_2x"],
+            ("calibration: held-out points within 1x calibrated uncertainty", res["calibration_coverage"][0], None),
+            ("calibration: held-out points within 2x calibrated uncertainty", res["calibration_coverage_2x"],
              -CALIBRATION_FLOOR),
-            ("calibration: held-out points within 3x calibrated spread", res["calibration_coverage"][2], None)]
+            ("calibration: held-out points within 3x calibrated uncertainty", res["calibration_coverage"][2], None)]
     for label, v, fl in rows:
         if fl is not None and fl < 0:  # a lower floor
             ok = "  ok" if v >= -fl else f"  BELOW the floor {-100 * fl:g} %"

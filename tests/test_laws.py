@@ -347,8 +347,9 @@ def test_density_flags_across_iterations_equal_a_fresh_tree_query_every_time():
 
 
 def test_the_error_criterion_bounds_at_the_chosen_conformal_level(tmp_path):
-    # error criterion = factor(level) x relative spread > threshold; the spread recomputed here from the members'
-    # stresses (std over members / (|mean| + floor)), the factors set in the calibration
+    # error criterion = factor(level) x relative spread > threshold (+ the offset term where the calibration has one);
+    # the spread recomputed here from the members' stresses (std over members / (|mean| + floor)), the factors set in
+    # the calibration
     from fe2ml.errors import ConfigError
 
     rve = HyperelasticRVE(_rve_mesh(), HYPER)
@@ -373,3 +374,14 @@ def test_the_error_criterion_bounds_at_the_chosen_conformal_level(tmp_path):
     assert flagged[0.9].sum() < flagged[0.95].sum() and not (flagged[0.9] & ~flagged[0.95]).any()
     with pytest.raises(ConfigError, match="level: expected 0.9 or 0.95"):
         HybridLaw(tmp_path / "cal.pt", rve, thresholds=Thresholds(error=0.01, level=0.99))
+    # with an offset (the calibration's typical absolute error, in floors): u = spread + offset / (|mean|/floor + 1),
+    # so the bound rises where the stress is small
+    ck["calibration"]["offset"] = 0.5
+    save_checkpoint(ck, tmp_path / "off.pt")
+    u = spread + 0.5 / (np.sqrt((mean**2).sum(axis=(1, 2))) / law.gate.floor + 1.0)
+    cut = float(np.median(2.0 * u))
+    hl = HybridLaw(tmp_path / "off.pt", rve, thresholds=Thresholds(error=cut, distance=np.inf, density=None))
+    _, _, Ps_, ok = hl.model.evaluate_gate(G)
+    got = hl.flags(G, Ps_, ok)["error"]
+    assert np.array_equal(got, 2.0 * u > cut) and got.any() and not got.all()
+    assert not np.array_equal(got, 2.0 * spread > cut)  # the offset changed which points are flagged

@@ -314,11 +314,12 @@ def check_run_hybrid(ws, r):
     assert a["exceeded"] == (a["max_rel_error"] > a["target"]) and a["target"] == 0.01
     # every logged fallback met a criterion of the gate: outside the box, far from the data, or a predicted
     # error above the threshold; the audited points met none
-    from fe2ml.surrogate.gate import relative_spread
+    from fe2ml.surrogate.gate import relative_spread, stress_magnitude
 
     law = SurrogateLaw(ws / "results" / "surrogate_tissue" / "checkpoint.pt", dim=2)
     Ps, _ = law.model.evaluate_members(log["F"])
-    predicted = law.gate.predicted_error(relative_spread(np.array(Ps), law.gate.floor))
+    predicted = law.gate.predicted_error(relative_spread(np.array(Ps), law.gate.floor),
+                                         stress_magnitude(np.array(Ps), law.gate.floor))
     met = (law.distance(log["F"]) > 0) | (law.density_distance(log["F"]) > 2.0) | (predicted > 0.1)
     assert met.sum() == s["fallbacks"], (met.sum(), s["fallbacks"])
 

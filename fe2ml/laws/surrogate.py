@@ -6,7 +6,8 @@ point, so a point's answer never depends on which other points share its rank:
 
 - a non-finite prediction always falls back;
 - ``spread``: the ensemble spread |std P̄|/(|P̄| + floor) exceeds it (needs 2 or more members);
-- ``error``: the calibrated predicted error (factor90 x spread, fitted on held-out data) exceeds it;
+- ``error``: the calibrated predicted error (factor90 x the point's uncertainty,
+  :func:`fe2ml.surrogate.gate.uncertainty`, fitted on held-out data) exceeds it;
 - ``distance``: the features leave the training box by more than this fraction of its width;
 - ``density``: the nearest training record is farther than this many data-density scales (empty corners of the
   box count as outside).

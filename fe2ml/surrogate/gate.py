@@ -20,7 +20,7 @@ from scipy.spatial import cKDTree
 from fe2ml.errors import ConfigError
 
 __all__ = ["MAGNITUDE_BINS", "MIN_PER_BIN", "STRESS_FLOOR", "AuditOptions", "Gate", "Thresholds", "point_factors",
-           "point_uniform", "relative_error", "relative_spread", "rows_equal", "stress_magnitude"]
+           "point_uniform", "relative_error", "relative_spread", "rows_equal", "stress_magnitude", "uncertainty"]
 
 STRESS_FLOOR = 0.05  # per-point relative quantities are taken relative to |P̄| + STRESS_FLOOR * RMS |P̄|train
 
@@ -62,6 +62,21 @@ def point_factors(calibration: dict, magnitude: np.ndarray | None) -> tuple[np.n
         return np.full(n, float(calibration["factor90"])), np.full(n, float(calibration["factor95"]))
     which = np.searchsorted(np.asarray(bins["magnitude_edges"]), np.asarray(magnitude))
     return np.asarray(bins["factor90"])[which], np.asarray(bins["factor95"])[which]
+
+
+def uncertainty(spread: np.ndarray, magnitude: np.ndarray | None, offset: float) -> np.ndarray:
+    """A point's calibrated uncertainty: its relative spread plus the ensemble's typical absolute error relative to it.
+
+    u = spread + offset / (magnitude + 1), with ``magnitude`` = |mean P̄| / floor (:func:`stress_magnitude`) and
+    ``offset`` the calibration's median absolute training error in units of the floor (0: the spread alone, as in
+    checkpoints written before the offset).
+    """
+    spread = np.asarray(spread, dtype=np.float64)
+    if not offset:
+        return spread
+    if magnitude is None:
+        raise ValueError("uncertainty: a calibration with an offset needs the points' stress magnitudes")
+    return spread + offset / (np.asarray(magnitude, dtype=np.float64) + 1.0)
 
 
 def relative_spread(Ps: np.ndarray, floor: float) -> np.ndarray:
@@ -153,18 +168,19 @@ class Gate:
 
     def predicted_error(self, spread: np.ndarray, magnitude: np.ndarray | None = None,
                         level: float = 0.9) -> np.ndarray:
-        """The calibrated error bound (the ``level`` quantile of error/spread on the validation split) times the spread.
+        """The calibrated error bound: the ``level`` quantile of error/u on the validation split times u.
 
-        ``level``: 0.9 or 0.95 (the calibration's factor90 or factor95). With ``magnitude`` (:func:`stress_magnitude`
-        of the points) the quantile of each point's magnitude bin (Mondrian split-conformal: the level holds within
-        each bin, small stresses included).
+        u is the point's :func:`uncertainty` (its spread plus the calibration's offset relative to its stress; needs
+        ``magnitude``, :func:`stress_magnitude` of the points, where the calibration has an offset). ``level``: 0.9 or
+        0.95 (the calibration's factor90 or factor95). With ``magnitude`` the quantile of each point's magnitude bin
+        (Mondrian split-conformal: the level holds within each bin, small stresses included).
         """
         if self.calibration is None:
             raise ConfigError("this checkpoint has no calibration (train an ensemble of 2 or more members)")
         if level not in LEVELS:
             raise ValueError(f"level: expected one of {LEVELS}, got {level!r}")
         f90, f95 = point_factors(self.calibration, magnitude)
-        return (f90 if level == 0.9 else f95) * spread
+        return (f90 if level == 0.9 else f95) * uncertainty(spread, magnitude, self.calibration.get("offset", 0.0))
 
 
 @dataclass(frozen=True)
@@ -173,7 +189,8 @@ class Thresholds:
 
     Attributes:
         spread: per-point relative ensemble spread (needs 2 or more members).
-        error: calibrated predicted error, factor × spread at the conformal ``level`` (needs a calibrated checkpoint).
+        error: calibrated predicted error, factor × uncertainty at the conformal ``level`` (needs a calibrated
+            checkpoint; :meth:`Gate.predicted_error`).
         distance: relative excursion outside the training box.
         density: distance to the nearest training record in data-density scales.
         level: the split-conformal level of ``error``'s bound: 0.9 (factor90) or 0.95 (factor95).

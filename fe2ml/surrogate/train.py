@@ -37,6 +37,7 @@ from fe2ml.surrogate.gate import (
     relative_error,
     relative_spread,
     stress_magnitude,
+    uncertainty,
 )
 from fe2ml.surrogate.models import build_model, with_parameters
 
@@ -241,7 +242,7 @@ def conformal_quantile(scores: np.ndarray, level: float) -> float:
 
 def calibration_summary(calibration: dict) -> dict:
     """The calibration without its per-test-point lists (for metrics.json)."""
-    return {k: v for k, v in calibration.items() if k not in ("spread", "error", "factor_per_point")}
+    return {k: v for k, v in calibration.items() if k not in ("spread", "uncertainty", "error", "factor_per_point")}
 
 
 def _factors(ratio: np.ndarray) -> tuple[float, float]:
@@ -271,40 +272,59 @@ def magnitude_bins(ratio: np.ndarray, magnitude: np.ndarray) -> dict | None:
             "n": [int(np.sum(which == b)) for b in range(nb)]}
 
 
-def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float) -> dict:
-    """How the per-point spread predicts the per-point error: split-conformal factors on validation, coverage on test.
+OFFSET_RECORDS = 2000  # training records whose median error sets the calibration's offset
 
-    The scores are error/spread on the validation split. factor90 and factor95 are their split-conformal 90 % and
-    95 % quantiles (:func:`conformal_quantile`): a new point's error is at most factor90 x its spread with probability
-    ≥ 90 % (the hybrid's ``threshold: error`` uses this bound). The calibrated spread is factor x spread with
-    factor = factor95 / 2, so that 2 x the calibrated spread is the 95 % bound (a Gaussian's 2σ). Coverage
-    (k = 1, 2, 3): the fraction of test points (validation when there is no test split) whose true error is at most
-    k x the calibrated spread, measured on points the factors never saw. The validation split also picks the
-    members' early-stopping epoch, a weak use that the test coverage checks. With enough validation points the
-    factors are also fitted per bin of the predicted stress magnitude (:func:`magnitude_bins`); the hybrid's gate and
-    the coverage use each point's bin.
+
+def _calibrate(ens: EnsembleModel, F, P, va, te, floor: float, tr=None) -> dict:
+    """How the per-point uncertainty predicts the error: split-conformal factors on validation, coverage on test.
+
+    A point's uncertainty is u = spread + offset / (magnitude + 1) (:func:`~fe2ml.surrogate.gate.uncertainty`): its
+    relative ensemble spread plus the ensemble's typical absolute error, the median over (up to
+    ``OFFSET_RECORDS``) training records of |P̄_mean − P̄| (``offset``, in units of the stress floor), relative to
+    the point's stress. Where the members agree but err alike (small strains, where few records lie) the spread
+    alone predicts too small an error; the offset term keeps the bound from falling below the typical error there,
+    and it shrinks where the stress is large. The offset comes from the training split, so the validation split's
+    scores stay exchangeable with new points (locally weighted split-conformal prediction, Lei et al. 2018).
+
+    The scores are error/u on the validation split. factor90 and factor95 are their split-conformal 90 % and 95 %
+    quantiles (:func:`conformal_quantile`): a new point's error is at most factor90 x its u with probability ≥ 90 %
+    (the hybrid's ``threshold: error`` uses this bound). The calibrated uncertainty is factor x u with factor =
+    factor95 / 2, so that 2 x the calibrated uncertainty is the 95 % bound (a Gaussian's 2σ). Coverage (k = 1, 2, 3):
+    the fraction of test points (validation when there is no test split) whose true error is at most k x the
+    calibrated uncertainty, measured on points the factors never saw. The validation split also picks the members'
+    early-stopping epoch, a weak use that the test coverage checks. With enough validation points the factors are
+    also fitted per bin of the predicted stress magnitude (:func:`magnitude_bins`); the hybrid's gate and the
+    coverage use each point's bin.
     """
     def spread_error(idx):
-        Ps, _ = ens.evaluate_members(F[idx])
+        Ps = np.asarray(ens.evaluate_members(F[idx])[0])
         return (relative_spread(Ps, floor), relative_error(np.mean(Ps, axis=0), P[idx], floor),
                 stress_magnitude(Ps, floor))
 
+    offset = 0.0
+    if tr is not None and len(tr):
+        sub = tr[:OFFSET_RECORDS]  # tr is a permutation: a random subset
+        Pm = np.mean(np.asarray(ens.evaluate_members(F[sub])[0]), axis=0)
+        offset = float(np.median(np.linalg.norm((Pm - P[sub]).reshape(len(sub), -1), axis=1))) / floor
     s_va, e_va, m_va = spread_error(va)
-    ratio = e_va / np.maximum(s_va, 1e-300)
+    u_va = uncertainty(s_va, m_va, offset)
+    ratio = e_va / np.maximum(u_va, 1e-300)
     f90, f95 = _factors(ratio)
     factor = 0.5 * f95
-    out = {"method": "split-conformal", "factor": factor, "factor50": float(np.quantile(ratio, 0.5)),
+    out = {"method": "split-conformal", "offset": offset, "factor": factor, "factor50": float(np.quantile(ratio, 0.5)),
            "factor90": f90, "factor95": f95}
     bins = magnitude_bins(ratio, m_va)
     if bins is not None:
         out["bins"] = bins
     split, idx = ("test", te) if len(te) else ("validation", va)
     s_te, e_te, m_te = spread_error(idx)
+    u_te = uncertainty(s_te, m_te, offset)
     f90_te, f95_te = point_factors(out, m_te)
     return out | {"split": split, "n": int(len(idx)), "n_calibration": int(len(va)),
-                  "coverage": [float(np.mean(e_te <= k * 0.5 * f95_te * s_te)) for k in (1, 2, 3)],
-                  "coverage90": float(np.mean(e_te <= f90_te * s_te)),
-                  "spread": s_te.tolist(), "error": e_te.tolist(), "factor_per_point": (0.5 * f95_te).tolist()}
+                  "coverage": [float(np.mean(e_te <= k * 0.5 * f95_te * u_te)) for k in (1, 2, 3)],
+                  "coverage90": float(np.mean(e_te <= f90_te * u_te)),
+                  "spread": s_te.tolist(), "uncertainty": u_te.tolist(), "error": e_te.tolist(),
+                  "factor_per_point": (0.5 * f95_te).tolist()}
 
 
 def _density(model, F) -> dict:
@@ -449,7 +469,7 @@ def assemble_checkpoint(states: list, kind: str, margs: dict, dim: int, kinemati
             "kinematics": kinematics, "metrics": metrics, "bounds": _bounds(ens.members[0], F[tr]),
             "validation_spread": ens.spread(F[va]), "stress_floor": floor,
             "density": _density(ens.members[0], F[tr]),
-            "calibration": _calibrate(ens, F, P, va, te, floor) if len(states) >= 2 else None}
+            "calibration": _calibrate(ens, F, P, va, te, floor, tr) if len(states) >= 2 else None}
     return core, preds
 
 
@@ -547,7 +567,7 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
     if calibration is not None:
         report["calibration"] = calibration_summary(calibration)
-        plot_calibration(np.asarray(calibration["factor_per_point"]) * np.asarray(calibration["spread"]),
+        plot_calibration(np.asarray(calibration["factor_per_point"]) * np.asarray(calibration["uncertainty"]),
                          np.asarray(calibration["error"]),
                          cfg.output / "calibration.png",
                          title=f"calibration (test split): {100 * calibration['coverage'][1]:.0f} % within 2x")
@@ -567,9 +587,9 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
         if calibration is not None:
             cov = calibration["coverage"]
             log.info(f"  calibration ({calibration['split']} split, {calibration['n']} points): true error <= k x "
-                     f"calibrated spread for {100 * cov[0]:.1f} % (k = 1), {100 * cov[1]:.1f} % (k = 2), "
+                     f"calibrated uncertainty for {100 * cov[0]:.1f} % (k = 1), {100 * cov[1]:.1f} % (k = 2), "
                      f"{100 * cov[2]:.1f} % (k = 3; split-conformal, 2 x is the 95 % bound); error <= factor90 x "
-                     "spread "
+                     "uncertainty "
                      f"(the 90 % bound) for {100 * calibration['coverage90']:.1f} %")
         log.info(f"  wrote {cfg.output}/checkpoint.pt, metrics.json, loss.png, parity_P.png, parity_A.png"
                  f"{', calibration.png' if calibration is not None else ''} ({time.perf_counter() - t0:.1f} s)")
