@@ -245,7 +245,10 @@ class HybridLaw(SurrogateLaw):
     criterion (``fallback_reasons``; a point may meet several). A point sent to the RVE stays with it for the rest of
     the (sub-)step (reason ``held``): the answers can then switch only from surrogate to RVE within a step, so the
     macro Newton iteration is not thrown back and forth by points at the gate's edge (so the evaluations between
-    two :meth:`commit`/:meth:`rollback` calls must be of the same points: the iterations of one step). Without a
+    two :meth:`commit`/:meth:`rollback` calls must be of the same points: the iterations of one step). The step's
+    first iterate is the last converged state (the same F̄ as the last committed evaluation, or a run's first
+    evaluation: its start or restart): its flags answer it but hold nothing, since the gate has not yet seen the
+    step's own load; a point is held from the next iterate on. Without a
     checkpoint (a cold start of in-run learning) every point is answered by the RVE (reason ``no_model``) until
     :meth:`use_checkpoint` gives one.
 
@@ -285,6 +288,8 @@ class HybridLaw(SurrogateLaw):
         self.stats["fallback_reasons"] = {}
         self._step_fallbacks = 0  # fallbacks of the load step in progress (over its sub-steps)
         self.held = np.zeros(0, dtype=bool)  # points sent to the RVE earlier in this (sub-)step: they stay there
+        self._committed_F: np.ndarray | None = None  # the points of the last committed evaluation (a converged state)
+        self._fresh = True  # no evaluation yet: the first one (a run's start, a restart) is at a converged state
 
     def use_checkpoint(self, ck: dict) -> None:
         """Answer with ``ck`` from now on, after checking that it can evaluate the thresholds."""
@@ -380,7 +385,12 @@ class HybridLaw(SurrogateLaw):
         if len(self.held) == n:
             reasons["held"] = self.held.copy()
         flags = np.logical_or.reduce(list(reasons.values()))
-        self.held = flags.copy()
+        # a (sub-)step's first iterate is the last converged state, at the last load: its decisions answer it, and the
+        # points are held from the first iterate at the step's own load on (where the gate sees the step's states)
+        at_converged = self._fresh or (self._committed_F is not None and self._committed_F.shape == F.shape
+                                       and np.array_equal(self._committed_F, F))
+        self._fresh = False
+        self.held = np.zeros(0, dtype=bool) if at_converged else flags.copy()
         self.stats["surrogate_s"] += time.perf_counter() - t0
         idx = np.where(flags)[0]
         starts = [self.trial.get(int(k), self.states.get(int(k))) for k in idx]
@@ -424,6 +434,7 @@ class HybridLaw(SurrogateLaw):
 
     def commit(self) -> None:
         """Keep the RVE states of this step; log its fallback records; count the fallback points."""
+        self._committed_F = self.last_F
         self.states.update(self.trial)
         self.stats["fallbacks"] += int(self.flags_last.sum())
         self._step_fallbacks += int(self.flags_last.sum())
