@@ -52,20 +52,24 @@ def test_surrogate_and_hybrid_local_fields_match_fe2_on_a_plate_with_a_hole(tmp_
             P1, P2 = f1[step]["P"][()], f2[step]["P"][()]
             assert abs(P1 - P2).max() < 1e-8 * abs(P1).max()
     # the audit's record survives a restart: killed after step 1 (injected fault), restarted, the audit equals the
-    # uninterrupted run's
+    # uninterrupted run's (both audit half the surrogate's points, so that the record is not empty)
     import json as _json
     import os
 
-    cfg["output"] = "hybrid_restart"
-    (tmp_path / "v" / "hybrid_restart.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["material"]["audit"]["fraction"] = 0.5
     fe2ml = str(Path(sys.executable).parent / "fe2ml")
+    for name in ("hybrid_audit", "hybrid_restart"):
+        cfg["output"] = name
+        (tmp_path / "v" / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([fe2ml, "run", "hybrid_audit.yaml"], capture_output=True, text=True, cwd=tmp_path / "v")
+    assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([fe2ml, "run", "hybrid_restart.yaml"], capture_output=True, text=True, cwd=tmp_path / "v",
                        env=dict(os.environ, FE2ML_FAULT="0:2"))
     assert r.returncode != 0 and "injected fault" in r.stderr
     r = subprocess.run([fe2ml, "run", "--restart", "hybrid_restart"], capture_output=True, text=True,
                        cwd=tmp_path / "v")
     assert r.returncode == 0, r.stderr[-2000:]
-    a1 = _json.loads((tmp_path / "v" / "hybrid" / "summary.json").read_text())["audit"]
+    a1 = _json.loads((tmp_path / "v" / "hybrid_audit" / "summary.json").read_text())["audit"]
     a2 = _json.loads((tmp_path / "v" / "hybrid_restart" / "summary.json").read_text())["audit"]
     assert a2["per_step"] == a1["per_step"] and a2["points"] == a1["points"] > 0
 
