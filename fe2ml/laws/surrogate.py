@@ -492,9 +492,11 @@ class HybridLaw(SurrogateLaw):
         return [self.writer] if self.writer is not None else []
 
     def close(self) -> None:
-        """Flush and close the fallback log part."""
+        """Flush and close the fallback log part; free the RVE family's solvers."""
         if self.writer is not None:
             self.writer.close()
+        if self.farm.family is not None:
+            self.farm.family.close()
 
 
 class Audit:

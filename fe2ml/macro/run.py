@@ -147,7 +147,7 @@ def build_law(comm, cfg: RunConfig, *, recorder: Recorder | None = None,
 
         s = cfg.surrogate
         family = cfg.parameters.family if cfg.parameters is not None else None  # a parametric checkpoint's RVEs
-        rves = rve_family(cfg)  # a field of parameters: each fallback on the RVE of its point's parameters
+        rves = rve_family(cfg) if cfg.kind == "hybrid" else None  # a field of parameters: each fallback on its RVE
         if cfg.kind == "surrogate":
             law = SurrogateLaw(s.checkpoint, dim=cfg.dim, kinematics=cfg.kinematics,
                                fingerprint=family or (rve_fingerprint(rve) if rve is not None else None),
