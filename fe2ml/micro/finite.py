@@ -113,6 +113,7 @@ def _with_constants(mat, msh) -> tuple[Any, dict]:
         object.__setattr__(out, "params", {k: consts[f"params.{k}"] for k in mat.params})
     return out, consts
 
+
 @dataclass
 class RVEState:
     """A converged RVE state, usable as a warm start: macro gradient and reduced unknowns.
