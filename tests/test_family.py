@@ -392,10 +392,10 @@ def test_parametric_hybrid_outside_the_box_answers_with_the_rve_of_those_paramet
 
 
 def test_parametric_hybrid_with_a_field_answers_each_fallback_with_the_rve_of_its_parameters(family):
-    """μ_c = 6.5 + x on the strip x in [0, 4]: the points beyond x = 1.5 lie outside the trained [1, 8] and fall back,
-    each to the RVE of its own μ_c (on 2 ranks, the farm moves jobs with their parameters); a logged fallback or audit
-    record is that RVE's answer (solved again here, directly, on an RVE built from scratch with the record's
-    parameters)."""
+    """μ_c = 6.5 + x and φ = 0.2 + 0.02 x on the strip x in [0, 4]: the points beyond x = 1.5 lie outside the trained
+    μ_c in [1, 8] and fall back, each to the RVE of its own parameters, on its own mesh (on 2 ranks, the farm moves
+    jobs with their parameters); a logged fallback or audit record is that RVE's answer (solved again here, directly,
+    on an RVE built from scratch with the record's parameters)."""
     from fe2ml.data.reader import read_logs
     from fe2ml.macro.config import load_run_config
     from fe2ml.macro.run import run
@@ -405,7 +405,8 @@ def test_parametric_hybrid_with_a_field_answers_each_fallback_with_the_rve_of_it
     folder, cfg, _ = family
     comm = MPI.COMM_WORLD
     _w(folder / "hf.yaml", STRIP + "material:\n  kind: hybrid\n  checkpoint: sur/checkpoint.pt\n  log: fb\n"
-       "  audit: {fraction: 1.0}\n  parameters: {phases.2.mu: \"6.5 + x\", mesh.volume_fraction: 0.25}\n  rve:\n"
+       "  audit: {fraction: 1.0}\n  parameters: {phases.2.mu: \"6.5 + x\", mesh.volume_fraction: \"0.2 + 0.02*x\"}\n"
+       "  rve:\n"
        + NESTED + "output: r_hf\n")
     s = run(comm, load_run_config(folder / "hf.yaml"))
     comm.barrier()
@@ -418,7 +419,8 @@ def test_parametric_hybrid_with_a_field_answers_each_fallback_with_the_rve_of_it
     assert data.fingerprint.startswith("family-") and (~audited).sum() == s["fallbacks"] and audited.any()
     assert mu[~audited].max() > 8.0 and len(np.unique(mu)) > 3  # outside the box, and many RVEs
     assert mu[audited].max() <= 8.0  # the surrogate answered inside the box only
-    assert np.all((mu >= 6.5) & (mu <= 10.5)) and np.allclose(data["p"][:, 1], 0.25)
+    vf = data["p"][:, 1]  # a field of the mesh parameter too: a mesh per value, and RVE states of different sizes
+    assert np.all((mu >= 6.5) & (mu <= 10.5)) and np.all((vf >= 0.2) & (vf <= 0.28)) and len(np.unique(vf)) > 3
     pick = np.concatenate([np.flatnonzero(~audited)[[0, -1]], np.flatnonzero(audited)[[0, -1]]])
     for k in pick:
         rc = rve_with(cfg.parameters, data["p"][k], "test", 2)
@@ -427,6 +429,41 @@ def test_parametric_hybrid_with_a_field_answers_each_fallback_with_the_rve_of_it
         P, A = rve.homogenized(R)
         assert np.allclose(P, data["P"][k], rtol=1e-7, atol=1e-9)
         assert np.allclose(A, data["A"][k], rtol=1e-6, atol=1e-8 * np.abs(A).max())
+
+
+def test_hybrid_state_arrays_carry_rve_states_of_different_sizes(family, tmp_path):
+    """A run checkpoint keeps the fallback points' RVE warm starts; with a field of mesh parameters their sizes differ
+    from point to point. Saved (npz, as a run checkpoint does) and restored, every state is the same; the layout of
+    earlier checkpoints (one row per point) still loads."""
+    from fe2ml.laws.surrogate import HybridLaw
+    from fe2ml.micro.config import build_rve, load_rve_mesh
+    from fe2ml.micro.finite import RVEState
+    from fe2ml.micro.parameters import rve_with
+    from fe2ml.surrogate.deploy import read_checkpoint
+
+    folder, cfg, _ = family
+    ck = folder / "sur" / "checkpoint.pt"
+    rc = rve_with(cfg.parameters, [3.0, 0.25], "test", 2)
+    rve = build_rve(rc, load_rve_mesh(rc))
+    fp = read_checkpoint(ck)["rve_fingerprint"]
+    law = HybridLaw(ck, rve, fingerprint=fp)
+    rng = np.random.default_rng(0)
+    law.states = {3: RVEState(F=np.eye(2), z=rng.random(5), lam=np.zeros(0)),
+                  7: RVEState(F=np.eye(2) * 1.1, z=rng.random(9), lam=np.zeros(0)),
+                  8: RVEState(F=np.eye(2) * 0.9, z=rng.random(1), lam=np.zeros(0))}
+    np.savez(tmp_path / "s.npz", **law.state_arrays())
+    with np.load(tmp_path / "s.npz") as d:
+        back = HybridLaw(ck, rve, fingerprint=fp)
+        back.load_state_arrays({k: d[k] for k in d.files})
+    assert sorted(back.states) == [3, 7, 8]
+    for k, s in law.states.items():
+        b = back.states[k]
+        assert np.array_equal(b.F, s.F) and np.array_equal(b.z, s.z) and b.lam.size == 0
+    old = {"ids": np.array([1, 2]), "F": np.stack([np.eye(2)] * 2), "z": np.arange(6.0).reshape(2, 3),
+           "lam": np.zeros((2, 0)), "fallbacks_per_step": np.array([2]), "reason_names": np.array(["box"]),
+           "reason_counts": np.array([2])}
+    back.load_state_arrays(old)
+    assert np.array_equal(back.states[2].z, [3.0, 4.0, 5.0]) and back.stats["fallbacks"] == 2
 
 
 def test_rve_family_answers_as_rves_built_with_each_parameter_vector(tmp_path):

@@ -465,11 +465,12 @@ class HybridLaw(SurrogateLaw):
         st = [self.states[int(k)] for k in ids]
         d = self.dim
         reasons = sorted(self.stats["fallback_reasons"])
-        def stack(key, width):
-            return np.array([getattr(s, key) for s in st]).reshape(len(st), width) if st else np.zeros((0, width))
+        def flat(key):  # the points' vectors one after the other: with a field of parameters their RVEs may differ
+            return np.concatenate([np.ravel(getattr(s, key)) for s in st]) if st else np.zeros(0)
 
-        return {"ids": ids, "F": stack("F", d * d).reshape(-1, d, d),
-                "z": stack("z", st[0].z.size if st else 0), "lam": stack("lam", st[0].lam.size if st else 0),
+        return {"ids": ids, "F": flat("F").reshape(-1, d, d),
+                "z": flat("z"), "z_sizes": np.array([s.z.size for s in st], dtype=np.int64),
+                "lam": flat("lam"), "lam_sizes": np.array([s.lam.size for s in st], dtype=np.int64),
                 "fallbacks_per_step": np.array(self.stats["fallbacks_per_step"], dtype=np.int64),
                 "reason_names": np.array(reasons, dtype=str),
                 "reason_counts": np.array([self.stats["fallback_reasons"][k] for k in reasons], dtype=np.int64)}
@@ -478,7 +479,16 @@ class HybridLaw(SurrogateLaw):
         """Restore what :meth:`state_arrays` saved (warm starts and statistics)."""
         if "ids" not in arrays:
             return
-        self.states = {int(k): RVEState(F=arrays["F"][j].copy(), z=arrays["z"][j].copy(), lam=arrays["lam"][j].copy())
+        n = len(arrays["ids"])
+
+        def split(key):
+            v = np.asarray(arrays[key])
+            if f"{key}_sizes" not in arrays:  # written before ragged states: one row per point
+                return [row.copy() for row in v.reshape(n, -1)]
+            return [part.copy() for part in np.split(v, np.cumsum(arrays[f"{key}_sizes"])[:-1])] if n else []
+
+        z, lam = split("z"), split("lam")
+        self.states = {int(k): RVEState(F=arrays["F"][j].copy(), z=z[j], lam=lam[j])
                        for j, k in enumerate(arrays["ids"])}
         self.trial = {}
         per_step = [int(v) for v in arrays["fallbacks_per_step"]]
