@@ -28,13 +28,17 @@ The cost per point is one r·h² product per hidden layer after the first (r = n
 - F − I -> P networks: P = N(x), A = ∂N/∂y (forward Jacobian of every output).
 
 The same code runs on numpy arrays (the CPU path of a rank: no torch per-call overhead) and on torch tensors (an
-accelerator); :func:`evaluator` prepares it once per model. This module imports torch only for the torch backend: a
+accelerator); :func:`evaluator` prepares it once per model. On the CPU the invariant networks' features and chain
+rule (many products of 3 x 3 arrays per point) run compiled, point by point (:mod:`fe2ml.surrogate.kernels`), where
+the kernel can be built; the numpy code answers otherwise, with the same numbers to round-off. This module imports torch only for the torch backend: a
 run that deploys a surrogate on the CPU needs numpy alone (:mod:`fe2ml.surrogate.deploy`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .kernels import invariant_kernel
 
 __all__ = ["CPU_CHUNK", "TANGENT_PRECISIONS", "ClosedForm", "chunked", "cofactor3", "evaluator", "reference_shift",
            "softplus", "strain_basis"]
@@ -647,5 +651,16 @@ def _invariant_form(model, ref, ops, ps, hd=np.float64) -> ClosedForm:
             return P3[:, :2, :2], A3[:, :2, :2, :2, :2]
         return P3, A3
 
-    return ClosedForm(("invariant", d, tuple(map(tuple, fib.tolist()))), prepare, invariant_derivatives,
-                      invariant_stress, invariant_tangent)
+    key = ("invariant", d, tuple(map(tuple, fib.tolist())))
+    kernel = invariant_kernel(fib) if isinstance(ops, _Numpy) else None
+    if kernel is not None:  # the same features and chain rule compiled (fe2ml/surrogate/invariants.c)
+
+        def compiled_prepare(F):
+            F, y, dy = kernel.features(F)
+            return dict(F=F, y=y, dy=dy)
+
+        def compiled_tangent(ctx, Wy, H, out):
+            return kernel.tangent(ctx["F"], Wy, H, out)
+
+        return ClosedForm(key, compiled_prepare, invariant_derivatives, invariant_stress, compiled_tangent)
+    return ClosedForm(key, prepare, invariant_derivatives, invariant_stress, invariant_tangent)
