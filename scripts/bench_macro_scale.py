@@ -3,7 +3,8 @@
 Figures (one core unless stated; each run is its own ``mpiexec -n R fe2ml run`` process):
 
   1. closed-form stress + tangent evaluations per second per core of every surrogate kind (potential networks of
-     strain components, input-convex strain and isotropic-invariant networks, F − I networks), d = 2 and 3,
+     strain components, input-convex strain, isotropic-invariant and anisotropic-invariant networks with one and
+     two fibre families, F − I networks), d = 2 and 3,
      hidden (64, 64), float64 (and with the tangent's products in float32, ``material.tangent_precision: single``,
      which the macro runs below use: their default), and the hybrid gate's extra cost per point (2 members, box,
      spread and density);
@@ -29,6 +30,7 @@ phase against points, log-log), the checkpoints and the run folders.
 Usage: OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_macro_scale.py [--sizes 1e3 1e4 1e5 1e6] [--dims 2 3]
        [--ranks 1 2] [--laws analytic surrogate hybrid fe2] [--fe2-sizes 1e2 1e3] [--fe2-sizes-3d 48 162]
        [--max-points-1rank 2e5] [--check] [--out DIR]
+       OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_macro_scale.py --evaluations-only   (figure 1 alone)
 Sizes above --max-points-1rank run on the largest rank count only. The full default takes about an hour on a
 2-core machine.
 """
@@ -216,7 +218,11 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
     from fe2ml.surrogate.gate import Thresholds
     from fe2ml.surrogate.models import PlainModel, PotentialModel, chunked, with_parameters
 
+    from fe2ml.surrogate.kernels import invariant_kernel
+
     torch.set_num_threads(1)
+    say("1. the invariant networks' chain rule: " + ("compiled" if invariant_kernel(np.eye(3)[:1]) is not None
+                                                      else "numpy (the compiled kernel could not be built)"))
     rng = np.random.default_rng(0)
     res: dict = {}
     n = 200_000
@@ -226,6 +232,11 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
                  "potential ICNN (strain)": PotentialModel(d, hidden=(64, 64), convex=True),
                  "potential ICNN (isotropic, polyconvex)": PotentialModel(d, hidden=(64, 64), features="isotropic",
                                                                          convex=True),
+                 "potential ICNN (anisotropic, 1 family, polyconvex)": PotentialModel(
+                     d, hidden=(64, 64), features="anisotropic", convex=True, fibres=[np.eye(d)[0]]),
+                 "potential ICNN (anisotropic, 2 families, polyconvex)": PotentialModel(
+                     d, hidden=(64, 64), features="anisotropic", convex=True,
+                     fibres=[np.eye(d)[0], np.r_[0.6, 0.8, 0.0][:d] / np.linalg.norm(np.r_[0.6, 0.8, 0.0][:d])]),
                  "plain (F - I -> P)": PlainModel(d, hidden=(64, 64))}
         def rate(f, F=F):  # best of three: evaluations per second of the closed form f on all of F
             best = 0.0
@@ -329,11 +340,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each case at ~1e5 points (the ratio floors' cases), one law after the other in "
                          "rounds; the fastest run of each is reported")
+    ap.add_argument("--evaluations-only", action="store_true",
+                    help="figure 1 only: closed-form evaluations/s/core of every kind (about a minute)")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_macro_scale"))
     a = ap.parse_args(argv)
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if a.evaluations_only:
+        evals = evaluations({}, out)
+        (out / "evaluations.json").write_text(json.dumps(evals, indent=1))
+        say(f"wrote {out / 'evaluations.json'}")
+        return 0
     say("bench_macro_scale: surrogates (2 members, (64, 64), fitted to neo-Hookean data)")
     cks = {}
     for d in a.dims:
