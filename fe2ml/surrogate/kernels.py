@@ -51,6 +51,8 @@ def _build() -> ctypes.CDLL:
         os.close(fd)
         try:
             subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=120)
+            if os.path.getsize(tmp) == 0:
+                raise OSError(f"{cc[0]} wrote nothing")
             os.replace(tmp, lib)
         finally:
             if os.path.exists(tmp):
