@@ -216,9 +216,8 @@ def evaluations(cks: dict[int, Path], out: Path) -> dict:
     from fe2ml.laws.surrogate import HybridLaw, SurrogateLaw
     from fe2ml.macro.config import load_run_config
     from fe2ml.surrogate.gate import Thresholds
-    from fe2ml.surrogate.models import PlainModel, PotentialModel, chunked, with_parameters
-
     from fe2ml.surrogate.kernels import invariant_kernel
+    from fe2ml.surrogate.models import PlainModel, PotentialModel, chunked, with_parameters
 
     torch.set_num_threads(1)
     say("1. the invariant networks' chain rule: " + ("compiled" if invariant_kernel(np.eye(3)[:1]) is not None

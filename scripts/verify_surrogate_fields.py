@@ -24,8 +24,8 @@ Usage:
     OMP_NUM_THREADS=1 .venv/bin/python scripts/verify_surrogate_fields.py [--quick] [--check] [--out DIR]
         [--problem plate | block]
         [--material neo_hookean | hgo] [--features general | isotropic | anisotropic] [--convex] [--members K]
-        [--points N] [--hidden W ...] [--epochs E] [--relative-loss] [--tangent-weight W] [--near-identity N]
-        [--relative-floor F]
+        [--points N] [--hidden W ...] [--epochs E] [--polish N] [--relative-loss] [--tangent-weight W]
+        [--near-identity N] [--relative-floor F]
 `--material hgo` gives the matrix two HGO fibre families at ±30° (tension-only fibres); its default features are
 the anisotropic invariants of those families.
 `--quick` is the CI size (coarse meshes, small campaign, short training); the floors apply to the full size, and
@@ -107,7 +107,7 @@ def _configs(work: Path, s: dict, members: int, material: str = "neo_hookean", f
         f"data: [{', '.join(logs)}]\nmodel: {{kind: potential, hidden: {list(s['hidden'])}, features: {features}, "
         f"convex: {str(convex).lower()}}}\nloss: {json.dumps(s.get('loss', {'stress': 1.0, 'tangent': 0.1}))}\n"
         f"split: {{validation: 0.15, test: 0.15, seed: 0}}\ntrain: {{epochs: {s['epochs']}, lr: 0.01, patience: 400,"
-        f" seed: 0}}\nensemble: {members}\noutput: surrogate\n")
+        f" seed: 0, polish: {s.get('polish', 0)}}}\nensemble: {members}\noutput: surrogate\n")
     if block:  # examples/block3d_fe2.yaml
         head = f"dim: 3\nmesh: {{generate: box, size: [1.0, 1.0, 0.5], n: {list(s['mesh_n'])}, cell: tetrahedron}}\n"
         tail = ("bcs:\n  - {boundary: left, components: [0], value: 0.0}\n"
@@ -234,6 +234,8 @@ def main():
                     help="a second campaign of N points with principal stretches in "
                          f"{NEAR_IDENTITY[0]} and det F̄ in {NEAR_IDENTITY[1]} (default 0: none)")
     ap.add_argument("--tangent-weight", type=float, default=0.1, help="loss.tangent (default 0.1)")
+    ap.add_argument("--polish", type=int, default=0, metavar="N",
+                    help="train.polish: N L-BFGS iterations after the Adam epochs (default 0)")
     ap.add_argument("--level", type=float, choices=(0.9, 0.95), default=0.9,
                     help="the hybrid's threshold.level: the conformal level of its error bound (default 0.9)")
     args = ap.parse_args()
@@ -264,6 +266,7 @@ def main():
         if v is not None:
             sz[key] = v
     sz["near_identity"] = args.near_identity
+    sz["polish"] = args.polish
     sz["level"] = args.level
     sz["loss"] = {"stress": 1.0, "tangent": args.tangent_weight} | ({"relative": True} if args.relative_loss else {})
     if args.relative_floor is not None:
@@ -305,6 +308,7 @@ def main():
     res["size"] = size
     res["campaign_points"], res["hidden"], res["epochs"] = sz["n"], list(sz["hidden"]), sz["epochs"]
     res["loss"] = sz["loss"]
+    res["polish"] = sz["polish"]
     res["near_identity_points"] = args.near_identity
     res["members"] = args.members
     res["problem"] = args.problem

@@ -612,6 +612,33 @@ def test_mini_batch_training_fits_as_well_as_full_batch(tmp_path):
 
 
 @pytest.mark.serial
+def test_an_lbfgs_polish_fits_closer_than_the_first_order_fit_alone(tmp_path):
+    """train.polish: L-BFGS after Adam, on the same loss; the state of least validation loss is kept."""
+    import json
+
+    from fe2ml.surrogate.config import load_train_config
+    from fe2ml.surrogate.train import train
+
+    _synthetic_log(tmp_path / "log", n=200)
+    text = textwrap.dedent(TRAIN).replace("epochs: 1500", "epochs: 200")
+    (tmp_path / "adam.yaml").write_text(text.replace("output: out", "output: adam"))
+    (tmp_path / "polish.yaml").write_text(text.replace("seed: 1}", "seed: 1, polish: 200}")
+                                          .replace("output: out", "output: polish"))
+    adam = train(MPI.COMM_SELF, load_train_config(tmp_path / "adam.yaml"))
+    pol = train(MPI.COMM_SELF, load_train_config(tmp_path / "polish.yaml"))
+    # the analytic neo-Hookean response (test split): the polish is at least 3 times closer
+    assert pol["metrics"]["test"]["stress_rel_l2"] < adam["metrics"]["test"]["stress_rel_l2"] / 3
+    # the 200 Adam epochs, then 10 polish steps of 20 L-BFGS iterations; the member kept is a polished one
+    fit = json.loads((tmp_path / "polish" / "metrics.json").read_text())["fit"]
+    assert fit == [{"steps": 210, "polished_from": 200, "kept": fit[0]["kept"]}] and fit[0]["kept"] >= 200
+    for bad, msg in (("polish: 5, batch_size: 32", "train.polish .* needs full batches"),
+                     ("polish: -1", "train.polish: expected a non-negative integer")):
+        (tmp_path / "bad.yaml").write_text(text.replace("seed: 1}", f"seed: 1, {bad}}}"))
+        with pytest.raises(ConfigError, match=msg):
+            load_train_config(tmp_path / "bad.yaml")
+
+
+@pytest.mark.serial
 def test_streamed_training_reads_tangents_from_the_logs(tmp_path, monkeypatch):
     """train.stream: mini-batches whose tangents a DataLoader reads from the HDF5 logs (with worker processes).
 

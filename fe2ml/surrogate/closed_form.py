@@ -30,8 +30,9 @@ The cost per point is one r·h² product per hidden layer after the first (r = n
 The same code runs on numpy arrays (the CPU path of a rank: no torch per-call overhead) and on torch tensors (an
 accelerator); :func:`evaluator` prepares it once per model. On the CPU the invariant networks' features and chain
 rule (many products of 3 x 3 arrays per point) run compiled, point by point (:mod:`fe2ml.surrogate.kernels`), where
-the kernel can be built; the numpy code answers otherwise, with the same numbers to round-off. This module imports torch only for the torch backend: a
-run that deploys a surrogate on the CPU needs numpy alone (:mod:`fe2ml.surrogate.deploy`).
+the kernel can be built; the numpy code answers otherwise, with the same numbers to round-off. This module imports
+torch only for the torch backend: a run that deploys a surrogate on the CPU needs numpy alone
+(:mod:`fe2ml.surrogate.deploy`).
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Keys::
                                       batch_size: records per optimiser step (null: full batch, for small data)
                                       stream: read the mini-batches' tangents from the logs (F̄, P̄ in memory)
                                       workers: processes reading them (a torch DataLoader), stream only
+                                      polish: 0   L-BFGS iterations after the first-order fit (full batch only;
+                                      the state of least validation loss is kept)
     ensemble: 1                       K members (seeds seed..seed+K-1), spread over the MPI ranks
     output: PATH                      folder for checkpoint.pt, metrics.json, loss.png, parity plots
     device: auto | cpu | cuda | cuda:K   where the members are fitted (auto: CUDA when available)
@@ -125,7 +127,7 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if not (0 < split["validation"] < 1 and 0 <= split["test"] < 1 and split["validation"] + split["test"] < 0.9):
         raise ConfigError(f"{f}: split: validation in (0, 1), test in [0, 1), together < 0.9")
     tr = dict(raw.get("train", {}) or {})
-    check_keys(tr, ("epochs", "lr", "patience", "seed", "batch_size", "stream", "workers"), f"{f}: train")
+    check_keys(tr, ("epochs", "lr", "patience", "seed", "batch_size", "stream", "workers", "polish"), f"{f}: train")
     bs = tr.get("batch_size")
     if bs is not None and (not isinstance(bs, int) or isinstance(bs, bool) or bs < 1):
         raise ConfigError(f"{f}: train.batch_size: expected a positive integer or null (full batch), got {bs!r}")
@@ -141,10 +143,13 @@ def load_train_config(path, *, output=None) -> TrainConfig:
     if model["kind"] == "localization" and (bs is not None or stream or workers):
         raise ConfigError(f"{f}: train.batch_size/stream/workers: model.kind localization trains full batch in "
                           "memory")
+    if tr.get("polish") and (bs is not None or stream):
+        raise ConfigError(f"{f}: train.polish (L-BFGS on the full training loss) needs full batches: "
+                          "train.batch_size: null, no stream")
     tr = {"epochs": tr.get("epochs", 3000), "lr": number(tr.get("lr", 0.01), f"{f}: train.lr", positive=True),
           "patience": tr.get("patience", 300), "seed": tr.get("seed", 0), "batch_size": bs, "stream": stream,
-          "workers": workers}
-    for k in ("epochs", "patience", "seed"):
+          "workers": workers, "polish": tr.get("polish", 0)}
+    for k in ("epochs", "patience", "seed", "polish"):
         if not isinstance(tr[k], int) or isinstance(tr[k], bool) or tr[k] < 0:
             raise ConfigError(f"{f}: train.{k}: expected a non-negative integer, got {tr[k]!r}")
     ens = raw.get("ensemble", 1)

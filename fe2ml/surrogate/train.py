@@ -175,6 +175,13 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
         opt.step()
         return lb.detach() * len(idx)
 
+    def validation_loss() -> float:
+        with torch.no_grad():  # the closed-form tangent where the model has one: no graph for validation
+            lv = sum(float(loss_of(va_idx[i:i + VALIDATION_CHUNK], Ava_t[i:i + VALIDATION_CHUNK], False))
+                     * len(va_idx[i:i + VALIDATION_CHUNK]) for i in range(0, len(va_idx), VALIDATION_CHUNK))
+        lv /= max(len(va_idx), 1)  # the mean over the records, computed in chunks of bounded memory
+        return lv if np.isfinite(lv) else np.inf
+
     best = (np.inf, None, 0)
     hist = {"train": [], "validation": []}
     bs = tcfg.get("batch_size")
@@ -206,12 +213,7 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
             for i in range(0, len(perm), bs):
                 total += step(perm[i:i + bs], At[perm[i:i + bs]])
             lt = total / len(perm)
-        with torch.no_grad():  # the closed-form tangent where the model has one: no graph for validation
-            lv = sum(float(loss_of(va_idx[i:i + VALIDATION_CHUNK], Ava_t[i:i + VALIDATION_CHUNK], False))
-                     * len(va_idx[i:i + VALIDATION_CHUNK]) for i in range(0, len(va_idx), VALIDATION_CHUNK))
-            lv /= max(len(va_idx), 1)  # the mean over the records, computed in chunks of bounded memory
-        if not np.isfinite(lv):
-            lv = np.inf
+        lv = validation_loss()
         sched.step(lv)
         hist["train"].append(float(lt))
         hist["validation"].append(lv)
@@ -222,11 +224,51 @@ def _fit_member(model, F, P, A, tr_idx, va_idx, loss_w, tcfg, seed, progress=Non
         if progress is not None and (ep % 100 == 0 or ep == tcfg["epochs"] - 1):
             progress(ep, float(lt), lv)
     del loader
+    if tcfg.get("polish") and best[1] is not None:
+        hist["polish_from"] = len(hist["train"])
+        best = _polish(model, best, hist, loss_of, validation_loss, tr_idx, At[tr_idx], tcfg["polish"], progress)
+    hist["best"] = best[2]
     if best[1] is None:
         raise TrainingFailed(f"member with seed {seed}: the loss was never finite (train {hist['train'][-1]:.3g})")
     model.load_state_dict(best[1])
     model.to(device="cpu", dtype=torch.float64)  # the checkpoint is device-independent and float64
     return hist, best[2]
+
+
+POLISH_INNER = 20
+"""L-BFGS iterations per step of a polish (the validation loss is checked after each step)."""
+
+
+def _polish(model, best, hist, loss_of, validation_loss, tr_idx, A_tr, iterations: int, progress=None):
+    """``train.polish``: L-BFGS on the full-batch training loss from the first-order fit's best state.
+
+    A strong Wolfe line search; the state of least validation loss is kept (the first-order one where the polish does
+    not lower it). Quasi-Newton steps follow the loss's curvature, where Adam's steps stall on ill-conditioned
+    directions (such as the small-stress records).
+    """
+    model.load_state_dict(best[1])
+    opt = torch.optim.LBFGS(model.parameters(), lr=1.0, max_iter=POLISH_INNER, history_size=50,
+                            line_search_fn="strong_wolfe", tolerance_grad=0.0, tolerance_change=0.0)
+
+    def closure():
+        opt.zero_grad()
+        lb = loss_of(tr_idx, A_tr, True)
+        lb.backward()
+        return lb
+
+    ep0 = len(hist["train"])
+    for k in range(-(-iterations // POLISH_INNER)):
+        lt = float(opt.step(closure).detach())
+        lv = validation_loss()
+        hist["train"].append(lt)
+        hist["validation"].append(lv)
+        if not np.isfinite(lt):
+            break
+        if lv < best[0]:
+            best = (lv, {n: v.detach().clone() for n, v in model.state_dict().items()}, ep0 + k)
+        if progress is not None:
+            progress(ep0 + k, lt, lv)
+    return best
 
 
 def conformal_quantile(scores: np.ndarray, level: float) -> float:
@@ -565,6 +607,9 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
             "train_s": time.perf_counter() - t0}
     save_checkpoint(ckpt, cfg.output / "checkpoint.pt")
     report = {k: v for k, v in ckpt.items() if k not in ("members", "config", "rve", "density")}
+    # per member: optimiser steps (epochs, then L-BFGS polish steps from `polished_from`) and the one kept
+    report["fit"] = [{"steps": len(h["train"]), "polished_from": h.get("polish_from"), "kept": h.get("best")}
+                     for _, h in sorted(allh.items())]
     if calibration is not None:
         report["calibration"] = calibration_summary(calibration)
         plot_calibration(np.asarray(calibration["factor_per_point"]) * np.asarray(calibration["uncertainty"]),
@@ -573,8 +618,8 @@ def train(comm, cfg: TrainConfig, *, resume: str | None = None) -> dict:
                          title=f"calibration (test split): {100 * calibration['coverage'][1]:.0f} % within 2x")
     (cfg.output / "metrics.json").write_text(json.dumps(report, indent=1))
     plot_lines({f"member {k} {s}": (np.arange(len(h[s])), h[s]) for k, h in allh.items()
-                for s in ("train", "validation")}, cfg.output / "loss.png", xlabel="epoch", ylabel="loss",
-               title="training", logy=True, markers=False)
+                for s in ("train", "validation")}, cfg.output / "loss.png", xlabel="epoch (then L-BFGS step)",
+               ylabel="loss", title="training", logy=True, markers=False)
     name = "test" if "test" in preds else "validation"
     idx = te if name == "test" else va
     plot_parity(P[idx], preds[name][0], cfg.output / "parity_P.png", title=f"P̄ parity ({name})", symbol="P")
