@@ -2,7 +2,7 @@
 
 The invariant features and the tangent's chain rule are many products of 3 x 3 arrays per point, which numpy
 runs as many small passes over a chunk; in C they are one pass. The source is built on first use with the C
-compiler that compiles the macro problem's forms (``$CC``, else Python's, else ``cc``) into
+compiler that compiles the macro problem's forms (the first of ``$CC``, Python's and ``cc`` that builds it) into
 ``$XDG_CACHE_HOME/fe2ml`` (``~/.cache/fe2ml``), once per source and compiler: ranks that build at the same time
 each write their own file and move it into place. Where nothing can be built (no compiler, a read-only cache), or
 with ``FE2ML_KERNELS=0``, the closed form runs in numpy: the same numbers to round-off, more slowly.
@@ -30,9 +30,13 @@ FLAGS = ["-O3", "-std=c99", "-fPIC", "-shared"]
 _loaded: dict = {}
 
 
-def _compiler() -> list[str]:
-    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
-    return shlex.split(cc)
+def _compilers() -> list[list[str]]:
+    """The compilers to try, in order: ``$CC``, Python's own (which may name one this machine lacks), ``cc``."""
+    out = []
+    for cc in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc"):
+        if cc and shlex.split(cc) not in out:
+            out.append(shlex.split(cc))
+    return out
 
 
 def _cache() -> Path:
@@ -40,9 +44,8 @@ def _cache() -> Path:
     return Path(root) / "fe2ml"
 
 
-def _build() -> ctypes.CDLL:
+def _build(cc: list[str]) -> ctypes.CDLL:
     src = SOURCE.read_bytes()
-    cc = _compiler()
     key = hashlib.sha256(b"\0".join([src, " ".join(cc + FLAGS).encode(), platform.machine().encode()]))
     lib = _cache() / f"invariants-{key.hexdigest()[:16]}.so"
     if not lib.exists():
@@ -108,10 +111,12 @@ def _library() -> ctypes.CDLL | None:
     if "lib" not in _loaded:
         lib = None
         if os.environ.get("FE2ML_KERNELS", "1") != "0":
-            try:
-                lib = _build()
-            except (OSError, subprocess.SubprocessError):
-                lib = None
+            for cc in _compilers():
+                try:
+                    lib = _build(cc)
+                    break
+                except (OSError, subprocess.SubprocessError):
+                    continue
         _loaded["lib"] = lib
     return _loaded["lib"]
 
